@@ -1,0 +1,312 @@
+"""Reading input models: one `ModelSource` per model, whatever its format, lazy per tensor.
+
+A source knows its config, the names, shapes and dtypes of its tensors (from headers alone), and
+loads one tensor as an `mx.array` only when asked. Safetensors headers are parsed and checked here
+before any tensor is read, so a lying header is an error naming the file, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from .errors import ModelError
+
+# safetensors dtype code -> (bytes per element, mlx dtype)
+SAFETENSORS_DTYPES: dict[str, tuple[int, Optional[mx.Dtype]]] = {
+    "F64": (8, mx.float64),
+    "F32": (4, mx.float32),
+    "F16": (2, mx.float16),
+    "BF16": (2, mx.bfloat16),
+    "I64": (8, mx.int64),
+    "I32": (4, mx.int32),
+    "I16": (2, mx.int16),
+    "I8": (1, mx.int8),
+    "U64": (8, mx.uint64),
+    "U32": (4, mx.uint32),
+    "U16": (2, mx.uint16),
+    "U8": (1, mx.uint8),
+    "BOOL": (1, mx.bool_),
+    "F8_E4M3": (1, None),
+    "F8_E5M2": (1, None),
+}
+MLX_TO_SAFETENSORS = {v[1]: k for k, v in SAFETENSORS_DTYPES.items() if v[1] is not None}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# "model.layers.12.mlp.up_proj.weight" -> ("model.layers.", 12, ".mlp.up_proj.weight")
+LAYER_PATTERN = re.compile(r"^(.*?\.(?:layers|h|blocks)\.)(\d+)(\..+)$")
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The decoder-layer index a tensor belongs to, or None for embeddings, final norm, head."""
+    m = LAYER_PATTERN.match(name)
+    return int(m.group(2)) if m else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    m = LAYER_PATTERN.match(name)
+    if not m:
+        return name
+    return f"{m.group(1)}{index}{m.group(3)}"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code ("BF16", "F32", ...) of the tensor as loaded
+    file: Optional[Path] = None  # the file that holds it
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype][0]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Checks what a hostile file could lie about: header size, JSON shape, dtypes, shapes, offsets
+    inside the file, sizes consistent with shapes, and no overlapping tensors.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise ModelError(
+                    f"{path}: safetensors header claims {n} bytes but the file has {size}; "
+                    "the file is truncated or not safetensors"
+                )
+            text = f.read(n)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{path}: safetensors __metadata__ must be an object of strings")
+    data_size = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where}: header entry must be an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ModelError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ModelError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise ModelError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]
+        if not 0 <= begin <= end <= data_size:
+            raise ModelError(f"{where}: data_offsets {offsets} point outside the file's {data_size} data bytes")
+        if end - begin != nbytes:
+            raise ModelError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets give {end - begin}")
+        spans.append((begin, end, name))
+        infos[name] = TensorInfo(name, tuple(shape), dtype, path)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ModelError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+class ModelSource:
+    """One input model. Subclasses implement `load`; headers are read at construction."""
+
+    format = "hf"
+
+    def __init__(self, path: Path, config: dict, infos: dict[str, TensorInfo]):
+        self.path = path
+        self.config = config
+        self._infos = infos
+
+    def tensor_names(self) -> list[str]:
+        return list(self._infos)
+
+    def has(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise ModelError(f"{self.path}: has no tensor {name!r}") from None
+
+    def load(self, name: str) -> mx.array:
+        raise NotImplementedError  # every concrete source overrides this
+
+    @property
+    def tokenizer_dir(self) -> Optional[Path]:
+        d = self.path if self.path.is_dir() else self.path.parent
+        return d if any((d / f).exists() for f in TOKENIZER_FILES) else None
+
+    @property
+    def num_layers(self) -> int:
+        return num_layers(self.config, self.tensor_names(), self.path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def num_layers(config: dict, names: list[str], where: Path) -> int:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        for cfg in (config, text):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    found = [i for i in map(layer_index, names) if i is not None]
+    if found:
+        return max(found) + 1
+    raise ModelError(f"{where}: config has no num_hidden_layers and no tensor names with layer indices")
+
+
+class SafetensorsModel(ModelSource):
+    """A Hugging Face or MLX model directory: config.json plus one or more .safetensors files."""
+
+    def __init__(self, path: Path, config: dict):
+        infos: dict[str, TensorInfo] = {}
+        formats = set()
+        for shard in safetensors_files(path):
+            shard_infos, metadata = read_safetensors_header(shard)
+            formats.add(metadata.get("format"))
+            for name, info in shard_infos.items():
+                if name in infos:
+                    raise ModelError(f"{path}: tensor {name!r} appears in both {infos[name].file.name} and {shard.name}")
+                infos[name] = info
+        super().__init__(path, config, infos)
+        self.format = "mlx" if formats == {"mlx"} else "hf"
+        self._shards: dict[Path, dict[str, mx.array]] = {}
+
+    def load(self, name: str) -> mx.array:
+        info = self.info(name)
+        if SAFETENSORS_DTYPES[info.dtype][1] is None:
+            raise ModelError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which MLX cannot load")
+        arrays = self._shards.get(info.file)
+        if arrays is None:
+            # mx.load of safetensors is lazy: a tensor's bytes are read only when it is evaluated
+            arrays = self._shards[info.file] = mx.load(str(info.file))
+        return arrays[name]
+
+    def release(self) -> None:
+        """Forget opened shards (their lazy arrays), e.g. after the planner is done with them."""
+        self._shards.clear()
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a model directory, from the index if there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{index}: not valid JSON ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index}: needs a non-empty 'weight_map' object")
+        files = []
+        root = path.resolve()
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in ("", ".", ".."):
+                raise ModelError(f"{index}: weight_map entry for {name!r} must be a file name inside the model directory, got {fname!r}")
+            f = path / fname
+            if f.resolve().parent != root:
+                raise ModelError(f"{index}: weight_map entry for {name!r} points outside the model directory: {fname!r}")
+            if not f.exists():
+                raise ModelError(f"{index}: lists {fname} (for {name!r}), which does not exist")
+            if f not in files:
+                files.append(f)
+        return files
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not files:
+        bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if bins:
+            raise ModelError(
+                f"{path}: has only PyTorch pickle checkpoints ({', '.join(bins[:3])}), which are never loaded "
+                "because unpickling can run code; convert them to safetensors first, e.g. with "
+                "`python -c \"from transformers import AutoModelForCausalLM as M; "
+                "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"`"
+            )
+        raise ModelError(f"{path}: no .safetensors weight files found")
+    return files
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ModelError(f"{path}: no config.json (a model directory needs one)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_path}: must hold a JSON object")
+    return config
+
+
+def open_model(path: str | Path) -> ModelSource:
+    """Open an input model, detecting its format: HF/MLX directory, MLX-quantized directory, GGUF file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
+            from .gguf import GGUFModel
+
+            return GGUFModel(p)
+        raise ModelError(f"{p}: a model must be a directory with config.json and safetensors, or a .gguf file")
+    ggufs = sorted(p.glob("*.gguf"))
+    if ggufs and not (p / "config.json").exists():
+        if len(ggufs) > 1:
+            raise ModelError(f"{p}: holds several .gguf files ({', '.join(g.name for g in ggufs[:4])}); name one")
+        from .gguf import GGUFModel
+
+        return GGUFModel(ggufs[0])
+    config = read_config(p)
+    if "quantization" in config or "quantization_config" in config:
+        from .quantized import open_quantized
+
+        model = open_quantized(p, config)
+        if model is not None:
+            return model
+    return SafetensorsModel(p, config)
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
