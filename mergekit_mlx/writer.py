@@ -109,7 +109,7 @@ class SafetensorsWriter:
             self._write(i, self.pending.pop(i))
 
     def _write(self, i: int, arrays: dict[str, mx.array]) -> None:
-        tmp = self.out_dir / (self.files[i] + ".tmp")
+        tmp = self.out_dir / ("incomplete-" + self.files[i])  # mx.save_safetensors insists on the suffix
         mx.save_safetensors(str(tmp), arrays, metadata={"format": "pt"})
         tmp.rename(self.out_dir / self.files[i])  # a shard's final name means it is complete
         self.written.append(self.files[i])

@@ -1,0 +1,119 @@
+"""The `mergekit-mlx` command: run (merge a recipe), eval (score models), convert (change format)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import MergeKitError
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """'5G', '500MB', '1.5GiB' or a byte count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 5G, 500M, 2GiB, 1000000)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .writer import OUT_FORMATS
+
+    p.add_argument("recipe", help="merge recipe (mergekit YAML)")
+    p.add_argument("out", nargs="?", help="output directory (or .gguf file for gguf formats)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
+    p.add_argument("--out-shard-size", type=parse_size, default="5G", help="largest output shard (default 5G)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE/DELLA masks (default 0)")
+    p.add_argument("--device", choices=("cpu", "gpu"), help="MLX device (default: MLX's default)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the tokenizer into the output (default on)")
+    p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge although an input holds NaN or Inf")
+    p.add_argument("--no-kernels", action="store_true", help="use the plain MLX path instead of custom kernels")
+    p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
+    p.add_argument("--group-size", type=int, help="quantization group size for mlx-* output formats")
+    p.add_argument("--batch-size", type=parse_size, default="512M", help="bytes of outputs evaluated at once")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted merge, keeping its finished shards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .merge import MergeOptions, merge
+    from .plan import make_plan
+    from .recipe import load_recipe
+
+    opts = MergeOptions(
+        random_seed=args.random_seed,
+        out_shard_size=args.out_shard_size,
+        batch_bytes=args.batch_size,
+        device=args.device,
+        copy_tokenizer=args.copy_tokenizer,
+        allow_crimes=args.allow_crimes,
+        allow_nonfinite=args.allow_nonfinite,
+        use_kernels=not args.no_kernels,
+        out_format=args.out_format,
+        group_size=args.group_size,
+        force=args.force,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if args.dry_run:
+        plan = make_plan(load_recipe(args.recipe), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
+        print(plan.describe(opts.out_shard_size, opts.batch_bytes))
+        return 0
+    if not args.out:
+        raise SystemExit("mergekit-mlx run: an output directory is required (or use --dry-run)")
+    start = time.perf_counter()
+    result = merge(args.recipe, args.out, opts)
+    took = time.perf_counter() - start
+    plan = result.plan
+    print(
+        f"wrote {result.path} ({len(plan.tasks)} tensors, {plan.bytes_written / 1e9:.2f} GB) in {took:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `mergekit-mlx recipe.yml out` works like mergekit-yaml
+    if argv and argv[0].endswith((".yml", ".yaml")):
+        argv = ["run"] + argv
+    parser = argparse.ArgumentParser(prog="mergekit-mlx", description="Merge language models with MLX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="merge models as a recipe says"))
+    sub.add_parser("eval", help="score models on the example skills", add_help=False)
+    sub.add_parser("convert", help="convert a model between formats without merging", add_help=False)
+    if argv and argv[0] in ("eval", "convert"):
+        command, rest = argv[0], argv[1:]
+    else:
+        args = parser.parse_args(argv)
+        command, rest = args.command, None
+    try:
+        if command == "eval":
+            from .evaluate import main as eval_main
+
+            return eval_main(rest) or 0
+        if command == "convert":
+            from .convert import main as convert_main
+
+            return convert_main(rest) or 0
+        return run(args)
+    except MergeKitError as e:
+        print(f"mergekit-mlx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergekit-mlx: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

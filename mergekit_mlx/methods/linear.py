@@ -1,0 +1,54 @@
+"""Weighted averages: `linear` (model soups) and `passthrough` (copy one input, optionally scaled)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from ..errors import RecipeError
+from .base import MergeInputs, Method, Param, float32
+
+
+def linear(inputs: MergeInputs) -> mx.array:
+    weights = [p["weight"] for p in inputs.per_input]
+    total = sum(weights)
+    if inputs.shared["normalize"] and abs(total) < 1e-8:
+        raise RecipeError(
+            f"parameters.weight: the weights for {inputs.name} sum to {total:g}, so normalize: true would divide "
+            "by zero; change the weights or set normalize: false"
+        )
+    out = float32(inputs.tensors[0]) * weights[0]
+    for x, w in zip(inputs.tensors[1:], weights[1:]):
+        out = out + float32(x) * w
+    if inputs.shared["normalize"]:
+        out = out / total
+    return out.astype(inputs.tensors[0].dtype)
+
+
+def passthrough(inputs: MergeInputs) -> mx.array:
+    x = inputs.tensors[0]
+    scale = inputs.per_input[0]["scale"]
+    return x if scale is None else (float32(x) * scale).astype(x.dtype)
+
+
+METHODS = [
+    Method(
+        "linear",
+        linear,
+        params=(
+            Param("weight", float, "input"),
+            Param("normalize", bool, "shared", default=True),
+        ),
+        base="optional",
+        doc="Weighted average sum(w_i * x_i), divided by sum(w_i) when normalize (default true).",
+    ),
+    Method(
+        "passthrough",
+        passthrough,
+        params=(Param("scale", Optional[float], "input", default=None),),
+        base="optional",
+        max_inputs=1,
+        doc="Copies its single input (optionally times `scale`); with slices it stacks layer ranges.",
+    ),
+]

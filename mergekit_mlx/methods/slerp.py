@@ -1,0 +1,46 @@
+"""Spherical linear interpolation between the base model and one other, per tensor."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .base import MergeInputs, Method, Param, float32
+
+DOT_THRESHOLD = 0.9995  # above this |cos| the two are treated as colinear: plain lerp
+EPS = 1e-8
+
+
+def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
+    """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit)."""
+    a, b = float32(v0), float32(v1)
+    na = mx.linalg.norm(a.reshape(-1))
+    nb = mx.linalg.norm(b.reshape(-1))
+    na = mx.where(na > EPS, na, 1.0)
+    nb = mx.where(nb > EPS, nb, 1.0)
+    dot = mx.clip(mx.sum((a / na) * (b / nb)), -1.0, 1.0)
+    linear = mx.abs(dot) > DOT_THRESHOLD
+    theta = mx.arccos(mx.where(linear, 0.0, dot))
+    sin_theta = mx.sin(theta)
+    safe = mx.where(linear, 1.0, sin_theta)
+    ca = mx.where(linear, 1 - t, mx.sin((1 - t) * theta) / safe)
+    cb = mx.where(linear, t, mx.sin(t * theta) / safe)
+    return (ca * a + cb * b).astype(v0.dtype)
+
+
+def slerp(inputs: MergeInputs) -> mx.array:
+    base = inputs.base
+    other = 1 - base
+    return slerp_tensors(inputs.shared["t"], inputs.tensors[base], inputs.tensors[other])
+
+
+METHODS = [
+    Method(
+        "slerp",
+        slerp,
+        params=(Param("t", float, "shared"),),
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        doc="Spherical interpolation from the base (t=0) to the other model (t=1); lerp when |cos| > 0.9995.",
+    )
+]

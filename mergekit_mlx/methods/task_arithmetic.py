@@ -1,0 +1,189 @@
+"""The task-arithmetic family: one function, two switches (how to sparsify, how to agree on signs).
+
+    task_arithmetic    no sparsification,        no sign consensus
+    ties               magnitude top-k,          sum consensus, normalize by default
+    dare_linear        random (DARE),            no consensus, L1 rescale by default
+    dare_ties          random (DARE),            sum consensus, L1 rescale by default
+    breadcrumbs        magnitude minus outliers, no consensus
+    breadcrumbs_ties   magnitude minus outliers, sum consensus
+    della_linear       rank-weighted random,     no consensus, L1 rescale by default
+    della              rank-weighted random,     sum consensus, normalize and rescale by default
+
+Semantics follow mergekit 0.1.5: delta_i = x_i - base; sparsify each delta (rescaled to keep its
+L1 norm when `rescale`); multiply by weight_i; with sum consensus keep, per element, only the deltas
+whose sign matches the sign of the weighted sum; add (divided by the kept weights when `normalize`)
+times `lambda` to the base. Magnitude ties are broken by the lowest flat index; random masks come from
+a counter-based generator keyed by (seed, tensor name, model), so a seed gives the same merge on
+every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+from .. import kernels
+from ..errors import RecipeError
+from .base import MergeInputs, Method, Param, float32
+
+RESCALE_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    sparsify: Optional[str]  # None, "magnitude", "random", "magnitude_outliers", "della"
+    consensus: Optional[str]  # None or "sum"
+    normalize: bool
+    rescale: bool
+    doc: str
+
+
+FAMILY = (
+    Family("task_arithmetic", None, None, False, False, "Adds the weighted task vectors to the base."),
+    Family("ties", "magnitude", "sum", True, False, "TIES: top-density magnitudes, sign election, disjoint mean."),
+    Family("dare_linear", "random", None, False, True, "DARE: random drop with probability 1-density, L1 rescale."),
+    Family("dare_ties", "random", "sum", False, True, "DARE drop + TIES sign election."),
+    Family("breadcrumbs", "magnitude_outliers", None, False, False, "Drops the smallest and the gamma largest."),
+    Family("breadcrumbs_ties", "magnitude_outliers", "sum", False, False, "Breadcrumbs + TIES sign election."),
+    Family("della_linear", "della", None, False, True, "DELLA: keep probability rises with magnitude rank."),
+    Family("della", "della", "sum", True, True, "DELLA + TIES sign election."),
+)
+
+
+def rescale_l1(delta: mx.array, kept: mx.array) -> mx.array:
+    """Scale the kept part so its L1 norm equals the original's (unless either is ~0)."""
+    before = mx.sum(mx.abs(delta))
+    after = mx.sum(mx.abs(kept))
+    ok = (before >= RESCALE_EPS) & (after >= RESCALE_EPS)
+    return kept * mx.where(ok, before / mx.where(ok, after, 1.0), 1.0)
+
+
+def della_probabilities(delta: mx.array, density: float, epsilon: float) -> mx.array:
+    """Per-row keep probabilities density-eps .. density+eps, rising linearly with |delta| rank."""
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    ranks = mx.argsort(mx.argsort(mx.abs(rows), axis=1), axis=1).astype(mx.float32)
+    # ranks run 0..n-1 in every row, so (rank - min) / (max - min) is rank / (n - 1); one column -> 0
+    rank_norm = ranks / (n - 1) if n > 1 else mx.zeros_like(ranks)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
+
+
+def sparsify(delta: mx.array, how: Optional[str], p: dict, rescale: bool, seed: int, stream: int) -> mx.array:
+    if how is None:
+        return delta
+    density = p["density"]
+    if density >= 1:
+        return delta
+    n = delta.size
+    if how == "magnitude":
+        if density <= 0 or n == 0:
+            return mx.zeros_like(delta)
+        mask = kernels.topk_mask(delta, max(1, int(density * n)))
+    elif how == "random":
+        mask = kernels.keep_mask(seed, stream, delta.shape, density)
+    elif how == "magnitude_outliers":
+        target = int(density * n)
+        n_top = int(p["gamma"] * n)
+        n_bot = max(0, n - target - n_top)
+        # ascending ranks [n_bot, n_bot + target): the top (n - n_bot) minus the top (n - n_bot - target)
+        mask = kernels.topk_mask(delta, n - n_bot) & ~kernels.topk_mask(delta, n - n_bot - target)
+    elif how == "della":
+        if density <= 0:
+            return mx.zeros_like(delta)
+        eps = p["epsilon"]
+        if density + eps >= 1 or density - eps <= 0:
+            raise RecipeError(
+                f"parameters.epsilon: density +/- epsilon must lie in (0, 1); got density {density:g}, epsilon {eps:g}"
+            )
+        mask = kernels.keep_mask(seed, stream, delta.shape, della_probabilities(delta, density, eps))
+    else:
+        raise ValueError(how)
+    kept = mx.where(mask, delta, 0.0)
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def task_merge(inputs: MergeInputs, family: Family) -> mx.array:
+    base = inputs.tensors[inputs.base]
+    others = inputs.non_base
+    if not others:
+        return base
+    s = inputs.shared
+    weights = [inputs.per_input[i]["weight"] for i in others]
+    if _on_gpu() and kernels.kernels_enabled() and family.sparsify in (None, "magnitude", "random"):
+        # one pass over all inputs in a custom kernel; on the CPU the composed graph below is as fast
+        return kernels.fused_task_merge(
+            base,
+            [inputs.tensors[i] for i in others],
+            weights,
+            sparsify=family.sparsify,
+            densities=[inputs.per_input[i]["density"] for i in others],
+            rescale=s["rescale"],
+            consensus=family.consensus,
+            normalize=s["normalize"],
+            lam=s["lambda"],
+            seed=inputs.seed,
+            streams=[_stream(inputs, i) for i in others],
+        )
+    b = float32(base)
+    deltas = [
+        sparsify(float32(inputs.tensors[i]) - b, family.sparsify, inputs.per_input[i], s["rescale"], inputs.seed, _stream(inputs, i))
+        * w
+        for i, w in zip(others, weights)
+    ]
+    if family.consensus == "sum":
+        majority = mx.where(sum(deltas) >= 0, 1.0, -1.0)
+        masks = [mx.sign(d) == majority for d in deltas]
+        mixed = sum(mx.where(m, d, 0.0) for m, d in zip(masks, deltas))
+        divisor = sum(mx.where(m, w, 0.0) for m, w in zip(masks, weights))
+        divisor = mx.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = sum(deltas)
+        total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    if s["normalize"]:
+        mixed = mixed / divisor
+    if s["lambda"] != 1:
+        mixed = mixed * s["lambda"]
+    return (b + mixed).astype(base.dtype)
+
+
+def _on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def _stream(inputs: MergeInputs, i: int) -> int:
+    model = inputs.input_ids[i] if inputs.input_ids else i
+    return kernels.stream_id(inputs.name, model)
+
+
+def _make(f: Family) -> Method:
+    params = [
+        Param("weight", float, "non_base"),
+        Param("density", float, "non_base", default=1.0),
+        Param("normalize", bool, "shared", default=f.normalize),
+        Param("rescale", bool, "shared", default=f.rescale),
+        Param("lambda", float, "shared", default=1.0),
+        Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
+    ]
+    if f.sparsify == "magnitude_outliers":
+        params.append(Param("gamma", float, "non_base", default=0.01))
+    if f.sparsify == "della":
+        params.append(Param("epsilon", float, "non_base", default=0.15))
+
+    def merge(inputs: MergeInputs) -> mx.array:
+        return task_merge(inputs, f)
+
+    return Method(
+        f.name,
+        merge,
+        params=tuple(params),
+        base="required",
+        random=f.sparsify in ("random", "della"),
+        doc=f.doc,
+    )
+
+
+METHODS = [_make(f) for f in FAMILY]

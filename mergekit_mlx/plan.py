@@ -1,0 +1,397 @@
+"""The planner: from a recipe and the input headers to an ordered list of per-tensor tasks.
+
+Everything that can be checked without reading tensor data is checked here — paths, methods,
+parameters and their ranges, layer ranges, missing tensors, shapes — so a merge fails before its
+first tensor is read. The planner knows nothing about the math of a method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from .errors import ModelError, RecipeError
+from .methods import Method, get_method
+from .models import SAFETENSORS_DTYPES, ModelSource, layer_index, open_model, with_layer_index
+from .recipe import Parameters, Recipe, resolve
+from .writer import OutputTensor, plan_shards, torch_dtype_name
+
+DTYPE_BY_NAME = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "float64": mx.float64}
+PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+
+
+@dataclass
+class Source:
+    """One input of a slice: a model, its first layer, its parameters and where they sit in the YAML."""
+
+    model: int  # index into Plan.models
+    first_layer: int
+    parameters: Parameters
+    where: str  # YAML location of this source, e.g. "models[1]" or "slices[0].sources[2]"
+
+
+@dataclass
+class SliceSpec:
+    sources: list[Source]
+    num_layers: int
+    base: Optional[int]  # model index of this slice's base model
+    parameters: Parameters
+    where: str
+
+
+@dataclass
+class TensorTask:
+    out: OutputTensor
+    inputs: list[tuple[int, str]]  # (model index, tensor name in that model)
+    base: Optional[int]  # position of the base model within `inputs`
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    in_bytes: int
+    vocab: bool = False  # rows are vocabulary entries (embeddings, lm_head)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: Method
+    model_paths: list[str]
+    models: list[ModelSource]
+    base: Optional[int]
+    tasks: list[TensorTask]
+    config: dict
+    out_dtype: Optional[mx.Dtype]
+    out_layers: int
+    tokenizer_model: Optional[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[OutputTensor]:
+        return [t.out for t in self.tasks]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.in_bytes for t in self.tasks)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.out.nbytes for t in self.tasks)
+
+    def peak_estimate(self, shard_bytes: int, batch_bytes: int) -> int:
+        """Bytes held at once: the largest task's inputs + float32 working copies, a batch, a shard."""
+        worst = max(
+            (t.in_bytes + (len(t.inputs) + 2) * 4 * math.prod(t.out.shape) for t in self.tasks), default=0
+        )
+        shard = max((sum(x.nbytes for x in s) for s in plan_shards(self.outputs, shard_bytes)), default=0)
+        return worst + min(batch_bytes, self.bytes_written) + shard
+
+    def describe(self, shard_bytes: int, batch_bytes: int) -> str:
+        lines = [
+            f"merge_method: {self.method.name}",
+            "models:",
+            *(
+                f"  [{i}] {p}{'  (base)' if i == self.base else ''}  {self.models[i].format}, "
+                f"{len(self.models[i].tensor_names())} tensors"
+                for i, p in enumerate(self.model_paths)
+            ),
+            f"output: {len(self.tasks)} tensors, {self.out_layers} layers, dtype "
+            f"{torch_dtype_name(self.out_dtype) if self.out_dtype else 'as input'}",
+            f"bytes read:    {_human(self.bytes_read)}",
+            f"bytes written: {_human(self.bytes_written)} in {len(plan_shards(self.outputs, shard_bytes))} shard(s)",
+            f"estimated peak memory: {_human(self.peak_estimate(shard_bytes, batch_bytes))}",
+            *self.notes,
+            "tensors:",
+        ]
+        for t in self.tasks:
+            srcs = ", ".join(f"[{m}]{'' if n == t.out.name else ' ' + n}" for m, n in t.inputs)
+            lines.append(f"  {t.out.name} {list(t.out.shape)} <- {srcs}")
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def resolve_model_path(ref: str, where: str, recipe_dir: Optional[Path]) -> Path:
+    """A recipe's model reference as a local path: as written, relative to the recipe, or in the HF cache."""
+    if "+" in ref and not Path(ref).exists():
+        raise RecipeError(f"{where}: {ref!r} names a LoRA adapter (model+lora); merge the adapter into its model first")
+    candidates = [Path(ref).expanduser()]
+    if recipe_dir is not None and not Path(ref).is_absolute():
+        candidates.append(recipe_dir / ref)
+    for c in candidates:
+        if c.exists():
+            return c
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(ref, local_files_only=True))
+        except Exception:
+            pass
+    raise RecipeError(f"{where}: model {ref!r} not found (no such path, and not in the local Hugging Face cache)")
+
+
+def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource]) -> list[SliceSpec]:
+    base = index_of.get(recipe.base_model) if recipe.base_model else None
+    if recipe.models:
+        sources = [
+            Source(index_of[m.model], 0, m.parameters, f"models[{i}]") for i, m in enumerate(recipe.models)
+        ]
+        n = [models[s.model].num_layers for s in sources]
+        if base is not None and base not in [s.model for s in sources]:
+            sources.append(Source(base, 0, None, "base_model"))
+            n.append(models[base].num_layers)
+        if len(set(n)) != 1:
+            detail = ", ".join(f"{s.where}: {k}" for s, k in zip(sources, n))
+            raise ModelError(
+                f"models: all models must have the same number of layers to merge whole models ({detail}); "
+                "use 'slices' with layer_range to merge parts"
+            )
+        return [SliceSpec(sources, n[0], base, None, "models")]
+
+    out = []
+    for si, sl in enumerate(recipe.slices):
+        where = f"slices[{si}]"
+        sources = []
+        lengths = []
+        for j, src in enumerate(sl.sources):
+            swhere = f"{where}.sources[{j}]"
+            m = index_of[src.model]
+            lo, hi = src.layer_range
+            total = models[m].num_layers
+            if not 0 <= lo < hi <= total:
+                raise RecipeError(
+                    f"{swhere}.layer_range: [{lo}, {hi}] does not fit {src.model}, which has {total} layers "
+                    f"(valid: 0 <= start < end <= {total})"
+                )
+            sources.append(Source(m, lo, src.parameters, swhere))
+            lengths.append(hi - lo)
+        if len(set(lengths)) != 1:
+            raise RecipeError(f"{where}.sources: every source of a slice must span the same number of layers, got {lengths}")
+        slice_base = index_of[sl.base_model] if sl.base_model else base
+        if slice_base is not None and slice_base not in [s.model for s in sources]:
+            if sl.base_model or len(sources) > 1 or recipe.merge_method != "passthrough":
+                name = sl.base_model or recipe.base_model
+                key = f"{where}.base_model" if sl.base_model else "base_model"
+                raise RecipeError(f"{key}: {name!r} must also be one of the sources of {where}")
+            slice_base = None
+        out.append(SliceSpec(sources, lengths[0], slice_base, sl.parameters, where))
+    return out
+
+
+def _resolve_params(
+    method: Method,
+    recipe: Recipe,
+    sl: SliceSpec,
+    inputs: list[tuple[int, str]],
+    out_name: str,
+    t: float,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    shared_scopes = [sl.parameters, recipe.parameters]
+    shared: dict[str, Any] = {}
+    per_input: list[dict[str, Any]] = [{} for _ in inputs]
+    for p in method.params:
+        if p.scope == "shared":
+            value = resolve(p.name, p.kind, shared_scopes, out_name, t)
+            shared[p.name] = _finish(p, value, "parameters", out_name)
+            continue
+        for i, ((m, in_name), src) in enumerate(zip(inputs, sl.sources)):
+            if p.scope == "non_base" and m == sl.base:
+                continue
+            value = resolve(p.name, p.kind, [src.parameters] + shared_scopes, in_name, t)
+            per_input[i][p.name] = _finish(p, value, f"{src.where}.parameters", in_name)
+    return shared, per_input
+
+
+def _finish(p, value, where: str, tensor: str) -> Any:
+    if value is None:
+        if p.required:
+            raise RecipeError(
+                f"{where}.{p.name}: required by this merge method but not set (for tensor {tensor}); "
+                f"set it on the model or in the top-level parameters"
+            )
+        return p.default
+    if p.check is not None:
+        problem = p.check(value)
+        if problem:
+            raise RecipeError(f"{where}.{p.name}: {problem} (for tensor {tensor})")
+    return value
+
+
+def _check_architectures(models: list[ModelSource], paths: list[str], allow_crimes: bool) -> None:
+    kinds = {}
+    for m, p in zip(models, paths):
+        arch = m.config.get("architectures") or [m.config.get("model_type")]
+        kinds.setdefault(str(arch[0] if arch else None), []).append(p)
+    if len(kinds) > 1 and not allow_crimes:
+        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items())
+        raise ModelError(f"models have different architectures ({detail}); pass --allow-crimes to merge them anyway")
+
+
+def make_plan(
+    recipe: Recipe,
+    *,
+    recipe_dir: Optional[Path] = None,
+    allow_crimes: bool = False,
+    models: Optional[dict[str, ModelSource]] = None,
+) -> Plan:
+    method = get_method(recipe.merge_method)
+    refs = recipe.referenced_models()
+    where_of = _first_locations(recipe)
+    sources: list[ModelSource] = []
+    for ref in refs:
+        if models and ref in models:
+            sources.append(models[ref])
+        else:
+            sources.append(open_model(resolve_model_path(ref, where_of[ref], recipe_dir)))
+    index_of = {ref: i for i, ref in enumerate(refs)}
+    _check_architectures(sources, refs, allow_crimes)
+    base = index_of.get(recipe.base_model) if recipe.base_model else None
+    if method.base == "required" and base is None and not any(s.base_model for s in recipe.slices or []):
+        raise RecipeError(f"base_model: merge_method {method.name!r} needs a base model; add 'base_model: <path>'")
+
+    slices = _slices(recipe, index_of, sources)
+    for sl in slices:
+        n = len(sl.sources)
+        if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+            most = "" if method.max_inputs is None else f" and at most {method.max_inputs}"
+            raise RecipeError(f"{sl.where}: {method.name} needs at least {method.min_inputs}{most} input model(s), got {n}")
+        if method.base == "required" and sl.base is None:
+            raise RecipeError(f"{sl.where}: merge_method {method.name!r} needs a base model in every slice")
+
+    out_dtype = DTYPE_BY_NAME.get(recipe.out_dtype or recipe.dtype or "")
+    tasks: list[TensorTask] = []
+    out_layer = 0
+
+    def add_task(sl: SliceSpec, out_name: str, in_names: list[str], t: float) -> None:
+        inputs = [(s.model, n) for s, n in zip(sl.sources, in_names)]
+        shapes = []
+        dtype = None
+        in_bytes = 0
+        for (m, n), s in zip(inputs, sl.sources):
+            if not sources[m].has(n):
+                raise ModelError(f"{refs[m]} ({s.where}): has no tensor {n!r}, which the merge needs")
+            info = sources[m].info(n)
+            shapes.append(info.shape)
+            in_bytes += info.nbytes
+            if dtype is None or (m == sl.base):
+                dtype = info.dtype
+        vocab = _is_vocab(out_name)
+        if len(set(shapes)) != 1 and not vocab:
+            detail = ", ".join(f"{refs[m]}: {list(sh)}" for (m, _), sh in zip(inputs, shapes))
+            raise ModelError(f"tensor {out_name}: shapes differ between models ({detail})")
+        ref = inputs[[m for m, _ in inputs].index(sl.base)] if sl.base in [m for m, _ in inputs] else inputs[0]
+        shape = sources[ref[0]].info(ref[1]).shape
+        st_dtype = SAFETENSORS_DTYPES[dtype][1]
+        is_float = st_dtype in (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+        odt = out_dtype if (out_dtype is not None and is_float) else st_dtype
+        shared, per_input = _resolve_params(method, recipe, sl, inputs, out_name, t)
+        base_pos = [m for m, _ in inputs].index(sl.base) if sl.base in [m for m, _ in inputs] else None
+        tasks.append(
+            TensorTask(OutputTensor(out_name, tuple(shape), odt), inputs, base_pos, shared, per_input, in_bytes, vocab)
+        )
+
+    def reference(sl: SliceSpec) -> int:
+        return sl.base if sl.base is not None else sl.sources[0].model
+
+    first_ref = sources[reference(slices[0])]
+    last_ref = sources[reference(slices[-1])]
+    pre = [n for n in first_ref.tensor_names() if layer_index(n) is None and _is_pre(n)]
+    post = [n for n in last_ref.tensor_names() if layer_index(n) is None and not _is_pre(n)]
+
+    for name in pre:
+        add_task(slices[0], name, [name] * len(slices[0].sources), 0.0)
+    for sl in slices:
+        ref_model = sources[reference(sl)]
+        ref_first = next(s.first_layer for s in sl.sources if s.model == reference(sl))
+        by_layer: dict[int, list[str]] = {}
+        for n in ref_model.tensor_names():
+            li = layer_index(n)
+            if li is not None:
+                by_layer.setdefault(li, []).append(n)
+        for j in range(sl.num_layers):
+            t = j / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
+            names = by_layer.get(ref_first + j)
+            if not names:
+                raise ModelError(f"{sl.where}: layer {ref_first + j} of the reference model has no tensors")
+            for n in names:
+                add_task(
+                    sl,
+                    with_layer_index(n, out_layer),
+                    [with_layer_index(n, s.first_layer + j) for s in sl.sources],
+                    t,
+                )
+            out_layer += 1
+    for name in post:
+        add_task(slices[-1], name, [name] * len(slices[-1].sources), 0.0)
+
+    names = [t.out.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise RecipeError(f"the recipe produces tensor(s) {dup[:3]} more than once")
+
+    config_source = base if base is not None else reference(slices[0])
+    config = dict(sources[config_source].config)
+    _set_layers(config, out_layer)
+    if out_dtype is not None:
+        config["torch_dtype"] = torch_dtype_name(out_dtype)
+        if "dtype" in config:
+            config["dtype"] = torch_dtype_name(out_dtype)
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
+
+    tokenizer_model = _tokenizer_model(recipe, index_of, base, reference(slices[0]))
+    plan = Plan(recipe, method, refs, sources, base, tasks, config, out_dtype, out_layer, tokenizer_model)
+    return plan
+
+
+def _set_layers(config: dict, n: int) -> None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if key in config:
+            config[key] = n
+            return
+    config["num_hidden_layers"] = n
+
+
+def _tokenizer_model(recipe: Recipe, index_of: dict[str, int], base: Optional[int], first: int) -> Optional[int]:
+    src = recipe.tokenizer_source
+    if src in (None, "base"):
+        return base if base is not None else first
+    if src == "union":
+        return None
+    if src not in index_of:
+        raise RecipeError(
+            f"tokenizer_source: {src!r} must be 'base', 'union' or one of the recipe's models ({', '.join(index_of)})"
+        )
+    return index_of[src]
+
+
+def _first_locations(recipe: Recipe) -> dict[str, str]:
+    where: dict[str, str] = {}
+    if recipe.base_model:
+        where.setdefault(recipe.base_model, "base_model")
+    for i, m in enumerate(recipe.models or []):
+        where.setdefault(m.model, f"models[{i}].model")
+    for i, sl in enumerate(recipe.slices or []):
+        for j, s in enumerate(sl.sources):
+            where.setdefault(s.model, f"slices[{i}].sources[{j}].model")
+        if sl.base_model:
+            where.setdefault(sl.base_model, f"slices[{i}].base_model")
+    return where
+
+
+def _is_pre(name: str) -> bool:
+    return any(h in name for h in PRE_LAYER_HINTS)
+
+
+def _is_vocab(name: str) -> bool:
+    """Tensors whose rows are vocabulary entries: token embeddings and the output head."""
+    return any(h in name for h in ("embed_tokens", "wte", "word_embeddings")) or name.split(".")[0] in ("lm_head", "output")
