@@ -1,0 +1,242 @@
+"""MLX-quantized model directories: read them dequantized, write them with `mx.quantize`.
+
+Layout (the one mlx-lm writes and loads): a quantized layer `p` is stored as `p.weight` (uint32,
+the last axis packed `32 // bits` codes per word), `p.scales` and, in affine mode only, `p.biases`,
+one per `group_size` inputs; config.json carries
+`"quantization": {"group_size": g, "bits": b, "mode": m}` (and the same under
+`"quantization_config"`), with per-layer overrides keyed by layer path.
+A reader presents such a model as an unquantized one: `p.weight` in its logical shape,
+dequantized only when loaded, and `.scales`/`.biases` hidden.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from .errors import ModelError, RecipeError
+from .models import ModelSource, SafetensorsModel, TensorInfo
+from .writer import DEFAULT_SHARD_BYTES, OutputTensor, SafetensorsWriter
+
+# --out-format -> (mode, bits, default group size); the defaults are mlx-lm's
+QUANT_FORMATS = {
+    "mlx-q4": ("affine", 4, 64),
+    "mlx-q8": ("affine", 8, 64),
+    "mlx-mxfp4": ("mxfp4", 4, 32),
+}
+# group sizes mx.quantize accepts per mode
+GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,), "mxfp8": (32,), "nvfp4": (16,)}
+MODE_BITS = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "mxfp8": (8,), "nvfp4": (4,)}
+PART_SUFFIXES = (".scales", ".biases", ".global_scale")
+# config torch_dtype -> safetensors code, for modes whose scales do not carry the weight dtype
+TORCH_DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+CODE_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+FOREIGN_QUANT_MARKERS = (".qweight", ".qzeros", ".weight_scale_inv", ".weight_packed", ".absmax")
+
+
+def strip_quantization(config: dict) -> dict:
+    """The config of the dequantized model: the same, minus the quantization blocks."""
+    out = copy.deepcopy(config)
+    out.pop("quantization", None)
+    out.pop("quantization_config", None)
+    return out
+
+
+def open_quantized(path: Path, config: dict) -> Optional[ModelSource]:
+    """A reader for a directory whose config declares quantization, or None if its weights are plain."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitnet":
+        from .bitnet_format import open_bitnet
+
+        return open_bitnet(path, config)
+    raw = SafetensorsModel(path, config)
+    names = raw.tensor_names()
+    if any(n.endswith(".scales") for n in names):
+        return MLXQuantizedModel(raw, config)
+    foreign = next((n for n in names if n.endswith(FOREIGN_QUANT_MARKERS)), None)
+    if foreign is not None:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise ModelError(
+            f"{path}: weights are quantized with {method!r} (tensor {foreign!r}), which mergekit-mlx cannot read; "
+            "readable quantized inputs are MLX-quantized directories (affine, mxfp4, mxfp8, nvfp4), BitNet b1.58 "
+            "packed checkpoints and GGUF files"
+        )
+    return None  # a config block with unquantized weights: read it as a plain model
+
+
+def _layer_params(config: dict, layer: str, where: Path) -> dict:
+    q = config.get("quantization")
+    if not isinstance(q, dict):
+        q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        raise ModelError(f"{where}/config.json: has quantized tensors but no 'quantization' block")
+    own = q.get(layer)
+    params = own if isinstance(own, dict) else q
+    mode = params.get("mode", "affine")
+    if mode not in GROUP_SIZES:
+        raise ModelError(f"{where}/config.json: quantization mode {mode!r} for {layer!r} is not one of {', '.join(GROUP_SIZES)}")
+    bits = params.get("bits", MODE_BITS[mode][0])
+    group_size = params.get("group_size", GROUP_SIZES[mode][0] if mode != "affine" else 64)
+    return {"mode": mode, "bits": bits, "group_size": group_size}
+
+
+class MLXQuantizedModel(ModelSource):
+    """An MLX-quantized directory, seen as the unquantized model (dequantized tensor by tensor)."""
+
+    format = "mlx-quantized"
+
+    def __init__(self, raw: SafetensorsModel, config: dict):
+        self._raw = raw
+        self._params: dict[str, dict] = {}
+        default_code = TORCH_DTYPE_CODES.get(str(config.get("torch_dtype", "")), "BF16")
+        raw_names = set(raw.tensor_names())
+        infos: dict[str, TensorInfo] = {}
+        for name in raw.tensor_names():
+            layer = name.rsplit(".", 1)[0]
+            if name.endswith(PART_SUFFIXES) and f"{layer}.weight" in raw_names and f"{layer}.scales" in raw_names:
+                continue  # a quantization part of layer.weight
+            info = raw.info(name)
+            if name.endswith(".weight") and f"{layer}.scales" in raw_names:
+                params = _layer_params(config, layer, raw.path)
+                scales = raw.info(f"{layer}.scales")
+                cols = info.shape[-1] * 32
+                if info.dtype != "U32" or cols % params["bits"]:
+                    raise ModelError(f"{info.file}: quantized tensor {name!r} must be uint32 with packed columns, got {info.dtype} {list(info.shape)}")
+                in_dims = cols // params["bits"]
+                if in_dims % params["group_size"] or scales.shape[-1] != in_dims // params["group_size"]:
+                    raise ModelError(
+                        f"{info.file}: {name!r} unpacks to {in_dims} columns at {params['bits']} bits, which does not fit "
+                        f"{scales.shape[-1]} scales of group size {params['group_size']} (config 'quantization' says {params})"
+                    )
+                params["biases"] = f"{layer}.biases" in raw_names
+                params["global_scale"] = f"{layer}.global_scale" in raw_names
+                if params["mode"] == "affine" and not params["biases"]:
+                    raise ModelError(f"{info.file}: affine-quantized {name!r} has no {layer}.biases")
+                code = scales.dtype if scales.dtype in CODE_DTYPES else default_code
+                self._params[name] = params
+                info = TensorInfo(name, (*info.shape[:-1], in_dims), code, info.file)
+            infos[name] = info
+        super().__init__(raw.path, strip_quantization(config), infos)
+        self.quantization = config.get("quantization", config.get("quantization_config"))
+
+    def load(self, name: str) -> mx.array:
+        params = self._params.get(name)
+        if params is None:
+            return self._raw.load(name)
+        layer = name[: -len(".weight")]
+        return mx.dequantize(
+            self._raw.load(name),
+            self._raw.load(f"{layer}.scales"),
+            self._raw.load(f"{layer}.biases") if params["biases"] else None,
+            group_size=params["group_size"],
+            bits=params["bits"],
+            mode=params["mode"],
+            global_scale=self._raw.load(f"{layer}.global_scale") if params["global_scale"] else None,
+            dtype=CODE_DTYPES[self.info(name).dtype],
+        )
+
+    def release(self) -> None:
+        self._raw.release()
+
+
+def quantizable_modules(config: dict) -> Optional[dict[str, bool]]:
+    """For each leaf module of the mlx-lm model this config describes: may it be quantized?
+
+    None when mlx-lm has no model class for the config; callers then fall back to tensor shapes.
+    Building the model costs nothing: its parameters are lazy and never evaluated.
+    """
+    try:
+        import mlx.nn as nn
+        from mlx.utils import tree_flatten
+        from mlx_lm.utils import _get_classes
+
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        predicate = getattr(model, "quant_predicate", None)
+        result = {}
+        for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            ok = hasattr(module, "to_quantized")
+            if ok and predicate is not None:
+                ok = predicate(path, module) is not False
+            result[path] = ok
+        return result
+    except Exception:  # any model mlx-lm cannot build: decide from tensor names and shapes instead
+        return None
+
+
+def is_quantizable(name: str, shape: tuple[int, ...], group_size: int, modules: Optional[dict[str, bool]]) -> bool:
+    """A 2-D+ `.weight` of a layer mlx-lm would quantize, whose rows split into whole groups."""
+    if not name.endswith(".weight") or len(shape) < 2 or shape[-1] % group_size:
+        return False
+    layer = name[: -len(".weight")]
+    if modules is not None and layer in modules:
+        return modules[layer]
+    return "norm" not in layer.rsplit(".", 1)[-1]
+
+
+def quantized_parts(t: OutputTensor, mode: str, bits: int, group_size: int) -> list[OutputTensor]:
+    """The tensors `mx.quantize` turns one weight into, with their shapes and dtypes."""
+    layer = t.name[: -len(".weight")]
+    lead, cols = t.shape[:-1], t.shape[-1]
+    groups = (*lead, cols // group_size)
+    scale_dtype = t.dtype if mode == "affine" else mx.uint8
+    parts = [OutputTensor(t.name, (*lead, cols * bits // 32), mx.uint32), OutputTensor(f"{layer}.scales", groups, scale_dtype)]
+    if mode == "affine":
+        parts.append(OutputTensor(f"{layer}.biases", groups, scale_dtype))
+    return parts
+
+
+class QuantizedWriter(SafetensorsWriter):
+    """MLX-quantized output (mlx-q4, mlx-q8, mlx-mxfp4): each quantizable weight through `mx.quantize`."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: list[OutputTensor],
+        config: dict,
+        out_format: str,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        group_size: Optional[int] = None,
+        skip_shards: Optional[set[str]] = None,
+    ):
+        if out_format not in QUANT_FORMATS:
+            raise RecipeError(f"--out-format {out_format!r} is not an MLX-quantized format; valid: {', '.join(QUANT_FORMATS)}")
+        self.mode, self.bits, default_group = QUANT_FORMATS[out_format]
+        self.group_size = group_size or default_group
+        if self.group_size not in GROUP_SIZES[self.mode]:
+            raise RecipeError(
+                f"--group-size {self.group_size} is not valid for {out_format}; valid: "
+                f"{', '.join(map(str, GROUP_SIZES[self.mode]))}"
+            )
+        config = strip_quantization(config)
+        modules = quantizable_modules(config)
+        self.quantized = {t.name for t in tensors if t.dtype in CODE_DTYPES.values() and is_quantizable(t.name, t.shape, self.group_size, modules)}
+        self.parts_of = {t.name: quantized_parts(t, self.mode, self.bits, self.group_size) for t in tensors if t.name in self.quantized}
+        parts = [p for t in tensors for p in self.parts_of.get(t.name, [t])]
+        block = {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+        config["quantization"] = dict(block)
+        config["quantization_config"] = dict(block)
+        super().__init__(out_dir, parts, config, max_shard_bytes, skip_shards)
+
+    def wants(self, name: str) -> bool:
+        return any(super(QuantizedWriter, self).wants(p.name) for p in self.parts_of.get(name, [OutputTensor(name, (), mx.float32)]))
+
+    def add(self, name: str, array: mx.array) -> None:
+        parts = self.parts_of.get(name)
+        if parts is None:
+            super().add(name, array)
+            return
+        if not self.wants(name):
+            return
+        for part, value in zip(parts, mx.quantize(array, group_size=self.group_size, bits=self.bits, mode=self.mode)):
+            super().add(part.name, value)
+
+    def _write(self, i: int, arrays: dict[str, mx.array]) -> None:
+        tmp = self.out_dir / (self.files[i] + ".tmp")
+        with open(tmp, "wb") as f:  # a file object: given a path, MLX appends ".safetensors" to the name
+            mx.save_safetensors(f, arrays, metadata={"format": "mlx"})
+        tmp.rename(self.out_dir / self.files[i])
+        self.written.append(self.files[i])
