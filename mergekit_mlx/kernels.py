@@ -1,0 +1,472 @@
+"""Hot paths of the task-arithmetic merges: magnitude threshold, random masks, fused TIES/DARE.
+
+One interface, three backends: `mx.fast.metal_kernel` on an Apple GPU, `mx.fast.cuda_kernel` on
+an NVIDIA GPU, and a compiled pure-MLX fallback (the CPU path, and the path whenever kernels are
+off). Kernel sources live in `kernels/` (shipped as the package `mergekit_mlx._kernels`).
+
+Documented rules (every backend follows them):
+- Random numbers: a counter-based hash of (seed, stream, flat element index) to 32 bits; the
+  uniform is the top 24 bits times 2**-24, so it is exact in float32 and the same everywhere.
+- Magnitude order: |x| is compared as float32 bit patterns (NaN above inf); ties at the
+  threshold are kept lowest flat index first.
+- `fused_task_merge` follows mergekit 0.1.5's generalized task arithmetic, computed in float32
+  and rounded once to the base's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Sequence, Union
+
+import mlx.core as mx
+
+_ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
+_enabled_override: Optional[bool] = None
+
+_GOLDEN = 0x9E3779B9
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+_MASK32 = 0xFFFFFFFF
+_U24 = 1.0 / 16777216.0  # 2**-24, exact in float32
+_MAX_ELEMENTS = 2**31 - 1  # counts and indices are 32-bit
+
+
+# ----------------------------------------------------------------------------- switches
+
+
+def kernels_enabled() -> bool:
+    """False when MERGEKIT_MLX_NO_KERNELS=1 or after set_kernels_enabled(False)."""
+    if _enabled_override is not None:
+        return _enabled_override
+    return os.environ.get(_ENV_OFF, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def set_kernels_enabled(flag: bool) -> None:
+    global _enabled_override
+    _enabled_override = bool(flag)
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def _mix32(x: int) -> int:
+    """The 32-bit finaliser used everywhere (host side; the same steps as the kernels)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _M1) & _MASK32
+    x ^= x >> 15
+    x = (x * _M2) & _MASK32
+    x ^= x >> 16
+    return x
+
+
+def stream_id(*parts: Union[str, int]) -> int:
+    """A stable 32-bit FNV-1a hash of the parts, e.g. stream_id(tensor_name, model_index)."""
+    h = 0x811C9DC5
+    data = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    for byte in data:
+        h ^= byte
+        h = (h * 0x01000193) & _MASK32
+    return h
+
+
+def _stream_keys(seed: int, stream: int) -> tuple[int, int]:
+    """Two 32-bit keys of (seed, stream); a seed of any size folds in through its high word."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    lo, hi = seed & _MASK32, seed >> 32
+    k0 = _mix32(lo ^ _mix32((int(stream) & _MASK32) ^ _GOLDEN))
+    k1 = _mix32(k0 ^ _mix32(hi ^ 0x85EBCA6B))
+    return k0, k1
+
+
+def _u32(v: int) -> mx.array:
+    return mx.array(v & _MASK32, dtype=mx.uint32)
+
+
+def _mix32_mx(x: mx.array) -> mx.array:
+    x = x ^ (x >> 16)
+    x = x * _u32(_M1)
+    x = x ^ (x >> 15)
+    x = x * _u32(_M2)
+    return x ^ (x >> 16)
+
+
+def _uniform_of_index(idx: mx.array, keys: mx.array) -> mx.array:
+    """float32 uniforms in [0, 1) for uint32 flat indices and keys = [k0, k1] (uint32)."""
+    h = _mix32_mx(idx * _u32(_GOLDEN) + keys[0])
+    h = _mix32_mx(h ^ keys[1])
+    return (h >> 8).astype(mx.float32) * _U24
+
+
+_uniform_compiled = mx.compile(_uniform_of_index, shapeless=True)
+
+
+def _check_size(n: int) -> None:
+    if n > _MAX_ELEMENTS:
+        raise ValueError(f"tensor of {n} elements: the kernels index at most 2**31-1 elements")
+
+
+def _keys_array(seed: int, stream: int) -> mx.array:
+    return mx.array(list(_stream_keys(seed, stream)), dtype=mx.uint32)
+
+
+def random_uniform(seed: int, stream: int, shape: Sequence[int]) -> mx.array:
+    """float32 uniforms in [0, 1), a pure function of (seed, stream, flat element index)."""
+    shape = tuple(int(s) for s in shape)
+    n = 1
+    for s in shape:
+        n *= s
+    _check_size(n)
+    if n == 0:
+        return mx.zeros(shape, dtype=mx.float32)
+    gpu = _gpu_backend()
+    if gpu is not None:
+        out = _gpu_call(gpu, "uniform", lambda: _gpu_uniform(gpu, seed, stream, n))
+        if out is not None:
+            return out.reshape(shape)
+    idx = mx.arange(n, dtype=mx.uint32)
+    return _uniform_compiled(idx, _keys_array(seed, stream)).reshape(shape)
+
+
+def keep_mask(seed: int, stream: int, shape: Sequence[int], p: Union[float, mx.array]) -> mx.array:
+    """bool mask: random_uniform(seed, stream, shape) < p (p a float or an array broadcast to shape)."""
+    u = random_uniform(seed, stream, shape)
+    if isinstance(p, mx.array):
+        return u < p.astype(mx.float32)
+    return u < mx.array(float(p), dtype=mx.float32)
+
+
+# ----------------------------------------------------------------------------- magnitude selection
+
+
+def _abs_bits(x: mx.array) -> mx.array:
+    """|x| as float32 bit patterns: for non-negative floats the uint32 order is the float order."""
+    return mx.abs(x.astype(mx.float32)).reshape(-1).view(mx.uint32)
+
+
+@dataclass
+class _Selection:
+    """The exact top-k of one flat tensor: keep bits > t, and bits == t at flat index <= cut."""
+
+    t: mx.array  # uint32 scalar: bit pattern of the k-th largest |x|
+    cut: mx.array  # int32 scalar: last flat index whose tie at t is kept
+
+
+def _select_fallback(bits: mx.array, k: int) -> _Selection:
+    n = bits.size
+    # MLX's partition is an O(n) introselect on the CPU (faster there than a scatter histogram)
+    t = mx.partition(bits, n - k)[n - k]
+    n_gt = (bits > t).astype(mx.int32).sum()
+    return _Selection(t, _tie_cut(bits, t, k - n_gt))
+
+
+def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
+    """Flat index of the need-th element equal to t (need >= 1), scanning from index 0."""
+    n = bits.size
+    eq = bits == t
+    n_eq = eq.astype(mx.int32).sum()
+    mx.eval(n_eq, need)
+    if n_eq.item() == need.item():  # every tie is kept: no scan needed
+        return mx.array(n - 1, dtype=mx.int32)
+    # chunk counts, then a scan inside the one chunk that holds the need-th tie
+    chunk = 4096
+    pad = (-n) % chunk
+    eqi = eq.astype(mx.int32)
+    if pad:
+        eqi = mx.concatenate([eqi, mx.zeros((pad,), dtype=mx.int32)])
+    per_chunk = mx.cumsum(eqi.reshape(-1, chunk).sum(axis=1))
+    j = (per_chunk < need).astype(mx.int32).sum()  # chunk index holding the need-th tie
+    before = mx.where(j > 0, mx.take(per_chunk, mx.maximum(j - 1, 0)), 0)
+    inside = mx.cumsum(mx.take(eqi.reshape(-1, chunk), j, axis=0))
+    pos = (inside < need - before).astype(mx.int32).sum()
+    return (j * chunk + pos).astype(mx.int32)
+
+
+def magnitude_threshold(x: mx.array, k: int) -> mx.array:
+    """The k-th largest |x| as a float32 scalar, exact (k is clamped to [1, x.size])."""
+    n = x.size
+    if n == 0:
+        raise ValueError("magnitude_threshold of an empty tensor")
+    _check_size(n)
+    k = min(max(int(k), 1), n)
+    gpu = _gpu_backend()
+    if gpu is not None:
+        out = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0].t)
+        if out is not None:
+            return out.view(mx.float32)
+    bits = _abs_bits(x)
+    return mx.partition(bits, n - k)[n - k].view(mx.float32)
+
+
+def topk_mask(x: mx.array, k: int) -> mx.array:
+    """bool mask of the k largest |x|; ties at the threshold go to the lowest flat indices."""
+    n = x.size
+    k = int(k)
+    if k <= 0:
+        return mx.zeros(x.shape, dtype=mx.bool_)
+    if k >= n:
+        return mx.ones(x.shape, dtype=mx.bool_)
+    _check_size(n)
+    sel = None
+    gpu = _gpu_backend()
+    if gpu is not None:
+        sel = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0])
+    bits = _abs_bits(x)
+    if sel is None:
+        sel = _select_fallback(bits, k)
+    idx = mx.arange(n, dtype=mx.int32)
+    return _mask_of_selection(bits, idx, sel.t, sel.cut).reshape(x.shape)
+
+
+@mx.compile
+def _mask_of_selection(bits: mx.array, idx: mx.array, t: mx.array, cut: mx.array) -> mx.array:
+    return (bits > t) | ((bits == t) & (idx <= cut))
+
+
+# ----------------------------------------------------------------------------- fused merge
+
+
+@dataclass
+class _ModelPlan:
+    """How one task vector is sparsified, as scalars the combine step (or kernel) reads."""
+
+    mode: int  # 0 keep all, 1 keep none, 2 magnitude (t, cut), 3 random (keys, p)
+    t: mx.array  # uint32
+    cut: mx.array  # int32
+    keys: tuple[int, int]
+    p: float
+    scale: mx.array  # float32: rescale factor (1 when not rescaling)
+
+
+_KEEP_ALL, _KEEP_NONE, _MAGNITUDE, _RANDOM = 0, 1, 2, 3
+
+
+def _plan_models(
+    base: mx.array,
+    others: list[mx.array],
+    sparsify: Optional[str],
+    densities: list[float],
+    rescale: bool,
+    seed: int,
+    streams: list[int],
+    gpu: Optional[str],
+) -> list[_ModelPlan]:
+    n = base.size
+    zero_u = mx.array(0, dtype=mx.uint32)
+    zero_i = mx.array(0, dtype=mx.int32)
+    one_f = mx.array(1.0, dtype=mx.float32)
+    plans: list[_ModelPlan] = []
+    for i in range(len(others)):
+        d = float(densities[i])
+        mode = _KEEP_ALL
+        if sparsify is not None:
+            mode = _KEEP_ALL if d >= 1 else (_KEEP_NONE if d <= 0 and sparsify == "magnitude" else None)
+            if mode is None:
+                mode = _MAGNITUDE if sparsify == "magnitude" else _RANDOM
+        plans.append(_ModelPlan(mode, zero_u, zero_i, _stream_keys(seed, streams[i]), d, one_f))
+
+    mag = [i for i, p in enumerate(plans) if p.mode == _MAGNITUDE]
+    if mag:
+        ks = [max(1, int(densities[i] * n)) for i in mag]
+        sels = None
+        if gpu is not None:
+            sels = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [others[i] for i in mag], base, ks))
+        if sels is None:
+            b32 = base.astype(mx.float32)
+            sels = [_select_fallback(_delta_bits(others[i], b32), k) for i, k in zip(mag, ks)]
+        for i, s in zip(mag, sels):
+            plans[i].t, plans[i].cut = s.t, s.cut
+
+    if rescale:
+        todo = [i for i, p in enumerate(plans) if p.mode in (_MAGNITUDE, _RANDOM)]
+        if todo:
+            sums = None
+            if gpu is not None:
+                sums = _gpu_call(gpu, "l1", lambda: _gpu_l1(gpu, base, others, plans, todo))
+            if sums is None:
+                sums = [_l1_fallback(base, others[i], plans[i]) for i in todo]
+            for i, (before, after) in zip(todo, sums):
+                ok = (before >= 1e-7) & (after >= 1e-7)
+                plans[i].scale = mx.where(ok, before / mx.where(ok, after, 1.0), 1.0).astype(mx.float32)
+    return plans
+
+
+@mx.compile
+def _delta_bits_c(o: mx.array, b32: mx.array) -> mx.array:
+    return mx.abs(o.astype(mx.float32) - b32).view(mx.uint32)
+
+
+def _delta_bits(o: mx.array, b32: mx.array) -> mx.array:
+    return _delta_bits_c(o.reshape(-1), b32.reshape(-1))
+
+
+def _keep_fallback(bits: mx.array, idx: mx.array, plan: _ModelPlan) -> mx.array:
+    if plan.mode == _MAGNITUDE:
+        return _mask_of_selection(bits, idx, plan.t, plan.cut)
+    u = _uniform_compiled(idx.view(mx.uint32), mx.array(list(plan.keys), dtype=mx.uint32))
+    return u < mx.array(plan.p, dtype=mx.float32)
+
+
+def _l1_fallback(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.array, mx.array]:
+    d = other.reshape(-1).astype(mx.float32) - base.reshape(-1).astype(mx.float32)
+    a = mx.abs(d)
+    idx = mx.arange(d.size, dtype=mx.int32)
+    keep = _keep_fallback(a.view(mx.uint32), idx, plan)
+    return a.sum(), mx.where(keep, a, 0.0).sum()
+
+
+@lru_cache(maxsize=None)
+def _combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
+    """The elementwise tail of the merge for one configuration, compiled once."""
+
+    def combine(b_in, idx, params, *others):
+        # params (float32): per model [weight, scale, p]; then [lam, divisor_no_consensus]
+        # keys/t/cut arrive through `others` tail: per model (t uint32, cut int32, k0, k1 uint32)
+        K = len(modes)
+        tensors, sel = others[:K], others[K:]
+        b = b_in.astype(mx.float32)
+        wds, ws = [], []
+        for i, mode in enumerate(modes):
+            w = params[3 * i]
+            d = tensors[i].astype(mx.float32) - b
+            if mode == _KEEP_NONE:
+                d = mx.zeros_like(d)
+            elif mode == _MAGNITUDE:
+                t, cut = sel[4 * i], sel[4 * i + 1]
+                bits = mx.abs(d).view(mx.uint32)
+                keep = (bits > t) | ((bits == t) & (idx <= cut))
+                d = mx.where(keep, d, 0.0) * params[3 * i + 1]
+            elif mode == _RANDOM:
+                keys = mx.stack([sel[4 * i + 2], sel[4 * i + 3]])
+                keep = _uniform_of_index(idx.view(mx.uint32), keys) < params[3 * i + 2]
+                d = mx.where(keep, d, 0.0) * params[3 * i + 1]
+            wds.append(d * w)
+            ws.append(w)
+        lam, div0 = params[3 * K], params[3 * K + 1]
+        if consensus:
+            total = wds[0]
+            for wd in wds[1:]:
+                total = total + wd
+            majority = mx.where(total >= 0, 1.0, -1.0)
+            mixed, divisor = None, None
+            for wd, w in zip(wds, ws):
+                agree = mx.sign(wd) == majority
+                term = mx.where(agree, wd, 0.0)
+                wterm = mx.where(agree, w, 0.0)
+                mixed = term if mixed is None else mixed + term
+                divisor = wterm if divisor is None else divisor + wterm
+            divisor = mx.where(divisor == 0, 1.0, divisor)
+        else:
+            mixed = wds[0]
+            for wd in wds[1:]:
+                mixed = mixed + wd
+            divisor = div0
+        if normalize:
+            mixed = mixed / divisor
+        mixed = mixed * lam
+        return (b + mixed).astype(b_in.dtype)
+
+    return mx.compile(combine)
+
+
+def _plain_divisor(weights: list[float]) -> float:
+    s = mx.array(0.0, dtype=mx.float32)
+    for w in weights:
+        s = s + mx.array(w, dtype=mx.float32)
+    v = s.item()
+    return 1.0 if abs(v) < 1e-8 else v
+
+
+def fused_task_merge(
+    base: mx.array,
+    others: list[mx.array],
+    weights: list[float],
+    *,
+    sparsify: Optional[str],
+    densities: list[float],
+    rescale: bool,
+    consensus: Optional[str],
+    normalize: bool,
+    lam: float,
+    seed: int = 0,
+    streams: Optional[list[int]] = None,
+) -> mx.array:
+    """mergekit's generalized task arithmetic over one tensor, fused, in float32.
+
+    sparsify: None, "magnitude" (exact top-k, ties lowest index first) or "random" (keep_mask
+    with streams[i]); consensus: None or "sum". Returns an array of base's dtype and shape.
+    """
+    K = len(others)
+    if sparsify not in (None, "magnitude", "random"):
+        raise ValueError(f"sparsify must be None, 'magnitude' or 'random', not {sparsify!r}")
+    if consensus not in (None, "sum"):
+        raise ValueError(f"consensus must be None or 'sum', not {consensus!r}")
+    if len(weights) != K or len(densities) != K:
+        raise ValueError(f"{K} task models need {K} weights and {K} densities")
+    if K == 0 or base.size == 0:
+        return base
+    for o in others:
+        if o.shape != base.shape:
+            raise ValueError(f"task model shape {o.shape} differs from the base's {base.shape}")
+    _check_size(base.size)
+    if streams is None:
+        streams = [stream_id(i) for i in range(K)]
+    gpu = _gpu_backend()
+    plans = _plan_models(base, others, sparsify, densities, rescale, seed, streams, gpu)
+    weights = [float(w) for w in weights]
+    divisor = _plain_divisor(weights)
+    if gpu is not None:
+        out = _gpu_call(
+            gpu, "merge",
+            lambda: _gpu_merge(gpu, base, others, weights, plans, consensus is not None,
+                               normalize, lam, divisor),
+        )
+        if out is not None:
+            return out
+    params = []
+    sel = []
+    for w, p in zip(weights, plans):
+        params += [mx.array(w, dtype=mx.float32), p.scale.astype(mx.float32), mx.array(p.p, dtype=mx.float32)]
+        sel += [p.t, p.cut, _u32(p.keys[0]), _u32(p.keys[1])]
+    params += [mx.array(lam, dtype=mx.float32), mx.array(divisor, dtype=mx.float32)]
+    fn = _combine_fn(tuple(p.mode for p in plans), consensus is not None, bool(normalize))
+    idx = mx.arange(base.size, dtype=mx.int32)
+    flat = fn(base.reshape(-1), idx, mx.stack(params), *[o.reshape(-1) for o in others], *sel)
+    return flat.reshape(base.shape)
+
+
+# ----------------------------------------------------------------------------- GPU dispatch
+
+
+def _gpu_backend() -> Optional[str]:
+    """'metal', 'cuda' or None (CPU, or kernels off)."""
+    if not kernels_enabled() or mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _gpu_call(gpu, what, fn):
+    return None
+
+
+def _gpu_uniform(gpu, seed, stream, n):
+    raise RuntimeError("no GPU kernels")
+
+
+def _gpu_select(gpu, xs, base, ks):
+    raise RuntimeError("no GPU kernels")
+
+
+def _gpu_l1(gpu, base, others, plans, todo):
+    raise RuntimeError("no GPU kernels")
+
+
+def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor):
+    raise RuntimeError("no GPU kernels")
