@@ -1,0 +1,252 @@
+"""End to end: recipe -> plan -> merged model directory -> mlx-lm, and the in-memory hand-off."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import tiny
+from mergekit_mlx import merge
+from mergekit_mlx.cli import main as cli_main
+from mergekit_mlx.errors import ModelError, OutputError, RecipeError
+
+
+def ties_recipe(paths, density=0.5):
+    base, *fts = paths
+    return {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": density}} for p in fts],
+    }
+
+
+def test_linear_merge_writes_the_weighted_average_of_every_tensor(family, tmp_path):
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    merge(recipe, tmp_path / "out")
+    got = tiny.load_np(tmp_path / "out")
+    ins = [tiny.load_np(p) for p in family]
+    assert set(got) == set(ins[0])
+    for name in got:
+        ref = 0.5 * ins[0][name] + 0.25 * ins[1][name] + 0.25 * ins[2][name]
+        np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_output_directory_is_a_complete_hf_model(family, tmp_path):
+    out = tmp_path / "out"
+    merge(ties_recipe(family), out)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert "ties" in (out / "README.md").read_text() and "merge_method: ties" in (out / "README.md").read_text()
+    assert not list(tmp_path.glob(".*partial*")), "temporary directory left behind"
+
+
+def test_output_loads_in_mlx_lm_and_generates(family, tmp_path):
+    from mlx_lm import generate, load
+
+    merge(ties_recipe(family), tmp_path / "out")
+    model, tokenizer = load(str(tmp_path / "out"))
+    text = generate(model, tokenizer, prompt="hello world", max_tokens=4)
+    assert isinstance(text, str) and text
+
+
+def test_in_memory_hand_off_gives_the_same_logits_as_the_saved_model(family, tmp_path):
+    from mlx_lm import load
+
+    result = merge(ties_recipe(family))
+    model, tokenizer = result.to_mlx_lm()
+    result.save(tmp_path / "saved")
+    model2, _ = load(str(tmp_path / "saved"))
+    tokens = mx.array([tokenizer.encode("hello world merge")])
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(model2(tokens)))
+
+
+def test_shards_and_index_when_output_exceeds_shard_size(family, tmp_path):
+    out = tmp_path / "out"
+    merge(ties_recipe(family), out, out_shard_size=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"].values()) == set(shards)
+    assert set(index["weight_map"]) == set(tiny.load_np(family[0]))
+    assert index["metadata"]["total_size"] == sum(v.size * 4 for v in tiny.load_np(out).values())
+
+
+def test_sharded_input_with_index_is_read(family4, tmp_path):
+    recipe = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in family4[:2]]}
+    merge(recipe, tmp_path / "out")
+    got, a, b = tiny.load_np(tmp_path / "out"), tiny.load_np(family4[0]), tiny.load_np(family4[1])
+    for name in got:
+        np.testing.assert_allclose(got[name], (a[name] + b[name]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_passthrough_slices_stack_layer_ranges_by_identity(family4, tmp_path):
+    base, ft1 = family4[0], family4[1]
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(ft1), "layer_range": [1, 4]}]},
+    ]}
+    out = tmp_path / "frank"
+    merge(recipe, out)
+    got, a, b = tiny.load_np(out), tiny.load_np(base), tiny.load_np(ft1)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6
+    for name in a:
+        if ".layers." not in name:
+            continue
+        layer = int(name.split(".")[2])
+        suffix = name.split(f".{layer}.", 1)[1]
+        if layer < 3:
+            np.testing.assert_array_equal(got[name], a[name])
+        for out_layer, in_layer in [(3, 1), (4, 2), (5, 3)]:
+            if layer == in_layer:
+                np.testing.assert_array_equal(got[f"model.layers.{out_layer}.{suffix}"], b[name])
+    np.testing.assert_array_equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(got["lm_head.weight"], b["lm_head.weight"])
+    from mlx_lm import load
+
+    load(str(out))  # the frankenmerge is a loadable 6-layer model
+
+
+def test_gradient_parameter_is_interpolated_across_layers(family4, tmp_path):
+    base, ft1 = family4[0], family4[1]
+    recipe = {"merge_method": "slerp", "base_model": str(base), "dtype": "float32",
+              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]}, {"model": str(ft1), "layer_range": [0, 4]}]}],
+              "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.0}]}}
+    merge(recipe, tmp_path / "out")
+    got, a, b = tiny.load_np(tmp_path / "out"), tiny.load_np(base), tiny.load_np(ft1)
+    for layer in range(4):
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        t = layer / 3
+        # slerp at t: at t=0 the base, at t=1 the other model, in between close to lerp (small angle)
+        if layer == 0:
+            np.testing.assert_allclose(got[name], a[name], rtol=1e-5, atol=1e-6)
+        elif layer == 3:
+            np.testing.assert_allclose(got[name], b[name], rtol=1e-5, atol=1e-6)
+        else:
+            lerp = (1 - t) * a[name] + t * b[name]
+            assert np.abs(got[name] - lerp).max() < 0.05 * np.abs(b[name] - a[name]).max() + 1e-3
+        mlp = f"model.layers.{layer}.mlp.up_proj.weight"
+        np.testing.assert_allclose(got[mlp], a[mlp], rtol=1e-5, atol=1e-6)
+
+
+def test_per_model_filter_applies_to_that_model_only(family, tmp_path):
+    base, ft1, ft2 = family
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [
+        {"model": str(ft1), "parameters": {"weight": [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]}},
+        {"model": str(ft2), "parameters": {"weight": 0.5}}]}
+    merge(recipe, tmp_path / "out")
+    got, a, b, c = (tiny.load_np(p) for p in (tmp_path / "out", base, ft1, ft2))
+    for name in got:
+        w1 = 0.0 if "mlp" in name else 1.0
+        ref = a[name] + w1 * (b[name] - a[name]) + 0.5 * (c[name] - a[name])
+        np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_out_dtype_sets_tensor_dtype_and_config(family, tmp_path):
+    recipe = dict(ties_recipe(family), dtype="float32", out_dtype="bfloat16")
+    merge(recipe, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+    assert all(v.dtype == mx.bfloat16 for v in mx.load(str(tmp_path / "out" / "model.safetensors")).values())
+
+
+def test_same_seed_reproduces_dare(family, tmp_path):
+    recipe = dict(ties_recipe(family), merge_method="dare_ties")
+    merge(recipe, tmp_path / "a", random_seed=5)
+    merge(recipe, tmp_path / "b", random_seed=5)
+    merge(recipe, tmp_path / "c", random_seed=6)
+    a, b, c = (tiny.load_np(tmp_path / x) for x in "abc")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+
+
+# ---------------- validation before any tensor is read ----------------
+
+def test_missing_model_names_the_yaml_key(family, tmp_path):
+    recipe = ties_recipe(family)
+    recipe["models"][1]["model"] = str(tmp_path / "nope")
+    with pytest.raises(RecipeError, match=r"models\[1\]\.model: model .*nope.* not found"):
+        merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_required_parameter_names_it(family, tmp_path):
+    recipe = ties_recipe(family)
+    del recipe["models"][0]["parameters"]["weight"]
+    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters\.weight: required"):
+        merge(recipe)
+
+
+def test_unknown_method_lists_known_ones(family):
+    with pytest.raises(RecipeError, match="known: .*linear.*ties"):
+        merge(dict(ties_recipe(family), merge_method="tiez"))
+
+
+def test_method_needing_a_base_says_so(family):
+    recipe = ties_recipe(family)
+    del recipe["base_model"]
+    with pytest.raises(RecipeError, match="base_model: merge_method 'ties' needs a base model"):
+        merge(recipe)
+
+
+def test_layer_range_out_of_bounds_names_the_slice(family):
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(family[0]), "layer_range": [0, 5]}]}]}
+    with pytest.raises(RecipeError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 5\] does not fit"):
+        merge(recipe)
+
+
+def test_model_without_config_is_an_input_error(family, tmp_path):
+    (tmp_path / "empty").mkdir()
+    recipe = ties_recipe([family[0], tmp_path / "empty"])
+    with pytest.raises(ModelError, match="no config.json"):
+        merge(recipe)
+
+
+def test_existing_output_needs_force(family, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OutputError, match="already exists; pass --force"):
+        merge(ties_recipe(family), out)
+    merge(ties_recipe(family), out, force=True)
+    assert (out / "model.safetensors").exists()
+
+
+def test_output_inside_an_input_model_is_refused(family):
+    with pytest.raises(OutputError, match="inside"):
+        merge(ties_recipe(family), family[1] / "merged")
+
+
+# ---------------- command line ----------------
+
+def write_recipe(path, recipe):
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yml", ties_recipe(family))
+    assert cli_main(["run", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "bytes read" in text and "estimated peak memory" in text and "model.layers.1.mlp.up_proj.weight" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_recipe_exits_2_with_one_message(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", dict(ties_recipe(family), merge_method="nope"))
+    proc = subprocess.run([sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "merge_method: 'nope' is not a known method" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_writes_the_model(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", ties_recipe(family))
+    assert cli_main(["run", str(recipe), str(tmp_path / "out"), "--no-progress", "--out-shard-size", "1M"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
