@@ -1,0 +1,339 @@
+"""The kernel interface against float64 numpy references (CPU fallback here; the same file runs on a GPU).
+
+References are written from the documented rules, not from the code under test:
+- random numbers: the hash in mergekit_mlx/kernels.py's module docstring, re-implemented in numpy;
+- magnitude: k-th largest |x| in float32, ties kept lowest flat index first;
+- merges: mergekit 0.1.5's generalized task arithmetic in float64.
+"""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from mergekit_mlx import kernels as K
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def np_mix32(x):
+    x = x.astype(np.uint64) & M32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & M32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & M32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def np_keys(seed, stream):
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    k0 = int(np_mix32(np.array([lo ^ int(np_mix32(np.array([(stream ^ 0x9E3779B9) & 0xFFFFFFFF]))[0])]))[0])
+    k1 = int(np_mix32(np.array([k0 ^ int(np_mix32(np.array([hi ^ 0x85EBCA6B]))[0])]))[0])
+    return k0, k1
+
+
+def np_uniform(seed, stream, n):
+    k0, k1 = np_keys(seed, stream)
+    i = np.arange(n, dtype=np.uint64)
+    h = np_mix32((i * np.uint64(0x9E3779B9) + np.uint64(k0)) & M32)
+    h = np_mix32(h ^ np.uint64(k1))
+    return (h >> np.uint64(8)).astype(np.float64) / 2.0**24
+
+
+def np_topk_mask(x, k):
+    a = np.abs(np.asarray(x, dtype=np.float32)).reshape(-1).astype(np.float64)
+    order = np.lexsort((np.arange(a.size), -a))  # by -|x|, then by index
+    mask = np.zeros(a.size, dtype=bool)
+    mask[order[: max(k, 0)]] = True
+    return mask.reshape(np.shape(x))
+
+
+def np_gta(base, others, weights, sparsify, densities, rescale, consensus, normalize, lam, seed=0, streams=None):
+    """mergekit 0.1.5 generalized task arithmetic in float64 (selection on float32 |delta|)."""
+    b = np.asarray(base, dtype=np.float64)
+    n = b.size
+    deltas = []
+    for i, (o, w, dens) in enumerate(zip(others, weights, densities)):
+        d = np.asarray(o, dtype=np.float64) - b
+        if sparsify is not None and dens < 1:
+            if sparsify == "magnitude":
+                if dens <= 0:
+                    mask = np.zeros(b.shape, dtype=bool)
+                else:
+                    d32 = np.asarray(o, np.float32) - np.asarray(base, np.float32)
+                    mask = np_topk_mask(d32, max(1, int(dens * n)))
+            else:
+                u = np_uniform(seed, streams[i], n).reshape(b.shape)
+                mask = u < np.float32(dens)
+            kept = np.where(mask, d, 0.0)
+            if rescale:
+                before, after = np.abs(d).sum(), np.abs(kept).sum()
+                if before >= 1e-7 and after >= 1e-7:
+                    kept = kept * (before / after)
+            d = kept
+        deltas.append(d * w)
+    deltas = np.stack(deltas)
+    w = np.array(weights, dtype=np.float64).reshape(-1, *([1] * b.ndim))
+    if consensus == "sum":
+        majority = np.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        mask = np.sign(deltas) == majority
+        mixed = (deltas * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(0)
+        divisor = w.sum()
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    if normalize:
+        mixed = mixed / divisor
+    return b + mixed * lam
+
+
+def family(rng, shape=(48, 40), k=3, scale=0.02, dtype=np.float32):
+    base = rng.standard_normal(shape).astype(dtype)
+    others = [(base + scale * rng.standard_normal(shape)).astype(dtype) for _ in range(k)]
+    return base, others
+
+
+def to_mx(a, dtype=None):
+    x = mx.array(np.asarray(a, dtype=np.float32))
+    return x.astype(dtype) if dtype is not None else x
+
+
+# ----------------------------------------------------------------------------- switches and hashing
+
+
+def test_kernels_switch_follows_setter(monkeypatch):
+    monkeypatch.setattr(K, "_enabled_override", None)
+    monkeypatch.setenv("MERGEKIT_MLX_NO_KERNELS", "1")
+    assert not K.kernels_enabled()
+    monkeypatch.delenv("MERGEKIT_MLX_NO_KERNELS")
+    assert K.kernels_enabled()
+    K.set_kernels_enabled(False)
+    assert not K.kernels_enabled()
+    K.set_kernels_enabled(True)
+    assert K.kernels_enabled()
+
+
+def test_stream_id_is_fnv1a_of_the_joined_parts():
+    def fnv1a(data: bytes) -> int:
+        h = 0x811C9DC5
+        for c in data:
+            h = ((h ^ c) * 0x01000193) % 2**32
+        return h
+
+    assert K.stream_id("a") == 0xE40C292C  # published FNV-1a test vector
+    assert K.stream_id("model.layers.0.mlp.up_proj.weight", 2) == fnv1a(b"model.layers.0.mlp.up_proj.weight\x1f2")
+    assert K.stream_id("w", 1) != K.stream_id("w", 2)
+
+
+def test_random_uniform_is_the_documented_hash():
+    u = np.array(K.random_uniform(1234, K.stream_id("w", 0), (37, 29)))
+    ref = np_uniform(1234, K.stream_id("w", 0), 37 * 29).reshape(37, 29)
+    assert u.dtype == np.float32
+    np.testing.assert_array_equal(u.astype(np.float64), ref)
+
+
+def test_random_uniform_lies_in_unit_interval_and_folds_large_seeds():
+    u = np.array(K.random_uniform(2**40 + 7, 5, (4096,)))
+    assert u.min() >= 0.0 and u.max() < 1.0
+    np.testing.assert_array_equal(u.astype(np.float64), np_uniform(2**40 + 7, 5, 4096))
+    assert not np.array_equal(u, np.array(K.random_uniform(7, 5, (4096,))))
+
+
+def test_keep_mask_frequency_matches_probability():
+    n = 200_000
+    for p in (0.1, 0.5, 0.9):
+        freq = np.array(K.keep_mask(7, 3, (n,), p)).mean()
+        assert abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_keep_mask_streams_are_independent():
+    n, p = 200_000, 0.5
+    a = np.array(K.keep_mask(7, K.stream_id("w", 0), (n,), p))
+    b = np.array(K.keep_mask(7, K.stream_id("w", 1), (n,), p))
+    both = (a & b).mean()
+    assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / n)
+
+
+def test_keep_mask_accepts_per_element_probabilities():
+    p = np.linspace(0, 1, 1000, dtype=np.float32)
+    m = np.array(K.keep_mask(3, 9, (1000,), mx.array(p)))
+    np.testing.assert_array_equal(m, np_uniform(3, 9, 1000) < p)
+    assert not m[0] and m[-1]
+
+
+# ----------------------------------------------------------------------------- magnitude selection
+
+
+@pytest.mark.parametrize("k", [1, 2, 100, 777, 2999, 3000])
+def test_magnitude_threshold_is_kth_largest(k):
+    x = np.random.default_rng(k).standard_normal(3000).astype(np.float32)
+    ref = np.sort(np.abs(x).astype(np.float64))[::-1][k - 1]
+    t = K.magnitude_threshold(mx.array(x), k)
+    assert t.dtype == mx.float32 and t.ndim == 0
+    assert float(t.item()) == ref
+
+
+def test_magnitude_threshold_with_bf16_ties_and_zeros():
+    rng = np.random.default_rng(1)
+    x = to_mx(rng.standard_normal((64, 64)) * 0.01, mx.bfloat16)
+    xf = np.abs(np.array(x.astype(mx.float32)).astype(np.float64)).reshape(-1)
+    xf[:500] = 0.0
+    x = mx.array(xf.reshape(64, 64).astype(np.float32)).astype(mx.bfloat16)
+    srt = np.sort(xf)[::-1]
+    for k in (1, 1000, 2048, 3700, 4096):
+        assert float(K.magnitude_threshold(x, k).item()) == srt[k - 1]
+
+
+def test_magnitude_threshold_clamps_k():
+    x = mx.array(np.array([3.0, -5.0, 1.0], dtype=np.float32))
+    assert K.magnitude_threshold(x, 0).item() == 5.0
+    assert K.magnitude_threshold(x, 10).item() == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 37, 2048, 4095])
+def test_topk_mask_breaks_ties_by_lowest_index(k):
+    rng = np.random.default_rng(k)
+    # bf16 values: many exact ties at any threshold
+    x = to_mx(rng.standard_normal((64, 64)) * 0.01, mx.bfloat16)
+    m = K.topk_mask(x, k)
+    assert m.dtype == mx.bool_ and m.shape == x.shape
+    assert int(m.sum().item()) == k
+    np.testing.assert_array_equal(np.array(m), np_topk_mask(np.array(x.astype(mx.float32)), k))
+
+
+def test_topk_mask_with_a_constant_tensor_keeps_the_first_k():
+    x = mx.full((10, 10), -2.0)
+    np.testing.assert_array_equal(np.array(K.topk_mask(x, 13)).reshape(-1), np.arange(100) < 13)
+
+
+def test_topk_mask_edges():
+    x = mx.array(np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32))
+    assert not np.array(K.topk_mask(x, 0)).any()
+    assert not np.array(K.topk_mask(x, -3)).any()
+    assert np.array(K.topk_mask(x, 35)).all()
+    assert np.array(K.topk_mask(x, 99)).all()
+
+
+# ----------------------------------------------------------------------------- fused merge
+
+METHODS = {
+    # name: (sparsify, consensus, normalize, rescale) as mergekit 0.1.5 defaults them
+    "task_arithmetic": (None, None, False, False),
+    "ties": ("magnitude", "sum", True, False),
+    "dare_ties": ("random", "sum", False, True),
+    "dare_linear": ("random", None, False, True),
+}
+
+
+def run_both(base, others, weights, densities, method, lam=1.0, seed=11, dtype=None, rescale=None):
+    sp, cons, norm, resc = METHODS[method]
+    resc = resc if rescale is None else rescale
+    streams = [K.stream_id("t", i) for i in range(len(others))]
+    got = K.fused_task_merge(
+        to_mx(base, dtype), [to_mx(o, dtype) for o in others], weights,
+        sparsify=sp, densities=densities, rescale=resc, consensus=cons, normalize=norm,
+        lam=lam, seed=seed, streams=streams,
+    )
+    ref = np_gta(base, others, weights, sp, densities, resc, cons, norm, lam, seed, streams)
+    return got, ref
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_merge_matches_float64_reference(method):
+    base, others = family(np.random.default_rng(3))
+    got, ref = run_both(base, others, [1.0, 0.6, 0.3], [0.5, 0.3, 0.9], method)
+    assert got.dtype == mx.float32 and got.shape == base.shape
+    np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_merge_with_negative_weights_and_lambda(method):
+    base, others = family(np.random.default_rng(4))
+    got, ref = run_both(base, others, [1.2, -0.7, 0.4], [0.7, 0.5, 0.2], method, lam=0.8)
+    np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+def test_fused_merge_density_one_and_near_zero(method):
+    base, others = family(np.random.default_rng(5))
+    n = base.size
+    got, ref = run_both(base, others, [0.5, 0.5, 0.5], [1.0, 1.5 / n, 0.0], method)
+    np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_merge_with_zero_deltas(method):
+    rng = np.random.default_rng(6)
+    base, others = family(rng)
+    others[1] = base.copy()  # a model identical to the base
+    got, ref = run_both(base, others, [0.8, 0.5, 0.3], [0.4, 0.4, 0.4], method)
+    np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6)
+    same = [base.copy(), base.copy()]
+    got, ref = run_both(base, same, [1.0, 1.0], [0.5, 0.5], method)
+    np.testing.assert_array_equal(np.array(got), base)
+
+
+def test_fused_ties_with_rescale_matches_reference():
+    base, others = family(np.random.default_rng(7))
+    got, ref = run_both(base, others, [1.0, 0.6, 0.3], [0.2, 0.4, 0.6], "ties", rescale=True)
+    np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_merge_bf16_in_bf16_out_within_one_rounding(method):
+    base, others = family(np.random.default_rng(8))
+    base_b = np.array(to_mx(base, mx.bfloat16).astype(mx.float32))
+    others_b = [np.array(to_mx(o, mx.bfloat16).astype(mx.float32)) for o in others]
+    got, ref = run_both(base_b, others_b, [1.0, 0.6, 0.3], [0.5, 0.3, 0.9], method, dtype=mx.bfloat16)
+    assert got.dtype == mx.bfloat16
+    got = np.array(got.astype(mx.float32)).astype(np.float64)
+    # one bf16 rounding of the float64 result: half a unit in the last place (8 bits of mantissa)
+    assert np.all(np.abs(got - ref) <= np.abs(ref) * 2.0**-8 + 1e-30)
+
+
+def test_fused_merge_kernels_on_and_off_bit_identical():
+    base, others = family(np.random.default_rng(9), shape=(96, 64))
+    results = []
+    for flag in (True, False):
+        K.set_kernels_enabled(flag)
+        try:
+            for method in METHODS:
+                sp, cons, norm, resc = METHODS[method]
+                results.append(
+                    np.array(K.fused_task_merge(
+                        to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others], [1.0, 0.5, 0.25],
+                        sparsify=sp, densities=[0.3, 0.6, 0.9], rescale=resc, consensus=cons,
+                        normalize=norm, lam=1.0, seed=5,
+                    ).astype(mx.float32))
+                )
+        finally:
+            K.set_kernels_enabled(True)
+    half = len(results) // 2
+    for a, b in zip(results[:half], results[half:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_merge_same_seed_same_result_other_seed_differs():
+    base, others = family(np.random.default_rng(10))
+    args = dict(sparsify="random", densities=[0.5] * 3, rescale=True, consensus="sum", normalize=False, lam=1.0)
+    a = np.array(K.fused_task_merge(mx.array(base), [mx.array(o) for o in others], [1.0] * 3, seed=1, **args))
+    b = np.array(K.fused_task_merge(mx.array(base), [mx.array(o) for o in others], [1.0] * 3, seed=1, **args))
+    c = np.array(K.fused_task_merge(mx.array(base), [mx.array(o) for o in others], [1.0] * 3, seed=2, **args))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_fused_merge_rejects_unknown_options():
+    base = mx.zeros((4,))
+    with pytest.raises(ValueError):
+        K.fused_task_merge(base, [base], [1.0], sparsify="outliers", densities=[1.0], rescale=False,
+                           consensus=None, normalize=False, lam=1.0)
+    with pytest.raises(ValueError):
+        K.fused_task_merge(base, [base], [1.0], sparsify=None, densities=[1.0], rescale=False,
+                           consensus="count", normalize=False, lam=1.0)
