@@ -1,7 +1,8 @@
 """mergekit-mlx: merge language models with MLX, from mergekit's YAML recipes."""
 
 from .errors import MergeKitError, ModelError, OutputError, RecipeError
-from .merge import MergeOptions, MergeResult, merge
+from .merge import MergeResult, merge
+from .options import MergeOptions
 from .recipe import Recipe, load_recipe
 
 __all__ = [

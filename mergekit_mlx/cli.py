@@ -46,7 +46,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .merge import MergeOptions, merge
+    from .merge import merge
+    from .options import MergeOptions
     from .plan import make_plan
     from .recipe import load_recipe
 
