@@ -208,6 +208,10 @@ def _resolve_params(
                 continue
             value = resolve(p.name, p.kind, [src.parameters] + shared_scopes, in_name, t)
             per_input[i][p.name] = _finish(p, value, f"{src.where}.parameters", in_name)
+    if method.check is not None:
+        for params, src, (_, in_name) in zip(per_input, sl.sources, inputs):
+            if params and (problem := method.check(shared, params)):
+                raise RecipeError(f"{src.where}.parameters: {problem} (for tensor {in_name})")
     return shared, per_input
 
 

@@ -250,3 +250,11 @@ def test_cli_run_writes_the_model(family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", ties_recipe(family))
     assert cli_main(["run", str(recipe), str(tmp_path / "out"), "--no-progress", "--out-shard-size", "1M"]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_clashing_parameters_are_refused_before_merging(family, tmp_path):
+    recipe = dict(ties_recipe(family, density=0.1), merge_method="della")
+    recipe["models"][0]["parameters"]["epsilon"] = 0.2
+    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters: density \+/- epsilon"):
+        merge(recipe, tmp_path / "out")
+    assert not list(tmp_path.iterdir())

@@ -64,6 +64,8 @@ class Method:
     max_inputs: Optional[int] = None
     random: bool = False  # uses the run's seed
     doc: str = ""
+    # check(shared, per_input_params) -> an error string when parameters clash, checked at plan time
+    check: Optional[Callable[[dict[str, Any], dict[str, Any]], Optional[str]]] = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

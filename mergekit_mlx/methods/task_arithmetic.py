@@ -176,6 +176,11 @@ def _make(f: Family) -> Method:
     def merge(inputs: MergeInputs) -> mx.array:
         return task_merge(inputs, f)
 
+    def check(shared: dict, p: dict) -> Optional[str]:
+        if f.sparsify == "della" and 0 < p["density"] < 1 and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1:
+            return f"density +/- epsilon must lie in (0, 1); got density {p['density']:g}, epsilon {p['epsilon']:g}"
+        return None
+
     return Method(
         f.name,
         merge,
@@ -183,6 +188,7 @@ def _make(f: Family) -> Method:
         base="required",
         random=f.sparsify in ("random", "della"),
         doc=f.doc,
+        check=check,
     )
 
 
