@@ -93,7 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_run_arguments(sub.add_parser("run", help="merge models as a recipe says"))
     sub.add_parser("eval", help="score models on the example skills", add_help=False)
     sub.add_parser("convert", help="convert a model between formats without merging", add_help=False)
-    if argv and argv[0] in ("eval", "convert"):
+    sub.add_parser("example", help="merge, score and sample the shipped example models", add_help=False)
+    if argv and argv[0] in ("eval", "convert", "example"):
         command, rest = argv[0], argv[1:]
     else:
         args = parser.parse_args(argv)
@@ -103,6 +104,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .evaluate import main as eval_main
 
             return eval_main(rest) or 0
+        if command == "example":
+            from .example import main as example_main
+
+            return example_main(rest) or 0
         if command == "convert":
             from .convert import main as convert_main
 
