@@ -195,10 +195,3 @@ class BitNetWriter(SafetensorsWriter):
         super().add(parts[0].name, pack_ternary(codes))
         # bitlinear divides by weight_scale, so the stored value is the inverse of the absmean scale
         super().add(parts[1].name, (1.0 / scale).reshape(1).astype(parts[1].dtype))
-
-    def _write(self, i: int, arrays: dict[str, mx.array]) -> None:
-        tmp = self.out_dir / (self.files[i] + ".tmp")
-        with open(tmp, "wb") as f:  # a file object: given a path, MLX appends ".safetensors" to the name
-            mx.save_safetensors(f, arrays, metadata={"format": "pt"})
-        tmp.rename(self.out_dir / self.files[i])
-        self.written.append(self.files[i])
