@@ -13,7 +13,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 
@@ -81,11 +81,43 @@ class TensorInfo:
         return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype][0]
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: Python accepts them, MLX's parser does not
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r} appears twice")
+    return out
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value) if not isinstance(value, list) or len(value) <= 16 else f"[{len(value)} values]"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _nbytes_within(shape: list[int], itemsize: int, limit: int) -> Optional[int]:
+    """Bytes of a tensor, or None once they pass `limit` (an absurd shape must not build a huge integer)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check a safetensors header without reading tensor data.
 
     Checks what a hostile file could lie about: header size, JSON shape, dtypes, shapes, offsets
-    inside the file, sizes consistent with shapes, and no overlapping tensors.
+    inside the file, sizes consistent with shapes, and no overlapping tensors. The JSON is read as
+    strictly as MLX's own parser reads it (UTF-8, no NaN, no duplicate keys), so a header that
+    passes here is one `mx.load` reads the same way.
     """
     try:
         size = path.stat().st_size
@@ -101,47 +133,54 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 )
             text = f.read(n)
     except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        header = json.loads(text.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path}: safetensors header is not valid JSON ({_short_repr(str(e), 200)})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ModelError(f"{path}: safetensors __metadata__ must be an object of strings")
     data_size = size - 8 - n
     infos: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {_short_repr(name)}"
         if not isinstance(entry, dict):
             raise ModelError(f"{where}: header entry must be an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ModelError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise ModelError(
+                f"{where}: unknown dtype {_short_repr(dtype)} (known: {', '.join(SAFETENSORS_DTYPES)})"
+            )
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ModelError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+            raise ModelError(f"{where}: shape must be a list of non-negative integers, got {_short_repr(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
-            raise ModelError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+            raise ModelError(f"{where}: data_offsets must be two integers, got {_short_repr(offsets)}")
         begin, end = offsets
-        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]
         if not 0 <= begin <= end <= data_size:
-            raise ModelError(f"{where}: data_offsets {offsets} point outside the file's {data_size} data bytes")
+            raise ModelError(
+                f"{where}: data_offsets {_short_repr(offsets)} point outside the file's {data_size} data bytes"
+            )
+        nbytes = _nbytes_within(shape, SAFETENSORS_DTYPES[dtype][0], data_size)
         if end - begin != nbytes:
-            raise ModelError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets give {end - begin}")
+            need = "more bytes than the file holds" if nbytes is None else f"{nbytes} bytes"
+            raise ModelError(
+                f"{where}: shape {_short_repr(shape)} of {dtype} needs {need}, data_offsets give {end - begin}"
+            )
         spans.append((begin, end, name))
         infos[name] = TensorInfo(name, tuple(shape), dtype, path)
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise ModelError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+            raise ModelError(f"{path}: tensors {_short_repr(n0)} and {_short_repr(n1)} overlap in the file")
+    return infos, metadata
 
 
 class ModelSource:
@@ -226,35 +265,75 @@ class SafetensorsModel(ModelSource):
         self._shards.clear()
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of a model directory; any way it can be unreadable is a ModelError naming it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path}: {what} is not valid JSON ({_short_repr(str(e), 200)})") from None
+
+
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where a model directory's weight files may really live: the directory itself, and for a
+    Hugging Face cache snapshot (whose files are symlinks into the repository's blobs) that blobs folder."""
+    root = path.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _check_inside(f: Path, path: Path, where: Path, what: str) -> None:
+    real = f.resolve()
+    if not any(real.parent == r for r in _allowed_roots(path)):
+        raise ModelError(
+            f"{where}: {what} resolves to {real}, outside the model directory {path}; weight files must "
+            "live in the model directory (copy the file there, or name the directory that holds it)"
+        )
+
+
 def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a model directory, from the index if there is one."""
+    """The weight files of a model directory, from the index if there is one.
+
+    The index and the directory are untrusted: every file must be a plain name whose real location
+    (after symlinks) is the model directory, or the blobs of a Hugging Face cache snapshot.
+    """
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelError(f"{index}: not valid JSON ({e})") from None
+        data = _read_json(index, "the index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: needs a non-empty 'weight_map' object")
         files = []
-        root = path.resolve()
         for name, fname in weight_map.items():
-            if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in ("", ".", ".."):
-                raise ModelError(f"{index}: weight_map entry for {name!r} must be a file name inside the model directory, got {fname!r}")
+            if (
+                not isinstance(fname, str)
+                or any(c in fname for c in "/\\\0")
+                or fname in ("", ".", "..")
+                or len(fname.encode()) > 255
+            ):
+                raise ModelError(
+                    f"{index}: weight_map entry for {_short_repr(name)} must be a file name inside the model "
+                    f"directory, got {_short_repr(fname)}"
+                )
             f = path / fname
-            if f.resolve().parent != root:
-                raise ModelError(f"{index}: weight_map entry for {name!r} points outside the model directory: {fname!r}")
-            if not f.exists():
-                raise ModelError(f"{index}: lists {fname} (for {name!r}), which does not exist")
-            if f not in files:
-                files.append(f)
+            if f in files:
+                continue
+            if not f.is_file():
+                raise ModelError(f"{index}: lists {fname} (for {_short_repr(name)}), which does not exist")
+            _check_inside(f, path, index, f"weight_map entry {fname!r}")
+            files.append(f)
         return files
     files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    for f in files:
+        _check_inside(f, path, path, f.name)
     if not files:
-        bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        if bins:
+        pickles = [p.name for ext in ("bin", "pt", "pth", "ckpt") for p in sorted(path.glob(f"*.{ext}"))]
+        if pickles:
             raise ModelError(
-                f"{path}: has only PyTorch pickle checkpoints ({', '.join(bins[:3])}), which are never loaded "
+                f"{path}: has only PyTorch pickle checkpoints ({', '.join(pickles[:3])}), which are never loaded "
                 "because unpickling can run code; convert them to safetensors first, e.g. with "
                 "`python -c \"from transformers import AutoModelForCausalLM as M; "
                 "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"`"
@@ -267,10 +346,7 @@ def read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise ModelError(f"{path}: no config.json (a model directory needs one)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = _read_json(cfg_path, "config.json")
     if not isinstance(config, dict):
         raise ModelError(f"{cfg_path}: must hold a JSON object")
     return config
