@@ -142,6 +142,8 @@ def parse_yaml(text: str, where: str = "recipe") -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{where}: not valid YAML ({e})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: the recipe nests too deeply to be a merge recipe") from None
 
 
 def format_location(loc: tuple) -> str:
@@ -242,7 +244,9 @@ def resolve(
             try:
                 value = evaluate_setting(tensor_name, scope[name], t, kind)
             except ValidationError as e:
-                raise RecipeError(f"parameters.{name}: {e.errors()[0]['msg']} (got {scope[name]!r})") from None
+                got = repr(scope[name])
+                got = got if len(got) <= 80 else got[:80] + "..."
+                raise RecipeError(f"parameters.{name}: {e.errors()[0]['msg']} (got {got})") from None
             if value is not None:
                 return value
     return None
