@@ -440,6 +440,18 @@ def fused_task_merge(
 
 # ----------------------------------------------------------------------------- GPU dispatch
 
+_TG = 256  # threads per threadgroup for the reduction kernels
+_MAX_GROUPS = 1024  # grid of the grid-stride kernels (fixed: partial sums stay reproducible)
+_MAX_KM = 3  # tensors per selection launch (their histograms share threadgroup memory)
+_DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, bits): bits 30..20, 19..9, 8..0 of |x| (bit 31 is 0)
+_checked: dict[str, bool] = {}
+_warned: set[str] = set()
+
+
+def backend() -> str:
+    """Which path runs now: 'metal', 'cuda' or 'cpu' (the compiled fallback)."""
+    return _gpu_backend() or "cpu"
+
 
 def _gpu_backend() -> Optional[str]:
     """'metal', 'cuda' or None (CPU, or kernels off)."""
@@ -452,21 +464,258 @@ def _gpu_backend() -> Optional[str]:
     return None
 
 
-def _gpu_call(gpu, what, fn):
-    return None
+def kernel_source(name: str, backend_name: str) -> tuple[str, str]:
+    """(header, body) of kernels/<name>.metal or .cu with its splices resolved."""
+    from importlib.resources import files
+
+    root = files("mergekit_mlx._kernels")
+    ext = "metal" if backend_name == "metal" else "cu"
+
+    def expand(fname: str) -> str:
+        out = []
+        for line in root.joinpath(fname).read_text().splitlines():
+            if line.strip().startswith("// @splice "):
+                out.append(expand(line.strip()[len("// @splice "):].strip()))
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    text = expand(f"{name}.{ext}")
+    head, _, body = text.partition("// @body")
+    return head.replace("// @header", ""), body
 
 
-def _gpu_uniform(gpu, seed, stream, n):
-    raise RuntimeError("no GPU kernels")
+def _model_macros(km: int, has_base: bool, backend_name: str) -> str:
+    """BASEF(i) and XF(m, i): float loads of the base and of model m (m a compile-time index)."""
+    chain = f"LOADF(x{km - 1}, i)"
+    for m in range(km - 2, -1, -1):
+        chain = f"((m) == {m} ? LOADF(x{m}, i) : {chain})"
+    base = "LOADF(base, i)" if has_base else "0.0f"
+    return f"#define BASEF(i) {base}\n#define XF(m, i) {chain}\n"
 
 
-def _gpu_select(gpu, xs, base, ks):
-    raise RuntimeError("no GPU kernels")
+@lru_cache(maxsize=None)
+def _kernel(name: str, backend_name: str, km: int = 0, has_base: bool = False, atomic: bool = False,
+            inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ("out",)):
+    header, body = kernel_source(name, backend_name)
+    names = (["base"] if has_base else []) + [f"x{m}" for m in range(km)] + list(inputs)
+    if km:
+        body = _model_macros(km, has_base, backend_name) + body
+    tag = f"mk_{name}_{km}{'b' if has_base else ''}"
+    if backend_name == "metal":
+        return mx.fast.metal_kernel(name=tag, input_names=names, output_names=list(outputs), source=body,
+                                    header=header, atomic_outputs=atomic)
+    return mx.fast.cuda_kernel(name=tag, input_names=names, output_names=list(outputs), source=body,
+                               header=header)
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _gpu_call(gpu: str, what: str, fn):
+    """fn() when the `what` kernels passed their first-use check on this GPU, else None (fallback)."""
+    if what not in _checked:
+        try:
+            _checked[what] = bool(_SELF_CHECKS[what](gpu))
+            if not _checked[what]:
+                _warn_once(what, f"mergekit-mlx: the {gpu} '{what}' kernel disagrees with the CPU fallback; using the fallback")
+        except Exception as e:  # a compile error or a launch failure
+            _checked[what] = False
+            _warn_once(what, f"mergekit-mlx: the {gpu} '{what}' kernel failed ({type(e).__name__}: {e}); using the fallback")
+    if not _checked[what]:
+        return None
+    try:
+        return fn()
+    except Exception as e:
+        _checked[what] = False
+        _warn_once(what + "!", f"mergekit-mlx: the {gpu} '{what}' kernel failed ({type(e).__name__}: {e}); using the fallback")
+        return None
+
+
+def kernel_status() -> dict[str, bool]:
+    """Which GPU kernels passed their first-use check in this process (empty on the CPU)."""
+    return dict(_checked)
+
+
+def _groups(n: int) -> int:
+    return max(1, min(_MAX_GROUPS, -(-n // _TG)))
+
+
+def _common_dtype(arrays: list[mx.array]) -> list[mx.array]:
+    dt = arrays[0].dtype
+    if all(a.dtype == dt for a in arrays):
+        return arrays
+    return [a.astype(mx.float32) for a in arrays]
+
+
+def _gpu_uniform(gpu: str, seed: int, stream: int, n: int) -> mx.array:
+    k0, k1 = _stream_keys(seed, stream)
+    up = mx.array([n, k0, k1], dtype=mx.uint32)
+    kern = _kernel("random_uniform", gpu, inputs=("up",))
+    return kern(inputs=[up], grid=(n, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
+                output_dtypes=[mx.float32])[0]
+
+
+def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int]) -> list[_Selection]:
+    """Exact top-k of |x_m - base| for each m: three histogram passes over the float bits."""
+    out: list[_Selection] = []
+    n = xs[0].size
+    for g in range(0, len(xs), _MAX_KM):
+        group = xs[g:g + _MAX_KM]
+        km = len(group)
+        arrays = _common_dtype(([base] if base is not None else []) + list(group))
+        flats = [a.reshape(-1) for a in arrays]
+        kern = _kernel("radix_hist", gpu, km, base is not None, atomic=True, inputs=("up",), outputs=("hist",))
+        prefix = mx.zeros((km,), dtype=mx.uint32)
+        krem = mx.array(ks[g:g + _MAX_KM], dtype=mx.int32)
+        n_eq = None
+        for shift, bits in _DIGITS:
+            nb = 1 << bits
+            up = mx.concatenate([mx.array([n], dtype=mx.uint32), prefix])
+            hist = kern(inputs=flats + [up], template=[("KM", km), ("SHIFT", shift), ("BITS", bits)],
+                        grid=(_groups(n) * _TG, 1, 1), threadgroup=(_TG, 1, 1),
+                        output_shapes=[(km * nb,)], output_dtypes=[mx.uint32], init_value=0)[0]
+            hist = hist.reshape(km, nb).astype(mx.int32)
+            ge = mx.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # elements at or above each bin
+            digit = (ge >= krem[:, None]).astype(mx.int32).sum(axis=1) - 1
+            ge_d = mx.take_along_axis(ge, digit[:, None], axis=1)[:, 0]
+            n_eq = mx.take_along_axis(hist, digit[:, None], axis=1)[:, 0]
+            krem = krem - (ge_d - n_eq)
+            prefix = (prefix << bits) | digit.astype(mx.uint32)
+        # krem is now the number of ties at t to keep; n_eq the number of ties
+        mx.eval(prefix, krem, n_eq)
+        need, ties = krem.tolist(), n_eq.tolist()
+        for m in range(km):
+            t = prefix[m]
+            if need[m] == ties[m]:
+                cut = mx.array(n - 1, dtype=mx.int32)
+            else:  # some ties are dropped: find the need-th tie by flat index
+                b32 = base.reshape(-1).astype(mx.float32) if base is not None else None
+                bits_m = _delta_bits(group[m], b32) if b32 is not None else _abs_bits(group[m])
+                cut = _tie_cut(bits_m, t, mx.array(need[m], dtype=mx.int32))
+            out.append(_Selection(t, cut))
+    return out
+
+
+def _plan_arrays(plans: list[_ModelPlan], n: int) -> tuple[mx.array, list[mx.array]]:
+    """The uint32 parameter vector [n, per model: mode, t, cut, k0, k1] (lazy where t/cut are)."""
+    parts = [mx.array([n], dtype=mx.uint32)]
+    for p in plans:
+        parts += [mx.array([p.mode], dtype=mx.uint32), p.t.astype(mx.uint32).reshape(1),
+                  p.cut.astype(mx.uint32).reshape(1), mx.array(list(p.keys), dtype=mx.uint32)]
+    return mx.concatenate(parts), parts
 
 
 def _gpu_l1(gpu, base, others, plans, todo):
-    raise RuntimeError("no GPU kernels")
+    """(sum |d|, sum of kept |d|) per model in `todo`, from fixed-grid partial sums."""
+    n = base.size
+    sums = []
+    for g in range(0, len(todo), _MAX_KM):
+        idx = todo[g:g + _MAX_KM]
+        km = len(idx)
+        arrays = _common_dtype([base] + [others[i] for i in idx])
+        up, _ = _plan_arrays([plans[i] for i in idx], n)
+        fp = mx.array([plans[i].p for i in idx], dtype=mx.float32)
+        kern = _kernel("l1_sums", gpu, km, True, inputs=("up", "fp"), outputs=("part",))
+        groups = _groups(n)
+        part = kern(inputs=[a.reshape(-1) for a in arrays] + [up, fp], template=[("KM", km), ("TG", _TG)],
+                    grid=(groups * _TG, 1, 1), threadgroup=(_TG, 1, 1),
+                    output_shapes=[(groups * km * 2,)], output_dtypes=[mx.float32])[0]
+        tot = part.reshape(groups, km, 2).sum(axis=0)
+        sums += [(tot[m, 0], tot[m, 1]) for m in range(km)]
+    return sums
 
 
 def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor):
-    raise RuntimeError("no GPU kernels")
+    n = base.size
+    km = len(others)
+    arrays = _common_dtype([base] + list(others))
+    up, _ = _plan_arrays(plans, n)
+    fparts = []
+    for w, p in zip(weights, plans):
+        fparts += [mx.array([w], dtype=mx.float32), p.scale.astype(mx.float32).reshape(1),
+                   mx.array([p.p], dtype=mx.float32)]
+    fparts.append(mx.array([lam, divisor], dtype=mx.float32))
+    fp = mx.concatenate(fparts)
+    kern = _kernel("task_merge", gpu, km, True, inputs=("up", "fp"))
+    out = kern(inputs=[a.reshape(-1) for a in arrays] + [up, fp],
+               template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
+                         ("NORMALIZE", bool(normalize))],
+               grid=(n, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)], output_dtypes=[base.dtype])[0]
+    return out.reshape(base.shape)
+
+
+# ----------------------------------------------------------------------------- first-use checks
+
+
+def _check_inputs(dtype=mx.bfloat16, k=3, n=12289, seed=0):
+    """A small family with ties: bf16 task vectors and one model equal to the base in places."""
+    key = mx.random.key(seed)
+    k1, k2 = mx.random.split(key)
+    base = mx.random.normal((n,), key=k1).astype(dtype)
+    noise = mx.random.normal((k, n), key=k2) * 0.01
+    others = [(base.astype(mx.float32) + noise[i]).astype(dtype) for i in range(k)]
+    others[-1] = mx.where(mx.arange(n) % 3 == 0, base, others[-1])
+    mx.eval(base, *others)
+    return base, others
+
+
+def _check_uniform(gpu: str) -> bool:
+    n = 5003
+    got = _gpu_uniform(gpu, 12345, 678, n)
+    with mx.stream(mx.cpu):
+        ref = _uniform_compiled(mx.arange(n, dtype=mx.uint32), _keys_array(12345, 678))
+        return bool(mx.array_equal(got, ref).item())
+
+
+def _check_select(gpu: str) -> bool:
+    base, others = _check_inputs()
+    n = base.size
+    ks = [1, n // 3, n - 5]
+    got = _gpu_select(gpu, others, base, ks) + _gpu_select(gpu, [others[0]], None, [n // 2])
+    with mx.stream(mx.cpu):
+        b32 = base.astype(mx.float32)
+        ref = [_select_fallback(_delta_bits(o, b32), k) for o, k in zip(others, ks)]
+        ref.append(_select_fallback(_abs_bits(others[0]), n // 2))
+        return all(
+            g.t.item() == r.t.item() and int(g.cut.item()) == int(r.cut.item()) for g, r in zip(got, ref)
+        )
+
+
+def _check_l1(gpu: str) -> bool:
+    base, others = _check_inputs(mx.float32)
+    with mx.stream(mx.cpu):
+        plans = _plan_models(base, others, "random", [0.3, 0.5, 0.7], False, 9, [1, 2, 3], None)
+        ref = [_l1_fallback(base, others[i], plans[i]) for i in range(3)]
+    got = _gpu_l1(gpu, base, others, plans, [0, 1, 2])
+    ok = True
+    for (gb, ga), (rb, ra) in zip(got, ref):
+        ok &= abs(gb.item() - rb.item()) <= 1e-5 * abs(rb.item()) and abs(ga.item() - ra.item()) <= 1e-5 * abs(ra.item())
+    return ok
+
+
+def _check_merge(gpu: str) -> bool:
+    base, others = _check_inputs(mx.float32)
+    ok = True
+    for sp, cons, norm in (("magnitude", True, True), ("random", True, False), (None, False, False)):
+        with mx.stream(mx.cpu):
+            plans = _plan_models(base, others, sp, [0.3, 1.0, 0.6], False, 4, [7, 8, 9], None)
+            ws = [1.0, -0.5, 0.7]
+            div = _plain_divisor(ws)
+            params, sel = [], []
+            for w, p in zip(ws, plans):
+                params += [mx.array(w, dtype=mx.float32), p.scale, mx.array(p.p, dtype=mx.float32)]
+                sel += [p.t, p.cut, _u32(p.keys[0]), _u32(p.keys[1])]
+            params += [mx.array(0.9, dtype=mx.float32), mx.array(div, dtype=mx.float32)]
+            fn = _combine_fn(tuple(p.mode for p in plans), cons, norm)
+            ref = fn(base, mx.arange(base.size, dtype=mx.int32), mx.stack(params), *others, *sel)
+            mx.eval(ref)
+        got = _gpu_merge(gpu, base, others, ws, plans, cons, norm, 0.9, div)
+        ok &= bool(mx.allclose(got, ref, rtol=1e-6, atol=1e-7).item())
+    return ok
+
+
+_SELF_CHECKS = {"uniform": _check_uniform, "select": _check_select, "l1": _check_l1, "merge": _check_merge}

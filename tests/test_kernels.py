@@ -337,3 +337,74 @@ def test_fused_merge_rejects_unknown_options():
     with pytest.raises(ValueError):
         K.fused_task_merge(base, [base], [1.0], sparsify=None, densities=[1.0], rescale=False,
                            consensus="count", normalize=False, lam=1.0)
+
+
+# ----------------------------------------------------------------------------- BitNet b1.58
+
+from mergekit_mlx import bitnet as bn  # noqa: E402
+
+
+def np_pack(t):
+    """Hugging Face layout, written out byte by byte: byte (r, j) bits 2q..2q+1 = t[q*R + r, j] + 1."""
+    out_f, in_f = t.shape
+    R = -(-out_f // 4)
+    packed = np.zeros((R, in_f), dtype=np.uint8)
+    for q in range(4):
+        for r in range(R):
+            row = q * R + r
+            if row < out_f:
+                packed[r] |= ((t[row] + 1).astype(np.uint8) << (2 * q)).astype(np.uint8)
+    return packed
+
+
+@pytest.mark.parametrize("out_f", [8, 10, 13])
+def test_bitnet_pack_matches_the_hf_layout_and_unpacks_exactly(out_f):
+    t = np.random.default_rng(out_f).integers(-1, 2, size=(out_f, 24)).astype(np.int8)
+    packed = bn.pack_ternary(mx.array(t))
+    assert packed.dtype == mx.uint8 and packed.shape == (-(-out_f // 4), 24)
+    np.testing.assert_array_equal(np.array(packed), np_pack(t))
+    np.testing.assert_array_equal(np.array(bn.unpack_ternary(packed, out_f)), t)
+
+
+def test_bitnet_absmean_quantisation():
+    w = np.random.default_rng(1).standard_normal((12, 20)).astype(np.float32)
+    t, s = bn.quantize_absmean(mx.array(w))
+    scale = 1.0 / max(np.abs(w.astype(np.float64)).mean(), 1e-5)
+    assert abs(float(s.item()) - scale) <= 1e-6 * scale
+    np.testing.assert_array_equal(np.array(t), np.clip(np.round(w * np.float32(s.item())), -1, 1))
+
+
+@pytest.mark.parametrize("invert", [True, False])
+def test_bitnet_matmul_matches_dense_reference(invert):
+    rng = np.random.default_rng(2)
+    t = rng.integers(-1, 2, size=(30, 64)).astype(np.int8)
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    s = 7.5
+    y = bn.bitnet_matmul(mx.array(x), bn.pack_ternary(mx.array(t)), mx.array([s]), 30, invert)
+    w = t.astype(np.float64) / s if invert else t.astype(np.float64) * s
+    assert y.shape == (2, 3, 30)
+    np.testing.assert_allclose(np.array(y), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_bitlinear_replaces_mlx_lm_layer():
+    import mlx.nn as nn
+
+    bitlinear_layers = pytest.importorskip("mlx_lm.models.bitlinear_layers")
+    rng = np.random.default_rng(3)
+    layer = bitlinear_layers.BitLinear(32, 12, bias=True, invert_weight_scales=True)
+    t, s = bn.quantize_absmean(mx.array(rng.standard_normal((12, 32)).astype(np.float32)))
+    layer.weight, layer.weight_scale = bn.pack_ternary(t), s
+    layer.bias = mx.array(rng.standard_normal(12).astype(np.float32))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [layer]
+
+    model = Model()
+    assert bn.use_portable_bitlinear(model) == 1
+    assert isinstance(model.layers[0], bn.BitLinear)
+    x = rng.standard_normal((1, 4, 32)).astype(np.float32)
+    dense = np.array(t).astype(np.float64) / float(s.item())
+    ref = x.astype(np.float64) @ dense.T + np.array(layer.bias)
+    np.testing.assert_allclose(np.array(model.layers[0](mx.array(x))), ref, rtol=1e-5, atol=1e-5)
