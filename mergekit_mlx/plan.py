@@ -99,9 +99,9 @@ class Plan:
             ),
             f"output: {len(self.tasks)} tensors, {self.out_layers} layers, dtype "
             f"{torch_dtype_name(self.out_dtype) if self.out_dtype else 'as input'}",
-            f"bytes read:    {_human(self.bytes_read)}",
-            f"bytes written: {_human(self.bytes_written)} in {len(plan_shards(self.outputs, shard_bytes))} shard(s)",
-            f"estimated peak memory: {_human(self.peak_estimate(shard_bytes, batch_bytes))}",
+            f"bytes read:    {human_bytes(self.bytes_read)}",
+            f"bytes written: {human_bytes(self.bytes_written)} in {len(plan_shards(self.outputs, shard_bytes))} shard(s)",
+            f"estimated peak memory: {human_bytes(self.peak_estimate(shard_bytes, batch_bytes))}",
             *self.notes,
             "tensors:",
         ]
@@ -111,7 +111,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
