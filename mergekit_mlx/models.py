@@ -225,8 +225,11 @@ def num_layers(config: dict, names: list[str], where: Path) -> int:
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         for cfg in (config, text):
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
+            n = cfg.get(key)
+            if isinstance(n, int) and not isinstance(n, bool):
+                if n < 1:
+                    raise ModelError(f"{where}: config.json says {key} is {n}; a model needs at least one layer")
+                return n
     found = [i for i in map(layer_index, names) if i is not None]
     if found:
         return max(found) + 1

@@ -223,6 +223,8 @@ def _finish(p, value, where: str, tensor: str) -> Any:
                 f"set it on the model or in the top-level parameters"
             )
         return p.default
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where}.{p.name}: must be a finite number, got {value} (for tensor {tensor})")
     if p.check is not None:
         problem = p.check(value)
         if problem:
@@ -230,11 +232,37 @@ def _finish(p, value, where: str, tensor: str) -> Any:
     return value
 
 
+def _check_parameter_names(recipe: Recipe, method: Method) -> None:
+    """A parameter no merge method knows, spelled like one this method takes, is a typo: say so.
+
+    Other unknown names are ignored, as mergekit does (recipes carry options of other methods)."""
+    import difflib
+
+    from .methods import all_methods
+
+    known = {p.name for m in all_methods().values() for p in m.params}
+    mine = [p.name for p in method.params]
+    scopes = [("parameters", recipe.parameters)]
+    scopes += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])]
+    for i, sl in enumerate(recipe.slices or []):
+        scopes.append((f"slices[{i}].parameters", sl.parameters))
+        scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(sl.sources)]
+    for where, params in scopes:
+        for name in params or {}:
+            close = difflib.get_close_matches(name, mine, n=1, cutoff=0.8) if name not in known else []
+            if close:
+                raise RecipeError(
+                    f"{where}.{name}: not a parameter of {method.name}; did you mean {close[0]!r}? "
+                    f"({method.name} takes: {', '.join(mine) or 'no parameters'})"
+                )
+
+
 def _check_architectures(models: list[ModelSource], paths: list[str], allow_crimes: bool) -> None:
     kinds = {}
     for m, p in zip(models, paths):
-        arch = m.config.get("architectures") or [m.config.get("model_type")]
-        kinds.setdefault(str(arch[0] if arch else None), []).append(p)
+        arch = m.config.get("architectures")
+        arch = arch[0] if isinstance(arch, list) and arch else arch or m.config.get("model_type")
+        kinds.setdefault(str(arch), []).append(p)
     if len(kinds) > 1 and not allow_crimes:
         detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items())
         raise ModelError(f"models have different architectures ({detail}); pass --allow-crimes to merge them anyway")
@@ -248,6 +276,7 @@ def make_plan(
     models: Optional[dict[str, ModelSource]] = None,
 ) -> Plan:
     method = get_method(recipe.merge_method)
+    _check_parameter_names(recipe, method)
     refs = recipe.referenced_models()
     where_of = _first_locations(recipe)
     sources: list[ModelSource] = []
