@@ -67,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.dry_run:
-        plan = make_plan(load_recipe(args.recipe), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
+        plan = make_plan(load_recipe(Path(args.recipe)), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
         print(plan.describe(opts.out_shard_size, opts.batch_bytes))
         return 0
     if not args.out:
         raise SystemExit("mergekit-mlx run: an output directory is required (or use --dry-run)")
     start = time.perf_counter()
-    result = merge(args.recipe, args.out, opts)
+    result = merge(Path(args.recipe), args.out, opts)  # always a file, whatever its suffix
     took = time.perf_counter() - start
     plan = result.plan
     print(

@@ -260,7 +260,12 @@ class SafetensorsModel(ModelSource):
         arrays = self._shards.get(info.file)
         if arrays is None:
             # mx.load of safetensors is lazy: a tensor's bytes are read only when it is evaluated
-            arrays = self._shards[info.file] = mx.load(str(info.file))
+            try:
+                arrays = self._shards[info.file] = mx.load(str(info.file))
+            except (RuntimeError, ValueError) as e:  # e.g. the file changed since its header was checked
+                raise ModelError(f"{info.file}: MLX cannot read it ({e})") from None
+        if name not in arrays:
+            raise ModelError(f"{info.file}: tensor {name!r} is in its header but MLX did not load it")
         return arrays[name]
 
     def release(self) -> None:

@@ -152,12 +152,15 @@ def write_output(
     state_path = tmp / STATE_FILE
     done = finished_shards(tmp, fingerprint) if opts.resume and tmp.is_dir() else {}
     check_free_space(out, plan, opts, tmp, done)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not done and tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for stale in tmp.glob("incomplete-*"):
-        stale.unlink()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not done and tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for stale in tmp.glob("incomplete-*"):
+            stale.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot create the temporary output {tmp}: {e.strerror or e}") from None
 
     try:
         writer = make_writer(
