@@ -16,44 +16,10 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .bitnet import dequantize, pack_ternary, quantize_absmean
 from .errors import ModelError
 from .models import ModelSource, SafetensorsModel, TensorInfo
 from .writer import DEFAULT_SHARD_BYTES, OutputTensor, SafetensorsWriter
-
-try:  # the kernels module owns the packing math; this is the same layout until it is present
-    from .bitnet import pack_ternary, unpack_ternary
-except ImportError:  # pragma: no cover - depends on which modules have landed
-
-    def pack_ternary(codes: mx.array) -> mx.array:
-        """int ternary (out, in) -> uint8 (ceil(out/4), in), four codes per byte along the rows."""
-        out = codes.shape[0]
-        rows = (out + 3) // 4
-        u = (codes.astype(mx.int32) + 1).astype(mx.uint8)
-        if rows * 4 != out:
-            u = mx.concatenate([u, mx.ones((rows * 4 - out, *u.shape[1:]), mx.uint8)])  # pad with zeros (code 1)
-        u = u.reshape(4, rows, *u.shape[1:])
-        return u[0] | (u[1] << 2) | (u[2] << 4) | (u[3] << 6)
-
-    def unpack_ternary(packed: mx.array, out_features: Optional[int] = None) -> mx.array:
-        """uint8 (rows, in) -> int8 ternary (out_features or 4*rows, in)."""
-        shifts = mx.array([0, 2, 4, 6], mx.uint8).reshape(4, *([1] * packed.ndim))
-        codes = (packed[None] >> shifts) & 3
-        codes = codes.reshape(4 * packed.shape[0], *packed.shape[1:]).astype(mx.int8) - 1
-        return codes if out_features is None else codes[:out_features]
-
-
-ABSMEAN_EPS = 1e-5  # floor of the scale, as BitNet b1.58's reference quantiser clamps it
-
-
-def ternarize(w: mx.array) -> tuple[mx.array, mx.array]:
-    """Absmean ternary quantisation of one tensor: (codes in {-1, 0, 1} as int8, scale as float32).
-
-    The tensor is approximated by codes * scale, with scale = max(mean |w|, 1e-5).
-    """
-    w32 = w.astype(mx.float32)
-    scale = mx.maximum(mx.mean(mx.abs(w32)), ABSMEAN_EPS)
-    codes = mx.clip(mx.round(w32 / scale), -1, 1).astype(mx.int8)
-    return codes, scale
 
 
 def open_bitnet(path: Path, config: dict) -> Optional[ModelSource]:
@@ -109,10 +75,9 @@ class BitNetModel(ModelSource):
     def load(self, name: str) -> mx.array:
         if name not in self._packed:
             return self._raw.load(name)
-        codes = unpack_ternary(self._raw.load(name)).astype(mx.float32)
-        scale = self._raw.load(name + "_scale").astype(mx.float32).reshape(())
-        w = codes * scale if self.multiply else codes / scale
-        return w.astype({"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}[self.info(name).dtype])
+        info = self.info(name)
+        dtype = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}[info.dtype]
+        return dequantize(self._raw.load(name), self._raw.load(name + "_scale"), info.shape[0], not self.multiply, dtype)
 
     def release(self) -> None:
         self._raw.release()
@@ -191,7 +156,7 @@ class BitNetWriter(SafetensorsWriter):
         if parts is None:
             super().add(name, array)
             return
-        codes, scale = ternarize(array)
+        # bitlinear divides by weight_scale: the stored value is the inverse of the absmean scale
+        codes, inverse = quantize_absmean(array)
         super().add(parts[0].name, pack_ternary(codes))
-        # bitlinear divides by weight_scale, so the stored value is the inverse of the absmean scale
-        super().add(parts[1].name, (1.0 / scale).reshape(1).astype(parts[1].dtype))
+        super().add(parts[1].name, inverse.astype(parts[1].dtype))

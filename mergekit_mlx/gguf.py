@@ -342,40 +342,75 @@ def llama3_rope_scaling(stored: np.ndarray, head_dim: int, theta: float) -> Opti
 def write_tokenizer(reader: gguf.GGUFReader, out: Path, where: Path) -> bool:
     """Write tokenizer.json and tokenizer_config.json for the tokenizer the metadata describes.
 
-    Handles llama.cpp's two common vocabularies: "gpt2" (byte-level BPE with merges) and "llama"
-    (SentencePiece BPE with scores and byte fallback). Returns False for others (with a warning).
+    A tokenizer.json kept under tokenizer.huggingface.json is written back as it was. Otherwise the
+    tokenizer is rebuilt from llama.cpp's vocabulary keys ("gpt2" byte-level BPE with merges, or
+    "llama" SentencePiece BPE with scores). Returns False, with a warning, when neither is there.
     """
+    from tokenizers import Tokenizer
+
+    hf_json = _field(reader, gguf.Keys.Tokenizer.HF_JSON)
+    if hf_json is not None:
+        tok = Tokenizer.from_str(hf_json)
+        (out / "tokenizer.json").write_text(hf_json, encoding="utf-8")
+    else:
+        tok = rebuild_tokenizer(reader, where)
+        if tok is None:
+            return False
+        tok.save(str(out / "tokenizer.json"))
+
+    def special(name: str) -> Optional[str]:
+        tid = _field(reader, f"tokenizer.ggml.{name}_token_id")
+        return tok.id_to_token(tid) if isinstance(tid, int) else None
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": special("bos"),
+        "eos_token": special("eos"),
+        "unk_token": special("unknown"),
+        "pad_token": special("padding"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": _field(reader, f"{_field(reader, 'general.architecture')}.context_length", 2048),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2) + "\n")
+    return True
+
+
+def rebuild_tokenizer(reader: gguf.GGUFReader, where: Path):
+    """A `tokenizers.Tokenizer` from llama.cpp's vocabulary keys, or None for other vocabularies."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     kind = _field(reader, "tokenizer.ggml.model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    if kind is None or not tokens:
-        log.warning("%s: has no tokenizer metadata; take the tokenizer from another model", where)
-        return False
-    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
-    add_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    if kind not in ("gpt2", "llama") or not tokens:
+        log.warning("%s: tokenizer %r is not rebuilt (supported: gpt2, llama); take it from another model", where, kind)
+        return None
+    types = _field(reader, "tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
         pre = _field(reader, "tokenizer.ggml.pre", "default")
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
         split = PRE_SPLITS.get(pre)
         tok.pre_tokenizer = (
-            pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(split), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            )
             if split
             else pre_tokenizers.ByteLevel(add_prefix_space=False)
         )
         tok.decoder = decoders.ByteLevel()
-    elif kind == "llama":
+    else:
         scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
         unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+        add_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
         tok = Tokenizer(
             models.BPE(
                 vocab=vocab,
                 merges=sentencepiece_merges(tokens, scores, types),
-                unk_token=tokens[unk] if unk is not None else None,
+                unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
                 fuse_unk=True,
                 byte_fallback=True,
             )
@@ -384,13 +419,8 @@ def write_tokenizer(reader: gguf.GGUFReader, out: Path, where: Path) -> bool:
         tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if add_prefix else []) + space)
         tail = [decoders.Strip(" ", 1, 0)] if add_prefix else []
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()] + tail)
-    else:
-        log.warning("%s: tokenizer type %r is not rebuilt (supported: gpt2, llama); take it from another model", where, kind)
-        return False
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.USER_DEFINED]
-    tok.add_special_tokens(control)
-    tok.add_tokens(user)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.USER_DEFINED])
 
     def special(name: str) -> Optional[str]:
         tid = _field(reader, f"tokenizer.ggml.{name}_token_id")
@@ -402,25 +432,9 @@ def write_tokenizer(reader: gguf.GGUFReader, out: Path, where: Path) -> bool:
     if add_bos or add_eos:
         single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
         pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-        specials = [(t, vocab[t]) for t in {bos if add_bos else None, eos if add_eos else None} if t is not None]
+        specials = sorted({(t, vocab[t]) for t in ((bos,) if add_bos else ()) + ((eos,) if add_eos else ())})
         tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": special("unknown"),
-        "pad_token": special("padding"),
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": _field(reader, f"{_field(reader, 'general.architecture')}.context_length", 2048),
-    }
-    template = _field(reader, "tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
-    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2) + "\n")
-    return True
+    return tok
 
 
 def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
@@ -445,29 +459,41 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
 
 
 def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
-    """Embed the tokenizer of a Hugging Face directory the way llama.cpp's converter does for llama."""
+    """Embed the tokenizer of a Hugging Face directory the way llama.cpp's converter does for llama.
+
+    The vocabulary goes in as llama.cpp reads it: "gpt2" for byte-level BPE (with merges), "llama"
+    (SentencePiece-style, with scores) for other BPE tokenizers. The tokenizer.json itself is also
+    kept, under the GGUF key tokenizer.huggingface.json, so readers rebuild it exactly.
+    """
     tj_path = tok_dir / "tokenizer.json"
+    tj = None
+    if tj_path.is_file():
+        text = tj_path.read_text(encoding="utf-8")
+        tj = json.loads(text)
+        w.add_string(gguf.Keys.Tokenizer.HF_JSON, text)
+    scores: Optional[list[float]] = None
+    merges = False
     if (tok_dir / "tokenizer.model").is_file() and _has_sentencepiece():
         vocab = gguf.vocab.SentencePieceVocab(tok_dir)
-        tokens, scores, types = zip(*vocab.all_tokens())
-        tokens, scores, types = list(tokens), list(scores), [int(t) for t in types]
+        tokens, all_scores, all_types = zip(*vocab.all_tokens())
+        tokens, scores, types = [t.decode("utf-8") for t in tokens], list(all_scores), [int(t) for t in all_types]
         model, pre = "llama", "default"
-        merges = False
-    elif tj_path.is_file():
-        tj = json.loads(tj_path.read_text(encoding="utf-8"))
-        m = tj.get("model", {})
-        if m.get("type") != "BPE":
-            raise RecipeError(
-                f"{tj_path}: a {m.get('type')} tokenizer has no GGUF form here; GGUF output supports "
-                "byte-level BPE and SentencePiece-style BPE tokenizers"
-            )
-        if m.get("byte_fallback"):
-            tokens, scores, types = _byte_fallback_vocab(tj)
-            model, pre, merges = "llama", "default", False
-        else:
+    elif tj is not None and tj.get("model", {}).get("type") == "BPE":
+        if not tj["model"].get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
             tokens, types = _byte_level_vocab(tj)
-            scores = None
             model, pre, merges = "gpt2", _pre_tokenizer_name(tj), True
+        else:
+            tokens, scores, types, prefix = _sentencepiece_style_vocab(tj)
+            model, pre = "llama", "default"
+            w.add_add_space_prefix(prefix)
+    elif tj is not None:
+        log.warning(
+            "%s: a %s tokenizer has no llama.cpp vocabulary type; the GGUF keeps its tokenizer.json only",
+            tj_path, tj.get("model", {}).get("type"),
+        )
+        w.add_tokenizer_model("none")
+        gguf.SpecialVocab(tok_dir, n_vocab=vocab_size or None).add_to_gguf(w, quiet=True)
+        return
     else:
         raise RecipeError(f"{tok_dir}: no tokenizer.json (or tokenizer.model) to embed in the GGUF output")
     if vocab_size > len(tokens):  # the embedding has rows no token names: llama.cpp pads the same way
@@ -482,8 +508,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
     if scores is not None:
         w.add_token_scores(scores)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(tok_dir, load_merges=merges, n_vocab=len(tokens))
-    special.add_to_gguf(w, quiet=True)
+    gguf.SpecialVocab(tok_dir, load_merges=merges, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
 def _has_sentencepiece() -> bool:
@@ -519,8 +544,13 @@ def _byte_level_vocab(tj: dict) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _byte_fallback_vocab(tj: dict) -> tuple[list[str], list[float], list[int]]:
-    """SentencePiece-style BPE from tokenizer.json: scores rank tokens by the merge that makes them."""
+def _sentencepiece_style_vocab(tj: dict) -> tuple[list[str], list[float], list[int], bool]:
+    """A non-byte-level BPE tokenizer.json as a llama.cpp "llama" vocabulary.
+
+    Spaces are spelled "\u2581" as SentencePiece does; a token's score ranks the merge that makes it
+    (earlier merge, higher score), which is the order llama.cpp's tokenizer applies them in.
+    Returns tokens, scores, types and whether a space is prepended to the text.
+    """
     vocab: dict[str, int] = dict(tj["model"]["vocab"])
     added = _added(tj)
     for i, a in added.items():
@@ -534,7 +564,6 @@ def _byte_fallback_vocab(tj: dict) -> tuple[list[str], list[float], list[int]]:
     tokens, scores, types = [], [], []
     for i in range(max(by_id) + 1):
         t = by_id.get(i, f"[PAD{i}]")
-        tokens.append(t)
         scores.append(-float(rank[t]) if t in rank else 0.0)
         if i not in by_id:
             types.append(gguf.TokenType.UNUSED)
@@ -545,8 +574,23 @@ def _byte_fallback_vocab(tj: dict) -> tuple[list[str], list[float], list[int]]:
         elif i in added:
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
         else:
+            t = t.replace(" ", "\u2581")
             types.append(gguf.TokenType.NORMAL)
-    return tokens, scores, types
+        tokens.append(t)
+    return tokens, scores, types, _prepends_space([tj.get("normalizer"), tj.get("pre_tokenizer")])
+
+
+def _prepends_space(node: Any) -> bool:
+    """Whether a normalizer/pre-tokenizer tree puts "\u2581" before the text (Prepend or Metaspace)."""
+    if isinstance(node, list):
+        return any(_prepends_space(n) for n in node)
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "Prepend" and node.get("prepend") == "\u2581":
+        return True
+    if node.get("type") == "Metaspace":
+        return node.get("prepend_scheme", "always") != "never" and node.get("add_prefix_space", True)
+    return any(_prepends_space(v) for v in node.values() if isinstance(v, (list, dict)))
 
 
 def _pre_tokenizer_name(tj: dict) -> str:
@@ -677,16 +721,16 @@ class GGUFWriter:
         n = rows.shape[0]
         step = max(1, CHUNK_ELEMENTS // cols)
         order = rope_permutation(n, p.heads) if p.heads else None
-        scale = None
+        inverse = None
         if p.qtype in TERNARY_TYPES:
-            from .bitnet_format import ternarize
+            from .bitnet import quantize_absmean
 
-            _, scale = ternarize(array)
+            inverse = quantize_absmean(array)[1]  # 1 / mean|w|, for the whole tensor
         for r0 in range(0, n, step):
             part = rows[mx.array(order[r0 : r0 + step])] if order is not None else rows[r0 : r0 + step]
-            if scale is not None:
+            if inverse is not None:
                 # absmean ternary values; TQ blocks then store them exactly (up to the f16 scale)
-                part = mx.clip(mx.round(part.astype(mx.float32) / scale), -1, 1) * scale
+                part = mx.clip(mx.round(part.astype(mx.float32) * inverse), -1, 1) / inverse
             if p.qtype == Q.F32:
                 yield np.array(part.astype(mx.float32)).tobytes()
             elif p.qtype == Q.F16:
