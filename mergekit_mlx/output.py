@@ -174,7 +174,8 @@ def write_output(
             group_size=opts.group_size,
         )
         wants = getattr(writer, "wants", lambda name: True)
-        written = getattr(writer, "written", None)
+        # shard files finished so far; only safetensors output resumes shard by shard
+        written = getattr(writer, "written", None) if opts.out_format == "hf" else None
 
         def save_state() -> None:
             if written is not None:
