@@ -142,6 +142,7 @@ def resolve_model_path(ref: str, where: str, recipe_dir: Optional[Path]) -> Path
 def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource]) -> list[SliceSpec]:
     base = index_of.get(recipe.base_model) if recipe.base_model else None
     if recipe.models:
+        _no_repeats([m.model for m in recipe.models], "models")
         sources = [
             Source(index_of[m.model], 0, m.parameters, f"models[{i}]") for i, m in enumerate(recipe.models)
         ]
@@ -160,6 +161,7 @@ def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource])
     out = []
     for si, sl in enumerate(recipe.slices):
         where = f"slices[{si}]"
+        _no_repeats([src.model for src in sl.sources], f"{where}.sources")
         sources = []
         lengths = []
         for j, src in enumerate(sl.sources):
@@ -185,6 +187,13 @@ def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource])
             slice_base = None
         out.append(SliceSpec(sources, lengths[0], slice_base, sl.parameters, where))
     return out
+
+
+def _no_repeats(models: list[str], where: str) -> None:
+    """Each input of a merge once: a repeated model has no well-defined weight or base role."""
+    for j, m in enumerate(models):
+        if m in models[:j]:
+            raise RecipeError(f"{where}[{j}].model: {m!r} is already {where}[{models.index(m)}]; list each model once")
 
 
 def _resolve_params(
