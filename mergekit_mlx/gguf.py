@@ -12,13 +12,13 @@ it arrives, converted in row chunks, so memory holds one tensor and one chunk, n
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import re
 import shutil
 import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -162,6 +162,7 @@ def can_dequantize(qtype: Q) -> bool:
 
 
 LOADED_CODES = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}  # other types load as F32
+_TOKENIZER_DIRS: dict[tuple, Optional[Path]] = {}  # GGUF file identity -> its rebuilt tokenizer directory
 
 
 class GGUFModel(ModelSource):
@@ -235,10 +236,13 @@ class GGUFModel(ModelSource):
         """A directory with tokenizer.json and tokenizer_config.json rebuilt from the GGUF metadata."""
         if not self._tokenizer_built:
             self._tokenizer_built = True
-            tmp = Path(tempfile.mkdtemp(prefix="mergekit-mlx-gguf-tokenizer-"))
-            weakref.finalize(self, shutil.rmtree, tmp, True)
-            if write_tokenizer(self.reader, tmp, self.path):
-                self._tokenizer_dir = tmp
+            stat = self.path.stat()
+            key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if key not in _TOKENIZER_DIRS:
+                tmp = Path(tempfile.mkdtemp(prefix="mergekit-mlx-gguf-tokenizer-"))
+                atexit.register(shutil.rmtree, tmp, True)  # lives as long as the process, not the reader
+                _TOKENIZER_DIRS[key] = tmp if write_tokenizer(self.reader, tmp, self.path) else None
+            self._tokenizer_dir = _TOKENIZER_DIRS[key]
         return self._tokenizer_dir
 
 

@@ -46,7 +46,7 @@ def bpe_tokenizer_json(vocab_size: int) -> str:
     rng = np.random.default_rng(0)
     tok.train_from_iterator([" ".join(rng.choice(WORDS, 12)) for _ in range(200)], trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", bos)])
     return tok.to_str()
 
 
