@@ -297,8 +297,9 @@ def _stripped_tokenizer(path: Path, vocab_size: Optional[int]):
         data["model"]["vocab"].pop(t, None)
 
     def keep(merge) -> bool:
+        # mergekit checks only the two parts; a merge producing a dropped token must go too
         pair = merge.split(" ") if isinstance(merge, str) else merge
-        return not any(p in unused for p in pair)
+        return not any(p in unused for p in pair) and "".join(pair) not in unused
 
     data["model"]["merges"] = [m for m in data["model"].get("merges", []) if keep(m)]
     tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
