@@ -1,24 +1,43 @@
 // CUDA spellings of the names the shared kernel bodies (*.inc) use.
+// Each macro is #undef'd first because MLX's own headers are included before this one.
+#undef INLINE
 #define INLINE __device__ __forceinline__
+#undef AS_U32
 #define AS_U32(f) __float_as_uint(f)
+#undef FABS
 #define FABS(x) fabsf(x)
 // explicit rounding: no contraction into fma, the same results as the CPU's separate ops
+#undef FMUL
 #define FMUL(a, b) __fmul_rn((a), (b))
+#undef FADD
 #define FADD(a, b) __fadd_rn((a), (b))
+#undef FDIV
 #define FDIV(a, b) __fdiv_rn((a), (b))
+#undef LOADF
 #define LOADF(p, i) static_cast<float>((p)[i])
+#undef STORE_T
 #define STORE_T(p, i, v) ((p)[i] = static_cast<T>(v))
+#undef SHARED
 #define SHARED __shared__
+#undef SHARED_ATOMIC
 #define SHARED_ATOMIC __shared__ unsigned int
+#undef SH_ADD
 #define SH_ADD(a, v) atomicAdd(&(a), (v))
+#undef SH_STORE
 #define SH_STORE(a, v) ((a) = (v))
+#undef SH_LOAD
 #define SH_LOAD(a) (a)
+#undef G_ADD
 #define G_ADD(a, v) atomicAdd(&(a), (v))
+#undef G_STORE
 #define G_STORE(a, v) ((a) = (v))
+#undef BARRIER
 #define BARRIER() __syncthreads()
 INLINE float mk_warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+#undef SIMD_SUM
 #define SIMD_SUM(x) mk_warp_sum(x)
+#undef UNROLL
 #define UNROLL _Pragma("unroll")

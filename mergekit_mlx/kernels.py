@@ -152,7 +152,7 @@ class _Selection:
     """The exact top-k of one flat tensor: keep bits > t, and bits == t at flat index <= cut."""
 
     t: mx.array  # uint32 scalar: bit pattern of the k-th largest |x|
-    cut: mx.array  # int32 scalar: last flat index whose tie at t is kept
+    cut: mx.array  # uint32 scalar: last flat index whose tie at t is kept
 
 
 def _select_fallback(bits: mx.array, k: int) -> _Selection:
@@ -170,7 +170,7 @@ def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
     n_eq = eq.astype(mx.int32).sum()
     mx.eval(n_eq, need)
     if n_eq.item() == need.item():  # every tie is kept: no scan needed
-        return mx.array(n - 1, dtype=mx.int32)
+        return mx.array(n - 1, dtype=mx.uint32)
     # chunk counts, then a scan inside the one chunk that holds the need-th tie
     chunk = 4096
     pad = (-n) % chunk
@@ -182,7 +182,7 @@ def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
     before = mx.where(j > 0, mx.take(per_chunk, mx.maximum(j - 1, 0)), 0)
     inside = mx.cumsum(mx.take(eqi.reshape(-1, chunk), j, axis=0))
     pos = (inside < need - before).astype(mx.int32).sum()
-    return (j * chunk + pos).astype(mx.int32)
+    return (j * chunk + pos).astype(mx.uint32)
 
 
 def magnitude_threshold(x: mx.array, k: int) -> mx.array:
@@ -217,7 +217,7 @@ def topk_mask(x: mx.array, k: int) -> mx.array:
     bits = _abs_bits(x)
     if sel is None:
         sel = _select_fallback(bits, k)
-    idx = mx.arange(n, dtype=mx.int32)
+    idx = mx.arange(n, dtype=mx.uint32)
     return _mask_of_selection(bits, idx, sel.t, sel.cut).reshape(x.shape)
 
 
@@ -235,7 +235,7 @@ class _ModelPlan:
 
     mode: int  # 0 keep all, 1 keep none, 2 magnitude (t, cut), 3 random (keys, p)
     t: mx.array  # uint32
-    cut: mx.array  # int32
+    cut: mx.array  # uint32
     keys: tuple[int, int]
     p: float
     scale: mx.array  # float32: rescale factor (1 when not rescaling)
@@ -256,7 +256,7 @@ def _plan_models(
 ) -> list[_ModelPlan]:
     n = base.size
     zero_u = mx.array(0, dtype=mx.uint32)
-    zero_i = mx.array(0, dtype=mx.int32)
+    zero_i = mx.array(0, dtype=mx.uint32)
     one_f = mx.array(1.0, dtype=mx.float32)
     plans: list[_ModelPlan] = []
     for i in range(len(others)):
@@ -306,16 +306,32 @@ def _delta_bits(o: mx.array, b32: mx.array) -> mx.array:
 def _keep_fallback(bits: mx.array, idx: mx.array, plan: _ModelPlan) -> mx.array:
     if plan.mode == _MAGNITUDE:
         return _mask_of_selection(bits, idx, plan.t, plan.cut)
-    u = _uniform_compiled(idx.view(mx.uint32), mx.array(list(plan.keys), dtype=mx.uint32))
+    u = _uniform_compiled(idx, mx.array(list(plan.keys), dtype=mx.uint32))
     return u < mx.array(plan.p, dtype=mx.float32)
 
 
+@lru_cache(maxsize=None)
+def _l1_parts_fn(mode: int):
+    """|d| and the kept |d| of one task vector, compiled per sparsification mode."""
+
+    def parts(o, b, idx, t, cut, keys, p):
+        a = mx.abs(o.astype(mx.float32) - b.astype(mx.float32))
+        if mode == _MAGNITUDE:
+            bits = a.view(mx.uint32)
+            keep = (bits > t) | ((bits == t) & (idx <= cut))
+        else:
+            keep = _uniform_of_index(idx, keys) < p
+        return a, a * keep.astype(mx.float32)
+
+    return mx.compile(parts)
+
+
 def _l1_fallback(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.array, mx.array]:
-    d = other.reshape(-1).astype(mx.float32) - base.reshape(-1).astype(mx.float32)
-    a = mx.abs(d)
-    idx = mx.arange(d.size, dtype=mx.int32)
-    keep = _keep_fallback(a.view(mx.uint32), idx, plan)
-    return a.sum(), mx.where(keep, a, 0.0).sum()
+    idx = mx.arange(base.size, dtype=mx.uint32)
+    keys = mx.array(list(plan.keys), dtype=mx.uint32)
+    a, kept = _l1_parts_fn(plan.mode)(other.reshape(-1), base.reshape(-1), idx, plan.t, plan.cut, keys,
+                                       mx.array(plan.p, dtype=mx.float32))
+    return a.sum(), kept.sum()
 
 
 @lru_cache(maxsize=None)
@@ -324,7 +340,8 @@ def _combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
 
     def combine(b_in, idx, params, *others):
         # params (float32): per model [weight, scale, p]; then [lam, divisor_no_consensus]
-        # keys/t/cut arrive through `others` tail: per model (t uint32, cut int32, k0, k1 uint32)
+        # sel (after the K tensors): per model t (uint32 bits), cut (uint32), k0, k1 (uint32)
+        # masks multiply (d * 0 or d * scale) instead of mx.where: the compiled CPU code is 4x faster
         K = len(modes)
         tensors, sel = others[:K], others[K:]
         b = b_in.astype(mx.float32)
@@ -338,11 +355,10 @@ def _combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
                 t, cut = sel[4 * i], sel[4 * i + 1]
                 bits = mx.abs(d).view(mx.uint32)
                 keep = (bits > t) | ((bits == t) & (idx <= cut))
-                d = mx.where(keep, d, 0.0) * params[3 * i + 1]
+                d = d * (keep.astype(mx.float32) * params[3 * i + 1])
             elif mode == _RANDOM:
-                keys = mx.stack([sel[4 * i + 2], sel[4 * i + 3]])
-                keep = _uniform_of_index(idx.view(mx.uint32), keys) < params[3 * i + 2]
-                d = mx.where(keep, d, 0.0) * params[3 * i + 1]
+                keep = _uniform_of_index(idx, mx.stack([sel[4 * i + 2], sel[4 * i + 3]])) < params[3 * i + 2]
+                d = d * (keep.astype(mx.float32) * params[3 * i + 1])
             wds.append(d * w)
             ws.append(w)
         lam, div0 = params[3 * K], params[3 * K + 1]
@@ -350,15 +366,14 @@ def _combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
             total = wds[0]
             for wd in wds[1:]:
                 total = total + wd
-            majority = mx.where(total >= 0, 1.0, -1.0)
+            majority = (total >= 0).astype(mx.float32) * 2.0 - 1.0
             mixed, divisor = None, None
             for wd, w in zip(wds, ws):
-                agree = mx.sign(wd) == majority
-                term = mx.where(agree, wd, 0.0)
-                wterm = mx.where(agree, w, 0.0)
+                agree = (wd * majority > 0).astype(mx.float32)  # same sign, non-zero
+                term, wterm = wd * agree, w * agree
                 mixed = term if mixed is None else mixed + term
                 divisor = wterm if divisor is None else divisor + wterm
-            divisor = mx.where(divisor == 0, 1.0, divisor)
+            divisor = divisor + (divisor == 0).astype(mx.float32)  # 0 -> 1, others unchanged
         else:
             mixed = wds[0]
             for wd in wds[1:]:
@@ -433,7 +448,7 @@ def fused_task_merge(
         sel += [p.t, p.cut, _u32(p.keys[0]), _u32(p.keys[1])]
     params += [mx.array(lam, dtype=mx.float32), mx.array(divisor, dtype=mx.float32)]
     fn = _combine_fn(tuple(p.mode for p in plans), consensus is not None, bool(normalize))
-    idx = mx.arange(base.size, dtype=mx.int32)
+    idx = mx.arange(base.size, dtype=mx.uint32)
     flat = fn(base.reshape(-1), idx, mx.stack(params), *[o.reshape(-1) for o in others], *sel)
     return flat.reshape(base.shape)
 
@@ -464,11 +479,20 @@ def _gpu_backend() -> Optional[str]:
     return None
 
 
+def _kernel_root():
+    """The kernel sources: the installed package data, or kernels/ beside a source checkout."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    try:
+        return files("mergekit_mlx._kernels")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "kernels"
+
+
 def kernel_source(name: str, backend_name: str) -> tuple[str, str]:
     """(header, body) of kernels/<name>.metal or .cu with its splices resolved."""
-    from importlib.resources import files
-
-    root = files("mergekit_mlx._kernels")
+    root = _kernel_root()
     ext = "metal" if backend_name == "metal" else "cu"
 
     def expand(fname: str) -> str:
@@ -591,7 +615,7 @@ def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list
         for m in range(km):
             t = prefix[m]
             if need[m] == ties[m]:
-                cut = mx.array(n - 1, dtype=mx.int32)
+                cut = mx.array(n - 1, dtype=mx.uint32)
             else:  # some ties are dropped: find the need-th tie by flat index
                 b32 = base.reshape(-1).astype(mx.float32) if base is not None else None
                 bits_m = _delta_bits(group[m], b32) if b32 is not None else _abs_bits(group[m])
@@ -711,7 +735,7 @@ def _check_merge(gpu: str) -> bool:
                 sel += [p.t, p.cut, _u32(p.keys[0]), _u32(p.keys[1])]
             params += [mx.array(0.9, dtype=mx.float32), mx.array(div, dtype=mx.float32)]
             fn = _combine_fn(tuple(p.mode for p in plans), cons, norm)
-            ref = fn(base, mx.arange(base.size, dtype=mx.int32), mx.stack(params), *others, *sel)
+            ref = fn(base, mx.arange(base.size, dtype=mx.uint32), mx.stack(params), *others, *sel)
             mx.eval(ref)
         got = _gpu_merge(gpu, base, others, ws, plans, cons, norm, 0.9, div)
         ok &= bool(mx.allclose(got, ref, rtol=1e-6, atol=1e-7).item())

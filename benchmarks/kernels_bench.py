@@ -1,0 +1,119 @@
+"""Time each kernel against the plain MLX graph it replaces and against the memory floor.
+
+    python benchmarks/kernels_bench.py --elements 67108864        # on the default device
+    python benchmarks/kernels_bench.py --elements 4194304 --cpu   # force the CPU
+
+floor = bytes the operation must move at least once / measured copy bandwidth (a bf16 x*2 pass).
+"kernels" is the dispatching path (GPU kernels, or the compiled fallback on the CPU); "plain MLX"
+is what the kernel replaces: mx.sort for the threshold, the kernels-off graph for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+
+from mergekit_mlx import bitnet, kernels  # noqa: E402
+
+
+def timed(fn, reps: int) -> float:
+    mx.eval(fn())  # warm-up: compiles kernels, runs the first-use checks
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def with_kernels(flag: bool, fn):
+    def run():
+        kernels.set_kernels_enabled(flag)
+        try:
+            return fn()
+        finally:
+            kernels.set_kernels_enabled(True)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--elements", type=int, default=1 << 24)
+    ap.add_argument("--models", type=int, default=3, help="task models in the merges")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--skip-sort", action="store_true", help="skip the mx.sort baseline (slow on a CPU)")
+    args = ap.parse_args()
+    if args.cpu:
+        mx.set_default_device(mx.cpu)
+    n, K, reps = args.elements, args.models, args.reps
+
+    key = mx.random.key(0)
+    ks = mx.random.split(key, K + 2)
+    x32 = mx.random.normal((n,), key=ks[0])
+    base = mx.random.normal((n,), key=ks[1]).astype(mx.bfloat16)
+    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=ks[2 + i])).astype(mx.bfloat16)
+              for i in range(K)]
+    mx.eval(x32, base, *others)
+
+    copy_s = timed(lambda: base * 2, reps)
+    bw = 4 * n / copy_s  # bytes read + written by a bf16 copy
+    print(f"device: {mx.default_device()}  backend: {kernels.backend()}  elements: {n:,}  models: {K}")
+    print(f"copy bandwidth (bf16 x*2, read+write): {bw / 1e9:.1f} GB/s\n")
+
+    rows = []
+
+    def row(name, fast, plain, floor_bytes, plain_name="kernels off"):
+        floor = floor_bytes / bw
+        rows.append((name, fast, plain, plain_name, floor))
+
+    k = n // 2
+    sort_s = float("nan") if args.skip_sort else timed(lambda: mx.sort(mx.abs(x32))[n - k], max(1, reps // 2))
+    row("magnitude_threshold fp32", timed(lambda: kernels.magnitude_threshold(x32, k), reps), sort_s, 4 * n, "mx.sort")
+    row("magnitude_threshold fp32 (fallback)", timed(with_kernels(False, lambda: kernels.magnitude_threshold(x32, k)), reps),
+        sort_s, 4 * n, "mx.sort")
+    row("topk_mask bf16", timed(lambda: kernels.topk_mask(others[0], k), reps),
+        timed(with_kernels(False, lambda: kernels.topk_mask(others[0], k)), reps), 2 * n + n)
+    row("keep_mask", timed(lambda: kernels.keep_mask(1, 2, (n,), 0.3), reps),
+        timed(with_kernels(False, lambda: kernels.keep_mask(1, 2, (n,), 0.3)), reps), n)
+
+    merge_bytes = 2 * n * (K + 2)  # read base + K models, write one, bf16
+    configs = {
+        "task_arithmetic": dict(sparsify=None, consensus=None, normalize=False, rescale=False),
+        "ties (density 0.5)": dict(sparsify="magnitude", consensus="sum", normalize=True, rescale=False),
+        "dare_ties (density 0.5)": dict(sparsify="random", consensus="sum", normalize=False, rescale=True),
+        "dare_linear (density 0.5)": dict(sparsify="random", consensus=None, normalize=False, rescale=True),
+    }
+    for name, cfg in configs.items():
+        def merge(cfg=cfg):
+            return kernels.fused_task_merge(base, others, [1.0 / K] * K, densities=[0.5] * K, lam=1.0, seed=1, **cfg)
+
+        row(f"fused {name}", timed(merge, reps), timed(with_kernels(False, merge), reps), merge_bytes)
+
+    out_f, in_f = 14336, 4096
+    t, s = bitnet.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))
+    packed = bitnet.pack_ternary(t)
+    xv = mx.random.normal((1, in_f), key=ks[1]).astype(mx.bfloat16)
+    s = s.astype(mx.bfloat16)
+    mx.eval(packed, xv, s)
+    row(f"bitnet matvec {out_f}x{in_f}", timed(lambda: bitnet.bitnet_matmul(xv, packed, s, out_f), reps),
+        timed(with_kernels(False, lambda: bitnet.bitnet_matmul(xv, packed, s, out_f)), reps), packed.size)
+
+    print("| operation | kernels (ms) | plain MLX (ms) | speed-up | floor (ms) | x floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, fast, plain, plain_name, floor in rows:
+        print(f"| {name} | {fast * 1e3:.2f} | {plain * 1e3:.2f} ({plain_name}) | {plain / fast:.1f}x | "
+              f"{floor * 1e3:.3f} | {fast / floor:.1f} |")
+    print("\nkernel first-use checks:", kernels.kernel_status() or "none (CPU path)")
+
+
+if __name__ == "__main__":
+    main()
