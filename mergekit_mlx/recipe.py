@@ -132,8 +132,24 @@ def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
             _count_nodes(v, budget)
 
 
+MAX_FLOW_DEPTH = 64  # nested [ ] / { }; PyYAML's scanner slows quadratically with depth
+
+
+def _flow_depth(text: str) -> int:
+    depth = deepest = 0
+    for c in text:
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def parse_yaml(text: str, where: str = "recipe") -> Any:
     """Safe YAML: no Python objects, and no alias bombs (expanded size is bounded before building)."""
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise RecipeError(f"{where}: the recipe nests too deeply to be a merge recipe")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
