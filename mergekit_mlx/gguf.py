@@ -16,8 +16,10 @@ import atexit
 import json
 import logging
 import math
+import mmap
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +145,10 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
     if f is None or not f.types:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (ValueError, IndexError, TypeError) as e:  # e.g. a string that is not UTF-8
+        raise ModelError(f"{reader.data.filename}: GGUF metadata {key!r} cannot be read ({e})") from None
 
 
 _DEQUANTIZABLE: dict[Q, bool] = {}
@@ -165,6 +170,139 @@ LOADED_CODES = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}  # other types load 
 _TOKENIZER_DIRS: dict[tuple, Optional[Path]] = {}  # GGUF file identity -> its rebuilt tokenizer directory
 
 
+# GGUF value type -> bytes of one scalar (8 = string and 9 = array are walked separately)
+GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+MAX_GGUF_ARRAY = 1 << 22  # items in one metadata array; a vocabulary has a few hundred thousand
+MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Walk a GGUF header with bounds checks, before the `gguf` package parses it.
+
+    The package trusts counts and lengths: a metadata array claiming 2**60 items past the end of
+    the file makes it loop, allocating, for ever. Here every count, length, dimension and offset is
+    checked against the bytes really there, in one pass that allocates nothing per item.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        data = f.read(min(size, 24))
+        if len(data) < 24 or data[:4] != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (no GGUF magic and 24-byte preamble)")
+        view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with view:
+        _walk_gguf(path, view, size)
+
+
+def _walk_gguf(path: Path, view: mmap.mmap, size: int) -> None:
+    pos = 4
+    (version,) = struct.unpack_from("<I", view, pos)
+    order = ">" if version & 0xFFFF == 0 else "<"  # a big-endian file, as the gguf package tells them
+    (version,) = struct.unpack_from(order + "I", view, pos)
+    if version not in gguf.READER_SUPPORTED_VERSIONS:
+        raise ModelError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
+    pos = 8
+
+    def take(fmt: str, what: str) -> tuple:
+        nonlocal pos
+        n = struct.calcsize(order + fmt)
+        if pos + n > size:
+            raise ModelError(f"{path}: GGUF header: {what} (at byte {pos}) runs past the end of the file ({size} bytes)")
+        values = struct.unpack_from(order + fmt, view, pos)
+        pos += n
+        return values
+
+    def skip(n: int, what: str) -> None:
+        nonlocal pos
+        if n > size - pos:
+            raise ModelError(
+                f"{path}: GGUF header: {what} (at byte {pos}) needs {n} bytes, past the end of the file ({size} bytes); "
+                "the file is truncated or its counts are wrong"
+            )
+        pos += n
+
+    def string(what: str) -> bytes:
+        (n,) = take("Q", what)
+        start = pos
+        skip(n, what)
+        return view[start:pos]
+
+    def value(vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in GGUF_SCALAR_BYTES:
+            skip(GGUF_SCALAR_BYTES[vtype], what)
+        elif vtype == 8:
+            (n,) = take("Q", what)
+            skip(n, what)
+        elif vtype == 9 and depth < 2:
+            itype, count = take("IQ", what)
+            if count > MAX_GGUF_ARRAY:
+                raise ModelError(f"{path}: GGUF header: {what} claims an array of {count} items (at most {MAX_GGUF_ARRAY} are read)")
+            if itype in GGUF_SCALAR_BYTES:
+                skip(count * GGUF_SCALAR_BYTES[itype], what)
+            else:
+                for _ in range(count):
+                    value(itype, what, depth + 1)
+        else:
+            raise ModelError(f"{path}: GGUF header: {what} has an unknown value type {vtype}")
+
+    n_tensors, n_kv = take("QQ", "the tensor and metadata counts")
+    room = size - pos
+    if n_kv > room // 13 or n_tensors > room // 24:  # the smallest entry of each kind
+        raise ModelError(
+            f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata entries, more than its {size} bytes can hold"
+        )
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    for i in range(n_kv):
+        raw = string(f"metadata key #{i}")
+        try:
+            key = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"{path}: GGUF metadata key #{i} is not UTF-8 text") from None
+        (vtype,) = take("I", f"the type of metadata {key!r}")
+        start = pos
+        value(vtype, f"metadata {key!r}")
+        if key == "general.alignment" and vtype == 4:
+            (alignment,) = struct.unpack_from(order + "I", view, start)
+    if alignment == 0 or alignment & (alignment - 1):
+        raise ModelError(f"{path}: GGUF general.alignment {alignment} is not a power of two")
+
+    spans = []
+    names = set()
+    for i in range(n_tensors):
+        raw = string(f"the name of tensor #{i}")
+        name = raw.decode("utf-8", errors="replace")
+        if name in names:
+            raise ModelError(f"{path}: GGUF tensor {name!r} appears twice")
+        names.add(name)
+        (n_dims,) = take("I", f"the rank of tensor {name!r}")
+        if n_dims > MAX_GGUF_DIMS:
+            raise ModelError(f"{path}: GGUF tensor {name!r} claims {n_dims} dimensions (at most {MAX_GGUF_DIMS})")
+        dims = take(f"{n_dims}Q", f"the shape of tensor {name!r}")
+        raw_type, offset = take("IQ", f"the type and offset of tensor {name!r}")
+        try:
+            qtype = Q(raw_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ModelError(f"{path}: GGUF tensor {name!r} has an unknown type {raw_type}") from None
+        elements = 1
+        for d in dims:
+            elements *= d
+            if elements > 8 * size:  # no tensor type stores more than 8 values a byte
+                raise ModelError(f"{path}: GGUF tensor {name!r} claims shape {list(dims)}, larger than the file")
+        if dims and dims[0] % block:
+            raise ModelError(f"{path}: GGUF tensor {name!r} of type {qtype.name} has a row of {dims[0]}, not a multiple of {block}")
+        spans.append((offset, elements // block * type_size, name))
+    data_start = pos + (-pos) % alignment
+    for offset, nbytes, name in spans:
+        if data_start + offset + nbytes > size:
+            raise ModelError(
+                f"{path}: GGUF tensor {name!r} ({nbytes} bytes at data offset {offset}) lies past the end of the file ({size} bytes)"
+            )
+    spans.sort()
+    for (o0, n0, a), (o1, _, b) in zip(spans, spans[1:]):
+        if o1 < o0 + n0:
+            raise ModelError(f"{path}: GGUF tensors {a!r} and {b!r} overlap in the file")
+
+
 class GGUFModel(ModelSource):
     """One GGUF file, seen as a Hugging Face model: HF tensor names, rebuilt config and tokenizer."""
 
@@ -173,6 +311,7 @@ class GGUFModel(ModelSource):
     def __init__(self, path: Path):
         path = Path(path)
         try:
+            check_gguf_layout(path)
             reader = gguf.GGUFReader(path)
         except (ValueError, KeyError, IndexError, OverflowError, TypeError, UnicodeDecodeError, MemoryError) as e:
             raise ModelError(f"{path}: not a readable GGUF file ({e})") from None
@@ -180,7 +319,7 @@ class GGUFModel(ModelSource):
             raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
         self.reader = reader
         arch = _field(reader, "general.architecture")
-        if arch not in GGUF_ARCHS:
+        if not isinstance(arch, str) or arch not in GGUF_ARCHS:
             raise ModelError(
                 f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}"
             )
@@ -206,7 +345,10 @@ class GGUFModel(ModelSource):
             self._tensors[name] = t
         if skipped:
             log.info("%s: tensors with no Hugging Face name are not read: %s", path, ", ".join(skipped[:8]))
-        config = config_from_metadata(reader, arch, infos, path)
+        try:
+            config = config_from_metadata(reader, arch, infos, path)
+        except (TypeError, ValueError, IndexError, KeyError) as e:  # metadata of the wrong type or shape
+            raise ModelError(f"{path}: GGUF metadata is malformed ({e})") from None
         self.permute = GGUF_ARCHS[arch][2]
         super().__init__(path, config, infos)
         self._tokenizer_dir: Optional[Path] = None
