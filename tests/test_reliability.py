@@ -412,6 +412,77 @@ def test_index_that_is_not_an_object_is_refused(family, sharded, tmp_path, capsy
     assert_refused(rc, err, tmp_path / "out", "needs a non-empty 'weight_map' object")
 
 
+# ---------------- hostile GGUF files ----------------
+
+
+def gguf_string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def gguf_kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return gguf_string(key.encode()) + struct.pack("<I", vtype) + payload
+
+
+def gguf_tensor(name: str, dims: tuple[int, ...], offset: int) -> bytes:  # an F32 tensor's info
+    return gguf_string(name.encode()) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, 0, offset)
+
+
+def hostile_gguf(path: Path, case: str) -> Path:
+    """A llama GGUF with two F32 tensors, and one lie in it."""
+    kvs = [gguf_kv("general.architecture", 8, gguf_string(b"llama"))]
+    kvs += [gguf_kv(f"llama.{k}", 4, struct.pack("<I", v)) for k, v in [("block_count", 1), ("embedding_length", 8),
+                                                                          ("attention.head_count", 2)]]
+    infos = [gguf_tensor("token_embd.weight", (8, 4), 0), gguf_tensor("output_norm.weight", (8,), 128)]
+    n_tensors, n_kv, data = len(infos), len(kvs), b"\0" * 160
+    if case == "more-tensors-than-listed":
+        n_tensors += 3
+    elif case == "more-metadata-than-listed":
+        n_kv += 2
+    elif case == "offset-past-the-end":
+        infos[1] = gguf_tensor("output_norm.weight", (8,), 10**6)
+    elif case == "absurd-shape":
+        infos[0] = gguf_tensor("token_embd.weight", (2**40, 2**40), 0)
+    elif case == "absurd-array-count":
+        kvs.append(gguf_kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 0, 2**60)))
+        n_kv += 1
+    elif case == "truncated":
+        data = data[:100]
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + b"".join(kvs) + b"".join(infos)
+    path.write_bytes(head + b"\0" * (-len(head) % 32) + data)
+    return path
+
+
+GGUF_LIES = {
+    # what a reader meets after a wrong count depends on the bytes that follow; any clear refusal will do
+    "more-tensors-than-listed": ": GGUF ",
+    "more-metadata-than-listed": ": GGUF ",
+    "offset-past-the-end": "tensor 'output_norm.weight' .* lies past the end of the file",
+    "absurd-shape": "tensor 'token_embd.weight' claims shape \\[1099511627776, 1099511627776\\], larger than the file",
+    "absurd-array-count": "claims an array of 1152921504606846976 items",
+    "truncated": "tensor 'token_embd.weight' \\(128 bytes at data offset 0\\) lies past the end of the file",
+}
+
+
+def test_the_hostile_gguf_baseline_reads(tmp_path):
+    model = open_model(hostile_gguf(tmp_path / "fine.gguf", "none"))
+    assert sorted(model.tensor_names()) == ["model.embed_tokens.weight", "model.norm.weight"]
+
+
+@pytest.mark.parametrize("case", list(GGUF_LIES))
+def test_lying_gguf_file_is_refused_naming_the_file(family, tmp_path, capsys, case):
+    bad = hostile_gguf(tmp_path / "bad.gguf", case)
+    start = time.perf_counter()
+    rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe([family[0], bad])), tmp_path / "out")
+    assert time.perf_counter() - start < 10
+    assert_refused(rc, err, tmp_path / "out", re.escape(str(bad)), GGUF_LIES[case])
+
+
+def test_gguf_array_count_that_hung_the_reader_is_refused_from_the_command_line(family, tmp_path):
+    bad = hostile_gguf(tmp_path / "bad.gguf", "absurd-array-count")
+    rc, err = cli_subprocess(write_recipe(tmp_path, linear_recipe([family[0], bad])), tmp_path / "out", timeout=30)
+    assert_refused(rc, err, tmp_path / "out", re.escape(str(bad)), "claims an array of")
+
+
 # ---------------- non-finite values ----------------
 
 BAD_TENSOR = "model.layers.1.mlp.down_proj.weight"
@@ -500,6 +571,14 @@ def test_no_method_writes_nan_from_finite_degenerate_inputs(degenerate, method, 
     result = merge(recipe)
     for name, value in result.weights.items():
         assert bool(mx.all(mx.isfinite(value)).item()), f"{method} on {case}: {name} is not finite"
+
+
+def test_gguf_output_is_written_and_leaves_no_partial_directory(family, tmp_path, capsys):
+    """Regression: the resume bookkeeping took the GGUF writer's tensor names for shard files."""
+    rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe(family)), tmp_path / "out", "--out-format", "gguf-f16")
+    assert rc == 0, err
+    assert len(open_model(tmp_path / "out").tensor_names()) == len(tiny.load_np(family[0]))
+    assert not partial_of(tmp_path / "out").exists()
 
 
 # ---------------- a full disk ----------------
