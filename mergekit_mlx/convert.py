@@ -68,10 +68,13 @@ def convert(
         writer = make_writer(
             out_format, tmp, tensors, config, max_shard_bytes=out_shard_size, tokenizer_dir=src.tokenizer_dir, group_size=group_size
         )
+        release = getattr(src, "release", lambda: None)
         for t in tensors:
             array = produce(t.name)
             mx.eval(array)  # one tensor at a time: never a graph over the whole model
             writer.add(t.name, array)
+            del array
+            release()  # a reader's cached lazy arrays keep their data once evaluated
         writer.finish()
         if not out_format.startswith("gguf-") and src.tokenizer_dir is not None:
             copy_tokenizer(src.tokenizer_dir, tmp)

@@ -323,3 +323,6 @@ class BitDeltaModel(ModelSource):
 
     def release(self) -> None:
         self._raw.release()
+        release = getattr(self.base, "release", None)
+        if release is not None:
+            release()
