@@ -64,10 +64,13 @@ def main() -> None:
               for i in range(K)]
     mx.eval(x32, base, *others)
 
-    copy_s = timed(lambda: base * 2, reps)
+    # eight independent copies per evaluation, so the bandwidth is not hidden by one sync
+    copy_s = timed(lambda: [base * (2 + i) for i in range(8)], reps) / 8
     bw = 4 * n / copy_s  # bytes read + written by a bf16 copy
+    sync_s = timed(lambda: base[:1] * 2, reps)
     print(f"device: {mx.default_device()}  backend: {kernels.backend()}  elements: {n:,}  models: {K}")
-    print(f"copy bandwidth (bf16 x*2, read+write): {bw / 1e9:.1f} GB/s\n")
+    print(f"copy bandwidth (bf16 x*2, read+write): {bw / 1e9:.1f} GB/s; one tiny op + eval: {sync_s * 1e3:.3f} ms")
+    print("times are per call and include one evaluation (a sync), as in a merge of one tensor\n")
 
     rows = []
 
@@ -97,6 +100,15 @@ def main() -> None:
             return kernels.fused_task_merge(base, others, [1.0 / K] * K, densities=[0.5] * K, lam=1.0, seed=1, **cfg)
 
         row(f"fused {name}", timed(merge, reps), timed(with_kernels(False, merge), reps), merge_bytes)
+
+    def select(gpu_flag):
+        def run():
+            gpu = kernels._gpu_backend() if gpu_flag else None
+            plans = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+            return [a for p in plans for a in (p.t, p.cut)]
+        return run
+
+    row(f"ties selection only ({K} models)", timed(select(True), reps), timed(select(False), reps), 2 * n * (K + 1))
 
     out_f, in_f = 14336, 4096
     t, s = bitnet.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))

@@ -564,6 +564,11 @@ def kernel_status() -> dict[str, bool]:
     return dict(_checked)
 
 
+def _stride_grid(n: int, per_thread: int = 4) -> int:
+    """Threads for a grid-stride elementwise kernel: about `per_thread` elements each."""
+    return max(_TG, -(-n // (per_thread * _TG)) * _TG)
+
+
 def _groups(n: int) -> int:
     return max(1, min(_MAX_GROUPS, -(-n // _TG)))
 
@@ -579,7 +584,7 @@ def _gpu_uniform(gpu: str, seed: int, stream: int, n: int) -> mx.array:
     k0, k1 = _stream_keys(seed, stream)
     up = mx.array([n, k0, k1], dtype=mx.uint32)
     kern = _kernel("random_uniform", gpu, inputs=("up",))
-    return kern(inputs=[up], grid=(n, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
+    return kern(inputs=[up], grid=(_stride_grid(n), 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
                 output_dtypes=[mx.float32])[0]
 
 
@@ -612,16 +617,42 @@ def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list
         # krem is now the number of ties at t to keep; n_eq the number of ties
         mx.eval(prefix, krem, n_eq)
         need, ties = krem.tolist(), n_eq.tolist()
-        for m in range(km):
-            t = prefix[m]
-            if need[m] == ties[m]:
-                cut = mx.array(n - 1, dtype=mx.uint32)
-            else:  # some ties are dropped: find the need-th tie by flat index
-                b32 = base.reshape(-1).astype(mx.float32) if base is not None else None
-                bits_m = _delta_bits(group[m], b32) if b32 is not None else _abs_bits(group[m])
-                cut = _tie_cut(bits_m, t, mx.array(need[m], dtype=mx.int32))
-            out.append(_Selection(t, cut))
+        cuts = [mx.array(n - 1, dtype=mx.uint32)] * km
+        split = [m for m in range(km) if need[m] != ties[m]]
+        if split:  # some ties are dropped: keep the lowest flat indices
+            cuts = _gpu_tie_cuts(gpu, flats, base is not None, prefix, krem, cuts, split)
+        out += [_Selection(prefix[m], cuts[m]) for m in range(km)]
     return out
+
+
+_CHUNK = 4096  # elements per threadgroup when counting ties
+
+
+def _gpu_tie_cuts(gpu, flats, has_base, t, need, cuts, split):
+    """Flat index of the need[m]-th tie at t[m]: per-chunk tie counts, then a scan of one chunk."""
+    n = flats[0].size
+    km = len(flats) - int(has_base)
+    chunks = -(-n // _CHUNK)
+    kern = _kernel("tie_count", gpu, km, has_base, inputs=("up",), outputs=("counts",))
+    up = mx.concatenate([mx.array([n], dtype=mx.uint32), t])
+    counts = kern(inputs=flats + [up], template=[("KM", km), ("CHUNK", _CHUNK)],
+                  grid=(chunks * _TG, 1, 1), threadgroup=(_TG, 1, 1),
+                  output_shapes=[(km * chunks,)], output_dtypes=[mx.uint32])[0]
+    cum = mx.cumsum(counts.reshape(km, chunks).astype(mx.int32), axis=1)
+    b32 = flats[0].astype(mx.float32) if has_base else None
+    cuts = list(cuts)
+    for m in split:
+        r = need[m]
+        j = (cum[m] < r).astype(mx.int32).sum()  # the chunk holding the r-th tie
+        before = mx.where(j > 0, mx.take(cum[m], mx.maximum(j - 1, 0)), 0)
+        idx = j * _CHUNK + mx.arange(_CHUNK, dtype=mx.int32)
+        safe = mx.minimum(idx, n - 1)
+        x = mx.take(flats[m + int(has_base)], safe).astype(mx.float32)
+        a = mx.abs(x - mx.take(b32, safe)) if has_base else mx.abs(x)
+        eq = ((a.view(mx.uint32) == t[m]) & (idx < n)).astype(mx.int32)
+        pos = (mx.cumsum(eq) < r - before).astype(mx.int32).sum()
+        cuts[m] = (j * _CHUNK + pos).astype(mx.uint32)
+    return cuts
 
 
 def _plan_arrays(plans: list[_ModelPlan], n: int) -> tuple[mx.array, list[mx.array]]:
@@ -668,7 +699,8 @@ def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, div
     out = kern(inputs=[a.reshape(-1) for a in arrays] + [up, fp],
                template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
                          ("NORMALIZE", bool(normalize))],
-               grid=(n, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)], output_dtypes=[base.dtype])[0]
+               grid=(_stride_grid(n), 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
+               output_dtypes=[base.dtype])[0]
     return out.reshape(base.shape)
 
 

@@ -88,6 +88,10 @@ KERNELS = {
         (1, True, [("up", U32), ("fp", F32)], [("out", "T")],
          [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False)], False),
     ],
+    "tie_count": [
+        (2, True, [("up", U32)], [("counts", U32)], [("KM", 2), ("CHUNK", 4096)], False),
+        (1, False, [("up", U32)], [("counts", U32)], [("KM", 1), ("CHUNK", 4096)], False),
+    ],
     "bitnet_matmul": [
         (0, False, [("x", "T"), ("w", U8), ("scale", "T")], [("out", "T")],
          [("T", "T"), ("IN", 64), ("OUT", 30), ("R", 8), ("ROWS", 2), ("INVERT", True)], False),
@@ -177,6 +181,6 @@ def test_cuda_source_syntax(tmp_path, name, i):
 
 @pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
 def test_the_check_rejects_a_cuda_name_in_metal(tmp_path):
-    unit = metal_unit("random_uniform", KERNELS["random_uniform"][0]).replace("GID < n", "blockIdx.x < n")
+    unit = metal_unit("random_uniform", KERNELS["random_uniform"][0]).replace("out[i] =", "out[blockIdx.x] =")
     with pytest.raises(AssertionError):
         _compile(tmp_path, "metal_shim.h", METAL_SHIM, unit, include_dir_file="metal_stdlib")
