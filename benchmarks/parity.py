@@ -41,6 +41,9 @@ PINS = ["torch==2.13.0", "mergekit==0.1.5"]
 WORDS = ["hello", "world", "merge", "model", "the", "a", "is", "good", "mlx", "fast"]
 EXTRA_WORD = "zeta"
 EXTRA_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+EXT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sum 2+2"}]
 
 
 # ---- tiny models ---------------------------------------------------------------------------
@@ -141,7 +144,7 @@ def build_models(root: Path, seed: int = 0) -> dict[str, str]:
             if n in new_rows:
                 v = np.concatenate([v, new_rows[n] + rng.normal(0, 0.05, new_rows[n].shape)])
             ext[n] = v
-        paths[name] = save_model(root / name, ext_cfg, ext, extra=True)
+        paths[name] = save_model(root / name, ext_cfg, ext, extra=True, chat_template=EXT_TEMPLATE)
     order = shuffled_order()
     shuf = {n: v + rng.normal(0, 0.05, v.shape) for n, v in base.items()}
     for n in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -234,11 +237,11 @@ def cases(m: dict[str, str]) -> list[Case]:
         # vocabularies: `ext` has one more word and two special tokens
         Case("tokenizer_source: union", {"merge_method": "linear", "base_model": m["base"],
              "models": models("base", "ext", "ft1", base={"weight": 0.4}, ext={"weight": 0.4}, ft1={"weight": 0.2}),
-             "tokenizer_source": "union", **f32}, tokenizer=True),
+             "tokenizer_source": "union", "chat_template": "chatml", **f32}, tokenizer=True),
         Case("tokenizer_source: union, shared new tokens", {"merge_method": "ties", "base_model": m["base"],
              "models": models("ext", "ext2", "shuf", ext={"weight": 1.0, "density": 0.5}, ext2={"weight": 0.5,
-             "density": 0.7}, shuf={"weight": 0.5, "density": 0.5}), "tokenizer_source": "union", **f32},
-             tokenizer=True),
+             "density": 0.7}, shuf={"weight": 0.5, "density": 0.5}), "tokenizer_source": "union",
+             "chat_template": "auto", **f32}, tokenizer=True),
         Case("tokenizer_source: base, shuffled ids", {"merge_method": "linear",
              "models": models("base", "shuf", base={"weight": 0.5}, shuf={"weight": 0.5}),
              "tokenizer_source": "base", **f32}, tokenizer=True),
@@ -358,7 +361,7 @@ def compare(case: Case, ours: str, theirs: str, base: dict[str, np.ndarray]) -> 
         row["config vocab_size"] = f"{ca} / {cb}"
         ta, tb = _template(ours), _template(theirs)
         if ta or tb:
-            row["chat_template"] = "same" if ta == tb else "DIFFERENT"
+            row["chat_template"] = "renders the same" if ta == tb else "DIFFERENT"
     errs = {}
     off = total = 0
     for name in b:
@@ -391,13 +394,13 @@ def compare(case: Case, ours: str, theirs: str, base: dict[str, np.ndarray]) -> 
 
 
 def _template(path: str) -> Optional[str]:
+    """The output tokenizer's chat template, rendered on a fixed conversation (as transformers does)."""
     from transformers import AutoTokenizer
 
-    try:
-        t = AutoTokenizer.from_pretrained(path).chat_template
-    except Exception:
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:
         return None
-    return t.strip() if isinstance(t, str) else None
+    return tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
 
 
 def verdict(case: Case, row: dict) -> str:

@@ -49,6 +49,9 @@ def is_vocab_tensor(name: str) -> bool:
 
 # ---- built-in chat templates -----------------------------------------------------------------
 
+# The names mergekit 0.1.5 ships. These render each format exactly (checked through transformers):
+# chatml and mistral as mergekit's do; llama3 without the newline mergekit's leaves between turns,
+# alpaca without its leading blank lines, exaone without the indentation its template leaks.
 CHAT_TEMPLATES = {
     "chatml": (
         "{%- for message in messages %}"

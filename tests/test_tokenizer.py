@@ -269,7 +269,7 @@ def render(template, messages, **kw):
     from transformers import AutoTokenizer  # noqa: F401  (jinja2 comes with it)
     import jinja2
 
-    env = jinja2.Environment()
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders them
     env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
     return env.from_string(template).render(messages=messages, bos_token="<s>", eos_token="</s>", **kw)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .base import MergeInputs, Method, Param, float32, in_range
+from .base import MergeInputs, Method, Param, float32
 
 
 def _task_vectors(inputs: MergeInputs, epsilon: float):
@@ -52,7 +52,7 @@ METHODS = [
     Method(
         "ram",
         ram,
-        params=(Param("epsilon", float, "shared", default=1e-5, check=in_range(0)),),
+        params=(Param("epsilon", float, "shared", default=1e-5),),
         base="required",
         doc=(
             "RAM: per element, a delta (|x_i - base| > epsilon) made by one model is kept whole, deltas "
@@ -65,7 +65,7 @@ METHODS = [
         params=(
             Param("r", float, "shared", default=0.1),
             Param("alpha", float, "shared", default=0.2),
-            Param("epsilon", float, "shared", default=1e-5, check=in_range(0)),
+            Param("epsilon", float, "shared", default=1e-5),
         ),
         base="required",
         doc=(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import RecipeError
-from .base import MergeInputs, Method, Param, float32, in_range
+from .base import MergeInputs, Method, Param, float32
 
 NUSLERP_EPS = 1e-8  # colinear when 1 - cos^2 <= eps^2
 NORM_FLOOR = 1e-7  # norms are clamped to this before dividing
@@ -214,7 +214,7 @@ METHODS = [
         params=(
             Param("weight", float, "non_base"),
             Param("normalize_weights", bool, "shared", default=True),
-            Param("eps", float, "shared", default=1e-8, check=in_range(0, lo_open=True)),
+            Param("eps", float, "shared", default=1e-8),
         ),
         base="optional",
         min_inputs=1,
@@ -234,8 +234,8 @@ METHODS = [
         "karcher",
         karcher,
         params=(
-            Param("max_iter", int, "shared", default=10, check=in_range(0)),
-            Param("tol", float, "shared", default=1e-5, check=in_range(0)),
+            Param("max_iter", int, "shared", default=10),
+            Param("tol", float, "shared", default=1e-5),
         ),
         base="optional",
         min_inputs=1,
