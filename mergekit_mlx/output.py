@@ -133,6 +133,21 @@ def _write_failure(e: BaseException, out: Path, plan: Plan) -> Optional[OutputEr
     )
 
 
+def verify_output(directory: Path, plan: Plan) -> None:
+    """Read back what was written, headers only: every planned tensor, in its shape and dtype."""
+    from .models import MLX_TO_SAFETENSORS, SafetensorsModel, read_config
+
+    written = SafetensorsModel(directory, read_config(directory))
+    for t in plan.outputs:
+        info = written.info(t.name) if written.has(t.name) else None
+        if info is None or info.shape != tuple(t.shape) or info.dtype != MLX_TO_SAFETENSORS[t.dtype]:
+            got = "missing" if info is None else f"{list(info.shape)} {info.dtype}"
+            raise OutputError(
+                f"verifying {directory} failed: tensor {t.name} should be {list(t.shape)} "
+                f"{MLX_TO_SAFETENSORS[t.dtype]}, found {got}; nothing was renamed into place"
+            )
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data))
@@ -197,6 +212,8 @@ def write_output(
         if opts.copy_tokenizer and opts.out_format in ("hf", "mlx-q4", "mlx-q8", "mlx-mxfp4", "bitnet"):
             write_tokenizer(plan, tmp)
         (tmp / "README.md").write_text(model_card(plan))
+        if opts.out_format == "hf":
+            verify_output(tmp, plan)
         state_path.unlink()
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
