@@ -311,7 +311,7 @@ def run_ours(yml: str, out: str, seed: int) -> Optional[str]:
     from mergekit_mlx.errors import MergeKitError
 
     try:
-        merge(yml, random_seed=seed).save(out)
+        merge(yml, random_seed=seed).save(out, force=True)
         return None
     except MergeKitError as e:
         return f"{type(e).__name__}: {e}"
@@ -359,6 +359,7 @@ def compare(case: Case, ours: str, theirs: str, base: dict[str, np.ndarray]) -> 
         ca = json.loads((Path(ours) / "config.json").read_text()).get("vocab_size")
         cb = json.loads((Path(theirs) / "config.json").read_text()).get("vocab_size")
         row["config vocab_size"] = f"{ca} / {cb}"
+        row["config ok"] = ca == cb
         ta, tb = _template(ours), _template(theirs)
         if ta or tb:
             row["chat_template"] = "renders the same" if ta == tb else "DIFFERENT"
@@ -406,7 +407,7 @@ def _template(path: str) -> Optional[str]:
 def verdict(case: Case, row: dict) -> str:
     if "problem" in row or "error" in row:
         return "FAIL"
-    if row.get("vocab") == "DIFFERENT" or row.get("chat_template") == "DIFFERENT":
+    if row.get("vocab") == "DIFFERENT" or row.get("chat_template") == "DIFFERENT" or row.get("config ok") is False:
         return "FAIL"
     if case.kind == "deviation":
         return "documented deviation"
@@ -432,7 +433,7 @@ def fmt_row(case: Case, row: dict) -> list[str]:
         (ka, kb), (la, lb) = row["kept"], row["l1"]
         detail.append(f"changed {ka:.4f} vs {kb:.4f} ({(ka - kb) / kb:+.2%}); L1 {la:.2f} vs {lb:.2f} ({(la - lb) / lb:+.2%})")
     if "vocab" in row:
-        detail.append(f"vocab {row['vocab']}; config vocab_size {row['config vocab_size']}")
+        detail.append(f"vocab {row['vocab']}; config vocab_size {row['config vocab_size']} (ours / mergekit)")
     if "chat_template" in row:
         detail.append(f"chat_template {row['chat_template']}")
     if case.note:
