@@ -350,6 +350,8 @@ class GGUFModel(ModelSource):
         except (TypeError, ValueError, IndexError, KeyError) as e:  # metadata of the wrong type or shape
             raise ModelError(f"{path}: GGUF metadata is malformed ({e})") from None
         self.permute = GGUF_ARCHS[arch][2]
+        if self.permute:
+            _check_rope_heads(path, config, infos)
         super().__init__(path, config, infos)
         self._tokenizer_dir: Optional[Path] = None
         self._tokenizer_built = False
@@ -386,6 +388,20 @@ class GGUFModel(ModelSource):
                 _TOKENIZER_DIRS[key] = tmp if write_tokenizer(self.reader, tmp, self.path) else None
             self._tokenizer_dir = _TOKENIZER_DIRS[key]
         return self._tokenizer_dir
+
+
+def _check_rope_heads(path: Path, config: dict, infos: dict[str, TensorInfo]) -> None:
+    """Q/K rows must split into the metadata's heads and rotary halves, or `load` could not undo the permutation."""
+    for name, info in infos.items():
+        try:
+            heads = permuted_heads(name, config)
+        except (TypeError, ValueError):
+            raise ModelError(f"{path}: GGUF head counts in the metadata are not integers") from None
+        if heads is not None and (heads <= 0 or info.shape[0] % (2 * heads)):
+            raise ModelError(
+                f"{path}: tensor {name!r} has {info.shape[0]} rows, which {heads} heads (from the metadata) "
+                "cannot split into rotary halves"
+            )
 
 
 def config_from_metadata(reader: gguf.GGUFReader, arch: str, infos: dict[str, TensorInfo], path: Path) -> dict:
