@@ -466,3 +466,12 @@ def test_regression_gguf_overlapping_tensors(work):
     info = b"".join(gguf_string(n) + struct.pack("<IQQIQ", 2, 8, 4, 0, 0) for n in (b"token_embd.weight", b"output.weight"))
     path = gguf_file(work, LLAMA, 4, info, 2, b"\0" * 128)
     refused(path, open_model, "overlap")  # two tensors sharing bytes were accepted
+
+
+def test_regression_gguf_heads_that_do_not_divide_the_q_rows(work):
+    # the rotary un-permutation on load raised ValueError from a reshape (found by a one-bit flip)
+    kvs = ARCH + b"".join(gguf_kv(f"llama.{k}", 4, struct.pack("<I", v))
+                          for k, v in [("block_count", 1), ("embedding_length", 8), ("attention.head_count", 3)])
+    info = gguf_string(b"blk.0.attn_q.weight") + struct.pack("<IQQIQ", 2, 8, 8, 0, 0)
+    path = gguf_file(work, kvs, 4, info, 1, b"\0" * 256)
+    refused(path, open_model, "'model.layers.0.self_attn.q_proj.weight' has 8 rows, which 3 heads")
