@@ -113,9 +113,8 @@ def resolve_chat_template(chat_template: Optional[str], sources: Sequence[Any] =
     if chat_template == "auto":
         found = [t for t in (read_chat_template(s.tokenizer_dir) for s in sources if s.tokenizer_dir) if t]
         return Counter(found).most_common(1)[0][0] if found else None
-    if len(chat_template) < 256 and "\n" not in chat_template and "{" not in chat_template:
-        if chat_template in CHAT_TEMPLATES:
-            return CHAT_TEMPLATES[chat_template]
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
     if len(chat_template) < 20 or "{" not in chat_template:
         raise RecipeError(
             f"chat_template: {chat_template!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}), "
@@ -387,7 +386,7 @@ class VocabPlan:
         token_of = np.full(rows_out, None, dtype=object)
         for tok, i in self.vocab.items():
             token_of[i] = tok
-        is_token = token_of != None  # noqa: E711 - elementwise on an object array
+        is_token = np.array([t is not None for t in token_of], dtype=bool)
         forced = np.zeros(rows_out, dtype=bool)
         for tok, src in self.token_sources.items():
             if src.force and tok in self.vocab:

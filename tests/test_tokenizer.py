@@ -6,6 +6,7 @@ worked out here token by token from the rules mergekit 0.1.5 follows, in float64
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +28,7 @@ HIDDEN = 4
 WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "merge", "model", "fast"]
 
 
-def write_model(path: Path, tokens: list[str], rows: int = None, specials=(), seed=0, chat_template=None,
+def write_model(path: Path, tokens: list[str], rows: Optional[int] = None, specials=(), seed=0, chat_template=None,
                 config_vocab=None) -> tuple[Path, np.ndarray]:
     """A model directory whose embedding row i belongs to token id i; returns (path, embedding)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
@@ -115,7 +116,7 @@ def test_union_appends_other_models_tokens_after_the_base(tmp_path, family):
 
 
 def test_union_token_in_several_models_but_not_the_base_is_their_mean(tmp_path, family):
-    (b, eb), (e, ee) = family["base"], family["ext"]
+    (b, _), (e, ee) = family["base"], family["ext"]
     e2, ee2 = write_model(tmp_path / "ext2", WORDS + ["zeta"], specials=["<|im_end|>"], seed=4)
     recipe, sources, base = setup(tmp_path, {"base_model": str(b), "tokenizer_source": "union"}, [b, e, e2])
     plan = plan_vocab(recipe, sources, base)
@@ -125,7 +126,7 @@ def test_union_token_in_several_models_but_not_the_base_is_their_mean(tmp_path, 
 
 
 def test_union_without_base_model_averages_over_models_missing_the_token(tmp_path, family):
-    (b, eb), (e, ee) = family["base"], family["ext"]
+    (b, _), (e, ee) = family["base"], family["ext"]
     e2, ee2 = write_model(tmp_path / "ext2", WORDS + ["zeta"], seed=5)
     recipe, sources, base = setup(tmp_path, {"tokenizer_source": "union"}, [b, e, e2])
     assert base is None
@@ -135,9 +136,9 @@ def test_union_without_base_model_averages_over_models_missing_the_token(tmp_pat
 
 
 def test_ids_past_a_models_vocab_size_are_not_its_tokens(tmp_path, family):
-    (b, eb) = family["base"]
+    b, _ = family["base"]
     # 'zeta' has id 8 in the tokenizer, but the model's config says 8 tokens: it is padding, not a token
-    e, ee = write_model(tmp_path / "ext8", WORDS + ["zeta"], rows=9, config_vocab=8, seed=6)
+    e, _ = write_model(tmp_path / "ext8", WORDS + ["zeta"], rows=9, config_vocab=8, seed=6)
     recipe, sources, base = setup(tmp_path, {"base_model": str(b), "tokenizer_source": "union"}, [b, e])
     plan = plan_vocab(recipe, sources, base)
     assert "zeta" not in plan.vocab and plan.vocab_size == len(WORDS)
@@ -266,8 +267,7 @@ def test_save_writes_a_loadable_tokenizer_with_the_template(tmp_path, family):
 
 
 def render(template, messages, **kw):
-    from transformers import AutoTokenizer  # noqa: F401  (jinja2 comes with it)
-    import jinja2
+    import jinja2  # installed with transformers
 
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders them
     env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
@@ -278,11 +278,11 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-               "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>assistant\n"),
-    ("llama3", "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
-               "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("chatml", ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>assistant\n")),
+    ("llama3", ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+                "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")),
     ("mistral", "<s> [INST] Be brief.\n\nHi [/INST] Hello</s>"),
     ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello"),
     ("exaone", "[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n[|assistant|]Hello[|endofturn|]\n[|assistant|]"),
