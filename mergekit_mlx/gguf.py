@@ -623,9 +623,11 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
 def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
     """Embed the tokenizer of a Hugging Face directory the way llama.cpp's converter does for llama.
 
-    The vocabulary goes in as llama.cpp reads it: "gpt2" for byte-level BPE (with merges), "llama"
-    (SentencePiece-style, with scores) for other BPE tokenizers. The tokenizer.json itself is also
-    kept, under the GGUF key tokenizer.huggingface.json, so readers rebuild it exactly.
+    The vocabulary goes in as llama.cpp reads it: "llama" (SentencePiece-style, with scores) for
+    BPE with byte fallback or without merges (Llama 2, tokenizer.model files, character vocabularies),
+    "gpt2" (byte-level, with merges) for the rest of BPE; merges over plain characters are respelled
+    in the byte-level alphabet, which is the same tokenizer for ASCII text. The tokenizer.json itself is also kept, under the GGUF key
+    tokenizer.huggingface.json, so readers rebuild it exactly.
     """
     tj_path = tok_dir / "tokenizer.json"
     tj = None
@@ -641,13 +643,18 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
         tokens, scores, types = [t.decode("utf-8") for t in tokens], list(all_scores), [int(t) for t in all_types]
         model, pre = "llama", "default"
     elif tj is not None and tj.get("model", {}).get("type") == "BPE":
-        if not tj["model"].get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
-            tokens, types = _byte_level_vocab(tj)
-            model, pre, merges = "gpt2", _pre_tokenizer_name(tj), True
-        else:
+        if tj["model"].get("byte_fallback") or not tj["model"].get("merges"):
+            # llama.cpp's "gpt2" vocabulary must carry merges; a merge-less BPE is one token per piece
             tokens, scores, types, prefix = _sentencepiece_style_vocab(tj)
             model, pre = "llama", "default"
             w.add_add_space_prefix(prefix)
+        elif (tj.get("decoder") or {}).get("type") == "ByteLevel":
+            tokens, types = _byte_level_vocab(tj)
+            model, pre, merges = "gpt2", _pre_tokenizer_name(tj), True
+        else:
+            tokens, types = _byte_level_vocab(tj, respell=True)
+            model, pre = "gpt2", "default"
+            w.add_token_merges([" ".join(_respell(p) for p in (m.split(" ", 1) if isinstance(m, str) else m)) for m in tj["model"]["merges"]])
     elif tj is not None:
         log.warning(
             "%s: a %s tokenizer has no llama.cpp vocabulary type; the GGUF keeps its tokenizer.json only",
@@ -685,7 +692,29 @@ def _added(tj: dict) -> dict[int, dict]:
     return {a["id"]: a for a in tj.get("added_tokens", []) if isinstance(a, dict) and "id" in a}
 
 
-def _byte_level_vocab(tj: dict) -> tuple[list[str], list[int]]:
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for code points from 256."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_ALPHABET = _bytes_to_unicode()
+
+
+def _respell(text: str) -> str:
+    """A string in the byte-level alphabet: each UTF-8 byte as its stand-in character."""
+    return "".join(BYTE_ALPHABET[b] for b in text.encode("utf-8"))
+
+
+def _byte_level_vocab(tj: dict, respell: bool = False) -> tuple[list[str], list[int]]:
+    """Tokens by id and their llama.cpp types; with respell, model tokens move to the byte-level alphabet."""
     vocab: dict[str, int] = dict(tj["model"]["vocab"])
     added = _added(tj)
     for i, a in added.items():
@@ -697,7 +726,7 @@ def _byte_level_vocab(tj: dict) -> tuple[list[str], list[int]]:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             continue
-        tokens.append(by_id[i])
+        tokens.append(_respell(by_id[i]) if respell and i not in added else by_id[i])
         if i in added:
             special = added[i].get("special") or (by_id[i].startswith("<|") and by_id[i].endswith("|>"))
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)

@@ -360,6 +360,28 @@ def test_sentencepiece_style_tokenizer_goes_out_as_llama_vocabulary_and_back(tmp
         assert rebuilt.decode(rebuilt.encode(text, add_special_tokens=False).ids) == original.decode(original.encode(text).ids)
 
 
+def test_character_tokenizer_goes_out_as_llama_vocabulary_without_prefix_space(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    chars = ["<pad>", "<s>", "</s>", "<unk>"] + list(" abcdefghijklmnopqrstuvwxyz0123456789+=\n")
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(chars[:4])
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    path = vocab_only_gguf(tmp_path / "v.gguf", tmp_path / "tok", 0)
+    r = gguf.GGUFReader(path)
+    assert r.get_field("tokenizer.ggml.model").contents() == "llama"
+    assert r.get_field("tokenizer.ggml.add_space_prefix").contents() is False
+    assert r.get_field("tokenizer.ggml.tokens").contents()[4] == "\u2581"  # SentencePiece's space
+    rebuilt = Tokenizer.from_file(str(GGUFModel(path).tokenizer_dir / "tokenizer.json"))
+    for text in ["12+34=46", "hello world\nok"]:
+        assert rebuilt.encode(text).ids == tok.encode(text).ids, text
+        assert rebuilt.decode(rebuilt.encode(text, add_special_tokens=False).ids) == text
+
+
 def test_gguf_keeps_the_tokenizer_json_for_an_exact_rebuild(model, tmp_path):
     path = write_gguf(model.path, tmp_path, "gguf-f16")
     m = GGUFModel(path)
