@@ -411,3 +411,9 @@ def test_portable_bitlinear_replaces_mlx_lm_layer():
     dense = np.array(t).astype(np.float64) / float(s.item())
     ref = x.astype(np.float64) @ dense.T + np.array(layer.bias)
     np.testing.assert_allclose(np.array(model.layers[0](mx.array(x))), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_accurate_sum_matches_float64_on_millions_of_values():
+    x = np.abs(np.random.default_rng(0).standard_normal(3_000_001)).astype(np.float32) * 0.01
+    ref = x.astype(np.float64).sum()
+    assert abs(K.accurate_sum(mx.array(x)).item() - ref) <= 1e-5 * ref
