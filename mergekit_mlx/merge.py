@@ -105,12 +105,7 @@ def run_plan(
     wants: Callable[[str], bool],
 ) -> None:
     """Merge every task, evaluating outputs in batches of about opts.batch_bytes, in plan order."""
-    vocab = None
-    r = plan.recipe
-    if r.tokenizer is not None or r.tokenizer_source == "union":
-        from . import tokenizer
-
-        vocab = tokenizer.plan_vocab(r, plan.models, plan.base)
+    vocab = plan.vocab
     bar = _progress(plan, opts)
     batch: list[tuple[TensorTask, mx.array, mx.array]] = []
     batch_bytes = 0

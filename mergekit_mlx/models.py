@@ -140,7 +140,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise ModelError(f"{path}: safetensors header is not valid JSON ({_short_repr(str(e), 200)})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}  # MLX writes "__metadata__": null when it was given none
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ModelError(f"{path}: safetensors __metadata__ must be an object of strings")
     data_size = size - 8 - n

@@ -237,21 +237,17 @@ def _tokenizer_source_dir(plan: Plan) -> Optional[Path]:
 
 
 def write_tokenizer(plan: Plan, out_dir: Path) -> None:
-    r = plan.recipe
-    if r.tokenizer is not None or r.tokenizer_source == "union":
+    """The tokenizer files: built by the vocabulary plan, or copied from the tokenizer's model."""
+    if plan.vocab is not None:
+        plan.vocab.save(out_dir)  # also applies the recipe's chat_template
+        return
+    src = _tokenizer_source_dir(plan)
+    if src is not None:
+        copy_tokenizer(src, out_dir)
+    if plan.recipe.chat_template:
         from . import tokenizer
 
-        vocab = tokenizer.plan_vocab(r, plan.models, plan.base)
-        if vocab is not None:
-            vocab.save(out_dir)
-    else:
-        src = _tokenizer_source_dir(plan)
-        if src is not None:
-            copy_tokenizer(src, out_dir)
-    if r.chat_template:
-        from . import tokenizer
-
-        tokenizer.apply_chat_template(out_dir, r.chat_template, plan.models)
+        tokenizer.apply_chat_template(out_dir, plan.recipe.chat_template, plan.models)
 
 
 def model_card(plan: Plan) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
+from . import tokenizer
 from .errors import ModelError, RecipeError
 from .methods import Method, get_method
 from .models import SAFETENSORS_DTYPES, ModelSource, layer_index, open_model, with_layer_index
@@ -65,7 +66,8 @@ class Plan:
     config: dict
     out_dtype: Optional[mx.Dtype]
     out_layers: int
-    tokenizer_model: Optional[int]
+    tokenizer_model: Optional[int]  # the model whose tokenizer is copied (None: a vocabulary plan builds one)
+    vocab: Optional[Any] = None  # tokenizer.VocabPlan when the recipe sets tokenizer_source or tokenizer
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -390,8 +392,16 @@ def make_plan(
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
 
+    vocab = None
+    if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
+        vocab = tokenizer.plan_vocab(recipe, sources, base)
+    if vocab is not None:
+        vocab.update_config(config)
+        for task in tasks:
+            if task.vocab:
+                task.out = OutputTensor(task.out.name, (vocab.vocab_size, *task.out.shape[1:]), task.out.dtype)
     tokenizer_model = _tokenizer_model(recipe, index_of, base, reference(slices[0]))
-    plan = Plan(recipe, method, refs, sources, base, tasks, config, out_dtype, out_layer, tokenizer_model)
+    plan = Plan(recipe, method, refs, sources, base, tasks, config, out_dtype, out_layer, tokenizer_model, vocab)
     return plan
 
 
@@ -404,16 +414,11 @@ def _set_layers(config: dict, n: int) -> None:
 
 
 def _tokenizer_model(recipe: Recipe, index_of: dict[str, int], base: Optional[int], first: int) -> Optional[int]:
+    """The model whose tokenizer files are copied as they are; None when a vocabulary plan builds one."""
     src = recipe.tokenizer_source
-    if src in (None, "base"):
+    if recipe.tokenizer is None and src in (None, "base"):
         return base if base is not None else first
-    if src == "union":
-        return None
-    if src not in index_of:
-        raise RecipeError(
-            f"tokenizer_source: {src!r} must be 'base', 'union' or one of the recipe's models ({', '.join(index_of)})"
-        )
-    return index_of[src]
+    return index_of.get(src) if isinstance(src, str) else None
 
 
 def _first_locations(recipe: Recipe) -> dict[str, str]:
@@ -436,4 +441,4 @@ def _is_pre(name: str) -> bool:
 
 def _is_vocab(name: str) -> bool:
     """Tensors whose rows are vocabulary entries: token embeddings and the output head."""
-    return any(h in name for h in ("embed_tokens", "wte", "word_embeddings")) or name.split(".")[0] in ("lm_head", "output")
+    return tokenizer.is_vocab_tensor(name)

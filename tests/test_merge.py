@@ -258,3 +258,16 @@ def test_clashing_parameters_are_refused_before_merging(family, tmp_path):
     with pytest.raises(RecipeError, match=r"models\[0\]\.parameters: density \+/- epsilon"):
         merge(recipe, tmp_path / "out")
     assert not list(tmp_path.iterdir())
+
+
+def test_model_saved_by_mlx_without_metadata_is_read(family, tmp_path):
+    import shutil
+
+    src = tmp_path / "mlxsaved"
+    shutil.copytree(family[1], src)
+    arrays = mx.load(str(src / "model.safetensors"))
+    mx.save_safetensors(str(src / "model.safetensors"), arrays)  # header gets "__metadata__": null
+    recipe = {"merge_method": "linear", "models": [{"model": str(family[0]), "parameters": {"weight": 1.0}},
+                                                   {"model": str(src), "parameters": {"weight": 1.0}}]}
+    merge(recipe, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").exists()
