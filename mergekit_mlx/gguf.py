@@ -907,7 +907,7 @@ class GGUFWriter:
 
     def _chunks(self, p: _Planned, array: mx.array):
         """The tensor's bytes in row chunks: permuted, ternarised or quantized as planned."""
-        cols = p.shape[-1] if p.shape else 1
+        cols = p.shape[-1] if len(p.shape) > 1 else 1  # 1-D tensors (biases) permute element-wise
         rows = array.reshape(-1, cols)
         n = rows.shape[0]
         step = max(1, CHUNK_ELEMENTS // cols)
@@ -968,7 +968,7 @@ def _add_metadata(w: gguf.GGUFWriter, config: dict, arch: str, file_type: int, p
         w.add_vocab_size(int(config["vocab_size"]))
     head_dim = int(config.get("head_dim") or hidden // heads)
     w.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
+    if config.get("head_dim") or head_dim != hidden // heads:  # as the converter does when head_dim is given
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     rope = config.get("rope_scaling") or {}
