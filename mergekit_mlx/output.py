@@ -104,8 +104,11 @@ def check_free_space(out: Path, plan: Plan, opts: MergeOptions, tmp: Path, done:
     if opts.out_format != "hf":
         return  # quantized and GGUF sizes are not known exactly before writing
     need = plan.bytes_written - sum((tmp / f).stat().st_size for f in done)
+    device = out.parent
+    while not device.exists() and device != device.parent:
+        device = device.parent  # the output's parents are created later, on the same device
     try:
-        free = shutil.disk_usage(out.parent).free
+        free = shutil.disk_usage(device).free
     except OSError:
         return
     if free < need:

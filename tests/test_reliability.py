@@ -642,8 +642,10 @@ def test_too_little_free_space_is_refused_before_merging(family, tmp_path, capsy
     need = dry_run_bytes_written(capsys, recipe)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(output.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 500, 500))
-    rc, err = cli(capsys, recipe, tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", f"needs about {need}", "has 500 B free")
+    out = tmp_path / "new" / "folders" / "out"  # parents that do not exist yet are on the same device
+    rc, err = cli(capsys, recipe, out)
+    assert_refused(rc, err, out, f"needs about {need}", "has 500 B free")
+    assert not (tmp_path / "new").exists()
 
 
 # ---------------- interruption and resume ----------------
