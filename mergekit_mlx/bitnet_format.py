@@ -83,43 +83,30 @@ class BitNetModel(ModelSource):
         self._raw.release()
 
 
-def bitnet_linear_layers(tensors: list[OutputTensor], config: dict) -> set[str]:
-    """Weights to ternarise: every 2-D `.weight` of a linear layer inside the decoder layers.
+def bitnet_linear_layers(tensors: list[OutputTensor], config: dict) -> tuple[set[str], list[str]]:
+    """(weights to ternarise, paths of the linear layers left in full precision).
 
-    Embeddings, norms and the output head stay in full precision (as in BitNet b1.58), and every
-    linear layer left out is listed in `modules_to_not_convert` so mlx-lm keeps it a plain Linear.
+    Every linear layer inside the decoder layers is ternarised; embeddings, norms and the output
+    head stay in full precision (as in BitNet b1.58). The linear layers left out go into
+    `modules_to_not_convert`, because mlx-lm turns every other nn.Linear into a BitLinear.
     """
+    from mlx import nn
+
     from .models import layer_index
-    from .quantized import quantizable_modules
+    from .quantized import mlx_lm_leaves
 
-    modules = quantizable_modules(config)
-    chosen = set()
-    for t in tensors:
-        if not t.name.endswith(".weight") or len(t.shape) != 2 or layer_index(t.name) is None:
-            continue
-        layer = t.name[: -len(".weight")]
-        if modules is not None and layer in modules:
-            if modules[layer] and "embed" not in layer:
-                chosen.add(t.name)
-        elif "norm" not in layer.rsplit(".", 1)[-1] and "embed" not in layer:
-            chosen.add(t.name)
-    return chosen
-
-
-def linear_layers_left_out(tensors: list[OutputTensor], chosen: set[str], config: dict) -> list[str]:
-    """Paths of linear layers (for mlx-lm: nn.Linear modules) that were not ternarised."""
-    import mlx.nn as nn
-
-    try:
-        from mlx.utils import tree_flatten
-        from mlx_lm.utils import _get_classes
-
-        model_class, args_class = _get_classes(config)
-        model = model_class(args_class.from_dict(config))
-        paths = [p for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if isinstance(m, nn.Linear)]
-    except Exception:  # no mlx-lm class: every 2-D weight not ternarised, minus embeddings
-        paths = [t.name[: -len(".weight")] for t in tensors if t.name.endswith(".weight") and len(t.shape) == 2 and "embed" not in t.name]
-    return sorted(p for p in paths if f"{p}.weight" not in chosen)
+    names = {t.name for t in tensors}
+    built = mlx_lm_leaves(config)
+    if built is not None:
+        linears = {path for path, module in built[1].items() if isinstance(module, nn.Linear)}
+    else:  # no mlx-lm class: every 2-D weight that is not an embedding or a norm
+        linears = {
+            t.name[: -len(".weight")]
+            for t in tensors
+            if t.name.endswith(".weight") and len(t.shape) == 2 and "embed" not in t.name and "norm" not in t.name.rsplit(".", 2)[-2]
+        }
+    chosen = {f"{p}.weight" for p in linears if layer_index(p + ".weight") is not None and f"{p}.weight" in names}
+    return chosen, sorted(p for p in linears if f"{p}.weight" not in chosen)
 
 
 class BitNetWriter(SafetensorsWriter):
@@ -134,7 +121,7 @@ class BitNetWriter(SafetensorsWriter):
         skip_shards: Optional[set[str]] = None,
     ):
         config = _strip(config)
-        self.ternary = bitnet_linear_layers(tensors, config)
+        self.ternary, left_out = bitnet_linear_layers(tensors, config)
         self.parts_of: dict[str, list[OutputTensor]] = {}
         for t in tensors:
             if t.name in self.ternary:
@@ -147,7 +134,7 @@ class BitNetWriter(SafetensorsWriter):
             "quant_method": "bitnet",
             "linear_class": "bitlinear",
             "quantization_mode": "offline",
-            "modules_to_not_convert": linear_layers_left_out(tensors, self.ternary, config),
+            "modules_to_not_convert": left_out,
         }
         super().__init__(out_dir, parts, config, max_shard_bytes, skip_shards)
 

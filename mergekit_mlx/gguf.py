@@ -157,7 +157,7 @@ _DEQUANTIZABLE: dict[Q, bool] = {}
 def can_dequantize(qtype: Q) -> bool:
     """Whether the installed `gguf` package can dequantize this tensor type (tried on one block)."""
     if qtype not in _DEQUANTIZABLE:
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        size = gguf.GGML_QUANT_SIZES[qtype][1]
         try:
             gguf.quants.dequantize(np.zeros((1, size), np.uint8), qtype)
             _DEQUANTIZABLE[qtype] = True

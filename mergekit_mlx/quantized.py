@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 
@@ -144,29 +144,32 @@ class MLXQuantizedModel(ModelSource):
         self._raw.release()
 
 
-def quantizable_modules(config: dict) -> Optional[dict[str, bool]]:
-    """For each leaf module of the mlx-lm model this config describes: may it be quantized?
-
-    None when mlx-lm has no model class for the config; callers then fall back to tensor shapes.
-    Building the model costs nothing: its parameters are lazy and never evaluated.
-    """
+def mlx_lm_leaves(config: dict) -> Optional[tuple[Any, dict[str, Any]]]:
+    """The mlx-lm model this config describes and its leaf modules by path, or None if mlx-lm has
+    no class for it. Building it costs nothing: its parameters are lazy and never evaluated."""
     try:
-        import mlx.nn as nn
+        from mlx import nn
         from mlx.utils import tree_flatten
         from mlx_lm.utils import _get_classes
 
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
-        predicate = getattr(model, "quant_predicate", None)
-        result = {}
-        for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-            ok = hasattr(module, "to_quantized")
-            if ok and predicate is not None:
-                ok = predicate(path, module) is not False
-            result[path] = ok
-        return result
-    except Exception:  # any model mlx-lm cannot build: decide from tensor names and shapes instead
+        return model, dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    except Exception:  # noqa: BLE001 - any config mlx-lm cannot build; callers fall back to tensor shapes
         return None
+
+
+def quantizable_modules(config: dict) -> Optional[dict[str, bool]]:
+    """For each leaf module of the mlx-lm model: would mlx-lm quantize it? None if there is no model."""
+    built = mlx_lm_leaves(config)
+    if built is None:
+        return None
+    model, leaves = built
+    predicate = getattr(model, "quant_predicate", None)
+    return {
+        path: hasattr(module, "to_quantized") and (predicate is None or predicate(path, module) is not False)
+        for path, module in leaves.items()
+    }
 
 
 def is_quantizable(name: str, shape: tuple[int, ...], group_size: int, modules: Optional[dict[str, bool]]) -> bool:

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from format_models import bpe_tokenizer_json, f64, tiny_model  # noqa: E402
 
-from mergekit_mlx.convert import convert  # noqa: E402
 from mergekit_mlx.errors import ModelError  # noqa: E402
 from mergekit_mlx.gguf import GGUFModel, GGUFWriter, add_tokenizer, can_dequantize, gguf_name, hf_name, rope_permutation  # noqa: E402
 from mergekit_mlx.models import open_model  # noqa: E402
