@@ -277,6 +277,8 @@ class SafetensorsModel(ModelSource):
 
 def _read_json(path: Path, what: str) -> Any:
     """A JSON file of a model directory; any way it can be unreadable is a ModelError naming it."""
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ModelError(f"{path}: cannot read {what} (not a regular file)")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
@@ -373,7 +375,7 @@ def open_model(path: str | Path) -> ModelSource:
 
             return GGUFModel(p)
         raise ModelError(f"{p}: a model must be a directory with config.json and safetensors, or a .gguf file")
-    ggufs = sorted(p.glob("*.gguf"))
+    ggufs = sorted(g for g in p.glob("*.gguf") if g.is_file())
     if ggufs and not (p / "config.json").exists():
         if len(ggufs) > 1:
             raise ModelError(f"{p}: holds several .gguf files ({', '.join(g.name for g in ggufs[:4])}); name one")

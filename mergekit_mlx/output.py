@@ -47,6 +47,18 @@ def check_output_location(out: Path, plan: Plan, opts: MergeOptions) -> None:
     if out.exists() and not opts.force:
         hint = " (it is a finished merge: there is nothing to resume)" if opts.resume else ""
         raise OutputError(f"output {out} already exists{hint}; pass --force to replace it")
+    if out.is_dir() and not _replaceable(out):
+        # a typo such as `--force ~` must not delete a home directory
+        raise OutputError(
+            f"output {out} is a folder that holds something other than a model (no config.json or .gguf); "
+            "--force replaces only models: remove it yourself, or choose another output directory"
+        )
+
+
+def _replaceable(directory: Path) -> bool:
+    """An empty folder or a model (what a merge writes) may be replaced; anything else is the user's."""
+    names = [p.name for p in directory.iterdir()]
+    return not names or "config.json" in names or any(n.endswith(".gguf") for n in names)
 
 
 def _partial_dir(out: Path) -> Path:

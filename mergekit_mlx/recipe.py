@@ -127,7 +127,12 @@ def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
         for child in node.value:
             _count_nodes(child, budget)
     elif isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                if k.value in seen:  # YAML would keep the last silently
+                    raise RecipeError(f"line {k.start_mark.line + 1}: key {k.value!r} appears twice in the same mapping")
+                seen.add(k.value)
             _count_nodes(k, budget)
             _count_nodes(v, budget)
 
@@ -154,7 +159,10 @@ def parse_yaml(text: str, where: str = "recipe") -> Any:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             raise RecipeError(f"{where}: the recipe is empty")
-        _count_nodes(node, [MAX_YAML_NODES])
+        try:
+            _count_nodes(node, [MAX_YAML_NODES])
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{where}: not valid YAML ({e})") from None

@@ -230,6 +230,12 @@ def test_yaml_nested_too_deeply_is_refused(tmp_path, capsys, style):
     assert_refused(rc, err, tmp_path / "out", "nests too deeply")
 
 
+def test_yaml_duplicate_key_is_refused_with_its_line(family, tmp_path, capsys):
+    text = yaml.safe_dump(linear_recipe(family)) + "merge_method: ties\n"
+    rc, err = cli(capsys, write_recipe(tmp_path, text), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", "recipe.yml: line \\d+: key 'merge_method' appears twice")
+
+
 def test_yaml_python_tags_are_never_executed(tmp_path, capsys):
     marker = tmp_path / "executed"
     text = f"merge_method: !!python/object/apply:os.system ['touch {marker}']\nmodels: []\n"
@@ -253,6 +259,15 @@ def test_pytorch_bin_only_model_is_refused_with_the_conversion_hint(family, tmp_
     assert_refused(rc, err, tmp_path / "out", re.escape(str(model)), "pytorch_model.bin", "pickle", "never loaded",
                    "convert them to safetensors", "safe_serialization=True")
     assert not marker.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_config_that_is_a_named_pipe_does_not_hang(family, tmp_path, capsys):
+    model = clone(family[1], tmp_path / "piped")
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")  # reading it would block for ever
+    rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe([family[0], model])), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", "config.json: cannot read config.json \\(not a regular file\\)")
 
 
 # ---------------- the output location ----------------
@@ -291,6 +306,18 @@ def test_existing_output_is_kept_without_force_and_resume_does_not_replace_it(fa
         rc, err = cli(capsys, recipe, out, *extra)
         assert rc == 2 and "already exists" in err and "--force" in err
         assert (out / "keep.txt").read_text() == "mine" and not partial_of(out).exists()
+
+
+def test_force_replaces_a_model_but_never_a_folder_of_other_files(family, tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    recipe = write_recipe(tmp_path, linear_recipe(family))
+    rc, err = cli(capsys, recipe, home, "--force")
+    assert rc == 2 and "holds something other than a model" in err
+    assert (home / "notes.txt").read_text() == "mine" and not partial_of(home).exists()
+    assert cli(capsys, recipe, tmp_path / "merged")[0] == 0
+    assert cli(capsys, recipe, tmp_path / "merged", "--force")[0] == 0  # a previous merge is replaced
 
 
 # ---------------- hostile safetensors files ----------------
