@@ -7,6 +7,7 @@ everything is written, so an interrupted merge never leaves an output that looks
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,14 @@ class MergeResult:
         if self.path is not None:
             from mlx_lm import load
 
-            return load(str(self.path))
+            model, tokenizer = load(str(self.path))
+            if (self.path / "config.json").exists() and "bitnet" in json.dumps(
+                json.loads((self.path / "config.json").read_text()).get("quantization_config", {})
+            ):
+                from .bitnet import use_portable_bitlinear
+
+                use_portable_bitlinear(model)  # mlx-lm's own BitLinear runs only on Metal
+            return model, tokenizer
         config = dict(self.plan.config)
         model_class, args_class = _get_classes(config=config)
         model = model_class(args_class.from_dict(config))

@@ -260,7 +260,7 @@ class SafetensorsModel(ModelSource):
         if SAFETENSORS_DTYPES[info.dtype][1] is None:
             raise ModelError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which MLX cannot load")
         arrays = self._shards.get(info.file)
-        if arrays is None:
+        if arrays is None or name not in arrays:
             # mx.load of safetensors is lazy: a tensor's bytes are read only when it is evaluated
             try:
                 arrays = self._shards[info.file] = mx.load(str(info.file))
@@ -268,7 +268,8 @@ class SafetensorsModel(ModelSource):
                 raise ModelError(f"{info.file}: MLX cannot read it ({e})") from None
         if name not in arrays:
             raise ModelError(f"{info.file}: tensor {name!r} is in its header but MLX did not load it")
-        return arrays[name]
+        # handed out, not kept: a cached reference would hold the evaluated data for the whole merge
+        return arrays.pop(name)
 
     def release(self) -> None:
         """Forget opened shards (their lazy arrays), e.g. after the planner is done with them."""

@@ -38,8 +38,8 @@ def check_output_location(out: Path, plan: Plan, opts: MergeOptions) -> None:
     target = out.resolve()
     for ref, m in zip(plan.model_paths, plan.models):
         src = m.path.resolve()
-        src_dir = src if src.is_dir() else src.parent
-        if target == src_dir or src_dir in target.parents or (src.is_file() and target == src):
+        # a directory model may not hold the output; beside a .gguf file is fine, the file itself is not
+        if target == src or (src.is_dir() and src in target.parents):
             raise OutputError(f"output {out} is (inside) the input model {ref}; choose another output directory")
         if target in src.parents:
             # --force would delete the input with the old output
@@ -192,6 +192,7 @@ def write_output(
     except OSError as e:
         raise OutputError(f"cannot create the temporary output {tmp}: {e.strerror or e}") from None
 
+    resumable = not opts.out_format.startswith("gguf")
     try:
         writer = make_writer(
             opts.out_format,
@@ -200,12 +201,12 @@ def write_output(
             plan.config,
             max_shard_bytes=opts.out_shard_size,
             tokenizer_dir=_tokenizer_source_dir(plan),
-            skip_shards=set(done) if opts.out_format == "hf" else None,
+            skip_shards=set(done) if resumable else None,
             group_size=opts.group_size,
         )
         wants = getattr(writer, "wants", lambda name: True)
-        # shard files finished so far; only safetensors output resumes shard by shard
-        written = getattr(writer, "written", None) if opts.out_format == "hf" else None
+        # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
+        written = getattr(writer, "written", None) if resumable else None
 
         def save_state() -> None:
             if written is not None:
@@ -232,7 +233,11 @@ def write_output(
         state_path.unlink()
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        if opts.out_format.startswith("gguf") and out.suffix.lower() == ".gguf":
+            os.replace(tmp / "model.gguf", out)  # OUT.gguf names the file itself
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
     except MergeKitError:
         shutil.rmtree(tmp, ignore_errors=True)  # a merge that failed cannot be resumed
         raise

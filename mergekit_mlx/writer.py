@@ -170,7 +170,9 @@ def make_writer(
     if out_format.startswith("mlx-"):
         from .quantized import QuantizedWriter
 
-        return QuantizedWriter(out_dir, tensors, config, out_format, max_shard_bytes=max_shard_bytes, group_size=group_size)
+        return QuantizedWriter(
+            out_dir, tensors, config, out_format, max_shard_bytes=max_shard_bytes, group_size=group_size, skip_shards=skip_shards
+        )
     if out_format.startswith("gguf-"):
         from .gguf import GGUFWriter
 
@@ -178,6 +180,6 @@ def make_writer(
     if out_format == "bitnet":
         from .bitnet_format import BitNetWriter
 
-        return BitNetWriter(out_dir, tensors, config, max_shard_bytes=max_shard_bytes)
+        return BitNetWriter(out_dir, tensors, config, max_shard_bytes=max_shard_bytes, skip_shards=skip_shards)
     raise RecipeError(f"--out-format {out_format!r} is not known; valid: {', '.join(OUT_FORMATS)}")
 

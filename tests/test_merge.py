@@ -271,3 +271,22 @@ def test_model_saved_by_mlx_without_metadata_is_read(family, tmp_path):
                                                    {"model": str(src), "parameters": {"weight": 1.0}}]}
     merge(recipe, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_gguf_output_named_dot_gguf_is_a_single_file(family, tmp_path):
+    from gguf import GGUFReader
+
+    out = tmp_path / "merged.gguf"
+    merge(ties_recipe(family), out, out_format="gguf-f16")
+    assert out.is_file()
+    names = {t.name for t in GGUFReader(str(out)).tensors}
+    assert "token_embd.weight" in names and "blk.1.ffn_up.weight" in names
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_bitnet_output_generates_through_the_result(family, tmp_path):
+    from mlx_lm import generate
+
+    result = merge(ties_recipe(family), tmp_path / "bitnet", out_format="bitnet")
+    model, tokenizer = result.to_mlx_lm()
+    assert isinstance(generate(model, tokenizer, prompt="hello", max_tokens=3), str)
