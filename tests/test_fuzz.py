@@ -302,6 +302,10 @@ def check_gguf_file(path: Path) -> None:
     except ModelError:
         return
     assert isinstance(model.config, dict)
+    try:
+        model.tokenizer_dir  # rebuilt from the metadata when the GGUF is a tokenizer source
+    except ModelError:
+        pass
     for name in model.tensor_names():
         try:
             array = model.load(name)
