@@ -591,18 +591,18 @@ DEGENERATE_CASES = {"identical": ["a", "a2", "a3"], "zero-task-vectors": ["z", "
 @pytest.mark.parametrize("method", sorted(all_methods()))
 def test_no_method_writes_nan_from_finite_degenerate_inputs(degenerate, method, case):
     m = all_methods()[method]
-    names = DEGENERATE_CASES[case]
-    count = min(m.max_inputs or 3, 3)
-    paths = [degenerate[n] for n in names[:count]]
-    takes = {p.name for p in m.params}
-    per_model = {k: v for k, v in {"weight": 1.0, "density": 0.5}.items() if k in takes}
-    recipe = {"merge_method": method, "models": [{"model": str(p), "parameters": per_model} for p in paths]}
-    if "t" in takes:
-        recipe["parameters"] = {"t": 0.5}
-    if m.base != "none" and method != "passthrough":
-        recipe["base_model"] = str(paths[0])
+    paths = [degenerate[n] for n in DEGENERATE_CASES[case][: min(m.max_inputs or 3, 3)]]
     if method == "passthrough":
-        recipe["models"] = [{"model": str(paths[0])}]
+        paths = paths[:1]
+    shared, per_model = {}, {}
+    for p in m.params:  # every required parameter set, plus a density that really sparsifies
+        if p.required or p.name == "density":
+            value = {"weight": 1.0, "density": 0.5}.get(p.name, {bool: True, int: 1}.get(p.kind, 0.5))
+            (shared if p.scope == "shared" else per_model)[p.name] = value
+    recipe = {"merge_method": method, "models": [{"model": str(p), "parameters": per_model} for p in paths],
+              "parameters": shared}
+    if m.base != "none":
+        recipe["base_model"] = str(paths[0])
     result = merge(recipe)
     for name, value in result.weights.items():
         assert bool(mx.all(mx.isfinite(value)).item()), f"{method} on {case}: {name} is not finite"
