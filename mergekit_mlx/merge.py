@@ -136,8 +136,7 @@ def run_plan(
             if bar is not None:
                 bar.update(task.out.nbytes)
             continue
-        out = merge_task(plan, task, opts, vocab)
-        ok = mx.all(mx.isfinite(out)) if mx.issubdtype(out.dtype, mx.floating) else mx.array(True)
+        out, ok = merge_task(plan, task, opts, vocab)
         batch.append((task, out, ok))
         batch_bytes += task.out.nbytes + task.in_bytes
         if batch_bytes >= opts.batch_bytes:
@@ -150,8 +149,8 @@ def run_plan(
             m.release()
 
 
-def merge_task(plan: Plan, task: TensorTask, opts: MergeOptions, vocab=None) -> mx.array:
-    """The lazy graph of one output tensor."""
+def merge_task(plan: Plan, task: TensorTask, opts: MergeOptions, vocab=None) -> tuple[mx.array, mx.array]:
+    """The lazy graph of one output tensor, and of a flag: no NaN/Inf in it (nor in inputs it may drop)."""
     tensors = [plan.models[m].load(n) for m, n in task.inputs]
     ids = [m for m, _ in task.inputs]
     if task.vocab:
@@ -173,7 +172,12 @@ def merge_task(plan: Plan, task: TensorTask, opts: MergeOptions, vocab=None) -> 
     out = plan.method.merge(inputs)
     if tuple(out.shape) != task.out.shape:
         task.out = type(task.out)(task.out.name, tuple(out.shape), task.out.dtype)
-    return out.astype(task.out.dtype) if out.dtype != task.out.dtype else out
+    out = out.astype(task.out.dtype) if out.dtype != task.out.dtype else out
+    # a method that drops elements (top-k, random masks) could hide a NaN input: check its inputs too
+    watched = [out] if plan.method.propagates_nonfinite else [out, *tensors]
+    flags = [mx.all(mx.isfinite(x)) for x in watched if mx.issubdtype(x.dtype, mx.floating)]
+    ok = mx.all(mx.stack(flags)) if flags else mx.array(True)
+    return out, ok
 
 
 def _report_nonfinite(plan: Plan, task: TensorTask, opts: MergeOptions) -> None:

@@ -290,3 +290,11 @@ def test_bitnet_output_generates_through_the_result(family, tmp_path):
     result = merge(ties_recipe(family), tmp_path / "bitnet", out_format="bitnet")
     model, tokenizer = result.to_mlx_lm()
     assert isinstance(generate(model, tokenizer, prompt="hello", max_tokens=3), str)
+
+
+@pytest.mark.parametrize("key,value", [("density", 1.5), ("density", -0.1)])
+def test_density_outside_zero_one_is_refused(family, key, value):
+    recipe = ties_recipe(family)
+    recipe["models"][1]["parameters"][key] = value
+    with pytest.raises(RecipeError, match=rf"models\[1\]\.parameters\.{key}: must be in \[0, 1\]"):
+        merge(recipe)

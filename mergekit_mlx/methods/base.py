@@ -63,6 +63,8 @@ class Method:
     min_inputs: int = 1
     max_inputs: Optional[int] = None
     random: bool = False  # uses the run's seed
+    # every input element reaches the output arithmetically, so a NaN/Inf input shows in the output
+    propagates_nonfinite: bool = False
     doc: str = ""
     # check(shared, per_input_params) -> an error string when parameters clash, checked at plan time
     check: Optional[Callable[[dict[str, Any], dict[str, Any]], Optional[str]]] = None

@@ -41,6 +41,7 @@ METHODS = [
             Param("normalize", bool, "shared", default=True),
         ),
         base="optional",
+        propagates_nonfinite=True,
         doc="Weighted average sum(w_i * x_i), divided by sum(w_i) when normalize (default true).",
     ),
     Method(
@@ -49,6 +50,7 @@ METHODS = [
         params=(Param("scale", Optional[float], "input", default=None),),
         base="optional",
         max_inputs=1,
+        propagates_nonfinite=True,
         doc="Copies its single input (optionally times `scale`); with slices it stacks layer ranges.",
     ),
 ]

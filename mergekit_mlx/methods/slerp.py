@@ -41,6 +41,7 @@ METHODS = [
         base="required",
         min_inputs=2,
         max_inputs=2,
+        propagates_nonfinite=True,
         doc="Spherical interpolation from the base (t=0) to the other model (t=1); lerp when |cos| > 0.9995.",
     )
 ]

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import RecipeError
-from .base import MergeInputs, Method, Param, float32
+from .base import MergeInputs, Method, Param, float32, in_range
 
 RESCALE_EPS = 1e-7
 
@@ -163,16 +163,16 @@ def _stream(inputs: MergeInputs, i: int) -> int:
 def _make(f: Family) -> Method:
     params = [
         Param("weight", float, "non_base"),
-        Param("density", float, "non_base", default=1.0),
+        Param("density", float, "non_base", default=1.0, check=in_range(0, 1)),
         Param("normalize", bool, "shared", default=f.normalize),
         Param("rescale", bool, "shared", default=f.rescale),
         Param("lambda", float, "shared", default=1.0),
         Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
     ]
     if f.sparsify == "magnitude_outliers":
-        params.append(Param("gamma", float, "non_base", default=0.01))
+        params.append(Param("gamma", float, "non_base", default=0.01, check=in_range(0, 1)))
     if f.sparsify == "della":
-        params.append(Param("epsilon", float, "non_base", default=0.15))
+        params.append(Param("epsilon", float, "non_base", default=0.15, check=in_range(0, 1)))
 
     def merge(inputs: MergeInputs) -> mx.array:
         return task_merge(inputs, f)
@@ -188,6 +188,7 @@ def _make(f: Family) -> Method:
         params=tuple(params),
         base="required",
         random=f.sparsify in ("random", "della"),
+        propagates_nonfinite=f.sparsify is None and f.consensus is None,
         doc=f.doc,
         check=check,
     )
