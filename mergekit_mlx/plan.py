@@ -220,9 +220,12 @@ def _resolve_params(
             value = resolve(p.name, p.kind, [src.parameters] + shared_scopes, in_name, t)
             per_input[i][p.name] = _finish(p, value, f"{src.where}.parameters", in_name)
     if method.check is not None:
-        for params, src, (_, in_name) in zip(per_input, sl.sources, inputs):
-            if params and (problem := method.check(shared, params)):
-                raise RecipeError(f"{src.where}.parameters: {problem} (for tensor {in_name})")
+        base_pos = next((i for i, (m, _) in enumerate(inputs) if m == sl.base), None)
+        problem = method.check(shared, per_input, base_pos)
+        if problem:
+            where, message = problem
+            key = "parameters" if where is None else f"{sl.sources[where].where}.parameters"
+            raise RecipeError(f"{key}: {message} (for tensor {out_name})")
     return shared, per_input
 
 

@@ -298,3 +298,21 @@ def test_density_outside_zero_one_is_refused(family, key, value):
     recipe["models"][1]["parameters"][key] = value
     with pytest.raises(RecipeError, match=rf"models\[1\]\.parameters\.{key}: must be in \[0, 1\]"):
         merge(recipe)
+
+
+def test_linear_weights_summing_to_zero_are_refused_before_merging(family, tmp_path):
+    recipe = {"merge_method": "linear", "models": [{"model": str(family[0]), "parameters": {"weight": 1.0}},
+                                                   {"model": str(family[1]), "parameters": {"weight": -1.0}}]}
+    with pytest.raises(RecipeError, match="parameters: the weights sum to 0"):
+        merge(recipe, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+def test_nuslerp_with_one_model_besides_the_base_is_refused_at_plan_time(family4):
+    recipe = {"merge_method": "nuslerp", "base_model": str(family4[0]),
+              "models": [{"model": str(family4[1]), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(RecipeError, match="exactly two models besides the base model, got 1"):
+        from mergekit_mlx.plan import make_plan
+        from mergekit_mlx.recipe import load_recipe
+
+        make_plan(load_recipe(recipe))

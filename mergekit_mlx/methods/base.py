@@ -66,8 +66,9 @@ class Method:
     # every input element reaches the output arithmetically, so a NaN/Inf input shows in the output
     propagates_nonfinite: bool = False
     doc: str = ""
-    # check(shared, per_input_params) -> an error string when parameters clash, checked at plan time
-    check: Optional[Callable[[dict[str, Any], dict[str, Any]], Optional[str]]] = None
+    # check(shared, per_input, base) -> (input position or None for shared, message) when the resolved
+    # parameters of one tensor cannot work together; the planner calls it before any tensor is read
+    check: Optional[Callable[[dict[str, Any], list[dict[str, Any]], Optional[int]], Optional[tuple[Optional[int], str]]]] = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -32,6 +32,13 @@ def passthrough(inputs: MergeInputs) -> mx.array:
     return x if scale is None else (float32(x) * scale).astype(x.dtype)
 
 
+def check_linear(shared: dict, per_input: list[dict], base) -> Optional[tuple[None, str]]:
+    total = sum(p["weight"] for p in per_input)
+    if shared["normalize"] and abs(total) < 1e-8:
+        return None, f"the weights sum to {total:g}, so normalize: true would divide by zero; change them or set normalize: false"
+    return None
+
+
 METHODS = [
     Method(
         "linear",
@@ -42,6 +49,7 @@ METHODS = [
         ),
         base="optional",
         propagates_nonfinite=True,
+        check=check_linear,
         doc="Weighted average sum(w_i * x_i), divided by sum(w_i) when normalize (default true).",
     ),
     Method(

@@ -7,6 +7,8 @@ multislerp describes, not what its code returns: see `multislerp`'s doc.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 
 from ..errors import RecipeError
@@ -47,6 +49,13 @@ def nuslerp_tensors(t: float, v0: mx.array, v1: mx.array, row_wise: bool, flatte
     if not flatten and row_wise and out.ndim > 1:
         out = mx.swapaxes(out, 0, -1)
     return out.reshape(shape)
+
+
+def check_nuslerp(shared: dict, per_input: list[dict], base: Optional[int]) -> Optional[tuple[None, str]]:
+    others = len(per_input) - (base is not None)
+    if others != 2:
+        return None, f"nuslerp merges exactly two models besides the base model, got {others}"
+    return None
 
 
 def nuslerp(inputs: MergeInputs) -> mx.array:
@@ -201,6 +210,7 @@ METHODS = [
         base="optional",
         min_inputs=2,
         max_inputs=3,
+        check=check_nuslerp,
         doc=(
             "Slerp between exactly two models with t = w1 / (w0 + w1) (0.5 when the weights sum to ~0). "
             "With a base model it slerps the task vectors and adds the base back. nuslerp_flatten (default) "

@@ -177,9 +177,10 @@ def _make(f: Family) -> Method:
     def merge(inputs: MergeInputs) -> mx.array:
         return task_merge(inputs, f)
 
-    def check(shared: dict, p: dict) -> Optional[str]:
-        if f.sparsify == "della" and 0 < p["density"] < 1 and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1:
-            return f"density +/- epsilon must lie in (0, 1); got density {p['density']:g}, epsilon {p['epsilon']:g}"
+    def check(shared: dict, per_input: list[dict], base: Optional[int]):
+        for i, p in enumerate(per_input):
+            if f.sparsify == "della" and i != base and 0 < p["density"] < 1 and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1:
+                return i, f"density +/- epsilon must lie in (0, 1); got density {p['density']:g}, epsilon {p['epsilon']:g}"
         return None
 
     return Method(
