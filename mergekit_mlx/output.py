@@ -207,12 +207,13 @@ def write_output(
         wants = getattr(writer, "wants", lambda name: True)
         # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
         written = getattr(writer, "written", None) if resumable else None
+        checksums = getattr(writer, "checksums", {})  # computed while writing, when the writer can
 
         def save_state() -> None:
             if written is not None:
                 for f in written:
                     if f not in done:
-                        done[f] = _sha256(tmp / f)
+                        done[f] = checksums.get(f) or _sha256(tmp / f)
             _write_json_atomic(state_path, {"fingerprint": fingerprint, "shards": done})
 
         save_state()

@@ -9,9 +9,12 @@ after `finish`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -75,7 +78,15 @@ def shard_file_names(count: int) -> list[str]:
 
 
 class SafetensorsWriter:
-    """Hugging Face layout: model(-0000i-of-0000n).safetensors + model.safetensors.index.json + config."""
+    """Hugging Face layout: model(-0000i-of-0000n).safetensors + model.safetensors.index.json + config.
+
+    Shards are streamed: a shard's file is opened with room for its header when its first tensor
+    arrives, each tensor's bytes are appended as it arrives (so memory never holds a shard), and
+    the header is written last, for the tensors actually written. A shard gets its final name
+    only when complete. The SHA-256 of every shard but the last is computed while it is written
+    (`checksums`) for the resume state; the last shard is closed by `finish`, after which the
+    state is no longer needed.
+    """
 
     def __init__(
         self,
@@ -90,10 +101,12 @@ class SafetensorsWriter:
         self.shards = plan_shards(tensors, max_shard_bytes)
         self.files = shard_file_names(len(self.shards))
         self.shard_of = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
-        self.pending: dict[int, dict[str, mx.array]] = {}
+        self.pending: dict[int, set[str]] = {}  # shard -> names that have arrived, while it is open
+        self.open: dict[int, _ShardFile] = {}
         # shards already complete on disk (resume): their tensors are accepted and dropped
         self.skip = skip_shards or set()
         self.written: list[str] = []
+        self.checksums: dict[str, str] = {}
 
     def wants(self, name: str) -> bool:
         """False for tensors whose shard is already on disk (a resumed merge need not compute them)."""
@@ -103,21 +116,43 @@ class SafetensorsWriter:
         i = self.shard_of[name]
         if self.files[i] in self.skip:
             return
-        shard = self.pending.setdefault(i, {})
-        shard[name] = array
-        if len(shard) == len(self.shards[i]):
-            self._write(i, self.pending.pop(i))
+        arrived = self.pending.setdefault(i, set())
+        arrived.add(name)
+        self._write(i, {name: array})
+        if len(arrived) == len(self.shards[i]) and i != len(self.shards) - 1:
+            self._close(i)
 
     def _write(self, i: int, arrays: dict[str, mx.array]) -> None:
-        tmp = self.out_dir / ("incomplete-" + self.files[i])  # mx.save_safetensors insists on the suffix
-        mx.save_safetensors(str(tmp), arrays, metadata={"format": "pt"})
-        tmp.rename(self.out_dir / self.files[i])  # a shard's final name means it is complete
+        """Append tensors to shard i's file (opened on its first tensor)."""
+        f = self.open.get(i)
+        if f is None:
+            f = self.open[i] = _ShardFile(
+                self.out_dir / ("incomplete-" + self.files[i]), self.shards[i], checksum=i != len(self.shards) - 1
+            )
+        for name, array in arrays.items():
+            f.append(name, array)
+
+    def _close(self, i: int) -> None:
+        f = self.open.pop(i, None) or _ShardFile(self.out_dir / ("incomplete-" + self.files[i]), self.shards[i])
+        self.pending.pop(i, None)
+        digest = f.close()
+        f.path.rename(self.out_dir / self.files[i])  # a shard's final name means it is complete
+        if digest is not None:
+            self.checksums[self.files[i]] = digest
         self.written.append(self.files[i])
 
     def finish(self) -> None:
-        if self.pending:
-            missing = [t.name for i in self.pending for t in self.shards[i] if t.name not in self.pending[i]]
+        missing = [
+            t.name
+            for i, shard in enumerate(self.shards)
+            if self.files[i] not in self.skip and self.files[i] not in self.written
+            for t in shard
+            if t.name not in self.pending.get(i, ())
+        ]
+        if missing:
             raise RuntimeError(f"merge ended with tensors never produced: {missing[:5]}")
+        for i in sorted(self.pending):
+            self._close(i)
         if len(self.files) > 1:
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {
@@ -126,6 +161,102 @@ class SafetensorsWriter:
             }
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         write_config(self.out_dir, self.config)
+
+
+class _ShardFile:
+    """One safetensors file written front to back: reserved header, tensors in arrival order, header.
+
+    The header is reserved for the planned tensors (plus slack) and rewritten at close from the
+    tensors written, padded with spaces as the format allows. When the planned header is the final
+    one (the usual case) the checksum is computed on the fly; otherwise at close, from the file.
+    """
+
+    METADATA = {"format": "pt"}
+
+    def __init__(self, path: Path, planned: list[OutputTensor], checksum: bool = False):
+        self.path = path
+        self.planned = planned
+        self.entries: dict[str, dict] = {}
+        self.size = 0  # data bytes written
+        head = _safetensors_header([(t.name, t.dtype, t.shape, t.nbytes) for t in planned], self.METADATA)
+        self.reserved = _round_up(len(head) + 64 * len(planned) + 256, 8)
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * (8 + self.reserved))
+        self.hash = None
+        if checksum:
+            self.hash = hashlib.sha256()
+            self.hash.update(_header_bytes(head, self.reserved))
+
+    def append(self, name: str, array: mx.array) -> None:
+        mx.eval(array)
+        view = memoryview(array)
+        if not view.c_contiguous:  # a transposed or broadcast view: write it in row-major order
+            array = mx.contiguous(array)
+            mx.eval(array)
+            view = memoryview(array)
+        data = view.cast("B") if array.nbytes else b""
+        self.file.write(data)
+        if self.hash is not None:
+            self.hash.update(data)
+        self.entries[name] = {
+            "dtype": safetensors_code(array.dtype),
+            "shape": list(array.shape),
+            "data_offsets": [self.size, self.size + array.nbytes],
+        }
+        self.size += array.nbytes
+
+    def close(self) -> Optional[str]:
+        """Write the final header; returns the file's SHA-256 when it was asked for."""
+        head = json.dumps({"__metadata__": self.METADATA, **self.entries}, separators=(",", ":")).encode()
+        planned = [t.name for t in self.planned]
+        if len(head) <= self.reserved:
+            self.file.seek(0)
+            self.file.write(_header_bytes(head, self.reserved))
+            self.file.close()
+        else:  # the tensors outgrew the reserved header (shapes unlike the plan): move the data
+            self.file.close()
+            _rewrite_with_header(self.path, head, 8 + self.reserved)
+        if self.hash is None:
+            return None
+        if list(self.entries) == planned and all(
+            self.entries[t.name]["shape"] == list(t.shape) and self.entries[t.name]["dtype"] == safetensors_code(t.dtype)
+            for t in self.planned
+        ):
+            return self.hash.hexdigest()
+        return _file_sha256(self.path)
+
+
+def _safetensors_header(tensors: list[tuple[str, mx.Dtype, tuple, int]], metadata: dict) -> bytes:
+    entries, offset = {}, 0
+    for name, dtype, shape, nbytes in tensors:
+        entries[name] = {"dtype": safetensors_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+
+
+def _header_bytes(head: bytes, reserved: int) -> bytes:
+    return struct.pack("<Q", reserved) + head + b" " * (reserved - len(head))
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _rewrite_with_header(path: Path, head: bytes, data_start: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(_header_bytes(head, _round_up(len(head), 8)))
+        src.seek(data_start)
+        shutil.copyfileobj(src, dst, 1 << 24)
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_config(out_dir: Path, config: dict) -> None:
