@@ -132,18 +132,19 @@ class Run:
     tool: str
     wall: Optional[float] = None
     rss: Optional[int] = None  # bytes
+    cpu: Optional[float] = None  # user + system seconds of the child
     note: str = ""
 
 
-def run_child(cmd: list[str], log: Path, env: Optional[dict] = None) -> tuple[float, int, int]:
-    """Run cmd; returns (wall seconds, peak RSS bytes of the child, exit code)."""
+def run_child(cmd: list[str], log: Path, env: Optional[dict] = None) -> tuple[float, int, float, int]:
+    """Run cmd; returns (wall seconds, peak RSS bytes, CPU seconds of the child, exit code)."""
     with open(log, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss * 1024, proc.returncode
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, proc.returncode
 
 
 def find_mergekit(explicit: Optional[str]) -> Optional[str]:
@@ -249,13 +250,13 @@ def main() -> None:
             for i in range(int(args.warmup) + args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 read_into_cache(inputs)  # the page cache here is reclaimed proactively: refill it per run
-                wall, rss, code = run_child(cmd, log)
+                wall, rss, cpu, code = run_child(cmd, log)
                 if code != 0:
                     r.note = f"failed (exit {code}), see {log}"
                     break
                 if i >= int(args.warmup) and (r.wall is None or wall < r.wall):
-                    r.wall, r.rss = wall, rss
-            print(f"  {method:16s} {tool:9s} " + (f"{r.wall:7.2f} s  {r.rss / 1e9:5.2f} GB" if r.wall else r.note), flush=True)
+                    r.wall, r.rss, r.cpu = wall, rss, cpu
+            print(f"  {method:16s} {tool:9s} " + (f"{r.wall:7.2f} s  {r.rss / 1e9:5.2f} GB  cpu {r.cpu:6.2f} s" if r.wall else r.note), flush=True)
             runs.append(r)
             outs[tool] = out
         if args.compare and len(outs) == 2 and all(r.wall for r in runs[-2:]):
@@ -271,13 +272,13 @@ def main() -> None:
     for n in notes:
         print(f"Note: {n}")
     print()
-    print("| method | tool | wall s | peak RSS GB | GB/s | of floor | speed-up vs mergekit | RSS vs mergekit | note |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| method | tool | wall s | CPU s | peak RSS GB | GB/s | of floor | speed-up vs mergekit | RSS vs mergekit | note |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     ref = {r.method: r for r in runs if r.tool == "mergekit" and r.wall}
     for r in runs:
         read, written = sizes[r.method]
         if r.wall is None:
-            print(f"| {r.method} | {r.tool} | - | - | - | - | - | - | {r.note} |")
+            print(f"| {r.method} | {r.tool} | - | - | - | - | - | - | - | {r.note} |")
             continue
         moved = read + written
         floor = moved / bw
@@ -285,7 +286,7 @@ def main() -> None:
         speed = f"{mk.wall / r.wall:.1f}x" if mk else "-"
         rss = f"{100 * r.rss / mk.rss:.0f}%" if mk else "-"
         name = "mergekit 0.1.5" if r.tool == "mergekit" else "mergekit-mlx"
-        print(f"| {r.method} | {name} | {r.wall:.2f} | {r.rss / 1e9:.2f} | {moved / r.wall / 1e9:.2f} | "
+        print(f"| {r.method} | {name} | {r.wall:.2f} | {r.cpu:.1f} | {r.rss / 1e9:.2f} | {moved / r.wall / 1e9:.2f} | "
               f"{floor / r.wall:.2f} | {speed} | {rss} | {r.note} |")
 
 

@@ -344,9 +344,34 @@ def merge_task(
     out = out.astype(task.out.dtype) if out.dtype != task.out.dtype else out
     # a method that drops elements (top-k, random masks) could hide a NaN input: check its inputs too
     watched = [out] if plan.method.propagates_nonfinite else [out, *tensors]
-    flags = [mx.all(mx.isfinite(x)) for x in watched if mx.issubdtype(x.dtype, mx.floating)]
+    flags = [all_finite(x) for x in watched if mx.issubdtype(x.dtype, mx.floating)]
     ok = mx.all(mx.stack(flags)) if flags else mx.array(True)
     return out, ok
+
+
+# float dtype -> (unsigned integer of its width, its exponent bits)
+_EXPONENT_BITS = {
+    mx.bfloat16: (mx.uint16, 0x7F80),
+    mx.float16: (mx.uint16, 0x7C00),
+    mx.float32: (mx.uint32, 0x7F800000),
+    mx.float64: (mx.uint64, 0x7FF0000000000000),
+}
+
+
+def all_finite(x: mx.array) -> mx.array:
+    """True when x holds no NaN or Inf: no element has an all-ones exponent.
+
+    On integers (a mask and an integer max) this costs a tenth of mx.all(mx.isfinite(x)) on
+    the CPU, where it would otherwise take as long as the merge itself.
+    """
+    spec = _EXPONENT_BITS.get(x.dtype)
+    if spec is None:
+        return mx.all(mx.isfinite(x))
+    if x.size == 0:
+        return mx.array(True)
+    udtype, bits = spec
+    exponent = mx.array(bits, dtype=udtype)
+    return mx.max(x.view(udtype) & exponent) < exponent
 
 
 def _report_nonfinite(plan: Plan, task: TensorTask, opts: MergeOptions, inputs: Optional[list[mx.array]] = None) -> None:
