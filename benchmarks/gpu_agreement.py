@@ -62,6 +62,19 @@ def main() -> int:
             cm = on(mx.cpu, lambda: kernels.topk_mask(x, k))
             record(f"topk_mask {name} k={k}", mx.array_equal(gm, cm).item(), f"{int(gm.sum().item())} kept")
 
+    # the selection's other paths on purpose: k-th strictly between splitters (a collecting pass),
+    # and a bracket that misses (the radix fallback)
+    gpu = kernels._gpu_backend()
+    for override in ("between", "outside"):
+        g = kernels._gpu_select(gpu, others, base, [n // 100, n // 2, n - 7], override)[0]
+        with mx.stream(mx.cpu):
+            b32 = base.astype(mx.float32)
+            c = [kernels._select_fallback(kernels._delta_bits(o, b32), k)
+                 for o, k in zip(others, [n // 100, n // 2, n - 7])]
+            same = all(int(a.t.item()) == int(b.t.item()) and int(a.cut.item()) == int(b.cut.item())
+                       for a, b in zip(g, c))
+        record(f"selection forced '{override}', 3 task vectors", same, "t and cut per model")
+
     for p in (0.1, 0.5, 0.9):
         g = on(mx.gpu, lambda: kernels.keep_mask(42, kernels.stream_id("w", 1), (n,), p))
         c = on(mx.cpu, lambda: kernels.keep_mask(42, kernels.stream_id("w", 1), (n,), p))

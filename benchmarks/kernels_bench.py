@@ -104,11 +104,26 @@ def main() -> None:
     def select(gpu_flag):
         def run():
             gpu = kernels._gpu_backend() if gpu_flag else None
-            plans = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+            plans, _ = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
             return [a for p in plans for a in (p.t, p.cut)]
         return run
 
     row(f"ties selection only ({K} models)", timed(select(True), reps), timed(select(False), reps), 2 * n * (K + 1))
+
+    gpu = kernels._gpu_backend()
+    if gpu is not None:  # the merge pass alone, on a selection made beforehand
+        plans, rows = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+        mx.eval(rows)
+        div = kernels._plain_divisor([1.0 / K] * K)
+
+        def merge_pass():
+            return kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, rows)
+
+        plain_merge = timed(lambda: kernels.fused_task_merge(
+            base, others, [1.0 / K] * K, densities=[1.0] * K, lam=1.0, sparsify=None, consensus="sum",
+            normalize=True, rescale=False), reps)
+        row("ties merge pass only (selection done)", timed(merge_pass, reps), plain_merge, merge_bytes,
+            "compiled graph, no sparsification")
 
     out_f, in_f = 14336, 4096
     t, s = bitnet.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))

@@ -4,6 +4,8 @@
 #define INLINE __device__ __forceinline__
 #undef AS_U32
 #define AS_U32(f) __float_as_uint(f)
+#undef AS_F32
+#define AS_F32(u) __uint_as_float(u)
 #undef FABS
 #define FABS(x) fabsf(x)
 // explicit rounding: no contraction into fma, the same results as the CPU's separate ops
@@ -41,3 +43,29 @@ INLINE float mk_warp_sum(float x) {
 #define SIMD_SUM(x) mk_warp_sum(x)
 #undef UNROLL
 #define UNROLL _Pragma("unroll")
+// eight consecutive elements in one or two 16-byte transactions (p + i 16-byte aligned)
+template <typename U>
+struct alignas(16) mk_vec8 {
+  U v[8];
+};
+template <typename U>
+INLINE void mk_load8(const U* p, uint32_t i, float* o) {
+  const mk_vec8<U> t = *reinterpret_cast<const mk_vec8<U>*>(p + i);
+  UNROLL for (int j = 0; j < 8; ++j) {
+    o[j] = static_cast<float>(t.v[j]);
+  }
+}
+template <typename U>
+INLINE void mk_store8(U* p, uint32_t i, const float* v) {
+  mk_vec8<U> t;
+  UNROLL for (int j = 0; j < 8; ++j) {
+    t.v[j] = static_cast<U>(v[j]);
+  }
+  *reinterpret_cast<mk_vec8<U>*>(p + i) = t;
+}
+#undef MK_ALIGNED16
+#define MK_ALIGNED16(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
+#undef MK_LOAD8
+#define MK_LOAD8(p, i, o) mk_load8((p), (i), (o))
+#undef MK_STORE8
+#define MK_STORE8(p, i, v) mk_store8((p), (i), (v))

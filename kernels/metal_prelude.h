@@ -7,6 +7,8 @@ using namespace metal;
 #define INLINE inline
 #undef AS_U32
 #define AS_U32(f) as_type<uint>(f)
+#undef AS_F32
+#define AS_F32(u) as_type<float>(u)
 #undef FABS
 #define FABS(x) metal::fabs(x)
 #undef FMUL
@@ -40,3 +42,16 @@ using namespace metal;
 #define SIMD_SUM(x) simd_sum(x)
 #undef UNROLL
 #define UNROLL _Pragma("clang loop unroll(full)")
+// eight consecutive elements: plain loads (Apple GPUs coalesce them; no alignment needed)
+#undef MK_ALIGNED16
+#define MK_ALIGNED16(p) true
+#undef MK_LOAD8
+#define MK_LOAD8(p, i, o) \
+  for (uint mk_j = 0; mk_j < 8u; ++mk_j) { \
+    (o)[mk_j] = static_cast<float>((p)[(i) + mk_j]); \
+  }
+#undef MK_STORE8
+#define MK_STORE8(p, i, v) \
+  for (uint mk_j = 0; mk_j < 8u; ++mk_j) { \
+    (p)[(i) + mk_j] = static_cast<T>((v)[mk_j]); \
+  }

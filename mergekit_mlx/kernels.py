@@ -15,13 +15,16 @@ Documented rules (every backend follows them):
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 _ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
 _enabled_override: Optional[bool] = None
@@ -194,7 +197,7 @@ def magnitude_threshold(x: mx.array, k: int) -> mx.array:
     k = min(max(int(k), 1), n)
     gpu = _gpu_backend()
     if gpu is not None:
-        out = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0].t)
+        out = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0][0].t)
         if out is not None:
             return out.view(mx.float32)
     bits = _abs_bits(x)
@@ -213,7 +216,7 @@ def topk_mask(x: mx.array, k: int) -> mx.array:
     sel = None
     gpu = _gpu_backend()
     if gpu is not None:
-        sel = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0])
+        sel = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0][0])
     bits = _abs_bits(x)
     if sel is None:
         sel = _select_fallback(bits, k)
@@ -239,9 +242,11 @@ class _ModelPlan:
     keys: tuple[int, int]
     p: float
     scale: mx.array  # float32: rescale factor (1 when not rescaling)
+    row: int = 0  # GPU: this model's row in the [t, cut] array of the magnitude selections
 
 
 _KEEP_ALL, _KEEP_NONE, _MAGNITUDE, _RANDOM = 0, 1, 2, 3
+_ONE_F32 = mx.array(1.0, dtype=mx.float32)  # the scale of a model that is not rescaled
 
 
 def _plan_models(
@@ -253,11 +258,12 @@ def _plan_models(
     seed: int,
     streams: list[int],
     gpu: Optional[str],
-) -> list[_ModelPlan]:
+) -> tuple[list[_ModelPlan], Optional[mx.array]]:
+    """The per-model plans, and on the GPU the (magnitude models, 2) uint32 array of [t, cut]."""
     n = base.size
     zero_u = mx.array(0, dtype=mx.uint32)
     zero_i = mx.array(0, dtype=mx.uint32)
-    one_f = mx.array(1.0, dtype=mx.float32)
+    one_f = _ONE_F32
     plans: list[_ModelPlan] = []
     for i in range(len(others)):
         d = float(densities[i])
@@ -269,29 +275,32 @@ def _plan_models(
         plans.append(_ModelPlan(mode, zero_u, zero_i, _stream_keys(seed, streams[i]), d, one_f))
 
     mag = [i for i, p in enumerate(plans) if p.mode == _MAGNITUDE]
+    sel_rows = None
     if mag:
         ks = [max(1, int(densities[i] * n)) for i in mag]
         sels = None
         if gpu is not None:
-            sels = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [others[i] for i in mag], base, ks))
+            got = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [others[i] for i in mag], base, ks))
+            if got is not None:
+                sels, sel_rows = got
         if sels is None:
             b32 = base.astype(mx.float32)
             sels = [_select_fallback(_delta_bits(others[i], b32), k) for i, k in zip(mag, ks)]
-        for i, s in zip(mag, sels):
-            plans[i].t, plans[i].cut = s.t, s.cut
+        for r, (i, s) in enumerate(zip(mag, sels)):
+            plans[i].t, plans[i].cut, plans[i].row = s.t, s.cut, r
 
     if rescale:
         todo = [i for i, p in enumerate(plans) if p.mode in (_MAGNITUDE, _RANDOM)]
         if todo:
             sums = None
             if gpu is not None:
-                sums = _gpu_call(gpu, "l1", lambda: _gpu_l1(gpu, base, others, plans, todo))
+                sums = _gpu_call(gpu, "l1", lambda: _gpu_l1(gpu, base, others, plans, todo, sel_rows))
             if sums is None:
                 sums = [_l1_fallback(base, others[i], plans[i]) for i in todo]
             for i, (before, after) in zip(todo, sums):
                 ok = (before >= 1e-7) & (after >= 1e-7)
                 plans[i].scale = mx.where(ok, before / mx.where(ok, after, 1.0), 1.0).astype(mx.float32)
-    return plans
+    return plans, sel_rows
 
 
 @mx.compile
@@ -403,10 +412,11 @@ def _combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
 
 
 def _plain_divisor(weights: list[float]) -> float:
-    s = mx.array(0.0, dtype=mx.float32)
+    # float32 adds in order, on the host (numpy rounds each add as MLX does): no device sync
+    s = np.float32(0.0)
     for w in weights:
-        s = s + mx.array(w, dtype=mx.float32)
-    v = s.item()
+        s = np.float32(s + np.float32(w))
+    v = float(s)
     return 1.0 if abs(v) < 1e-8 else v
 
 
@@ -447,14 +457,14 @@ def fused_task_merge(
     gpu = _gpu_backend()
     if sparsify is None:  # nothing to select or draw: the compiled graph is as fast as a kernel
         gpu = None
-    plans = _plan_models(base, others, sparsify, densities, rescale, seed, streams, gpu)
+    plans, sel_rows = _plan_models(base, others, sparsify, densities, rescale, seed, streams, gpu)
     weights = [float(w) for w in weights]
     divisor = _plain_divisor(weights)
     if gpu is not None:
         out = _gpu_call(
             gpu, "merge",
             lambda: _gpu_merge(gpu, base, others, weights, plans, consensus is not None,
-                               normalize, lam, divisor),
+                               normalize, lam, divisor, sel_rows),
         )
         if out is not None:
             return out
@@ -476,6 +486,10 @@ _TG = 256  # threads per threadgroup for the reduction kernels
 _MAX_GROUPS = 1024  # grid of the grid-stride kernels (fixed: partial sums stay reproducible)
 _MAX_KM = 3  # tensors per selection launch (their histograms share threadgroup memory)
 _DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, bits): bits 30..20, 19..9, 8..0 of |x| (bit 31 is 0)
+_SAMPLE = 4096  # sampled elements per tensor: one threadgroup of MLX's sort, and 2**12 strata
+_SPLITTERS = 256  # splitters per tensor in the selection pass (a power of two)
+_SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sampled rank
+_OK, _BETWEEN, _OUTSIDE = 1, 2, 3  # select_resolve's statuses
 _checked: dict[str, bool] = {}
 _warned: set[str] = set()
 
@@ -527,12 +541,25 @@ def kernel_source(name: str, backend_name: str) -> tuple[str, str]:
 
 
 def _model_macros(km: int, has_base: bool, backend_name: str) -> str:
-    """BASEF(i) and XF(m, i): float loads of the base and of model m (m a compile-time index)."""
+    """Loads of the base and of model m (m a compile-time index after unrolling):
+    BASEF(i) and XF(m, i) one float; BLOAD8(i, o) and XLOAD8(m, i, o) eight floats from i
+    (i a multiple of 8, with INPUTS_ALIGNED true on every input: 16-byte loads on CUDA)."""
     chain = f"LOADF(x{km - 1}, i)"
     for m in range(km - 2, -1, -1):
         chain = f"((m) == {m} ? LOADF(x{m}, i) : {chain})"
-    base = "LOADF(base, i)" if has_base else "0.0f"
-    return f"#define BASEF(i) {base}\n#define XF(m, i) {chain}\n"
+    load8 = f"MK_LOAD8(x{km - 1}, i, o);"
+    for m in range(km - 2, -1, -1):
+        load8 = f"if ((m) == {m}) {{ MK_LOAD8(x{m}, i, o); }} else {{ {load8} }}"
+    names = (["base"] if has_base else []) + [f"x{m}" for m in range(km)]
+    lines = [
+        f"#define BASEF(i) {'LOADF(base, i)' if has_base else '0.0f'}",
+        f"#define XF(m, i) {chain}",
+        f"#define XLOAD8(m, i, o) {{ {load8} }}",
+        "#define BLOAD8(i, o) " + ("{ MK_LOAD8(base, i, o); }" if has_base
+                                   else "{ for (int mk_b = 0; mk_b < 8; ++mk_b) { (o)[mk_b] = 0.0f; } }"),
+        "#define INPUTS_ALIGNED (" + " && ".join(f"MK_ALIGNED16({a})" for a in names) + ")",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @lru_cache(maxsize=None)
@@ -597,6 +624,22 @@ def _common_dtype(arrays: list[mx.array]) -> list[mx.array]:
     return [a.astype(mx.float32) for a in arrays]
 
 
+@lru_cache(maxsize=512)
+def _const_u32(words: tuple[int, ...]) -> mx.array:
+    """A uint32 parameter array, kept: after its first use it stays in GPU memory, so repeated
+    calls with the same parameters (every tensor of a shape in a TIES merge) move nothing."""
+    return mx.array(np.array(words, dtype=np.uint32))
+
+
+@lru_cache(maxsize=64)
+def _ones_f32(k: int) -> mx.array:
+    return mx.ones((k,), dtype=mx.float32)
+
+
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(v)))[0]
+
+
 def _gpu_uniform(gpu: str, seed: int, stream: int, n: int) -> mx.array:
     k0, k1 = _stream_keys(seed, stream)
     up = mx.array([n, k0, k1], dtype=mx.uint32)
@@ -605,8 +648,131 @@ def _gpu_uniform(gpu: str, seed: int, stream: int, n: int) -> mx.array:
                 output_dtypes=[mx.float32])[0]
 
 
-def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int]) -> list[_Selection]:
-    """Exact top-k of |x_m - base| for each m: three histogram passes over the float bits."""
+# --- exact magnitude selection: sample, one counting pass, resolve (kernels/select_*.inc)
+
+
+def _bracket(n: int, k: int, s: int) -> tuple[int, int, int]:
+    """Ascending sample positions (p_lo, p_hi) around the k-th largest of n, and open-side flags
+    (1: no lower bound, 2: no upper bound): the k-th lies between them unless the sampled rank is
+    off by more than _SIGMAS binomial standard deviations (then the exact fallback runs)."""
+    q = k / n
+    centre = (n - k) * s / n
+    half = _SIGMAS * math.sqrt(s * q * (1.0 - q)) + 3.0
+    lo, hi, flags = math.floor(centre - half), math.ceil(centre + half), 0
+    if lo <= 0:
+        lo, flags = 0, flags | 1
+    if hi >= s - 1:
+        hi, flags = s - 1, flags | 2
+    return lo, hi, flags
+
+
+def _select_chunk(n: int) -> int:
+    """Elements per threadgroup of the selection pass: a multiple of 2048, at most 2048 chunks."""
+    return 2048 * max(1, -(-n // (2048 * 2048)))
+
+
+def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int],
+                   override: Optional[str] = None) -> tuple[mx.array, mx.array]:
+    """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2)), all lazy.
+    override 'outside' / 'between' forces those outcomes (to check the paths that follow)."""
+    n = flats[0].size
+    km = len(flats) - int(has_base)
+    s = min(_SAMPLE, n)
+    ch = _select_chunk(n)
+    chunks = -(-n // ch)
+    words = [n, s, ch, chunks]
+    for k in ks:
+        if override is None:
+            lo, hi, flags = _bracket(n, k, s)
+        else:  # every splitter the sample's minimum (and the top one open for 'between')
+            lo, hi, flags = 0, 0, (2 if override == "between" else 0)
+        words += [lo, hi, flags, k]
+    up = _const_u32(tuple(words))
+    smp = _kernel("select_sample", gpu, km, has_base, inputs=("up",), outputs=("smp",))(
+        inputs=flats + [up], template=[("KM", km)], grid=(-(-s // _TG) * _TG, 1, 1), threadgroup=(_TG, 1, 1),
+        output_shapes=[(km * s,)], output_dtypes=[mx.uint32])[0]
+    srt = mx.sort(smp.reshape(km, s), axis=-1).reshape(-1)
+    g = _SPLITTERS
+    tot, above, tab = _kernel("select_pass", gpu, km, has_base, atomic=True, inputs=("srt", "up"),
+                              outputs=("tot", "above", "tab"))(
+        inputs=flats + [srt, up], template=[("KM", km), ("G", g)], grid=(chunks * _TG, 1, 1),
+        threadgroup=(_TG, 1, 1), output_shapes=[(km * 2 * g,), (km,), (km * chunks * g,)],
+        output_dtypes=[mx.uint32] * 3, init_value=0)
+    res, tc = _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tot", "above", "tab"),
+                      outputs=("res", "tc"))(
+        inputs=flats + [srt, up, tot, above, tab], template=[("KM", km), ("G", g), ("TG", _TG)],
+        grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (km * 2,)],
+        output_dtypes=[mx.uint32] * 2)
+    return res, tc
+
+
+def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[tuple[int, list[int]]],
+                    n: int) -> dict[int, _Selection]:
+    """For tensors whose k-th value lies strictly between two splitters: collect the elements in
+    that bit range (one pass, exact count known), then the exact pick among them."""
+    base_l = flats[:1] if has_base else []
+    xs = flats[int(has_base):]
+    words, offset = [n, 0, 0, 0], 0
+    for m, r in todo:
+        words += [r[3], r[4], offset, 0]
+        offset += r[5]
+    km = len(todo)
+    kb, ki, _ = _kernel("select_collect", gpu, km, has_base, atomic=True, inputs=("up",),
+                        outputs=("kb", "ki", "ctr"))(
+        inputs=base_l + [xs[m] for m, _ in todo] + [_const_u32(tuple(words))], template=[("KM", km)],
+        grid=(_stride_grid(-(-n // 8), 2), 1, 1), threadgroup=(_TG, 1, 1),
+        output_shapes=[(offset,), (offset,), (km,)], output_dtypes=[mx.uint32] * 3, init_value=0)
+    out, offset = {}, 0
+    for m, r in todo:
+        cnt, rank = r[5], r[6]
+        b, i = kb[offset:offset + cnt], ki[offset:offset + cnt]
+        offset += cnt
+        t = mx.sort(b)[cnt - rank]  # the rank-th largest in the range
+        need = rank - (b > t).astype(mx.int32).sum()  # ties at t to keep
+        eq = b == t
+        ties = eq.astype(mx.int32).sum()
+        order = mx.sort(mx.where(eq, i, mx.array(_MASK32, dtype=mx.uint32)))
+        cut = mx.where(need == ties, mx.array(n - 1, dtype=mx.uint32), mx.take(order, need - 1))
+        out[m] = _Selection(t, cut.astype(mx.uint32))
+    return out
+
+
+def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int],
+                override: Optional[str] = None) -> tuple[list[_Selection], mx.array]:
+    """Exact top-k of |x_m - base| for each m: the selections, and their [t, cut] rows as one
+    (len(xs), 2) uint32 array. One read of the inputs and one host sync in the common case."""
+    n = xs[0].size
+    groups = []
+    for g in range(0, len(xs), _MAX_KM):
+        flats = [a.reshape(-1) for a in _common_dtype(([base] if base is not None else []) + list(xs[g:g + _MAX_KM]))]
+        groups.append((flats, *_select_launch(gpu, flats, base is not None, ks[g:g + _MAX_KM], override)))
+    mx.eval(*[res for _, res, _ in groups])  # the one sync: which path each tensor takes
+    sels: list[_Selection] = []
+    all_ok = True
+    for g, (flats, res, tc) in enumerate(groups):
+        info = res.tolist()
+        km = len(flats) - int(base is not None)
+        rows = [info[8 * m: 8 * m + 8] for m in range(km)]
+        between = [(m, r) for m, r in enumerate(rows) if r[0] == _BETWEEN]
+        outside = [m for m, r in enumerate(rows) if r[0] not in (_OK, _BETWEEN)]
+        done = _select_between(gpu, flats, base is not None, between, n) if between else {}
+        if outside:  # the sample missed: the three-pass radix select for these tensors
+            redo = _gpu_select_radix(gpu, [xs[g * _MAX_KM + m] for m in outside], base,
+                                     [ks[g * _MAX_KM + m] for m in outside])
+            done.update(zip(outside, redo))
+        all_ok &= not done
+        for m in range(km):
+            sels.append(done[m] if m in done else _Selection(tc[2 * m], tc[2 * m + 1]))
+    if all_ok:
+        rows = mx.concatenate([tc for _, _, tc in groups]) if len(groups) > 1 else groups[0][2]
+    else:
+        rows = mx.stack([mx.stack([s.t.astype(mx.uint32), s.cut.astype(mx.uint32)]) for s in sels]).reshape(-1)
+    return sels, rows
+
+
+def _gpu_select_radix(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int]) -> list[_Selection]:
+    """Exact top-k of |x_m - base| for each m: three histogram passes over the float bits (the
+    fallback when the sample's bracket misses the k-th value)."""
     out: list[_Selection] = []
     n = xs[0].size
     for g in range(0, len(xs), _MAX_KM):
@@ -672,28 +838,42 @@ def _gpu_tie_cuts(gpu, flats, has_base, t, need, cuts, split):
     return cuts
 
 
-def _plan_arrays(plans: list[_ModelPlan], n: int) -> tuple[mx.array, list[mx.array]]:
-    """The uint32 parameter vector [n, per model: mode, t, cut, k0, k1] (lazy where t/cut are)."""
-    parts = [mx.array([n], dtype=mx.uint32)]
-    for p in plans:
-        parts += [mx.array([p.mode], dtype=mx.uint32), p.t.astype(mx.uint32).reshape(1),
-                  p.cut.astype(mx.uint32).reshape(1), mx.array(list(p.keys), dtype=mx.uint32)]
-    return mx.concatenate(parts), parts
+# --- the merge and its L1 sums (kernels/task_merge.inc, l1_sums.inc)
 
 
-def _gpu_l1(gpu, base, others, plans, todo):
+def _task_inputs(base, others, weights, plans, lam, divisor, sel_rows):
+    """(flat inputs, up, sel, scl) in the layout of kernels/task_params.inc."""
+    n = base.size
+    rows = [p.row for p in plans]
+    if sel_rows is None:  # built from the plans' scalars (the first-use checks, CPU-made plans)
+        mag = [i for i, p in enumerate(plans) if p.mode == _MAGNITUDE]
+        for r, i in enumerate(mag):
+            rows[i] = r
+        sel_rows = (mx.stack([mx.stack([plans[i].t.astype(mx.uint32), plans[i].cut.astype(mx.uint32)])
+                              for i in mag]).reshape(-1) if mag else _const_u32((0, 0)))
+    words = [n, _f32_bits(lam), _f32_bits(divisor), 0]
+    for w, p, r in zip(weights, plans, rows):
+        words += [p.mode, r if p.mode == _MAGNITUDE else 0, p.keys[0], p.keys[1], _f32_bits(w), _f32_bits(p.p), 0, 0]
+    if any(p.scale is not _ONE_F32 for p in plans):
+        scl = mx.stack([p.scale.astype(mx.float32).reshape(()) for p in plans])
+    else:
+        scl = _ones_f32(len(plans))
+    flats = [a.reshape(-1) for a in _common_dtype([base] + list(others))]
+    return flats, _const_u32(tuple(words)), sel_rows, scl
+
+
+def _gpu_l1(gpu, base, others, plans, todo, sel_rows=None):
     """(sum |d|, sum of kept |d|) per model in `todo`, from fixed-grid partial sums."""
     n = base.size
     sums = []
     for g in range(0, len(todo), _MAX_KM):
         idx = todo[g:g + _MAX_KM]
         km = len(idx)
-        arrays = _common_dtype([base] + [others[i] for i in idx])
-        up, _ = _plan_arrays([plans[i] for i in idx], n)
-        fp = mx.array([plans[i].p for i in idx], dtype=mx.float32)
-        kern = _kernel("l1_sums", gpu, km, True, inputs=("up", "fp"), outputs=("part",))
-        groups = _groups(n)
-        part = kern(inputs=[a.reshape(-1) for a in arrays] + [up, fp], template=[("KM", km), ("TG", _TG)],
+        flats, up, sel, scl = _task_inputs(base, [others[i] for i in idx], [1.0] * km, [plans[i] for i in idx],
+                                           1.0, 1.0, sel_rows)
+        kern = _kernel("l1_sums", gpu, km, True, inputs=("up", "sel", "scl"), outputs=("part",))
+        groups = _groups(-(-n // 8))
+        part = kern(inputs=flats + [up, sel, scl], template=[("KM", km), ("TG", _TG)],
                     grid=(groups * _TG, 1, 1), threadgroup=(_TG, 1, 1),
                     output_shapes=[(groups * km * 2,)], output_dtypes=[mx.float32])[0]
         tot = part.reshape(groups, km, 2).sum(axis=0)
@@ -701,22 +881,15 @@ def _gpu_l1(gpu, base, others, plans, todo):
     return sums
 
 
-def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor):
+def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows=None):
     n = base.size
     km = len(others)
-    arrays = _common_dtype([base] + list(others))
-    up, _ = _plan_arrays(plans, n)
-    fparts = []
-    for w, p in zip(weights, plans):
-        fparts += [mx.array([w], dtype=mx.float32), p.scale.astype(mx.float32).reshape(1),
-                   mx.array([p.p], dtype=mx.float32)]
-    fparts.append(mx.array([lam, divisor], dtype=mx.float32))
-    fp = mx.concatenate(fparts)
-    kern = _kernel("task_merge", gpu, km, True, inputs=("up", "fp"))
-    out = kern(inputs=[a.reshape(-1) for a in arrays] + [up, fp],
+    flats, up, sel, scl = _task_inputs(base, others, weights, plans, lam, divisor, sel_rows)
+    kern = _kernel("task_merge", gpu, km, True, inputs=("up", "sel", "scl"))
+    out = kern(inputs=flats + [up, sel, scl],
                template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
                          ("NORMALIZE", bool(normalize))],
-               grid=(_stride_grid(n), 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
+               grid=(_stride_grid(-(-n // 8), 2), 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
                output_dtypes=[base.dtype])[0]
     return out.reshape(base.shape)
 
@@ -745,49 +918,65 @@ def _check_uniform(gpu: str) -> bool:
 
 
 def _check_select(gpu: str) -> bool:
+    """Every path of the selection against the CPU: the sampled bracket (ties split at t), the
+    k-th strictly between two splitters (the collecting pass), and a missed bracket (radix)."""
     base, others = _check_inputs()
     n = base.size
     ks = [1, n // 3, n - 5]
-    got = _gpu_select(gpu, others, base, ks) + _gpu_select(gpu, [others[0]], None, [n // 2])
+    x32 = others[0].astype(mx.float32) * 3.0
+    got, want = [], []
+    for override in (None, "between", "outside"):
+        sels, rows = _gpu_select(gpu, others, base, ks, override)
+        got += [(s.t, s.cut) for s in sels] + [(rows[2 * m], rows[2 * m + 1]) for m in range(len(ks))]
+        sels, rows = _gpu_select(gpu, [x32], None, [n // 2], override)
+        got += [(sels[0].t, sels[0].cut), (rows[0], rows[1])]
     with mx.stream(mx.cpu):
         b32 = base.astype(mx.float32)
         ref = [_select_fallback(_delta_bits(o, b32), k) for o, k in zip(others, ks)]
-        ref.append(_select_fallback(_abs_bits(others[0]), n // 2))
-        return all(
-            g.t.item() == r.t.item() and int(g.cut.item()) == int(r.cut.item()) for g, r in zip(got, ref)
-        )
+        ref32 = _select_fallback(_abs_bits(x32), n // 2)
+        for _ in range(3):
+            want += [(r.t, r.cut) for r in ref] * 2 + [(ref32.t, ref32.cut)] * 2
+        return all(int(g[0].item()) == int(w[0].item()) and int(g[1].item()) == int(w[1].item())
+                   for g, w in zip(got, want))
 
 
 def _check_l1(gpu: str) -> bool:
     base, others = _check_inputs(mx.float32)
-    with mx.stream(mx.cpu):
-        plans = _plan_models(base, others, "random", [0.3, 0.5, 0.7], False, 9, [1, 2, 3], None)
-        ref = [_l1_fallback(base, others[i], plans[i]) for i in range(3)]
-    got = _gpu_l1(gpu, base, others, plans, [0, 1, 2])
     ok = True
-    for (gb, ga), (rb, ra) in zip(got, ref):
-        ok &= abs(gb.item() - rb.item()) <= 1e-5 * abs(rb.item()) and abs(ga.item() - ra.item()) <= 1e-5 * abs(ra.item())
+    for sp in ("random", "magnitude"):
+        with mx.stream(mx.cpu):
+            plans, _ = _plan_models(base, others, sp, [0.3, 0.5, 0.7], False, 9, [1, 2, 3], None)
+            ref = [_l1_fallback(base, others[i], plans[i]) for i in range(3)]
+            mx.eval(ref)
+        got = _gpu_l1(gpu, base, others, plans, [0, 1, 2])
+        for (gb, ga), (rb, ra) in zip(got, ref):
+            ok &= abs(gb.item() - rb.item()) <= 1e-5 * abs(rb.item()) and abs(ga.item() - ra.item()) <= 1e-5 * abs(ra.item())
     return ok
 
 
 def _check_merge(gpu: str) -> bool:
-    base, others = _check_inputs(mx.float32)
     ok = True
-    for sp, cons, norm in (("magnitude", True, True), ("random", True, False), (None, False, False)):
-        with mx.stream(mx.cpu):
-            plans = _plan_models(base, others, sp, [0.3, 1.0, 0.6], False, 4, [7, 8, 9], None)
-            ws = [1.0, -0.5, 0.7]
-            div = _plain_divisor(ws)
-            params, sel = [], []
-            for w, p in zip(ws, plans):
-                params += [mx.array(w, dtype=mx.float32), p.scale, mx.array(p.p, dtype=mx.float32)]
-                sel += [p.t, p.cut, _u32(p.keys[0]), _u32(p.keys[1])]
-            params += [mx.array(0.9, dtype=mx.float32), mx.array(div, dtype=mx.float32)]
-            fn = _combine_fn(tuple(p.mode for p in plans), cons, norm)
-            ref = fn(base, mx.arange(base.size, dtype=mx.uint32), mx.stack(params), *others, *sel)
-            mx.eval(ref)
-        got = _gpu_merge(gpu, base, others, ws, plans, cons, norm, 0.9, div)
-        ok &= bool(mx.allclose(got, ref, rtol=1e-6, atol=1e-7).item())
+    for dtype in (mx.float32, mx.bfloat16):
+        base, others = _check_inputs(dtype)
+        for sp, cons, norm in (("magnitude", True, True), ("random", True, False), (None, False, False)):
+            with mx.stream(mx.cpu):
+                plans, _ = _plan_models(base, others, sp, [0.3, 1.0, 0.6], False, 4, [7, 8, 9], None)
+                ws = [1.0, -0.5, 0.7]
+                div = _plain_divisor(ws)
+                params, sel = [], []
+                for w, p in zip(ws, plans):
+                    params += [mx.array(w, dtype=mx.float32), p.scale, mx.array(p.p, dtype=mx.float32)]
+                    sel += [p.t, p.cut, _u32(p.keys[0]), _u32(p.keys[1])]
+                params += [mx.array(0.9, dtype=mx.float32), mx.array(div, dtype=mx.float32)]
+                fn = _combine_fn(tuple(p.mode for p in plans), cons, norm)
+                ref = fn(base, mx.arange(base.size, dtype=mx.uint32), mx.stack(params), *others, *sel)
+                mx.eval(ref)
+            got = _gpu_merge(gpu, base, others, ws, plans, cons, norm, 0.9, div)
+            if dtype == mx.float32:
+                ok &= bool(mx.allclose(got, ref, rtol=1e-6, atol=1e-7).item())
+            else:  # one bf16 rounding apart at most
+                g32, r32 = got.astype(mx.float32), ref.astype(mx.float32)
+                ok &= bool((mx.abs(g32 - r32) <= mx.abs(r32) * 2.0**-7).all().item())
     return ok
 
 

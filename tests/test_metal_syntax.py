@@ -1,4 +1,5 @@
-"""Every kernel source compiles for syntax with clang, wrapped the way MLX wraps it.
+"""Every kernel source compiles for syntax with clang, wrapped the way MLX wraps it; the CUDA
+sources also run on the CPU through an emulation header.
 
 Metal cannot run here, so each kernels/<name>.metal (with its splices resolved, exactly as the
 loader builds it) is wrapped in the kernel signature `mx.fast.metal_kernel` generates and compiled
@@ -7,6 +8,10 @@ qualifiers, atomics, barriers, simd_sum, as_type). The CUDA sources get the same
 a header with the CUDA built-ins, as `mx.fast.cuda_kernel` wraps them. This catches misspelt
 names, backend names used in the wrong file, type errors and template errors; Metal results are
 verified only on Apple Silicon (the first-use check compares them with the CPU fallback).
+
+The shared bodies (*.inc) are the same text in both backends, so their logic is checked once, by
+running the CUDA build on the CPU: threads of a block are OS threads meeting at a barrier, and the
+dispatch code in mergekit_mlx/kernels.py drives them as it drives a GPU (see the section below).
 
 CI needs clang: `apt-get install clang` (Debian/Ubuntu). Without it these tests skip.
 """
@@ -61,7 +66,7 @@ typedef unsigned int uint32_t;
 typedef unsigned char uint8_t;
 struct dim3 { unsigned int x, y, z; };
 extern dim3 blockIdx, blockDim, threadIdx, gridDim;
-struct __nv_bfloat16 { __nv_bfloat16(float); operator float() const; };
+struct __nv_bfloat16 { __nv_bfloat16(); __nv_bfloat16(float); operator float() const; };
 unsigned int atomicAdd(unsigned int* a, unsigned int v);
 void __syncthreads();
 float __shfl_xor_sync(unsigned int mask, float v, int lane);
@@ -69,6 +74,7 @@ float __fmul_rn(float a, float b);
 float __fadd_rn(float a, float b);
 float __fdiv_rn(float a, float b);
 unsigned int __float_as_uint(float x);
+float __uint_as_float(unsigned int x);
 float fabsf(float x);
 """
 
@@ -81,12 +87,32 @@ KERNELS = {
         (3, True, [("up", U32)], [("hist", U32)], [("KM", 3), ("SHIFT", 20), ("BITS", 11)], True),
         (1, False, [("up", U32)], [("hist", U32)], [("KM", 1), ("SHIFT", 0), ("BITS", 9)], True),
     ],
-    "l1_sums": [(2, True, [("up", U32), ("fp", F32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
+    "l1_sums": [(2, True, [("up", U32), ("sel", U32), ("scl", F32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
     "task_merge": [
-        (3, True, [("up", U32), ("fp", F32)], [("out", "T")],
+        (3, True, [("up", U32), ("sel", U32), ("scl", F32)], [("out", "T")],
          [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True)], False),
-        (1, True, [("up", U32), ("fp", F32)], [("out", "T")],
+        (1, True, [("up", U32), ("sel", U32), ("scl", F32)], [("out", "T")],
          [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False)], False),
+    ],
+    "select_sample": [
+        (3, True, [("up", U32)], [("smp", U32)], [("KM", 3)], False),
+        (1, False, [("up", U32)], [("smp", U32)], [("KM", 1)], False),
+    ],
+    "select_pass": [
+        (3, True, [("srt", U32), ("up", U32)], [("tot", U32), ("above", U32), ("tab", U32)],
+         [("KM", 3), ("G", 256)], True),
+        (1, False, [("srt", U32), ("up", U32)], [("tot", U32), ("above", U32), ("tab", U32)],
+         [("KM", 1), ("G", 256)], True),
+    ],
+    "select_resolve": [
+        (3, True, [("srt", U32), ("up", U32), ("tot", U32), ("above", U32), ("tab", U32)],
+         [("res", U32), ("tc", U32)], [("KM", 3), ("G", 256), ("TG", 256)], False),
+        (1, False, [("srt", U32), ("up", U32), ("tot", U32), ("above", U32), ("tab", U32)],
+         [("res", U32), ("tc", U32)], [("KM", 1), ("G", 256), ("TG", 256)], False),
+    ],
+    "select_collect": [
+        (2, True, [("up", U32)], [("kb", U32), ("ki", U32), ("ctr", U32)], [("KM", 2)], True),
+        (1, False, [("up", U32)], [("kb", U32), ("ki", U32), ("ctr", U32)], [("KM", 1)], True),
     ],
     "tie_count": [
         (2, True, [("up", U32)], [("counts", U32)], [("KM", 2), ("CHUNK", 4096)], False),
@@ -184,3 +210,351 @@ def test_the_check_rejects_a_cuda_name_in_metal(tmp_path):
     unit = metal_unit("random_uniform", KERNELS["random_uniform"][0]).replace("out[i] =", "out[blockIdx.x] =")
     with pytest.raises(AssertionError):
         _compile(tmp_path, "metal_shim.h", METAL_SHIM, unit, include_dir_file="metal_stdlib")
+
+
+# ----------------------------------------------------------------------------- the CUDA sources, run on the CPU
+#
+# The same generated CUDA functions, compiled for the CPU against an emulation header: each block's
+# threads are OS threads meeting at a barrier for __syncthreads, __shared__ arrays are statics (one
+# block runs at a time), atomics are the compiler's. With `_kernel` pointed at this emulator and the
+# module told it is on a CUDA device, the real dispatch code (sampling, selection paths, fallbacks,
+# merges) runs end to end here, and its results must equal the CPU fallback's bit for bit.
+
+EMU_SHIM = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __shared__ static
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+extern thread_local dim3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+void __syncthreads();
+extern "C" int mk_emu_main(int argc, char** argv, void (*kernel)(void**), int n_in, int n_out);
+inline unsigned int atomicAdd(unsigned int* a, unsigned int v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline unsigned int __float_as_uint(float x) { unsigned int u; std::memcpy(&u, &x, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); return x; }
+float __shfl_xor_sync(unsigned int mask, float v, int lane);
+inline float fabsf(float x) { return __builtin_fabsf(x); }
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {  // round to nearest even, as MLX's CPU astype
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { bits = uint16_t((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    bits = uint16_t(u >> 16);
+  }
+  operator float() const { return __uint_as_float(uint32_t(bits) << 16); }
+};
+"""
+
+# compiled once per session: the launcher (files in and out, one OS thread per thread of a block)
+EMU_HARNESS = r"""
+#include <barrier>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+static std::barrier<>* bar = nullptr;
+void __syncthreads() { bar->arrive_and_wait(); }
+// argv: folder, blocks, threads, misalign bytes; files in0.. (inputs), out0.. (sized, pre-filled)
+extern "C" int mk_emu_main(int argc, char** argv, void (*kernel)(void**), int n_in, int n_out) {
+  const char* dir = argv[1];
+  gridDim.x = (unsigned)atoi(argv[2]);
+  blockDim.x = (unsigned)atoi(argv[3]);
+  const size_t shift = (size_t)atoi(argv[4]);
+  std::vector<void*> ptrs(n_in + n_out);
+  std::vector<size_t> sizes(n_in + n_out);
+  char path[4096];
+  for (int i = 0; i < n_in + n_out; ++i) {
+    if (i < n_in) snprintf(path, sizeof path, "%s/in%d", dir, i);
+    else snprintf(path, sizeof path, "%s/out%d", dir, i - n_in);
+    FILE* f = fopen(path, "rb");
+    fseek(f, 0, SEEK_END);
+    sizes[i] = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char* buf = (char*)aligned_alloc(64, ((sizes[i] + shift + 64) / 64) * 64);
+    ptrs[i] = buf + (i < n_in ? shift : 0);
+    if (fread(ptrs[i], 1, sizes[i], f) != sizes[i]) return 2;
+    fclose(f);
+  }
+  // the blocks run one after another (shared arrays are statics), each thread of a block a thread
+  std::barrier<> b((std::ptrdiff_t)blockDim.x);
+  bar = &b;
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < blockDim.x; ++t) {
+    ts.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (unsigned g = 0; g < gridDim.x; ++g) {
+        blockIdx.x = g;
+        kernel(ptrs.data());
+        b.arrive_and_wait();  // the block is done before the next one reuses its shared arrays
+      }
+    });
+  }
+  for (auto& th : ts) th.join();
+  for (int j = 0; j < n_out; ++j) {
+    snprintf(path, sizeof path, "%s/out%d", dir, j);
+    FILE* f = fopen(path, "wb");
+    fwrite(ptrs[n_in + j], 1, sizes[n_in + j], f);
+    fclose(f);
+  }
+  return 0;
+}
+"""
+
+EMU_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "uint8": "uint8_t",
+             "int32": "int32_t", "bool": "bool"}
+
+
+def _dtype_name(dt):
+    return str(dt).split(".")[-1]
+
+
+class EmulatedKernel:
+    """Stands in for mx.fast.cuda_kernel's callable: compiles (cached) and runs on the CPU."""
+
+    def __init__(self, root, name, km, has_base, inputs, outputs, misalign):
+        self.root, self.name, self.km, self.has_base = root, name, km, has_base
+        self.input_names = (["base"] if has_base else []) + [f"x{m}" for m in range(km)] + list(inputs)
+        self.output_names, self.misalign = list(outputs), misalign
+
+    def _binary(self, in_types, out_types, template):
+        import hashlib
+
+        header, body = kernel_source(self.name, "cuda")
+        if self.km:
+            body = _model_macros(self.km, self.has_base, "cuda") + body
+        consts = ""
+        for k, v in template:
+            if isinstance(v, bool):
+                consts += f"  constexpr bool {k} = {str(v).lower()};\n"
+            elif isinstance(v, int):
+                consts += f"  constexpr int {k} = {v};\n"
+            else:
+                consts += f"  using {k} = {EMU_TYPES[_dtype_name(v)]};\n"
+        params = [f"const {t}* {n}" for n, t in zip(self.input_names, in_types)]
+        params += [f"{t}* {n}" for n, t in zip(self.output_names, out_types)]
+        n_in, n_out = len(in_types), len(out_types)
+        args = [f"({t}*)ptrs[{i}]" for i, t in enumerate(in_types)]
+        args += [f"({t}*)ptrs[{n_in + j}]" for j, t in enumerate(out_types)]
+        main = (f"static void launch(void** ptrs) {{ mk_kernel({', '.join(args)}); }}\n"
+                f"int main(int argc, char** argv) {{ return mk_emu_main(argc, argv, launch, {n_in}, {n_out}); }}\n")
+        src = ('#include "emu_shim.h"\n' + header + "\n__global__ void mk_kernel(\n  " + ",\n  ".join(params)
+               + ") {\n" + consts + body + "\n}\n" + main)
+        exe = self.root / ("k" + hashlib.sha1(src.encode()).hexdigest()[:16])
+        harness = self.root / "harness.o"
+        if not harness.exists():
+            (self.root / "emu_shim.h").write_text(EMU_SHIM)
+            (self.root / "harness.cpp").write_text(EMU_HARNESS)
+            res = subprocess.run([CLANG, "-x", "c++", "-std=c++20", "-O1", "-pthread", "-c",
+                                  str(self.root / "harness.cpp"), "-o", str(harness)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-4000:]
+        if not exe.exists():
+            cpp = exe.with_suffix(".cpp")
+            cpp.write_text(src)
+            res = subprocess.run([CLANG, "-x", "c++", "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unused",
+                                  "-I", str(self.root), str(cpp), "-x", "none", str(harness), "-pthread",
+                                  "-o", str(exe)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-4000:]
+        return exe
+
+    def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None,
+                 **_):
+        import mlx.core as mx
+        import numpy as np
+        import tempfile
+
+        arrays = [mx.array(a) if not isinstance(a, mx.array) else a for a in inputs]
+        in_types = [EMU_TYPES[_dtype_name(a.dtype)] for a in arrays]
+        out_types = [EMU_TYPES[_dtype_name(d)] for d in output_dtypes]
+        exe = self._binary(in_types, out_types, list(template))
+        with tempfile.TemporaryDirectory(dir=self.root) as d:
+            for i, a in enumerate(arrays):
+                a = a.reshape(-1)
+                raw = np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
+                raw.tofile(f"{d}/in{i}")
+            sizes = []
+            for j, (shape, dt) in enumerate(zip(output_shapes, output_dtypes)):
+                count = int(np.prod(shape)) if len(shape) else 1
+                nbytes = count * (2 if dt == mx.bfloat16 else np.dtype(_dtype_name(dt)).itemsize)
+                fill = b"\0" if init_value is not None else b"\xcd"  # unwritten outputs show up
+                with open(f"{d}/out{j}", "wb") as f:
+                    f.write(fill * nbytes)
+                sizes.append(count)
+            tx, gx = threadgroup[0], grid[0]
+            blocks = -(-gx // tx)
+            res = subprocess.run([str(exe), d, str(blocks), str(min(tx, gx)), str(self.misalign)],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+            outs = []
+            for j, (shape, dt) in enumerate(zip(output_shapes, output_dtypes)):
+                if dt == mx.bfloat16:
+                    a = mx.array(np.fromfile(f"{d}/out{j}", dtype=np.uint16)).view(mx.bfloat16)
+                else:
+                    a = mx.array(np.fromfile(f"{d}/out{j}", dtype=_dtype_name(dt)))
+                outs.append(a.reshape(shape))
+        return outs
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch, tmp_path_factory):
+    """The kernels module dispatching to the emulated CUDA kernels; yields a setter for misalignment."""
+    from mergekit_mlx import kernels as K
+
+    root = tmp_path_factory.getbasetemp() / "emu"
+    root.mkdir(exist_ok=True)
+    state = {"misalign": 0, "on": True}
+
+    def fake_kernel(name, backend_name, km=0, has_base=False, atomic=False, inputs=(), outputs=("out",)):
+        return EmulatedKernel(root, name, km, has_base, inputs, outputs, state["misalign"])
+
+    monkeypatch.setattr(K, "_kernel", fake_kernel)
+    monkeypatch.setattr(K, "_gpu_backend", lambda: "cuda" if state["on"] else None)
+    # the first-use checks have a test of their own: here they count as passed
+    monkeypatch.setattr(K, "_checked", {k: True for k in K._SELF_CHECKS})
+    K._const_u32.cache_clear()
+    yield state
+    K._const_u32.cache_clear()
+
+
+needs_clang = pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
+
+
+def np_selection(x, base, k):
+    """(t, cut) by the documented rule, from a full sort: t the bits of the k-th largest float32
+    |x - base|; cut the flat index of the last tie at t that is kept, n - 1 when all are kept."""
+    import numpy as np
+
+    a = np.abs(np.asarray(x, np.float32).reshape(-1) - (0 if base is None else np.asarray(base, np.float32).reshape(-1)))
+    bits = a.astype(np.float32).view(np.uint32).astype(np.int64)
+    order = np.lexsort((np.arange(bits.size), -bits))
+    t = bits[order[k - 1]]
+    need = k - int((bits > t).sum())
+    ties = np.flatnonzero(bits == t)
+    return int(t), int(bits.size - 1 if need == ties.size else ties[need - 1])
+
+
+def emu_family(n=12297, dtype="bfloat16"):
+    """A base and three task models with many exact ties (bf16 deltas), one equal to the base in places."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(n).astype(np.float32)
+    others = [base + 0.01 * rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    others[2][::3] = base[::3]
+    to = (lambda a: mx.array(a).astype(mx.bfloat16)) if dtype == "bfloat16" else mx.array
+    return to(base), [to(o) for o in others]
+
+
+@needs_clang
+@pytest.mark.parametrize("override", [None, "between", "outside"])
+def test_emulated_selection_paths_are_exact(emulated_cuda, override):
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    base, others = emu_family()
+    n = base.size
+    ks = [1, n // 3, n - 5]
+    sels, rows = K._gpu_select("cuda", others, base, ks, override)
+    b = np.array(base.astype(mx.float32))
+    want = [np_selection(np.array(o.astype(mx.float32)), b, k) for o, k in zip(others, ks)]
+    assert [(int(s.t.item()), int(s.cut.item())) for s in sels] == want
+    assert np.array(rows).reshape(-1, 2).tolist() == [list(w) for w in want]
+    x = others[0].astype(mx.float32) * 3.0  # no base; float32 with ties
+    sels, rows = K._gpu_select("cuda", [x], None, [n // 2], override)
+    assert (int(sels[0].t.item()), int(sels[0].cut.item())) == np_selection(np.array(x), None, n // 2)
+
+
+@needs_clang
+def test_emulated_threshold_and_topk_mask(emulated_cuda):
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    x = mx.array(np.random.default_rng(2).standard_normal(9001).astype(np.float32)).astype(mx.bfloat16)
+    xf = np.array(x.astype(mx.float32))
+    for k in (1, 90, 4500, 9000):
+        t, cut = np_selection(xf, None, k)
+        assert K.magnitude_threshold(x, k).item() == np.uint32(t).view(np.float32)
+        bits = np.abs(xf).view(np.uint32).astype(np.int64)
+        want = (bits > t) | ((bits == t) & (np.arange(xf.size) <= cut))
+        np.testing.assert_array_equal(np.array(K.topk_mask(x, k)), want)
+
+
+@needs_clang
+@pytest.mark.parametrize("misalign", [0, 2])
+def test_emulated_fused_merges_equal_the_fallback(emulated_cuda, misalign):
+    """Every method through the emulated kernels against the CPU fallback: TIES bit-identical;
+    with an L1 rescale (summed in another order) within one bf16 rounding. misalign=2 shifts
+    every input by one bf16 element, so the kernels take their unaligned (scalar) loads."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    emulated_cuda["misalign"] = misalign
+    base, others = emu_family()
+    methods = {
+        "ties": ("magnitude", "sum", True, False),
+        "ties + rescale": ("magnitude", "sum", True, True),
+        "dare_ties": ("random", "sum", False, True),
+        "dare_linear": ("random", None, False, True),
+        "magnitude, no consensus": ("magnitude", None, False, False),
+    }
+    for name, (sp, cons, norm, resc) in methods.items():
+        results = []
+        for on in (True, False):
+            emulated_cuda["on"] = on
+            out = K.fused_task_merge(base, others, [0.5, 0.3, -0.2], sparsify=sp, densities=[0.3, 0.5, 0.9],
+                                     rescale=resc, consensus=cons, normalize=norm, lam=0.9, seed=3)
+            results.append(np.array(out.astype(mx.float32)))
+        emulated_cuda["on"] = True
+        got, ref = results
+        if resc:
+            assert np.all(np.abs(got - ref) <= np.abs(ref) * 2.0**-7), name
+        else:
+            np.testing.assert_array_equal(got, ref, err_msg=name)
+    assert all(K.kernel_status().values())  # no kernel failed and fell back
+
+
+@needs_clang
+def test_emulated_first_use_checks_pass(emulated_cuda):
+    from mergekit_mlx import kernels as K
+
+    for what in ("uniform", "select", "l1", "merge"):
+        assert K._SELF_CHECKS[what]("cuda"), what
+
+
+@needs_clang
+def test_emulated_ties_with_five_models(emulated_cuda):
+    """More tensors than one selection launch takes (three): two launches, one merge."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    base, others = emu_family(n=9000)
+    others = others + [(o.astype(mx.float32) * 1.5).astype(mx.bfloat16) for o in others[:2]]
+    results = []
+    for on in (True, False):
+        emulated_cuda["on"] = on
+        out = K.fused_task_merge(base, others, [0.3, 0.2, 0.2, 0.2, 0.1], sparsify="magnitude",
+                                 densities=[0.2, 0.4, 0.5, 0.6, 0.8], rescale=False, consensus="sum",
+                                 normalize=True, lam=1.0)
+        results.append(np.array(out.astype(mx.float32)))
+    emulated_cuda["on"] = True
+    np.testing.assert_array_equal(*results)

@@ -1,0 +1,7 @@
+// select_collect for CUDA: the shared body select_collect.inc with CUDA's prelude (spliced by mergekit_mlx/kernels.py).
+// @header
+// @splice cuda_prelude.h
+// @splice common.h
+// @body
+// @splice cuda_indices.inc
+// @splice select_collect.inc
