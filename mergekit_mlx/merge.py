@@ -119,7 +119,7 @@ def run_plan(
 ) -> None:
     """Merge every task and hand each output to `write`, in plan order.
 
-    Three stages overlap: a reader thread loads (evaluates) the inputs of the next tasks, worker
+    Three stages overlap: reader threads load (evaluate) the inputs of the next tasks, worker
     threads merge them (each thread has its own MLX stream, so merges run side by side), and this
     thread checks each output for NaN/Inf and writes it. The tensors in flight, from loading to
     written, stay under opts.batch_bytes (or one task, when a single task is larger).
@@ -132,8 +132,9 @@ def run_plan(
         elif bar is not None:
             bar.update(task.out.nbytes)
     _reuse_freed_memory()
+    readers, workers = _thread_counts()
     try:
-        with _Pipeline(plan, opts, todo, _worker_count(opts)) as results:
+        with _Pipeline(plan, opts, todo, readers, workers) as results:
             for task, out, ok, inputs in results:
                 if not ok.item():
                     _report_nonfinite(plan, task, opts, inputs)
@@ -149,12 +150,14 @@ def run_plan(
                 m.release()
 
 
-def _worker_count(opts: MergeOptions) -> int:
-    """Merges run side by side: one per core on the CPU (at most 4), two on a GPU (one computes
-    while the other waits on a synchronisation such as the exact top-k's tie count)."""
+def _thread_counts() -> tuple[int, int]:
+    """(readers, workers). On the CPU: one reader (MLX reads big tensors on its own 4 threads)
+    and a worker per core, at most 4. On a GPU an input is read by the thread that evaluates it,
+    so 4 readers; 2 workers (one computes while the other waits on a synchronisation, such as
+    the exact top-k's tie count)."""
     if mx.default_device().type == mx.DeviceType.gpu:
-        return 2
-    return max(1, min(os.cpu_count() or 1, 4))
+        return 4, 2
+    return 1, max(1, min(os.cpu_count() or 1, 4))
 
 
 _JOBS: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
@@ -182,14 +185,16 @@ class _Stopped(Exception):
 
 
 class _Pipeline:
-    """Reader -> workers -> the caller, under a budget of bytes in flight; see run_plan."""
+    """Readers -> workers -> the caller, under a budget of bytes in flight; see run_plan."""
 
-    def __init__(self, plan: Plan, opts: MergeOptions, tasks: list[TensorTask], workers: int):
-        self.plan, self.opts, self.tasks, self.workers = plan, opts, tasks, workers
+    def __init__(self, plan: Plan, opts: MergeOptions, tasks: list[TensorTask], readers: int, workers: int):
+        self.plan, self.opts, self.tasks = plan, opts, tasks
+        self.jobs = [self._read] * readers + [self._work] * workers
         self.cond = threading.Condition()
-        self.in_flight = 0  # bytes: inputs loaded (or loading) plus outputs not yet written
-        self.loaded: list[tuple[int, list[mx.array]]] = []  # (task index, inputs), in plan order
-        self.reading_done = False
+        self.in_flight = 0  # bytes: inputs claimed for loading plus outputs not yet written
+        self.next_read = 0  # index of the next task a reader claims (claimed in plan order)
+        self.loaded: dict[int, list[mx.array]] = {}  # task index -> evaluated inputs
+        self.unread = len(tasks)  # tasks not yet in self.loaded
         # task index -> (output, finite flag, inputs when the flag is false, for the report)
         self.results: dict[int, tuple[mx.array, mx.array, Optional[list[mx.array]]]] = {}
         self.error: Optional[BaseException] = None
@@ -201,10 +206,9 @@ class _Pipeline:
         return task.in_bytes + task.out.nbytes
 
     def __enter__(self) -> "_Pipeline":
-        jobs = [self._read] + [self._work] * self.workers
-        _start_threads(len(jobs))
-        self.running = len(jobs)
-        for job in jobs:
+        _start_threads(len(self.jobs))
+        self.running = len(self.jobs)
+        for job in self.jobs:
             _JOBS.put(lambda job=job: self._guard(job))
         return self
 
@@ -241,31 +245,43 @@ class _Pipeline:
         if self.stopped:
             raise _Stopped
 
+    def _admits_next(self) -> bool:
+        if self.next_read >= len(self.tasks):
+            return True
+        cost = self.cost(self.tasks[self.next_read])
+        return self.in_flight == 0 or self.in_flight + cost <= self.opts.batch_bytes
+
     def _read(self) -> None:
         models = self.plan.models
-        for i, task in enumerate(self.tasks):
+        while True:
             with self.cond:
-                self._wait(lambda: self.in_flight == 0 or self.in_flight + self.cost(task) <= self.opts.batch_bytes)
-                self.in_flight += self.cost(task)
-            tensors = [models[m].load(n) for m, n in task.inputs]
+                self._wait(self._admits_next)
+                i = self.next_read
+                if i >= len(self.tasks):
+                    return
+                self.next_read += 1
+                self.in_flight += self.cost(self.tasks[i])
+            tensors = [models[m].load(n) for m, n in self.tasks[i].inputs]
             mx.eval(tensors)
             with self.cond:
-                self.loaded.append((i, tensors))
+                self.loaded[i] = tensors
+                self.unread -= 1
                 self.cond.notify_all()
-        with self.cond:
-            self.reading_done = True
-            self.cond.notify_all()
 
     def _work(self) -> None:
         vocab = self.plan.vocab
+        gpu = mx.default_device().type == mx.DeviceType.gpu
         while True:
             with self.cond:
-                self._wait(lambda: bool(self.loaded) or self.reading_done)
+                self._wait(lambda: bool(self.loaded) or self.unread == 0)
                 if not self.loaded:
                     return
-                i, tensors = self.loaded.pop(0)
+                i = min(self.loaded)  # the earliest task first: the writer waits for it
+                tensors = self.loaded.pop(i)
             out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
             mx.eval(out, ok)
+            if gpu:
+                memoryview(out)  # copies the output to host memory here, not in the writing thread
             with self.cond:
                 self.results[i] = (out, ok, None if ok.item() else tensors)
                 self.cond.notify_all()
