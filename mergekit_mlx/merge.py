@@ -132,9 +132,8 @@ def run_plan(
         elif bar is not None:
             bar.update(task.out.nbytes)
     _reuse_freed_memory()
-    readers, workers = _thread_counts()
     try:
-        with _Pipeline(plan, opts, todo, readers, workers) as results:
+        with _Pipeline(plan, opts, todo, _worker_count()) as results:
             for task, out, ok, inputs in results:
                 if not ok.item():
                     _report_nonfinite(plan, task, opts, inputs)
@@ -150,14 +149,15 @@ def run_plan(
                 m.release()
 
 
-def _thread_counts() -> tuple[int, int]:
-    """(readers, workers). On the CPU: one reader (MLX reads big tensors on its own 4 threads)
-    and a worker per core, at most 4. On a GPU an input is read by the thread that evaluates it,
-    so 4 readers; 2 workers (one computes while the other waits on a synchronisation, such as
-    the exact top-k's tie count)."""
+def _worker_count() -> int:
+    """Merges side by side: one per core on the CPU (at most 4); two on a GPU, so that one
+    computes while the other waits on a synchronisation (such as the exact top-k's tie count)."""
     if mx.default_device().type == mx.DeviceType.gpu:
-        return 4, 2
-    return 1, max(1, min(os.cpu_count() or 1, 4))
+        return 2
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+MAX_READERS = 8
 
 
 _JOBS: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
@@ -185,15 +185,24 @@ class _Stopped(Exception):
 
 
 class _Pipeline:
-    """Readers -> workers -> the caller, under a budget of bytes in flight; see run_plan."""
+    """Readers -> workers -> the caller, under a budget of bytes in flight; see run_plan.
 
-    def __init__(self, plan: Plan, opts: MergeOptions, tasks: list[TensorTask], readers: int, workers: int):
+    Each input model is read by one reader thread, in plan order: MLX ties a lazy array to the
+    thread that made it, and a model's reader keeps lazy arrays of its files between calls.
+    Readers claim tasks (their bytes) in plan order, so the budget never waits on a later task.
+    """
+
+    def __init__(self, plan: Plan, opts: MergeOptions, tasks: list[TensorTask], workers: int):
         self.plan, self.opts, self.tasks = plan, opts, tasks
-        self.jobs = [self._read] * readers + [self._work] * workers
+        used = sorted({m for t in tasks for m, _ in t.inputs})
+        readers = max(1, min(len(used), MAX_READERS))
+        self.jobs = [lambda r=r: self._read({m for m in used if m % readers == r}) for r in range(readers)]
+        self.jobs += [self._work] * workers
         self.cond = threading.Condition()
-        self.in_flight = 0  # bytes: inputs claimed for loading plus outputs not yet written
-        self.next_read = 0  # index of the next task a reader claims (claimed in plan order)
-        self.loaded: dict[int, list[mx.array]] = {}  # task index -> evaluated inputs
+        self.in_flight = 0  # bytes: inputs of claimed tasks plus outputs not yet written
+        self.claimed = 0  # tasks [0, claimed) have their bytes in the budget
+        self.parts: dict[int, list[Optional[mx.array]]] = {}  # task index -> inputs read so far
+        self.loaded: dict[int, list[mx.array]] = {}  # task index -> all inputs, evaluated
         self.unread = len(tasks)  # tasks not yet in self.loaded
         # task index -> (output, finite flag, inputs when the flag is false, for the report)
         self.results: dict[int, tuple[mx.array, mx.array, Optional[list[mx.array]]]] = {}
@@ -246,27 +255,33 @@ class _Pipeline:
             raise _Stopped
 
     def _admits_next(self) -> bool:
-        if self.next_read >= len(self.tasks):
-            return True
-        cost = self.cost(self.tasks[self.next_read])
+        cost = self.cost(self.tasks[self.claimed])
         return self.in_flight == 0 or self.in_flight + cost <= self.opts.batch_bytes
 
-    def _read(self) -> None:
+    def _read(self, mine: set[int]) -> None:
+        """Read, task by task, the inputs that come from the models in `mine`."""
         models = self.plan.models
-        while True:
+        for i, task in enumerate(self.tasks):
+            slots = [k for k, (m, _) in enumerate(task.inputs) if m in mine]
+            if not slots:
+                continue
             with self.cond:
-                self._wait(self._admits_next)
-                i = self.next_read
-                if i >= len(self.tasks):
-                    return
-                self.next_read += 1
-                self.in_flight += self.cost(self.tasks[i])
-            tensors = [models[m].load(n) for m, n in self.tasks[i].inputs]
+                while self.claimed <= i:
+                    self._wait(lambda: self.claimed > i or self._admits_next())
+                    if self.claimed <= i:
+                        self.in_flight += self.cost(self.tasks[self.claimed])
+                        self.claimed += 1
+                        self.cond.notify_all()
+            tensors = [models[task.inputs[k][0]].load(task.inputs[k][1]) for k in slots]
             mx.eval(tensors)
             with self.cond:
-                self.loaded[i] = tensors
-                self.unread -= 1
-                self.cond.notify_all()
+                parts = self.parts.setdefault(i, [None] * len(task.inputs))
+                for k, x in zip(slots, tensors):
+                    parts[k] = x
+                if all(x is not None for x in parts):
+                    self.loaded[i] = self.parts.pop(i)
+                    self.unread -= 1
+                    self.cond.notify_all()
 
     def _work(self) -> None:
         vocab = self.plan.vocab
