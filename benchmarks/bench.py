@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_family import Shape, add_shape_arguments, build_family, shape_from_args  # noqa: E402
+from make_family import Shape, add_shape_arguments, shape_from_args  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
 
@@ -121,6 +121,13 @@ def machine_description(device: str) -> str:
         except (OSError, IndexError, subprocess.SubprocessError):
             return f"GPU (nvidia-smi unavailable); host: {cpu}"
     return cpu
+
+
+def build_family_in_child(root: Path, shape: Shape) -> None:
+    """Build (or find) the family in a child process: this one must stay small (see copy_bandwidth)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import make_family as f; "
+            f"f.build_family(__import__('pathlib').Path({str(root)!r}), f.Shape(**{shape.__dict__!r}))")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ----------------------------------------------------------------------------- running
@@ -218,7 +225,9 @@ def main() -> None:
         f"family-h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}"
     )
     print(f"family: {root} ({shape.parameters / 1e9:.2f}B parameters per model)", flush=True)
-    base, *fts = build_family(root, shape) if not args.family else [root / "base", root / "ft1", root / "ft2"]
+    if not args.family:
+        build_family_in_child(root, shape)
+    base, *fts = [root / "base", root / "ft1", root / "ft2"]
     work = args.workdir / "runs"
     work.mkdir(parents=True, exist_ok=True)
 
