@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--skip-sort", action="store_true", help="skip the mx.sort baseline (slow on a CPU)")
+    ap.add_argument("--stages", action="store_true", help="GPU: time the selection's stages and merge variants")
     args = ap.parse_args()
     if args.cpu:
         mx.set_default_device(mx.cpu)
@@ -112,12 +113,12 @@ def main() -> None:
 
     gpu = kernels._gpu_backend()
     if gpu is not None:  # the merge pass alone, on a selection made beforehand
-        plans, rows = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
-        mx.eval(rows)
+        plans, sel_rows = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+        mx.eval(sel_rows)
         div = kernels._plain_divisor([1.0 / K] * K)
 
         def merge_pass():
-            return kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, rows)
+            return kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, sel_rows)
 
         plain_merge = timed(lambda: kernels.fused_task_merge(
             base, others, [1.0 / K] * K, densities=[1.0] * K, lam=1.0, sparsify=None, consensus="sum",
@@ -134,12 +135,100 @@ def main() -> None:
     row(f"bitnet matvec {out_f}x{in_f}", timed(lambda: bitnet.bitnet_matmul(xv, packed, s, out_f), reps),
         timed(with_kernels(False, lambda: bitnet.bitnet_matmul(xv, packed, s, out_f)), reps), packed.size)
 
+    if args.stages and kernels._gpu_backend() is not None:
+        stages(base, others, x32, n, reps, bw)
+
     print("| operation | kernels (ms) | plain MLX (ms) | speed-up | floor (ms) | x floor |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, fast, plain, plain_name, floor in rows:
         print(f"| {name} | {fast * 1e3:.2f} | {plain * 1e3:.2f} ({plain_name}) | {plain / fast:.1f}x | "
               f"{floor * 1e3:.3f} | {fast / floor:.1f} |")
     print("\nkernel first-use checks:", kernels.kernel_status() or "none (CPU path)")
+
+
+def stages(base, others, x32, n, reps, bw):
+    """Where the time of a selection and a merge goes, stage by stage (each stage evaluated alone;
+    'x8' rows launch eight and evaluate once, so they show the GPU time without the sync)."""
+    gpu = kernels._gpu_backend()
+    ms = lambda fn: timed(fn, reps) * 1e3  # noqa: E731
+    print("stage timings (ms):")
+    cases = {"3 bf16 task vectors": (base, others), "bf16 tensor": (None, [others[0]]), "fp32 tensor": (None, [x32])}
+    for name, (b, xs) in cases.items():
+        flats = [a.reshape(-1) for a in ([b] if b is not None else []) + xs]
+        hb = b is not None
+        ks = [n // 2] * len(xs)
+        s, chunks, up = kernels._select_params(n, ks)
+        srt = kernels._select_sample(gpu, flats, hb, s, up)
+        mx.eval(srt)
+        counts = kernels._select_count(gpu, flats, hb, chunks, srt, up)
+        mx.eval(counts)
+        res, tc = kernels._select_resolve(gpu, flats, hb, srt, up, counts)
+        mx.eval(res)
+        status = [res.tolist()[8 * m: 8 * m + 8] for m in range(len(xs))]
+        t_sample = ms(lambda: kernels._select_sample(gpu, flats, hb, s, up))
+        t_pass = ms(lambda: kernels._select_count(gpu, flats, hb, chunks, srt, up)[0])
+        t_pass8 = ms(lambda: [kernels._select_count(gpu, flats, hb, chunks, srt, up)[0] for _ in range(8)]) / 8
+        t_res = ms(lambda: kernels._select_resolve(gpu, flats, hb, srt, up, counts)[0])
+        t_launch = ms(lambda: kernels._select_launch(gpu, flats, hb, ks)[0])
+
+        def readback():
+            r = kernels._select_launch(gpu, flats, hb, ks)[0]
+            mx.eval(r)
+            r.tolist()
+            return r
+
+        t_read = ms(readback)
+        t_all = ms(lambda: [a for sel in kernels._gpu_select(gpu, xs, b, ks)[0] for a in (sel.t, sel.cut)])
+        print(f"  {name}: status/t/cut/lo/hi/count/rank {status}")
+        print(f"    sample+sort {t_sample:.3f} | pass {t_pass:.3f} (x8: {t_pass8:.3f} each, "
+              f"{2 * len(flats) * n / t_pass8 / 1e6:.0f} GB/s if bf16) | resolve {t_res:.3f} | "
+              f"stages 1-3 {t_launch:.3f} | + readback {t_read:.3f} | whole selection {t_all:.3f}")
+    K = len(others)
+    plans, sel_rows = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+    mx.eval(sel_rows)
+    div = kernels._plain_divisor([1.0 / K] * K)
+    merge_bytes = 2 * n * (K + 2)
+    for g in (1, 2, 4, 8):
+        kernels._MERGE_GROUPS = g
+        one = ms(lambda: kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, sel_rows))
+        eight = ms(lambda: [kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, sel_rows)
+                            for _ in range(8)]) / 8
+        print(f"  merge, {g} groups of 8 per thread: {one:.3f} per call, {eight:.3f} each of 8 "
+              f"({merge_bytes / eight / 1e6:.0f} GB/s)")
+    kernels._MERGE_GROUPS = 2
+    header, _ = kernels.kernel_source("task_merge", gpu)
+    body = kernels._model_macros(K, True, gpu) + """
+  const uint32_t n = up[0];
+  const uint32_t groups = n / 8u;
+  for (uint32_t g = GID; g < groups; g += NTHREADS) {
+    float b[8];
+    float xs[KM][8];
+    BLOAD8(8u * g, b);
+    UNROLL for (int m = 0; m < KM; ++m) {
+      XLOAD8(m, 8u * g, xs[m]);
+    }
+    float r[8];
+    UNROLL for (int j = 0; j < 8; ++j) {
+      r[j] = b[j] + xs[0][j] + xs[1][j] + xs[2][j];
+    }
+    MK_STORE8(out, 8u * g, r);
+  }
+"""
+    if gpu != "cuda":
+        return
+    kern = mx.fast.cuda_kernel(name="mk_bw_probe", input_names=["base"] + [f"x{m}" for m in range(K)] + ["up"],
+                               output_names=["out"], source=body, header=header)
+    up = mx.array([n], dtype=mx.uint32)
+    for g in (1, 4):
+        def probe(g=g):
+            return kern(inputs=[base] + others + [up], template=[("T", mx.bfloat16), ("KM", K)],
+                        grid=(kernels._stride_grid(n // 8, g), 1, 1), threadgroup=(256, 1, 1),
+                        output_shapes=[(n,)], output_dtypes=[mx.bfloat16])[0]
+
+        eight = ms(lambda: [probe() for _ in range(8)]) / 8
+        print(f"  bandwidth probe (4 bf16 in, 1 out, {g} groups/thread): {ms(probe):.3f} per call, {eight:.3f} each "
+              f"of 8 ({merge_bytes / eight / 1e6:.0f} GB/s)")
+    print(f"  MLX copy floor for the merge: {merge_bytes / bw * 1e3:.3f} ms\n")
 
 
 if __name__ == "__main__":

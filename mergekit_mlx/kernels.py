@@ -489,6 +489,7 @@ _DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, bits): bits 30..20, 19..9, 8..0
 _SAMPLE = 4096  # sampled elements per tensor: one threadgroup of MLX's sort, and 2**12 strata
 _SPLITTERS = 256  # splitters per tensor in the selection pass (a power of two)
 _SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sampled rank
+_MERGE_GROUPS = 2  # groups of eight elements per thread in the merge kernel
 _OK, _BETWEEN, _OUTSIDE = 1, 2, 3  # select_resolve's statuses
 _checked: dict[str, bool] = {}
 _warned: set[str] = set()
@@ -671,12 +672,10 @@ def _select_chunk(n: int) -> int:
     return 2048 * max(1, -(-n // (2048 * 2048)))
 
 
-def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int],
-                   override: Optional[str] = None) -> tuple[mx.array, mx.array]:
-    """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2)), all lazy.
-    override 'outside' / 'between' forces those outcomes (to check the paths that follow)."""
-    n = flats[0].size
-    km = len(flats) - int(has_base)
+def _select_params(n: int, ks: list[int], override: Optional[str] = None) -> tuple[int, int, mx.array]:
+    """(sample size, chunks, up) of the selection kernels. override 'outside' / 'between' forces
+    those outcomes (to check the paths that follow): every splitter the sample's minimum, and the
+    top one open for 'between'."""
     s = min(_SAMPLE, n)
     ch = _select_chunk(n)
     chunks = -(-n // ch)
@@ -684,26 +683,49 @@ def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int
     for k in ks:
         if override is None:
             lo, hi, flags = _bracket(n, k, s)
-        else:  # every splitter the sample's minimum (and the top one open for 'between')
+        else:
             lo, hi, flags = 0, 0, (2 if override == "between" else 0)
         words += [lo, hi, flags, k]
-    up = _const_u32(tuple(words))
+    return s, chunks, _const_u32(tuple(words))
+
+
+def _select_sample(gpu: str, flats: list[mx.array], has_base: bool, s: int, up: mx.array) -> mx.array:
+    """Stage 1: the sorted sample, (km * s,) uint32, each tensor's row ascending."""
+    km = len(flats) - int(has_base)
     smp = _kernel("select_sample", gpu, km, has_base, inputs=("up",), outputs=("smp",))(
         inputs=flats + [up], template=[("KM", km)], grid=(-(-s // _TG) * _TG, 1, 1), threadgroup=(_TG, 1, 1),
         output_shapes=[(km * s,)], output_dtypes=[mx.uint32])[0]
-    srt = mx.sort(smp.reshape(km, s), axis=-1).reshape(-1)
+    return mx.sort(smp.reshape(km, s), axis=-1).reshape(-1)
+
+
+def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, srt: mx.array, up: mx.array):
+    """Stage 2, the pass over the data: (tot, above, tab)."""
+    km = len(flats) - int(has_base)
     g = _SPLITTERS
-    tot, above, tab = _kernel("select_pass", gpu, km, has_base, atomic=True, inputs=("srt", "up"),
-                              outputs=("tot", "above", "tab"))(
+    return _kernel("select_pass", gpu, km, has_base, atomic=True, inputs=("srt", "up"),
+                   outputs=("tot", "above", "tab"))(
         inputs=flats + [srt, up], template=[("KM", km), ("G", g)], grid=(chunks * _TG, 1, 1),
         threadgroup=(_TG, 1, 1), output_shapes=[(km * 2 * g,), (km,), (km * chunks * g,)],
         output_dtypes=[mx.uint32] * 3, init_value=0)
-    res, tc = _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tot", "above", "tab"),
-                      outputs=("res", "tc"))(
-        inputs=flats + [srt, up, tot, above, tab], template=[("KM", km), ("G", g), ("TG", _TG)],
+
+
+def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, counts):
+    """Stage 3: (res (km*8), tc (km*2)), see kernels/select_resolve.inc."""
+    km = len(flats) - int(has_base)
+    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tot", "above", "tab"),
+                   outputs=("res", "tc"))(
+        inputs=flats + [srt, up, *counts], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
         grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (km * 2,)],
         output_dtypes=[mx.uint32] * 2)
-    return res, tc
+
+
+def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int],
+                   override: Optional[str] = None) -> tuple[mx.array, mx.array]:
+    """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2)), all lazy."""
+    s, chunks, up = _select_params(flats[0].size, ks, override)
+    srt = _select_sample(gpu, flats, has_base, s, up)
+    counts = _select_count(gpu, flats, has_base, chunks, srt, up)
+    return _select_resolve(gpu, flats, has_base, srt, up, counts)
 
 
 def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[tuple[int, list[int]]],
@@ -889,8 +911,8 @@ def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, div
     out = kern(inputs=flats + [up, sel, scl],
                template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
                          ("NORMALIZE", bool(normalize))],
-               grid=(_stride_grid(-(-n // 8), 2), 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(n,)],
-               output_dtypes=[base.dtype])[0]
+               grid=(_stride_grid(-(-n // 8), _MERGE_GROUPS), 1, 1), threadgroup=(_TG, 1, 1),
+               output_shapes=[(n,)], output_dtypes=[base.dtype])[0]
     return out.reshape(base.shape)
 
 

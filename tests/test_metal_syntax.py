@@ -458,13 +458,15 @@ def emu_family(n=12297, dtype="bfloat16"):
 
 
 @needs_clang
-@pytest.mark.parametrize("override", [None, "between", "outside"])
-def test_emulated_selection_paths_are_exact(emulated_cuda, override):
+@pytest.mark.parametrize("override,tg", [(None, 256), ("between", 256), ("outside", 256), (None, 64)])
+def test_emulated_selection_paths_are_exact(emulated_cuda, override, tg, monkeypatch):
+    """tg = 64: threadgroups of 64, so the tie scan crosses several tiles of a 2048-element chunk."""
     import mlx.core as mx
     import numpy as np
 
     from mergekit_mlx import kernels as K
 
+    monkeypatch.setattr(K, "_TG", tg)
     base, others = emu_family()
     n = base.size
     ks = [1, n // 3, n - 5]
