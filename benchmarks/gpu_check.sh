@@ -13,6 +13,6 @@ step "hardware" nvidia-smi --query-gpu=name,memory.total,driver_version --format
 step "MLX" python3 -c 'import mlx.core as mx; print("MLX", mx.__version__, "default device", mx.default_device())'
 step "kernel tests on the GPU (default device)" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step "CPU vs GPU agreement" python3 benchmarks/gpu_agreement.py
-step "timings" python3 benchmarks/kernels_bench.py --elements "${1:-67108864}" --reps 5
+step "timings" python3 benchmarks/kernels_bench.py --elements "${1:-67108864}" --reps 5 --stages
 echo "gpu_check status: $status" | tee -a "$log"
 exit "$status"
