@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import ctypes
+import math
 import os
 import queue
 import sys
@@ -194,6 +195,9 @@ class _Pipeline:
 
     def __init__(self, plan: Plan, opts: MergeOptions, tasks: list[TensorTask], workers: int):
         self.plan, self.opts, self.tasks = plan, opts, tasks
+        self.on_cpu = mx.default_device().type != mx.DeviceType.gpu
+        # fixed up front: a task's output shape may change while it is merged (vocabulary plans)
+        self.costs = {id(t): self.cost(t) for t in tasks}
         used = sorted({m for t in tasks for m, _ in t.inputs})
         readers = max(1, min(len(used), MAX_READERS))
         self.jobs = [lambda r=r: self._read({m for m in used if m % readers == r}) for r in range(readers)]
@@ -210,9 +214,14 @@ class _Pipeline:
         self.stopped = False
         self.running = 0  # threads still in _read or _work
 
-    @staticmethod
-    def cost(task: TensorTask) -> int:
-        return task.in_bytes + task.out.nbytes
+    def cost(self, task: TensorTask) -> int:
+        """Bytes a task holds in the budget: its inputs and output. On the CPU a task whose float32
+        working copies (the planner's estimate) would not fit the budget takes all of it, so it
+        runs alone: two embedding-sized merges side by side doubled the peak memory."""
+        held = task.in_bytes + task.out.nbytes
+        if self.on_cpu and held + (len(task.inputs) + 2) * 4 * math.prod(task.out.shape) > self.opts.batch_bytes:
+            return max(held, self.opts.batch_bytes)
+        return held
 
     def __enter__(self) -> "_Pipeline":
         _start_threads(len(self.jobs))
@@ -255,7 +264,7 @@ class _Pipeline:
             raise _Stopped
 
     def _admits_next(self) -> bool:
-        cost = self.cost(self.tasks[self.claimed])
+        cost = self.costs[id(self.tasks[self.claimed])]
         return self.in_flight == 0 or self.in_flight + cost <= self.opts.batch_bytes
 
     def _read(self, mine: set[int]) -> None:
@@ -269,7 +278,7 @@ class _Pipeline:
                 while self.claimed <= i:
                     self._wait(lambda: self.claimed > i or self._admits_next())
                     if self.claimed <= i:
-                        self.in_flight += self.cost(self.tasks[self.claimed])
+                        self.in_flight += self.costs[id(self.tasks[self.claimed])]
                         self.claimed += 1
                         self.cond.notify_all()
             tensors = [models[task.inputs[k][0]].load(task.inputs[k][1]) for k in slots]
@@ -316,7 +325,7 @@ class _Pipeline:
     def done(self, task: TensorTask) -> None:
         """The task's output is written: its bytes leave the budget."""
         with self.cond:
-            self.in_flight -= self.cost(task)
+            self.in_flight -= self.costs[id(task)]
             self.cond.notify_all()
 
 
