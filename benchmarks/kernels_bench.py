@@ -162,7 +162,7 @@ def stages(base, others, x32, n, reps, bw):
         mx.eval(srt)
         counts = kernels._select_count(gpu, flats, hb, chunks, srt, up)
         mx.eval(counts)
-        res, tc = kernels._select_resolve(gpu, flats, hb, srt, up, counts)
+        res, _ = kernels._select_resolve(gpu, flats, hb, srt, up, counts)
         mx.eval(res)
         status = [res.tolist()[8 * m: 8 * m + 8] for m in range(len(xs))]
         t_sample = ms(lambda: kernels._select_sample(gpu, flats, hb, s, up))
@@ -197,7 +197,8 @@ def stages(base, others, x32, n, reps, bw):
               f"({merge_bytes / eight / 1e6:.0f} GB/s)")
     kernels._MERGE_GROUPS = 2
     header, _ = kernels.kernel_source("task_merge", gpu)
-    body = kernels._model_macros(K, True, gpu) + """
+    indices = kernels._kernel_root().joinpath("cuda_indices.inc").read_text()
+    body = kernels._model_macros(K, True, gpu) + indices + """
   const uint32_t n = up[0];
   const uint32_t groups = n / 8u;
   for (uint32_t g = GID; g < groups; g += NTHREADS) {

@@ -457,9 +457,23 @@ def fused_task_merge(
     gpu = _gpu_backend()
     if sparsify is None:  # nothing to select or draw: the compiled graph is as fast as a kernel
         gpu = None
-    plans, sel_rows = _plan_models(base, others, sparsify, densities, rescale, seed, streams, gpu)
     weights = [float(w) for w in weights]
     divisor = _plain_divisor(weights)
+    if gpu is not None and sparsify == "magnitude" and not rescale:
+        plans, _ = _plan_models(base, others, None, densities, False, seed, streams, None)
+        mag = [i for i, d in enumerate(densities) if 0 < float(d) < 1]
+        for i in range(K):
+            d = float(densities[i])
+            plans[i].mode = _MAGNITUDE if i in mag else (_KEEP_ALL if d >= 1 else _KEEP_NONE)
+        ks = [max(1, int(float(densities[i]) * base.size)) for i in mag]
+        if not mag or _gpu_call(gpu, "select", lambda: True):
+            out = _gpu_call(gpu, "merge", lambda: _gpu_ties(gpu, base, others, weights, plans, mag, ks,
+                                                                 consensus is not None, normalize, lam, divisor)
+                            if mag else _gpu_merge(gpu, base, others, weights, plans, consensus is not None,
+                                                   normalize, lam, divisor))
+            if out is not None:
+                return out
+    plans, sel_rows = _plan_models(base, others, sparsify, densities, rescale, seed, streams, gpu)
     if gpu is not None:
         out = _gpu_call(
             gpu, "merge",
@@ -491,6 +505,7 @@ _SPLITTERS = 256  # splitters per tensor in the selection pass (a power of two)
 _SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sampled rank
 _MERGE_GROUPS = 2  # groups of eight elements per thread in the merge kernel
 _OK, _BETWEEN, _OUTSIDE = 1, 2, 3  # select_resolve's statuses
+_SELECT_OVERRIDE: Optional[str] = None  # tests: force every selection down the 'between'/'outside' path
 _checked: dict[str, bool] = {}
 _warned: set[str] = set()
 
@@ -699,20 +714,19 @@ def _select_sample(gpu: str, flats: list[mx.array], has_base: bool, s: int, up: 
 
 
 def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, srt: mx.array, up: mx.array):
-    """Stage 2, the pass over the data: (tot, above, tab)."""
+    """Stage 2, the pass over the data: tab (chunks * km * (2G + 1)) and its sum over the chunks."""
     km = len(flats) - int(has_base)
-    g = _SPLITTERS
-    return _kernel("select_pass", gpu, km, has_base, atomic=True, inputs=("srt", "up"),
-                   outputs=("tot", "above", "tab"))(
-        inputs=flats + [srt, up], template=[("KM", km), ("G", g)], grid=(chunks * _TG, 1, 1),
-        threadgroup=(_TG, 1, 1), output_shapes=[(km * 2 * g,), (km,), (km * chunks * g,)],
-        output_dtypes=[mx.uint32] * 3, init_value=0)
+    w = 2 * _SPLITTERS + 1
+    tab = _kernel("select_pass", gpu, km, has_base, inputs=("srt", "up"), outputs=("tab",))(
+        inputs=flats + [srt, up], template=[("KM", km), ("G", _SPLITTERS)], grid=(chunks * _TG, 1, 1),
+        threadgroup=(_TG, 1, 1), output_shapes=[(chunks * km * w,)], output_dtypes=[mx.uint32])[0]
+    return tab, mx.sum(tab.reshape(chunks, km * w), axis=0)
 
 
 def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, counts):
     """Stage 3: (res (km*8), tc (km*2)), see kernels/select_resolve.inc."""
     km = len(flats) - int(has_base)
-    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tot", "above", "tab"),
+    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tab", "tot"),
                    outputs=("res", "tc"))(
         inputs=flats + [srt, up, *counts], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
         grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (km * 2,)],
@@ -720,30 +734,36 @@ def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.arr
 
 
 def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int],
-                   override: Optional[str] = None) -> tuple[mx.array, mx.array]:
-    """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2)), all lazy."""
+                   override: Optional[str] = None) -> tuple[mx.array, mx.array, mx.array]:
+    """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2), tab), all lazy."""
     s, chunks, up = _select_params(flats[0].size, ks, override)
     srt = _select_sample(gpu, flats, has_base, s, up)
     counts = _select_count(gpu, flats, has_base, chunks, srt, up)
-    return _select_resolve(gpu, flats, has_base, srt, up, counts)
+    return (*_select_resolve(gpu, flats, has_base, srt, up, counts), counts[0])
 
 
 def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[tuple[int, list[int]]],
-                    n: int) -> dict[int, _Selection]:
+                    n: int, tab: mx.array) -> dict[int, _Selection]:
     """For tensors whose k-th value lies strictly between two splitters: collect the elements in
-    that bit range (one pass, exact count known), then the exact pick among them."""
+    that bit range (one pass; each chunk writes where the pass's counts place it), then the exact
+    pick among them."""
     base_l = flats[:1] if has_base else []
     xs = flats[int(has_base):]
-    words, offset = [n, 0, 0, 0], 0
+    ch = _select_chunk(n)
+    chunks = -(-n // ch)
+    w = 2 * _SPLITTERS + 1
+    per_chunk = tab.reshape(chunks, len(xs), w)
+    words, pres, offset = [n, ch, 0, 0], [], 0
     for m, r in todo:
-        words += [r[3], r[4], offset, 0]
+        words += [r[3], r[4], 0, 0]
+        col = per_chunk[:, m, r[7]]
+        pres.append(mx.cumsum(col) - col + offset)  # where each chunk's elements start
         offset += r[5]
     km = len(todo)
-    kb, ki, _ = _kernel("select_collect", gpu, km, has_base, atomic=True, inputs=("up",),
-                        outputs=("kb", "ki", "ctr"))(
-        inputs=base_l + [xs[m] for m, _ in todo] + [_const_u32(tuple(words))], template=[("KM", km)],
-        grid=(_stride_grid(-(-n // 8), 2), 1, 1), threadgroup=(_TG, 1, 1),
-        output_shapes=[(offset,), (offset,), (km,)], output_dtypes=[mx.uint32] * 3, init_value=0)
+    kb, ki = _kernel("select_collect", gpu, km, has_base, inputs=("up", "pre"), outputs=("kb", "ki"))(
+        inputs=base_l + [xs[m] for m, _ in todo] + [_const_u32(tuple(words)), mx.concatenate(pres)],
+        template=[("KM", km)], grid=(chunks * _TG, 1, 1), threadgroup=(_TG, 1, 1),
+        output_shapes=[(offset,), (offset,)], output_dtypes=[mx.uint32] * 2)
     out, offset = {}, 0
     for m, r in todo:
         cnt, rank = r[5], r[6]
@@ -759,25 +779,33 @@ def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[
     return out
 
 
-def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int],
-                override: Optional[str] = None) -> tuple[list[_Selection], mx.array]:
-    """Exact top-k of |x_m - base| for each m: the selections, and their [t, cut] rows as one
-    (len(xs), 2) uint32 array. One read of the inputs and one host sync in the common case."""
-    n = xs[0].size
+def _gpu_select_start(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int],
+                      override: Optional[str] = None) -> list[tuple]:
+    """Launch the selection's first three stages (lazy): per launch of up to three tensors,
+    (flats, res, tc, tab)."""
+    override = override if override is not None else _SELECT_OVERRIDE
     groups = []
     for g in range(0, len(xs), _MAX_KM):
         flats = [a.reshape(-1) for a in _common_dtype(([base] if base is not None else []) + list(xs[g:g + _MAX_KM]))]
         groups.append((flats, *_select_launch(gpu, flats, base is not None, ks[g:g + _MAX_KM], override)))
-    mx.eval(*[res for _, res, _ in groups])  # the one sync: which path each tensor takes
+    return groups
+
+
+def _gpu_select_finish(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int],
+                       groups: list[tuple]) -> tuple[list[_Selection], mx.array]:
+    """Read the statuses (a host sync unless already evaluated) and finish the tensors whose k-th
+    value the counting pass did not settle."""
+    n = xs[0].size
+    mx.eval(*[res for _, res, _, _ in groups])
     sels: list[_Selection] = []
     all_ok = True
-    for g, (flats, res, tc) in enumerate(groups):
+    for g, (flats, res, tc, tab) in enumerate(groups):
         info = res.tolist()
         km = len(flats) - int(base is not None)
         rows = [info[8 * m: 8 * m + 8] for m in range(km)]
         between = [(m, r) for m, r in enumerate(rows) if r[0] == _BETWEEN]
         outside = [m for m, r in enumerate(rows) if r[0] not in (_OK, _BETWEEN)]
-        done = _select_between(gpu, flats, base is not None, between, n) if between else {}
+        done = _select_between(gpu, flats, base is not None, between, n, tab) if between else {}
         if outside:  # the sample missed: the three-pass radix select for these tensors
             redo = _gpu_select_radix(gpu, [xs[g * _MAX_KM + m] for m in outside], base,
                                      [ks[g * _MAX_KM + m] for m in outside])
@@ -786,10 +814,39 @@ def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list
         for m in range(km):
             sels.append(done[m] if m in done else _Selection(tc[2 * m], tc[2 * m + 1]))
     if all_ok:
-        rows = mx.concatenate([tc for _, _, tc in groups]) if len(groups) > 1 else groups[0][2]
+        rows = mx.concatenate([tc for _, _, tc, _ in groups]) if len(groups) > 1 else groups[0][2]
     else:
         rows = mx.stack([mx.stack([s.t.astype(mx.uint32), s.cut.astype(mx.uint32)]) for s in sels]).reshape(-1)
     return sels, rows
+
+
+def _gpu_select(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int],
+                override: Optional[str] = None) -> tuple[list[_Selection], mx.array]:
+    """Exact top-k of |x_m - base| for each m: the selections, and their [t, cut] rows as one
+    (len(xs), 2) uint32 array. One read of the inputs and one host sync in the common case."""
+    return _gpu_select_finish(gpu, xs, base, ks, _gpu_select_start(gpu, xs, base, ks, override))
+
+
+def _gpu_ties(gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor):
+    """Magnitude-sparsified merge without rescaling, with one host sync: the merge is launched
+    right behind the selection, gated on the device by its statuses, and evaluated together with
+    them; only when a selection was not final (rare with bf16 ties, the rule for float32 data) is
+    it finished and the merge run again."""
+    groups = _gpu_select_start(gpu, [others[i] for i in mag], base, ks)
+    tcs = [tc for _, _, tc, _ in groups]
+    gates = [res for _, res, _, _ in groups]
+    for r, i in enumerate(mag):
+        plans[i].row = r
+    sel_rows = mx.concatenate(tcs) if len(tcs) > 1 else tcs[0]
+    gate = mx.concatenate(gates) if len(gates) > 1 else gates[0]
+    out = _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows, gate)
+    mx.eval(out, gate)
+    if all(v == _OK for v in gate.tolist()[::8]):
+        return out
+    sels, sel_rows = _gpu_select_finish(gpu, [others[i] for i in mag], base, ks, groups)
+    for i, s in zip(mag, sels):
+        plans[i].t, plans[i].cut = s.t, s.cut
+    return _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows)
 
 
 def _gpu_select_radix(gpu: str, xs: list[mx.array], base: Optional[mx.array], ks: list[int]) -> list[_Selection]:
@@ -863,8 +920,8 @@ def _gpu_tie_cuts(gpu, flats, has_base, t, need, cuts, split):
 # --- the merge and its L1 sums (kernels/task_merge.inc, l1_sums.inc)
 
 
-def _task_inputs(base, others, weights, plans, lam, divisor, sel_rows):
-    """(flat inputs, up, sel, scl) in the layout of kernels/task_params.inc."""
+def _task_inputs(base, others, weights, plans, lam, divisor, sel_rows, gate=None):
+    """(flat inputs, up, sel, scl, gate) in the layout of kernels/task_params.inc."""
     n = base.size
     rows = [p.row for p in plans]
     if sel_rows is None:  # built from the plans' scalars (the first-use checks, CPU-made plans)
@@ -881,7 +938,9 @@ def _task_inputs(base, others, weights, plans, lam, divisor, sel_rows):
     else:
         scl = _ones_f32(len(plans))
     flats = [a.reshape(-1) for a in _common_dtype([base] + list(others))]
-    return flats, _const_u32(tuple(words)), sel_rows, scl
+    if gate is None:  # selections known final: every row's status 1
+        gate = _const_u32((_OK, 0, 0, 0, 0, 0, 0, 0) * max(1, len(rows)))
+    return flats, _const_u32(tuple(words)), sel_rows, scl, gate
 
 
 def _gpu_l1(gpu, base, others, plans, todo, sel_rows=None):
@@ -891,11 +950,11 @@ def _gpu_l1(gpu, base, others, plans, todo, sel_rows=None):
     for g in range(0, len(todo), _MAX_KM):
         idx = todo[g:g + _MAX_KM]
         km = len(idx)
-        flats, up, sel, scl = _task_inputs(base, [others[i] for i in idx], [1.0] * km, [plans[i] for i in idx],
-                                           1.0, 1.0, sel_rows)
-        kern = _kernel("l1_sums", gpu, km, True, inputs=("up", "sel", "scl"), outputs=("part",))
+        flats, up, sel, scl, gate = _task_inputs(base, [others[i] for i in idx], [1.0] * km,
+                                                 [plans[i] for i in idx], 1.0, 1.0, sel_rows)
+        kern = _kernel("l1_sums", gpu, km, True, inputs=("up", "sel", "scl", "gate"), outputs=("part",))
         groups = _groups(-(-n // 8))
-        part = kern(inputs=flats + [up, sel, scl], template=[("KM", km), ("TG", _TG)],
+        part = kern(inputs=flats + [up, sel, scl, gate], template=[("KM", km), ("TG", _TG)],
                     grid=(groups * _TG, 1, 1), threadgroup=(_TG, 1, 1),
                     output_shapes=[(groups * km * 2,)], output_dtypes=[mx.float32])[0]
         tot = part.reshape(groups, km, 2).sum(axis=0)
@@ -903,12 +962,12 @@ def _gpu_l1(gpu, base, others, plans, todo, sel_rows=None):
     return sums
 
 
-def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows=None):
+def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows=None, gate=None):
     n = base.size
     km = len(others)
-    flats, up, sel, scl = _task_inputs(base, others, weights, plans, lam, divisor, sel_rows)
-    kern = _kernel("task_merge", gpu, km, True, inputs=("up", "sel", "scl"))
-    out = kern(inputs=flats + [up, sel, scl],
+    flats, up, sel, scl, gate = _task_inputs(base, others, weights, plans, lam, divisor, sel_rows, gate)
+    kern = _kernel("task_merge", gpu, km, True, inputs=("up", "sel", "scl", "gate"))
+    out = kern(inputs=flats + [up, sel, scl, gate],
                template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
                          ("NORMALIZE", bool(normalize))],
                grid=(_stride_grid(-(-n // 8), _MERGE_GROUPS), 1, 1), threadgroup=(_TG, 1, 1),

@@ -87,11 +87,11 @@ KERNELS = {
         (3, True, [("up", U32)], [("hist", U32)], [("KM", 3), ("SHIFT", 20), ("BITS", 11)], True),
         (1, False, [("up", U32)], [("hist", U32)], [("KM", 1), ("SHIFT", 0), ("BITS", 9)], True),
     ],
-    "l1_sums": [(2, True, [("up", U32), ("sel", U32), ("scl", F32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
+    "l1_sums": [(2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
     "task_merge": [
-        (3, True, [("up", U32), ("sel", U32), ("scl", F32)], [("out", "T")],
+        (3, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
          [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True)], False),
-        (1, True, [("up", U32), ("sel", U32), ("scl", F32)], [("out", "T")],
+        (1, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
          [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False)], False),
     ],
     "select_sample": [
@@ -99,20 +99,18 @@ KERNELS = {
         (1, False, [("up", U32)], [("smp", U32)], [("KM", 1)], False),
     ],
     "select_pass": [
-        (3, True, [("srt", U32), ("up", U32)], [("tot", U32), ("above", U32), ("tab", U32)],
-         [("KM", 3), ("G", 256)], True),
-        (1, False, [("srt", U32), ("up", U32)], [("tot", U32), ("above", U32), ("tab", U32)],
-         [("KM", 1), ("G", 256)], True),
+        (3, True, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 3), ("G", 256)], False),
+        (1, False, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 1), ("G", 256)], False),
     ],
     "select_resolve": [
-        (3, True, [("srt", U32), ("up", U32), ("tot", U32), ("above", U32), ("tab", U32)],
+        (3, True, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
          [("res", U32), ("tc", U32)], [("KM", 3), ("G", 256), ("TG", 256)], False),
-        (1, False, [("srt", U32), ("up", U32), ("tot", U32), ("above", U32), ("tab", U32)],
+        (1, False, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
          [("res", U32), ("tc", U32)], [("KM", 1), ("G", 256), ("TG", 256)], False),
     ],
     "select_collect": [
-        (2, True, [("up", U32)], [("kb", U32), ("ki", U32), ("ctr", U32)], [("KM", 2)], True),
-        (1, False, [("up", U32)], [("kb", U32), ("ki", U32), ("ctr", U32)], [("KM", 1)], True),
+        (2, True, [("up", U32), ("pre", U32)], [("kb", U32), ("ki", U32)], [("KM", 2)], False),
+        (1, False, [("up", U32), ("pre", U32)], [("kb", U32), ("ki", U32)], [("KM", 1)], False),
     ],
     "tie_count": [
         (2, True, [("up", U32)], [("counts", U32)], [("KM", 2), ("CHUNK", 4096)], False),
@@ -557,6 +555,28 @@ def test_emulated_ties_with_five_models(emulated_cuda):
         out = K.fused_task_merge(base, others, [0.3, 0.2, 0.2, 0.2, 0.1], sparsify="magnitude",
                                  densities=[0.2, 0.4, 0.5, 0.6, 0.8], rescale=False, consensus="sum",
                                  normalize=True, lam=1.0)
+        results.append(np.array(out.astype(mx.float32)))
+    emulated_cuda["on"] = True
+    np.testing.assert_array_equal(*results)
+
+
+@needs_clang
+@pytest.mark.parametrize("override", ["between", "outside"])
+def test_emulated_ties_when_the_counting_pass_does_not_settle(emulated_cuda, override, monkeypatch):
+    """The merge launched behind the selection skips its work when a selection is not final; the
+    selection is then finished (collecting pass or radix select) and the merge runs again."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    monkeypatch.setattr(K, "_SELECT_OVERRIDE", override)
+    base, others = emu_family()
+    results = []
+    for on in (True, False):
+        emulated_cuda["on"] = on
+        out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], sparsify="magnitude", densities=[0.3, 1.0, 0.6],
+                                 rescale=False, consensus="sum", normalize=True, lam=1.0)
         results.append(np.array(out.astype(mx.float32)))
     emulated_cuda["on"] = True
     np.testing.assert_array_equal(*results)
