@@ -682,6 +682,12 @@ def _bracket(n: int, k: int, s: int) -> tuple[int, int, int]:
     return lo, hi, flags
 
 
+def _padded(count: int) -> int:
+    """Room for `count` uint32 results, at least 16 bytes: MLX serves 8 bytes or less from a
+    small host-mapped pool, which kernels should not write into."""
+    return max(int(count), 4)
+
+
 def _select_chunk(n: int) -> int:
     """Elements per threadgroup of the selection pass: a multiple of 2048, at most 2048 chunks."""
     return 2048 * max(1, -(-n // (2048 * 2048)))
@@ -709,8 +715,8 @@ def _select_sample(gpu: str, flats: list[mx.array], has_base: bool, s: int, up: 
     km = len(flats) - int(has_base)
     smp = _kernel("select_sample", gpu, km, has_base, inputs=("up",), outputs=("smp",))(
         inputs=flats + [up], template=[("KM", km)], grid=(-(-s // _TG) * _TG, 1, 1), threadgroup=(_TG, 1, 1),
-        output_shapes=[(km * s,)], output_dtypes=[mx.uint32])[0]
-    return mx.sort(smp.reshape(km, s), axis=-1).reshape(-1)
+        output_shapes=[(_padded(km * s),)], output_dtypes=[mx.uint32])[0]
+    return mx.sort(smp[:km * s].reshape(km, s), axis=-1).reshape(-1)
 
 
 def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, srt: mx.array, up: mx.array):
@@ -729,7 +735,7 @@ def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.arr
     return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tab", "tot"),
                    outputs=("res", "tc"))(
         inputs=flats + [srt, up, *counts], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
-        grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (km * 2,)],
+        grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (_padded(km * 2),)],
         output_dtypes=[mx.uint32] * 2)
 
 
@@ -752,18 +758,15 @@ def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[
     ch = _select_chunk(n)
     chunks = -(-n // ch)
     w = 2 * _SPLITTERS + 1
-    per_chunk = tab.reshape(chunks, len(xs), w)
-    words, pres, offset = [n, ch, 0, 0], [], 0
+    words, offset = [n, ch, len(xs) * w, 0], 0
     for m, r in todo:
-        words += [r[3], r[4], 0, 0]
-        col = per_chunk[:, m, r[7]]
-        pres.append(mx.cumsum(col) - col + offset)  # where each chunk's elements start
+        words += [r[3], r[4], offset, m * w + r[7]]
         offset += r[5]
     km = len(todo)
-    kb, ki = _kernel("select_collect", gpu, km, has_base, inputs=("up", "pre"), outputs=("kb", "ki"))(
-        inputs=base_l + [xs[m] for m, _ in todo] + [_const_u32(tuple(words)), mx.concatenate(pres)],
+    kb, ki = _kernel("select_collect", gpu, km, has_base, inputs=("up", "tab"), outputs=("kb", "ki"))(
+        inputs=base_l + [xs[m] for m, _ in todo] + [_const_u32(tuple(words)), tab],
         template=[("KM", km)], grid=(chunks * _TG, 1, 1), threadgroup=(_TG, 1, 1),
-        output_shapes=[(offset,), (offset,)], output_dtypes=[mx.uint32] * 2)
+        output_shapes=[(_padded(offset),)] * 2, output_dtypes=[mx.uint32] * 2)
     out, offset = {}, 0
     for m, r in todo:
         cnt, rank = r[5], r[6]
@@ -814,7 +817,8 @@ def _gpu_select_finish(gpu: str, xs: list[mx.array], base: Optional[mx.array], k
         for m in range(km):
             sels.append(done[m] if m in done else _Selection(tc[2 * m], tc[2 * m + 1]))
     if all_ok:
-        rows = mx.concatenate([tc for _, _, tc, _ in groups]) if len(groups) > 1 else groups[0][2]
+        rows = (mx.concatenate([tc[:2 * (len(f) - int(base is not None))] for f, _, tc, _ in groups])
+                if len(groups) > 1 else groups[0][2])
     else:
         rows = mx.stack([mx.stack([s.t.astype(mx.uint32), s.cut.astype(mx.uint32)]) for s in sels]).reshape(-1)
     return sels, rows
@@ -833,11 +837,11 @@ def _gpu_ties(gpu, base, others, weights, plans, mag, ks, consensus, normalize, 
     them; only when a selection was not final (rare with bf16 ties, the rule for float32 data) is
     it finished and the merge run again."""
     groups = _gpu_select_start(gpu, [others[i] for i in mag], base, ks)
-    tcs = [tc for _, _, tc, _ in groups]
+    tcs = [tc[:2 * (len(f) - int(base is not None))] for f, _, tc, _ in groups]
     gates = [res for _, res, _, _ in groups]
     for r, i in enumerate(mag):
         plans[i].row = r
-    sel_rows = mx.concatenate(tcs) if len(tcs) > 1 else tcs[0]
+    sel_rows = mx.concatenate(tcs) if len(tcs) > 1 else groups[0][2]  # one launch: its tc as it is
     gate = mx.concatenate(gates) if len(gates) > 1 else gates[0]
     out = _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows, gate)
     mx.eval(out, gate)
