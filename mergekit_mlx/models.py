@@ -263,7 +263,9 @@ class SafetensorsModel(ModelSource):
         if arrays is None or name not in arrays:
             # mx.load of safetensors is lazy: a tensor's bytes are read only when it is evaluated
             try:
-                arrays = self._shards[info.file] = mx.load(str(info.file))
+                # read on the CPU stream: on a GPU, MLX's GPU-stream load is 2.4x slower (it stages
+                # every tensor through pageable memory); the merge moves the data to the device anyway
+                arrays = self._shards[info.file] = mx.load(str(info.file), stream=mx.cpu)
             except (RuntimeError, ValueError) as e:  # e.g. the file changed since its header was checked
                 raise ModelError(f"{info.file}: MLX cannot read it ({e})") from None
         if name not in arrays:

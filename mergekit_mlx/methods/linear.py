@@ -18,12 +18,17 @@ def linear(inputs: MergeInputs) -> mx.array:
             f"parameters.weight: the weights for {inputs.name} sum to {total:g}, so normalize: true would divide "
             "by zero; change the weights or set normalize: false"
         )
-    out = float32(inputs.tensors[0]) * weights[0]
-    for x, w in zip(inputs.tensors[1:], weights[1:]):
-        out = out + float32(x) * w
-    if inputs.shared["normalize"]:
-        out = out / total
-    return out.astype(inputs.tensors[0].dtype)
+    coefficients = [w / total for w in weights] if inputs.shared["normalize"] else weights
+    # weights travel as an array so one compiled graph serves every tensor of the same shape
+    return _weighted_sum(mx.array(coefficients, dtype=mx.float32), *inputs.tensors)
+
+
+@mx.compile
+def _weighted_sum(coefficients: mx.array, *tensors: mx.array) -> mx.array:
+    out = float32(tensors[0]) * coefficients[0]
+    for i, x in enumerate(tensors[1:], 1):
+        out = out + float32(x) * coefficients[i]
+    return out.astype(tensors[0].dtype)
 
 
 def passthrough(inputs: MergeInputs) -> mx.array:

@@ -12,6 +12,12 @@ EPS = 1e-8
 
 def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit)."""
+    # t travels as an array so one compiled graph serves every tensor of the same shape
+    return _slerp_graph(mx.array(t, dtype=mx.float32), v0, v1)
+
+
+@mx.compile
+def _slerp_graph(t: mx.array, v0: mx.array, v1: mx.array) -> mx.array:
     a, b = float32(v0), float32(v1)
     na = mx.linalg.norm(a.reshape(-1))
     nb = mx.linalg.norm(b.reshape(-1))

@@ -72,20 +72,14 @@ def della_probabilities(delta: mx.array, density: float, epsilon: float) -> mx.a
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
 
 
-def sparsify(delta: mx.array, how: Optional[str], p: dict, rescale: bool, seed: int, stream: int) -> mx.array:
-    if how is None:
-        return delta
+def sparsify(delta: mx.array, how: str, p: dict, rescale: bool, seed: int, stream: int) -> mx.array:
+    """Breadcrumbs' and DELLA's sparsifiers (rescaled to keep the L1 norm when `rescale`)."""
     density = p["density"]
     if density >= 1:
         return delta
     n = delta.size
-    if how == "magnitude":
-        if density <= 0 or n == 0:
-            return mx.zeros_like(delta)
-        mask = kernels.topk_mask(delta, max(1, int(density * n)))
-    elif how == "random":
-        mask = kernels.keep_mask(seed, stream, delta.shape, density)
-    elif how == "magnitude_outliers":
+    # plain magnitude and random sparsification run inside kernels.fused_task_merge
+    if how == "magnitude_outliers":
         target = int(density * n)
         n_top = int(p["gamma"] * n)
         n_bot = max(0, n - target - n_top)
@@ -113,8 +107,8 @@ def task_merge(inputs: MergeInputs, family: Family) -> mx.array:
         return base
     s = inputs.shared
     weights = [inputs.per_input[i]["weight"] for i in others]
-    if _on_gpu() and kernels.kernels_enabled() and family.sparsify in (None, "magnitude", "random"):
-        # one pass over all inputs in a custom kernel; on the CPU the composed graph below is as fast
+    if family.sparsify in (None, "magnitude", "random"):
+        # one fused pass over all inputs: a custom kernel on a GPU, a compiled graph on the CPU
         return kernels.fused_task_merge(
             base,
             [inputs.tensors[i] for i in others],
@@ -149,10 +143,6 @@ def task_merge(inputs: MergeInputs, family: Family) -> mx.array:
     if s["lambda"] != 1:
         mixed = mixed * s["lambda"]
     return (b + mixed).astype(base.dtype)
-
-
-def _on_gpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.gpu
 
 
 def _stream(inputs: MergeInputs, i: int) -> int:
