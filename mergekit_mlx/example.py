@@ -23,7 +23,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mergekit-mlx example", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe to run (default {DEFAULT_RECIPE})")
     parser.add_argument("--out", default="out/example", help="where the merge is written (default out/example)")
-    parser.add_argument("--n", type=int, default=100, help="held-out prompts per skill (default 100)")
+    parser.add_argument("--n", type=int, default=200, help="held-out prompts per skill (default 200)")
     args = parser.parse_args(argv)
 
     if not Path(args.recipe).exists():
