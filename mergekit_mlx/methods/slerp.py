@@ -12,12 +12,6 @@ EPS = 1e-8
 
 def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit)."""
-    # t travels as an array so one compiled graph serves every tensor of the same shape
-    return _slerp_graph(mx.array(t, dtype=mx.float32), v0, v1)
-
-
-@mx.compile
-def _slerp_graph(t: mx.array, v0: mx.array, v1: mx.array) -> mx.array:
     a, b = float32(v0), float32(v1)
     na = mx.linalg.norm(a.reshape(-1))
     nb = mx.linalg.norm(b.reshape(-1))
@@ -30,7 +24,14 @@ def _slerp_graph(t: mx.array, v0: mx.array, v1: mx.array) -> mx.array:
     safe = mx.where(linear, 1.0, sin_theta)
     ca = mx.where(linear, 1 - t, mx.sin((1 - t) * theta) / safe)
     cb = mx.where(linear, t, mx.sin(t * theta) / safe)
-    return (ca * a + cb * b).astype(v0.dtype)
+    # the coefficients are scalars: only the per-element combination is compiled (compiling the
+    # trigonometry too folds it into every element's work)
+    return _combine(ca, cb, v0, v1)
+
+
+@mx.compile
+def _combine(ca: mx.array, cb: mx.array, v0: mx.array, v1: mx.array) -> mx.array:
+    return (ca * float32(v0) + cb * float32(v1)).astype(v0.dtype)
 
 
 def slerp(inputs: MergeInputs) -> mx.array:
