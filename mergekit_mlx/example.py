@@ -44,9 +44,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     model, tokenizer = load(args.out)
     for task in evaluate.TASKS:
-        example = evaluate.held_out_examples(task, 1, seed=1)[0]
-        text = generate(model, tokenizer, prompt=example.prompt, max_tokens=16)
-        print(f"merge> {example.prompt}{text.splitlines()[0] if text else ''}")
+        for example in evaluate.held_out_examples(task, 3, seed=1):
+            text = generate(model, tokenizer, prompt=example.prompt, max_tokens=16)
+            got = text.splitlines()[0] if text else ""
+            mark = "right" if got.strip() == example.answer else f"expected {example.answer}"
+            print(f"merge> {example.prompt}{got}   ({mark})")
     return 0
 
 
