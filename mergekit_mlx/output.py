@@ -26,7 +26,7 @@ import mlx.core as mx
 from .errors import MergeKitError, OutputError
 from .options import MergeOptions
 from .plan import Plan, human_bytes
-from .writer import copy_tokenizer, make_writer
+from .writer import copy_tokenizer, file_sha256, make_writer
 
 STATE_FILE = ".mergekit-mlx-state.json"
 # how MLX words a failed file write (it raises RuntimeError without an errno)
@@ -89,14 +89,6 @@ def recipe_fingerprint(plan: Plan, opts: MergeOptions) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def finished_shards(tmp: Path, fingerprint: str) -> dict[str, str]:
     """Shards of an interrupted run that can be kept: same fingerprint, file present, checksum equal."""
     try:
@@ -105,7 +97,7 @@ def finished_shards(tmp: Path, fingerprint: str) -> dict[str, str]:
         return {
             f: h
             for f, h in shards.items()
-            if isinstance(f, str) and "/" not in f and not f.startswith(".") and (tmp / f).is_file() and _sha256(tmp / f) == h
+            if isinstance(f, str) and "/" not in f and not f.startswith(".") and (tmp / f).is_file() and file_sha256(tmp / f) == h
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}  # no state, or one cut short: start again
@@ -213,7 +205,7 @@ def write_output(
             if written is not None:
                 for f in written:
                     if f not in done:
-                        done[f] = checksums.get(f) or _sha256(tmp / f)
+                        done[f] = checksums.get(f) or file_sha256(tmp / f)
             _write_json_atomic(state_path, {"fingerprint": fingerprint, "shards": done})
 
         save_state()

@@ -227,7 +227,7 @@ class _ShardFile:
             for t in self.planned
         ):
             return self.hash.hexdigest()
-        return _file_sha256(self.path)
+        return file_sha256(self.path)
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -272,7 +272,7 @@ def _rewrite_with_header(path: Path, head: bytes, data_start: int) -> None:
     os.replace(tmp, path)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
