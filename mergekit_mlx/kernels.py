@@ -1,7 +1,7 @@
 """Hot paths of the task-arithmetic merges: magnitude threshold, random masks, fused TIES/DARE.
 
-One interface, three backends: `mx.fast.metal_kernel` on an Apple GPU, `mx.fast.cuda_kernel` on
-an NVIDIA GPU, and a compiled pure-MLX fallback (the CPU path, and the path whenever kernels are
+One interface, three backends: `mx.fast.metal_kernel` on an Apple GPU, CUDA on an NVIDIA GPU
+(compiled once per machine by `cuda_jit`, `mx.fast.cuda_kernel` where that cannot compile), and a compiled pure-MLX fallback (the CPU path, and the path whenever kernels are
 off). Kernel sources live in `kernels/` (shipped as the package `mergekit_mlx._kernels`).
 
 Documented rules (every backend follows them):
@@ -26,7 +26,10 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from . import cuda_jit
+
 _ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
+_ENV_MLX_JIT = "MERGEKIT_MLX_MLX_JIT"  # CUDA: compile with mx.fast.cuda_kernel in every process (no cache)
 _enabled_override: Optional[bool] = None
 
 _GOLDEN = 0x9E3779B9
@@ -589,8 +592,11 @@ def _kernel(name: str, backend_name: str, km: int = 0, has_base: bool = False, a
     if backend_name == "metal":
         return mx.fast.metal_kernel(name=tag, input_names=names, output_names=list(outputs), source=body,
                                     header=header, atomic_outputs=atomic)
-    return mx.fast.cuda_kernel(name=tag, input_names=names, output_names=list(outputs), source=body,
-                               header=header)
+    mlx_jit = mx.fast.cuda_kernel(name=tag, input_names=names, output_names=list(outputs), source=body,
+                                  header=header)
+    if os.environ.get(_ENV_MLX_JIT):
+        return mlx_jit
+    return cuda_jit.CachedKernel(tag, names, outputs, header, body, fallback=mlx_jit)
 
 
 def _warn_once(key: str, msg: str) -> None:

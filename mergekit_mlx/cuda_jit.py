@@ -1,0 +1,267 @@
+"""CUDA kernels compiled once per machine and reused by every later process.
+
+`mx.fast.cuda_kernel` compiles its source with NVRTC in every process and prefixes it with MLX's
+device headers: about 1.7 s per kernel instantiation on a 2-core x86 CPU (0.05 s for the same
+kernel behind just `cuda_bf16.h`), so a TIES merge paid tens of seconds before its first tensor.
+Here the same sources are wrapped with a minimal prelude, compiled by NVRTC (through ctypes, the
+library MLX's CUDA backend already depends on) to a cubin for the device, stored under
+`$MERGEKIT_MLX_CACHE` (default `~/.cache/mergekit-mlx`) keyed by a hash of everything that goes
+into it, and launched with `mx.fast.precompiled_cuda_kernel`. When NVRTC or the CUDA headers
+cannot be found, or a compile fails, `kernels.py` uses `mx.fast.cuda_kernel` as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sys
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+CUDA_TYPES = {
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.uint32: "uint32_t",
+    mx.int32: "int32_t",
+    mx.uint16: "uint16_t",
+    mx.uint8: "uint8_t",
+    mx.bool_: "bool",
+}
+
+# what the bodies need from outside: the 16-bit float types and fixed-width integers
+PRELUDE = """#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+"""
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a source (the message carries its log)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MERGEKIT_MLX_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergekit-mlx")
+    return Path(root) / "cuda"
+
+
+def wrap_source(fname: str, header: str, body: str, inputs: Sequence[tuple[str, mx.Dtype]],
+                outputs: Sequence[tuple[str, mx.Dtype]], template: Sequence[tuple[str, object]]) -> str:
+    """A complete translation unit: the kernel `fname` with MLX's custom-kernel signature (inputs
+    as const pointers, then outputs; template arguments as constants), C linkage, no MLX headers."""
+    params = [f"    const {CUDA_TYPES[dt]}* {name}" for name, dt in inputs]
+    params += [f"    {CUDA_TYPES[dt]}* {name}" for name, dt in outputs]
+    consts = []
+    for name, value in template:
+        if isinstance(value, bool):
+            consts.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            consts.append(f"  constexpr int {name} = {value};")
+        else:
+            consts.append(f"  using {name} = {CUDA_TYPES[value]};")
+    return (PRELUDE + header + f'\nextern "C" __global__ void {fname}(\n' + ",\n".join(params) + ") {\n"
+            + "\n".join(consts) + "\n" + body + "\n}\n")
+
+
+# ----------------------------------------------------------------------------- NVRTC
+
+
+def _loaded_library(stem: str) -> Optional[str]:
+    """Path of a shared library this process has already mapped (MLX's CUDA backend maps NVRTC)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1]
+                if os.path.basename(path).startswith(stem):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _site_nvidia_dirs() -> list[Path]:
+    """site-packages/nvidia/<cuXX> folders of the CUDA wheels, next to MLX's own package."""
+    out = []
+    for p in [Path(mx.__file__).resolve().parent.parent] + [Path(s) for s in sys.path if s]:
+        root = p.parent / "nvidia" if p.name == "mlx" else p / "nvidia"
+        if root.is_dir():
+            out += sorted(d for d in root.iterdir() if d.is_dir())
+    return out
+
+
+def _find_nvrtc() -> Optional[str]:
+    hit = _loaded_library("libnvrtc.so")
+    if hit and "builtins" not in hit:
+        return hit
+    for d in _site_nvidia_dirs():
+        for lib in sorted((d / "lib").glob("libnvrtc.so*")):
+            return str(lib)
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            for lib in sorted(Path(home, "lib64").glob("libnvrtc.so*")):
+                return str(lib)
+    return None
+
+
+def _find_include() -> Optional[str]:
+    """The folder holding cuda_bf16.h, looked for where MLX's CUDA backend looks."""
+    cands = [d / "include" for d in _site_nvidia_dirs()]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cands.append(Path(home) / "include")
+    for c in cands:
+        if (c / "cuda_bf16.h").is_file():
+            return str(c)
+    return None
+
+
+class Nvrtc:
+    """The few NVRTC entry points a compile needs."""
+
+    def __init__(self, path: str, include: str):
+        lib_dir = os.path.dirname(path)
+        # NVRTC opens its builtins library by name; map it first so that lookup finds it
+        for b in sorted(Path(lib_dir).glob("libnvrtc-builtins.so*")):
+            if ".alt." not in b.name:
+                ctypes.CDLL(str(b), mode=ctypes.RTLD_GLOBAL)
+                break
+        self.lib = ctypes.CDLL(path)
+        self.include = include
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+        self.version = f"{major.value}.{minor.value}"
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise CompileError(f"{what} failed with NVRTC error {rc}")
+
+    def compile(self, source: str, arch: str, name: str = "kernel.cu") -> bytes:
+        lib = self.lib
+        prog = ctypes.c_void_p()
+        self._check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
+                    "nvrtcCreateProgram")
+        try:
+            args = [f"--gpu-architecture={arch}".encode(), f"--include-path={self.include}".encode(), b"-std=c++17"]
+            arr = (ctypes.c_char_p * len(args))(*args)
+            rc = lib.nvrtcCompileProgram(prog, len(args), arr)
+            if rc != 0:
+                size = ctypes.c_size_t()
+                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+                log = ctypes.create_string_buffer(size.value + 1)
+                lib.nvrtcGetProgramLog(prog, log)
+                raise CompileError(f"NVRTC could not compile {name}:\n{log.value.decode(errors='replace')[:4000]}")
+            size = ctypes.c_size_t()
+            self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+            buf = ctypes.create_string_buffer(size.value)
+            self._check(lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+            return buf.raw
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def device_arch() -> str:
+    """NVRTC's SASS target for device 0, with the 'a' features MLX also compiles for on sm_90+."""
+    cuda = ctypes.CDLL(_loaded_library("libcuda.so") or "libcuda.so.1")
+    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+        raise CompileError("the CUDA driver did not report a device")
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # COMPUTE_CAPABILITY_MINOR
+    return f"sm_{major.value}{minor.value}{'a' if major.value >= 9 else ''}"
+
+
+@lru_cache(maxsize=None)
+def compiler() -> tuple[Nvrtc, str]:
+    """(NVRTC, target architecture); raises CompileError when either cannot be found."""
+    path, include = _find_nvrtc(), _find_include()
+    if path is None or include is None:
+        raise CompileError("NVRTC or the CUDA headers were not found (set CUDA_HOME)")
+    return Nvrtc(path, include), device_arch()
+
+
+_lock = threading.Lock()
+_memory: dict[str, bytes] = {}
+
+
+def cubin(source: str) -> bytes:
+    """The compiled `source` for this device: from memory, from the disk cache, or NVRTC (then
+    stored). A cache that cannot be written only costs the next process a compile."""
+    nv, arch = compiler()
+    key = hashlib.sha256("\0".join([source, arch, nv.version, "v1"]).encode()).hexdigest()[:40]
+    with _lock:
+        if key in _memory:
+            return _memory[key]
+        path = cache_dir() / f"{key}.cubin"
+        data = None
+        try:
+            data = path.read_bytes()
+            if not data.startswith(b"\x7fELF"):
+                data = None
+        except OSError:
+            pass
+        if data is None:
+            data = nv.compile(source, arch, name=f"{key}.cu")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except OSError:
+                pass
+        _memory[key] = data
+        return data
+
+
+class CachedKernel:
+    """Called like the function `mx.fast.cuda_kernel` returns; compiles each instantiation (input
+    and output dtypes, template arguments) once per machine."""
+
+    def __init__(self, tag: str, input_names: Sequence[str], output_names: Sequence[str], header: str, body: str,
+                 fallback=None):
+        self.tag, self.header, self.body = tag, header, body
+        self.fallback = fallback  # called instead once a compile here has failed (MLX's own JIT)
+        self.failed: Optional[str] = None
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        self._made: dict[tuple, tuple[str, bytes]] = {}
+
+    def instance(self, in_dtypes, out_dtypes, template) -> tuple[str, bytes]:
+        key = (tuple(in_dtypes), tuple(out_dtypes), tuple(template))
+        got = self._made.get(key)
+        if got is None:
+            spec = repr((self.tag, [str(d) for d in key[0]], [str(d) for d in key[1]],
+                         [(n, str(v)) for n, v in key[2]]))
+            fname = f"{self.tag}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+            src = wrap_source(fname, self.header, self.body, list(zip(self.input_names, key[0])),
+                              list(zip(self.output_names, key[1])), key[2])
+            got = self._made[key] = (fname, cubin(src))
+        return got
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(),
+                 init_value=None, **_ignored):
+        if self.failed is None or self.fallback is None:
+            try:
+                fname, binary = self.instance([a.dtype for a in inputs], output_dtypes, template)
+            except (CompileError, OSError) as e:
+                if self.fallback is None:
+                    raise
+                self.failed = str(e)
+        if self.failed is not None:
+            return self.fallback(inputs=inputs, output_shapes=output_shapes, output_dtypes=output_dtypes,
+                                 grid=grid, threadgroup=threadgroup, template=list(template),
+                                 init_value=init_value)
+        return mx.fast.precompiled_cuda_kernel(
+            name=fname, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,
+            output_dtypes=output_dtypes, scalars=[], grid=grid, threadgroup=threadgroup,
+            init_value=init_value, ensure_row_contiguous=True)
