@@ -842,6 +842,15 @@ def _gpu_ties(gpu, base, others, weights, plans, mag, ks, consensus, normalize, 
     right behind the selection, gated on the device by its statuses, and evaluated together with
     them; only when a selection was not final (rare with bf16 ties, the rule for float32 data) is
     it finished and the merge run again."""
+    args = (gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor)
+    out, gate, groups = _gpu_ties_start(*args)
+    mx.eval(out, gate)
+    return _gpu_ties_finish(*args, out, gate.tolist(), groups)
+
+
+def _gpu_ties_start(gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor):
+    """The whole gated TIES merge launched, nothing evaluated: (out, gate, groups). Several of
+    these can be evaluated together, their gates read back at once, then finished one by one."""
     groups = _gpu_select_start(gpu, [others[i] for i in mag], base, ks)
     tcs = [tc[:2 * (len(f) - int(base is not None))] for f, _, tc, _ in groups]
     gates = [res for _, res, _, _ in groups]
@@ -850,8 +859,14 @@ def _gpu_ties(gpu, base, others, weights, plans, mag, ks, consensus, normalize, 
     sel_rows = mx.concatenate(tcs) if len(tcs) > 1 else groups[0][2]  # one launch: its tc as it is
     gate = mx.concatenate(gates) if len(gates) > 1 else gates[0]
     out = _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows, gate)
-    mx.eval(out, gate)
-    if all(v == _OK for v in gate.tolist()[::8]):
+    return out, gate, groups
+
+
+def _gpu_ties_finish(gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor,
+                     out, gate_words, groups):
+    """`out` when every selection was final (gate_words: the gate read back), else the merge again
+    on the finished selections."""
+    if all(v == _OK for v in gate_words[::8]):
         return out
     sels, sel_rows = _gpu_select_finish(gpu, [others[i] for i in mag], base, ks, groups)
     for i, s in zip(mag, sels):
@@ -972,6 +987,15 @@ def _gpu_l1(gpu, base, others, plans, todo, sel_rows=None):
     return sums
 
 
+def _sparse_kind(plans: list[_ModelPlan]) -> int:
+    """The merge kernel's SPARSE: 2 or 3 when every sparsified model is magnitude (or random),
+    so the kernel holds only that test; 0 when both occur."""
+    modes = {p.mode for p in plans}
+    if _RANDOM not in modes:
+        return _MAGNITUDE
+    return _RANDOM if _MAGNITUDE not in modes else 0
+
+
 def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, divisor, sel_rows=None, gate=None):
     n = base.size
     km = len(others)
@@ -979,7 +1003,7 @@ def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, div
     kern = _kernel("task_merge", gpu, km, True, inputs=("up", "sel", "scl", "gate"))
     out = kern(inputs=flats + [up, sel, scl, gate],
                template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
-                         ("NORMALIZE", bool(normalize))],
+                         ("NORMALIZE", bool(normalize)), ("SPARSE", _sparse_kind(plans))],
                grid=(_stride_grid(-(-n // 8), _MERGE_GROUPS), 1, 1), threadgroup=(_TG, 1, 1),
                output_shapes=[(n,)], output_dtypes=[base.dtype])[0]
     return out.reshape(base.shape)

@@ -90,9 +90,11 @@ KERNELS = {
     "l1_sums": [(2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
     "task_merge": [
         (3, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True)], False),
+         [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 0)], False),
+        (2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
+         [("T", "T"), ("KM", 2), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 2)], False),
         (1, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False)], False),
+         [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False), ("SPARSE", 3)], False),
     ],
     "select_sample": [
         (3, True, [("up", U32)], [("smp", U32)], [("KM", 3)], False),
@@ -562,6 +564,39 @@ def test_emulated_ties_with_five_models(emulated_cuda):
         results.append(np.array(out.astype(mx.float32)))
     emulated_cuda["on"] = True
     np.testing.assert_array_equal(*results)
+
+
+@needs_clang
+@pytest.mark.parametrize("override", [None, "between"])
+def test_emulated_ties_launched_together_equal_one_at_a_time(emulated_cuda, override, monkeypatch):
+    """Several TIES merges launched before any is evaluated, their gates read back at once, then
+    finished: each equals the CPU fallback bit for bit (also when a selection must be finished)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    monkeypatch.setattr(K, "_SELECT_OVERRIDE", override)
+    fams = [emu_family(n=n) for n in (9000, 12297)]
+    weights, dens = [0.5, 0.3, 0.2], [0.3, 0.5, 0.7]
+    started = []
+    for base, others in fams:
+        plans, _ = K._plan_models(base, others, None, dens, False, 0, [0, 1, 2], None)
+        for p in plans:
+            p.mode = K._MAGNITUDE
+        ks = [int(d * base.size) for d in dens]
+        args = ("cuda", base, others, weights, plans, [0, 1, 2], ks, True, True, 1.0, 1.0)
+        started.append((args, *K._gpu_ties_start(*args)))
+    mx.eval([s[1] for s in started], [s[2] for s in started])
+    words = mx.concatenate([s[2] for s in started]).tolist()
+    w = len(words) // len(started)
+    got = [K._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], g) for j, (a, o, _, g) in enumerate(started)]
+    emulated_cuda["on"] = False
+    for (base, others), out in zip(fams, got):
+        want = K.fused_task_merge(base, others, weights, sparsify="magnitude", densities=dens, rescale=False,
+                                  consensus="sum", normalize=True, lam=1.0)
+        np.testing.assert_array_equal(np.array(out.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    emulated_cuda["on"] = True
 
 
 @needs_clang
