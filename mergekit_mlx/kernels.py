@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from . import cuda_jit
+from . import cpu_kernels, cuda_jit
 
 _ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
 _ENV_MLX_JIT = "MERGEKIT_MLX_MLX_JIT"  # CUDA: compile with mx.fast.cuda_kernel in every process (no cache)
@@ -191,6 +191,17 @@ def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
     return (j * chunk + pos).astype(mx.uint32)
 
 
+def _select_cpu(x: mx.array, base: Optional[mx.array], k: int) -> _Selection:
+    """Exact top-k of |x - base| (|x| without base) on the CPU: numpy's sampled bracket, or the
+    full partition when the bracket misses or the dtype is not one numpy reads."""
+    if cpu_kernels.supported(x, *([base] if base is not None else [])):
+        got = cpu_kernels.select(cpu_kernels.host(x), cpu_kernels.host(base) if base is not None else None, k)
+        if got is not None:
+            return _Selection(mx.array(got.t, dtype=mx.uint32), mx.array(got.cut, dtype=mx.uint32))
+    bits = _delta_bits(x, base.astype(mx.float32)) if base is not None else _abs_bits(x)
+    return _select_fallback(bits, k)
+
+
 def magnitude_threshold(x: mx.array, k: int) -> mx.array:
     """The k-th largest |x| as a float32 scalar, exact (k is clamped to [1, x.size])."""
     n = x.size
@@ -203,8 +214,7 @@ def magnitude_threshold(x: mx.array, k: int) -> mx.array:
         out = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0][0].t)
         if out is not None:
             return out.view(mx.float32)
-    bits = _abs_bits(x)
-    return mx.partition(bits, n - k)[n - k].view(mx.float32)
+    return _select_cpu(x, None, k).t.view(mx.float32)
 
 
 def topk_mask(x: mx.array, k: int) -> mx.array:
@@ -220,9 +230,12 @@ def topk_mask(x: mx.array, k: int) -> mx.array:
     gpu = _gpu_backend()
     if gpu is not None:
         sel = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0][0])
-    bits = _abs_bits(x)
     if sel is None:
-        sel = _select_fallback(bits, k)
+        sel = _select_cpu(x, None, k)
+        if cpu_kernels.supported(x):
+            got = cpu_kernels.Selection(int(sel.t.item()), int(sel.cut.item()))
+            return mx.array(cpu_kernels.keep_mask(cpu_kernels.host(x), got)).reshape(x.shape)
+    bits = _abs_bits(x)
     idx = mx.arange(n, dtype=mx.uint32)
     return _mask_of_selection(bits, idx, sel.t, sel.cut).reshape(x.shape)
 
@@ -246,6 +259,7 @@ class _ModelPlan:
     p: float
     scale: mx.array  # float32: rescale factor (1 when not rescaling)
     row: int = 0  # GPU: this model's row in the [t, cut] array of the magnitude selections
+    mask: Optional[np.ndarray] = None  # CPU: a random model's keep mask, drawn by the L1 pass
 
 
 _KEEP_ALL, _KEEP_NONE, _MAGNITUDE, _RANDOM = 0, 1, 2, 3
@@ -287,8 +301,7 @@ def _plan_models(
             if got is not None:
                 sels, sel_rows = got
         if sels is None:
-            b32 = base.astype(mx.float32)
-            sels = [_select_fallback(_delta_bits(others[i], b32), k) for i, k in zip(mag, ks)]
+            sels = [_select_cpu(others[i], base, k) for i, k in zip(mag, ks)]
         for r, (i, s) in enumerate(zip(mag, sels)):
             plans[i].t, plans[i].cut, plans[i].row = s.t, s.cut, r
 
@@ -299,7 +312,7 @@ def _plan_models(
             if gpu is not None:
                 sums = _gpu_call(gpu, "l1", lambda: _gpu_l1(gpu, base, others, plans, todo, sel_rows))
             if sums is None:
-                sums = [_l1_fallback(base, others[i], plans[i]) for i in todo]
+                sums = [_l1_cpu(base, others[i], plans[i]) for i in todo]
             for i, (before, after) in zip(todo, sums):
                 ok = (before >= 1e-7) & (after >= 1e-7)
                 plans[i].scale = mx.where(ok, before / mx.where(ok, after, 1.0), 1.0).astype(mx.float32)
@@ -344,6 +357,37 @@ def _l1_fallback(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.
     a, kept = _l1_parts_fn(plan.mode)(other.reshape(-1), base.reshape(-1), idx, plan.t, plan.cut, keys,
                                        mx.array(plan.p, dtype=mx.float32))
     return accurate_sum(a), accurate_sum(kept)
+
+
+_HASH = cpu_kernels.Hash(_GOLDEN, _M1, _M2)
+
+
+def _host_model(other: mx.array, plan: _ModelPlan, weight: float = 1.0) -> cpu_kernels.Model:
+    return cpu_kernels.Model(
+        cpu_kernels.host(other), plan.mode, weight, float(plan.scale.item()) if plan.scale is not _ONE_F32 else 1.0,
+        int(plan.t.item()), int(plan.cut.item()), plan.keys, plan.p, plan.mask)
+
+
+def _l1_cpu(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.array, mx.array]:
+    """_l1_fallback's sums from numpy's chunks (the same float32 sums); a random model's mask is
+    kept on the plan, so the merge does not draw it again."""
+    if base.size <= 1024 or not cpu_kernels.supported(base, other):
+        return _l1_fallback(base, other, plan)
+    m = _host_model(other, plan)
+    level1_a, level1_kept = cpu_kernels.l1_block_sums(cpu_kernels.host(base), m, _HASH)
+    plan.mask = m.mask
+    return accurate_sum(level1_a), accurate_sum(level1_kept)
+
+
+def _merge_cpu(base, others, weights, plans, consensus, normalize, lam, divisor) -> Optional[mx.array]:
+    """The fused merge through numpy's chunks, or None where the MLX graph runs (other dtypes)."""
+    if not cpu_kernels.supported(base, *others):
+        return None
+    models = [_host_model(o, p, w) for o, p, w in zip(others, plans, weights)]
+    out = cpu_kernels.task_merge(cpu_kernels.host(base), models, consensus=consensus, normalize=normalize,
+                                 lam=lam, divisor=divisor, out_bf16=base.dtype == mx.bfloat16, hasher=_HASH)
+    res = mx.array(out)
+    return (res.view(mx.bfloat16) if base.dtype == mx.bfloat16 else res).reshape(base.shape)
 
 
 def accurate_sum(a: mx.array, block: int = 1024) -> mx.array:
@@ -483,6 +527,10 @@ def fused_task_merge(
             lambda: _gpu_merge(gpu, base, others, weights, plans, consensus is not None,
                                normalize, lam, divisor, sel_rows),
         )
+        if out is not None:
+            return out
+    if sparsify is not None:
+        out = _merge_cpu(base, others, weights, plans, consensus is not None, bool(normalize), lam, divisor)
         if out is not None:
             return out
     params = []

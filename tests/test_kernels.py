@@ -417,3 +417,161 @@ def test_accurate_sum_matches_float64_on_millions_of_values():
     x = np.abs(np.random.default_rng(0).standard_normal(3_000_001)).astype(np.float32) * 0.01
     ref = x.astype(np.float64).sum()
     assert abs(K.accurate_sum(mx.array(x)).item() - ref) <= 1e-5 * ref
+
+
+# ----------------------------------------------------------------------------- the CPU path's numpy loops
+# (mergekit_mlx/cpu_kernels.py): exact against the definition, bit for bit against the MLX graphs
+
+from mergekit_mlx import cpu_kernels as CK  # noqa: E402
+
+BRACKETED = CK._SMALL + 12_345  # above the size that partitions everything: the sampled bracket runs
+
+
+def np_selection(x, base, k):
+    """(t, cut) from the definition: float32 bits of |x - base|, k-th largest, ties lowest index first."""
+    d = np.asarray(x, np.float32) - (np.asarray(base, np.float32) if base is not None else np.float32(0))
+    bits = np.abs(d).reshape(-1).view(np.uint32).astype(np.int64)
+    n = bits.size
+    order = np.lexsort((np.arange(n), -bits))  # by value descending, then index ascending
+    t = bits[order[k - 1]]
+    ties = np.flatnonzero(bits == t)
+    kept = int(np.sum(bits[order[:k]] == t))  # ties among the k kept
+    return int(t), int(n - 1 if kept == ties.size else ties[kept - 1])
+
+
+def bf16_family(rng, n, scale=0.002):
+    base = to_mx(rng.standard_normal(n) * 0.02, mx.bfloat16)
+    other = to_mx(np.array(base.astype(mx.float32)) + scale * rng.standard_normal(n), mx.bfloat16)
+    return base, other
+
+
+def selection_of(x, base, k):
+    s = K._select_cpu(x, base, k)
+    return int(s.t.item()), int(s.cut.item())
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 4097, BRACKETED])
+def test_cpu_selection_is_exact_with_bf16_ties(n):
+    rng = np.random.default_rng(n)
+    base, other = bf16_family(rng, n)
+    xb, xo = np.array(base.astype(mx.float32)), np.array(other.astype(mx.float32))
+    for k in sorted({1, min(2, n), max(1, n // 3), max(1, n // 2), max(1, n - 1), n}):
+        assert selection_of(other, base, k) == np_selection(xo, xb, k)
+        assert selection_of(other, None, k) == np_selection(xo, None, k)
+
+
+def test_cpu_selection_of_float32_values_and_of_equal_models():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(BRACKETED).astype(np.float32)
+    same = x.copy()
+    same[::3] += 0.5  # two thirds equal the base: a tie at zero that holds the k-th value
+    for k in (1, 77, BRACKETED // 2, BRACKETED - 1):
+        assert selection_of(mx.array(x), None, k) == np_selection(x, None, k)
+        assert selection_of(mx.array(same), mx.array(x), k) == np_selection(same, x, k)
+
+
+def test_cpu_selection_of_a_constant_tensor_keeps_the_first_k():
+    x = mx.full((BRACKETED,), 0.25)
+    for k in (1, 1000, BRACKETED - 1):
+        assert selection_of(x, None, k) == (int(np.float32(0.25).view(np.uint32)), k - 1)
+    assert selection_of(x, None, BRACKETED) == (int(np.float32(0.25).view(np.uint32)), BRACKETED - 1)
+
+
+def test_cpu_selection_with_nan_and_inf_orders_by_bits():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(BRACKETED) * 0.01).astype(np.float32)
+    x[[5, 900, 70_000]] = [np.nan, -np.inf, np.inf]
+    x[[6, 7]] = -np.float32(np.nan)
+    for k in (1, 2, 3, 5, 6, BRACKETED // 2):
+        assert selection_of(mx.array(x), None, k) == np_selection(x, None, k)
+
+
+def test_cpu_selection_when_the_sample_misses_falls_back_to_the_partition():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(BRACKETED) * 0.01).astype(np.float32)
+    x[CK.sample_positions(x.size)] = 1000.0  # the sample sees only these: its bracket is far too high
+    k = x.size // 2
+    assert CK.select(x, None, k) is None
+    assert selection_of(mx.array(x), None, k) == np_selection(x, None, k)
+
+
+def test_cpu_topk_mask_and_threshold_over_the_bracket():
+    rng = np.random.default_rng(4)
+    x = to_mx(rng.standard_normal((BRACKETED // 97 + 1, 97)) * 0.01, mx.bfloat16)
+    xf = np.array(x.astype(mx.float32))
+    for k in (1, xf.size // 3, xf.size - 1):
+        np.testing.assert_array_equal(np.array(K.topk_mask(x, k)), np_topk_mask(xf, k))
+        assert float(K.magnitude_threshold(x, k).item()) == np.sort(np.abs(xf).reshape(-1))[::-1][k - 1]
+
+
+def graph_merge(monkeypatch, *args, **kwargs):
+    """fused_task_merge through the compiled MLX graph (the path before the numpy loops)."""
+    with monkeypatch.context() as m:
+        m.setattr(CK, "supported", lambda *a: False)
+        return K.fused_task_merge(*args, **kwargs)
+
+
+def bits_of(a):
+    return np.array(a.view(mx.uint16 if a.dtype == mx.bfloat16 else mx.uint32))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+def test_cpu_merge_is_bit_identical_to_the_compiled_graph(monkeypatch, dtype, method):
+    rng = np.random.default_rng(12)
+    n = 2 * CK.CHUNK + 4321  # several chunks and a short last one
+    base, others = family(rng, shape=(n,), k=3, scale=0.003)
+    others[2][::5] = base[::5]  # deltas of zero, signs that cancel
+    b, os_ = to_mx(base, dtype), [to_mx(o, dtype) for o in others]
+    sp, cons, norm, resc = METHODS[method]
+    cases = [([0.6, 0.4, 0.3], [0.5, 0.3, 0.8], 1.0, resc), ([1.0, -0.5, 0.7], [0.0, 1.0, 0.1], 0.8, not resc)]
+    for weights, densities, lam, rescale in cases:
+        kw = dict(sparsify=sp, densities=densities, rescale=rescale, consensus=cons, normalize=norm, lam=lam,
+                  seed=3, streams=[11, 12, 13])
+        got = K.fused_task_merge(b, os_, weights, **kw)
+        want = graph_merge(monkeypatch, b, os_, weights, **kw)
+        assert got.dtype == dtype and got.shape == b.shape
+        np.testing.assert_array_equal(bits_of(got), bits_of(want))
+
+
+def test_cpu_merge_with_nan_and_inf_matches_the_compiled_graph(monkeypatch):
+    rng = np.random.default_rng(13)
+    base, others = family(rng, shape=(5000,), k=2)
+    others[0][[3, 4000]] = [np.nan, np.inf]
+    base[[10, 11]] = [-np.inf, -0.0]
+    others[1][11] = -0.0
+    b, os_ = to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others]
+    for sp, resc in (("magnitude", False), ("random", True)):
+        kw = dict(sparsify=sp, densities=[0.5, 0.5], rescale=resc, consensus="sum", normalize=True, lam=1.0)
+        got = K.fused_task_merge(b, os_, [0.6, 0.4], **kw)
+        np.testing.assert_array_equal(bits_of(got), bits_of(graph_merge(monkeypatch, b, os_, [0.6, 0.4], **kw)))
+
+
+def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph():
+    rng = np.random.default_rng(14)
+    base, others = family(rng, shape=(3 * CK.CHUNK + 77,), k=1, scale=0.01)
+    b, o = to_mx(base, mx.bfloat16), to_mx(others[0], mx.bfloat16)
+    plans, _ = K._plan_models(b, [o], "random", [0.4], False, 5, [9], None)
+    want = K._l1_fallback(b, o, plans[0])
+    got = K._l1_cpu(b, o, plans[0])
+    assert [x.item() for x in got] == [x.item() for x in want]
+    assert plans[0].mask is not None and plans[0].mask.mean() == pytest.approx(0.4, abs=0.01)
+
+
+def test_cpu_bf16_rounding_is_mlx_rounding():
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-40, 3.4e38, 0.0, -0.0, 1.00390625,
+                         1.01171875, 1.0 + 2**-8 + 2**-20], dtype=np.float32)
+    payloads = np.array([0x7F800001, 0xFF800001, 0x7FC00001, 0x7F7FFFFF, 0x7F7F8000], dtype=np.uint32).view(np.float32)
+    x = np.concatenate([specials, payloads, np.random.default_rng(15).standard_normal(10_000).astype(np.float32)])
+    out = np.empty(x.size, dtype=np.uint16)
+    CK._round_bf16(x, out, CK._Scratch(x.size))
+    np.testing.assert_array_equal(out, np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16)))
+
+
+def test_cpu_hash_keep_is_the_documented_uniform_below_p():
+    sc = CK._Scratch(5000)
+    out = np.empty(5000, dtype=bool)
+    k0, k1 = np_keys(77, 5)
+    for p in (0.0, 0.3, 0.5, 1.0 - 2**-24, 1.0):
+        K._HASH.keep(100, 5100, (k0, k1), p, sc, out)
+        np.testing.assert_array_equal(out, np_uniform(77, 5, 5100)[100:] < np.float32(p))
