@@ -14,6 +14,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mergekit_mlx import cuda_mem
+
 
 def timed(fn):
     t = time.perf_counter()
@@ -21,7 +23,7 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def load_all(files: list[Path], threads: int) -> list[dict]:
+def load_all(files: list[Path], threads: int, prefetch: bool = False) -> list[dict]:
     """Every tensor of every file, evaluated, read by `threads` threads (tensors dealt round-robin)."""
     jobs = [(i, k) for i, f in enumerate(files) for k in mx.load(str(f), stream=mx.cpu)]
     out = [dict() for _ in files]
@@ -32,6 +34,8 @@ def load_all(files: list[Path], threads: int) -> list[dict]:
         for i, k in jobs[r::threads]:
             a = lazies[i][k]
             mx.eval(a)
+            if prefetch:
+                cuda_mem.prefetch([a])
             out[i][k] = a
 
     ts = [threading.Thread(target=work, args=(r,)) for r in range(threads)]
@@ -76,6 +80,15 @@ def main() -> None:
     rows.append(("GPU three-input sum per tensor, first touch of host-loaded inputs", dt, size + nbytes_out))
     dt, outs2 = timed(gpu_sum)
     rows.append(("the same again (inputs now touched by the GPU)", dt, size + nbytes_out))
+    del outs2
+    if cuda_mem.enabled():
+        models = None
+        mx.clear_cache()
+        th = max(int(x) for x in args.threads.split(","))
+        dt, models = timed(lambda: load_all(flat, th, prefetch=True))
+        rows.append((f"read, {th} threads, each tensor prefetched to the GPU once read", dt, size))
+        dt, _ = timed(gpu_sum)
+        rows.append(("GPU three-input sum per tensor after the prefetch", dt, size + nbytes_out))
     dt, _ = timed(lambda: [memoryview(o) for o in outs])
     rows.append(("outputs to host memory (memoryview)", dt, nbytes_out))
     path = args.family.parent / "gpu_io_out.bin"
@@ -91,7 +104,33 @@ def main() -> None:
 
     dt, _ = timed(write)
     rows.append(("write outputs (preallocated file)", dt, nbytes_out))
+
+    def write_parallel(threads=4):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        offsets, off = [], 0
+        for o in outs:
+            offsets.append(off)
+            off += o.nbytes
+        try:
+            os.posix_fallocate(fd, 0, nbytes_out)
+
+            def work(r):
+                for j in range(r, len(outs), threads):
+                    os.pwrite(fd, memoryview(outs[j]), offsets[j])
+
+            ts = [threading.Thread(target=work, args=(r,)) for r in range(threads)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        finally:
+            os.close(fd)
+
     os.unlink(path)
+    for th in (4, 8):
+        dt, _ = timed(lambda: write_parallel(th))
+        rows.append((f"write outputs, {th} threads (pwrite at each tensor's offset)", dt, nbytes_out))
+        os.unlink(path)
     print("| stage | s | GB/s |\n|---|---:|---:|")
     for name, dt, b in rows:
         print(f"| {name} | {dt:.3f} | {b / dt / 1e9:.1f} |")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 
-from . import kernels
+from . import cuda_mem, kernels
 from .errors import ModelError, OutputError
 from .methods import MergeInputs
 from .options import MergeOptions
@@ -161,6 +161,15 @@ def _worker_count() -> int:
 MAX_READERS = 8
 
 
+def _readers_per_group(plan: Plan, used: list[int], groups: int, on_cpu: bool) -> int:
+    """Reader threads per group of models: one on the CPU (its cores merge); on a GPU host about
+    a third of the cores in all (page-cache reads scaled to 6 threads on a 16-core host), where
+    every model can be read by several threads."""
+    if on_cpu or not all(getattr(plan.models[m], "parallel_reads", False) for m in used):
+        return 1
+    return max(1, min(4, (os.cpu_count() or 1) // (3 * groups)))
+
+
 _JOBS: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
 _THREADS: list[threading.Thread] = []
 _THREADS_LOCK = threading.Lock()
@@ -200,7 +209,12 @@ class _Pipeline:
         self.costs = {id(t): self.cost(t) for t in tasks}
         used = sorted({m for t in tasks for m, _ in t.inputs})
         readers = max(1, min(len(used), MAX_READERS))
-        self.jobs = [lambda r=r: self._read({m for m in used if m % readers == r}) for r in range(readers)]
+        groups = [{m for m in used if m % readers == r} for r in range(readers)]
+        # several readers per group on a GPU host (many cores, reads are the bottleneck); each
+        # takes every `per`-th task, so a group's tasks still arrive roughly in plan order
+        per = _readers_per_group(plan, used, readers, self.on_cpu)
+        self.jobs = [lambda g=g, r=r: self._read(g, r, per) for g in groups for r in range(per)]
+        self.prefetch = not self.on_cpu and cuda_mem.enabled()
         self.jobs += [self._work] * workers
         self.cond = threading.Condition()
         self.in_flight = 0  # bytes: inputs of claimed tasks plus outputs not yet written
@@ -267,12 +281,13 @@ class _Pipeline:
         cost = self.costs[id(self.tasks[self.claimed])]
         return self.in_flight == 0 or self.in_flight + cost <= self.opts.batch_bytes
 
-    def _read(self, mine: set[int]) -> None:
-        """Read, task by task, the inputs that come from the models in `mine`."""
+    def _read(self, mine: set[int], turn: int = 0, turns: int = 1) -> None:
+        """Read, task by task, the inputs that come from the models in `mine` (of every
+        `turns`-th task, starting at `turn`)."""
         models = self.plan.models
         for i, task in enumerate(self.tasks):
             slots = [k for k, (m, _) in enumerate(task.inputs) if m in mine]
-            if not slots:
+            if not slots or i % turns != turn:
                 continue
             with self.cond:
                 while self.claimed <= i:
@@ -283,6 +298,8 @@ class _Pipeline:
                         self.cond.notify_all()
             tensors = [models[task.inputs[k][0]].load(task.inputs[k][1]) for k in slots]
             mx.eval(tensors)
+            if self.prefetch:  # start moving them to the GPU now, not when the merge first reads them
+                cuda_mem.prefetch(tensors)
             with self.cond:
                 parts = self.parts.setdefault(i, [None] * len(task.inputs))
                 for k, x in zip(slots, tensors):

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -189,6 +190,7 @@ class ModelSource:
     """One input model. Subclasses implement `load`; headers are read at construction."""
 
     format = "hf"
+    parallel_reads = False  # True where several threads may call load() side by side
 
     def __init__(self, path: Path, config: dict, infos: dict[str, TensorInfo]):
         self.path = path
@@ -253,7 +255,18 @@ class SafetensorsModel(ModelSource):
                 infos[name] = info
         super().__init__(path, config, infos)
         self.format = "mlx" if formats == {"mlx"} else "hf"
-        self._shards: dict[Path, dict[str, mx.array]] = {}
+        self._local = threading.local()
+
+    # several threads may read one model: MLX ties a lazy array to the thread that made it, so
+    # each thread opens the shards itself (a header parse) and keeps its own lazy arrays
+    parallel_reads = True
+
+    @property
+    def _shards(self) -> dict[Path, dict[str, mx.array]]:
+        shards = getattr(self._local, "shards", None)
+        if shards is None:
+            shards = self._local.shards = {}
+        return shards
 
     def load(self, name: str) -> mx.array:
         info = self.info(name)
@@ -274,8 +287,8 @@ class SafetensorsModel(ModelSource):
         return arrays.pop(name)
 
     def release(self) -> None:
-        """Forget opened shards (their lazy arrays), e.g. after the planner is done with them."""
-        self._shards.clear()
+        """Forget opened shards (every thread's lazy arrays), e.g. after the planner is done with them."""
+        self._local = threading.local()
 
 
 def _read_json(path: Path, what: str) -> Any:

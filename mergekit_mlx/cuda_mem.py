@@ -1,0 +1,103 @@
+"""Moving host-loaded inputs to an NVIDIA GPU ahead of the merge that reads them.
+
+On CUDA, MLX keeps arrays read on the CPU stream in unified (managed) memory; the first GPU
+kernel that reads one migrates its pages on demand, fault by fault (8.6 GB/s on an H200 host,
+as slow as reading the files). `prefetch` asks the driver to migrate the pages in bulk as soon
+as a reader has loaded them, on a stream of the reader's own, so the copy overlaps the reading of
+the next tensors and the merge finds its inputs on the device. Only the CUDA driver library is
+used (through ctypes); where it is missing or refuses, nothing happens and the merge migrates on
+demand as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Iterable, Optional
+
+import mlx.core as mx
+import numpy as np
+
+_CU_STREAM_NON_BLOCKING = 1
+_CU_MEM_LOCATION_TYPE_DEVICE = 1
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _Driver:
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.local = threading.local()
+        if self.lib.cuInit(0) != 0:
+            raise OSError("cuInit failed")
+        dev = ctypes.c_int()
+        if self.lib.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+            raise OSError("no CUDA device 0")
+        self.device = dev.value
+        self.v2 = hasattr(self.lib, "cuMemPrefetchAsync_v2")
+
+    def stream(self) -> ctypes.c_void_p:
+        """This thread's stream, on MLX's device's primary context (made current here)."""
+        s = getattr(self.local, "stream", None)
+        if s is None:
+            ctx = ctypes.c_void_p()
+            if self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self.device) != 0:
+                raise OSError("cuDevicePrimaryCtxRetain failed")
+            if self.lib.cuCtxSetCurrent(ctx) != 0:
+                raise OSError("cuCtxSetCurrent failed")
+            s = ctypes.c_void_p()
+            if self.lib.cuStreamCreate(ctypes.byref(s), _CU_STREAM_NON_BLOCKING) != 0:
+                raise OSError("cuStreamCreate failed")
+            self.local.stream = s
+        return s
+
+    def prefetch(self, ptr: int, size: int) -> int:
+        s = self.stream()
+        if self.v2:
+            loc = _Location(_CU_MEM_LOCATION_TYPE_DEVICE, self.device)
+            return self.lib.cuMemPrefetchAsync_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(size), loc,
+                                                  ctypes.c_uint(0), s)
+        return self.lib.cuMemPrefetchAsync(ctypes.c_uint64(ptr), ctypes.c_size_t(size), self.device, s)
+
+
+_driver: Optional[_Driver] = None
+_failed = False
+_lock = threading.Lock()
+
+
+def _get() -> Optional[_Driver]:
+    global _driver, _failed
+    with _lock:
+        if _driver is None and not _failed:
+            try:
+                _driver = _Driver()
+            except (OSError, AttributeError):
+                _failed = True
+        return _driver
+
+
+def enabled() -> bool:
+    """True on an NVIDIA GPU whose driver takes prefetches (MLX's CUDA backend as default device)."""
+    return (mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+            and _get() is not None)
+
+
+def prefetch(arrays: Iterable[mx.array]) -> None:
+    """Start migrating evaluated, host-loaded arrays to the GPU (asynchronous; no-op if unsupported)."""
+    global _failed
+    drv = _get()
+    if drv is None or _failed:
+        return
+    for a in arrays:
+        if a.nbytes < (1 << 20):  # small tensors: a fault or two, not worth a call
+            continue
+        mv = memoryview(a)
+        buf = np.frombuffer(mv.cast("B") if mv.format != "B" else mv, dtype=np.uint8)
+        try:
+            rc = drv.prefetch(buf.ctypes.data, buf.nbytes)
+        except OSError:
+            rc = -1
+        if rc != 0:  # not managed memory, or the driver refuses: stop trying
+            _failed = True
+            return
