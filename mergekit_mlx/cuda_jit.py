@@ -265,3 +265,42 @@ class CachedKernel:
             name=fname, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,
             output_dtypes=output_dtypes, scalars=[], grid=grid, threadgroup=threadgroup,
             init_value=init_value, ensure_row_contiguous=True)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@lru_cache(maxsize=None)
+def _verdict_key() -> Optional[str]:
+    """A hash of everything a first-use check's outcome depends on: the kernel sources, the Python
+    that launches them and computes the CPU reference, MLX's version, the device and NVRTC."""
+    try:
+        nv, arch = compiler()
+    except (CompileError, OSError):
+        return None
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256("\0".join([mx.__version__, arch, nv.version, "v1"]).encode())
+    kernel_dir = here / "_kernels" if (here / "_kernels").is_dir() else here.parent / "kernels"
+    for f in sorted(kernel_dir.glob("*")) + sorted(here.glob("*.py")):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:40]
+
+
+def verified(what: str) -> bool:
+    """True when the `what` kernels passed their first-use check on this machine before, built
+    from the same sources by the same MLX and NVRTC for the same device (so the check is skipped)."""
+    key = _verdict_key()
+    return key is not None and (cache_dir() / "verified" / f"{what}-{key}").is_file()
+
+
+def mark_verified(what: str) -> None:
+    key = _verdict_key()
+    if key is None:
+        return
+    try:
+        d = cache_dir() / "verified"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{what}-{key}").write_text("passed\n")
+    except OSError:
+        pass

@@ -655,9 +655,13 @@ def _warn_once(key: str, msg: str) -> None:
 
 def _gpu_call(gpu: str, what: str, fn):
     """fn() when the `what` kernels passed their first-use check on this GPU, else None (fallback)."""
+    if what not in _checked and gpu == "cuda" and _cached_verdicts() and cuda_jit.verified(what):
+        _checked[what] = True  # passed on this machine with these very kernels: not run again
     if what not in _checked:
         try:
             _checked[what] = bool(_SELF_CHECKS[what](gpu))
+            if _checked[what] and gpu == "cuda" and _cached_verdicts():
+                cuda_jit.mark_verified(what)
             if not _checked[what]:
                 _warn_once(what, f"mergekit-mlx: the {gpu} '{what}' kernel disagrees with the CPU fallback; using the fallback")
         except Exception as e:  # a compile error or a launch failure
@@ -671,6 +675,11 @@ def _gpu_call(gpu: str, what: str, fn):
         _checked[what] = False
         _warn_once(what + "!", f"mergekit-mlx: the {gpu} '{what}' kernel failed ({type(e).__name__}: {e}); using the fallback")
         return None
+
+
+def _cached_verdicts() -> bool:
+    """CUDA keeps first-use verdicts on disk unless MERGEKIT_MLX_RECHECK is set (or MLX's JIT is used)."""
+    return not os.environ.get("MERGEKIT_MLX_RECHECK") and not os.environ.get(_ENV_MLX_JIT)
 
 
 def kernel_status() -> dict[str, bool]:

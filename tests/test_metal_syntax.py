@@ -645,3 +645,37 @@ def test_emulated_tiny_tensors(emulated_cuda, n):
                             .astype(mx.float32)).tolist())
     emulated_cuda["on"] = True
     assert got == want
+
+
+def test_a_passed_first_use_check_is_remembered_on_the_machine(monkeypatch, tmp_path):
+    """CUDA: a kernel group's passed first-use check is kept on disk under a key of everything it
+    depends on; a later process with the same key skips it, MERGEKIT_MLX_RECHECK runs it again,
+    and a failed check is never remembered."""
+    from mergekit_mlx import cuda_jit
+    from mergekit_mlx import kernels as K
+
+    monkeypatch.setenv("MERGEKIT_MLX_CACHE", str(tmp_path))
+    monkeypatch.delenv("MERGEKIT_MLX_RECHECK", raising=False)
+    monkeypatch.setattr(cuda_jit, "_verdict_key", lambda: "key1")
+    calls = []
+    outcome = {"ok": False}
+    monkeypatch.setitem(K._SELF_CHECKS, "uniform", lambda gpu: calls.append(gpu) or outcome["ok"])
+    monkeypatch.setattr(K, "_warn_once", lambda *a: None)
+
+    def new_process():
+        monkeypatch.setattr(K, "_checked", {})
+
+    new_process()
+    assert K._gpu_call("cuda", "uniform", lambda: 1) is None and len(calls) == 1  # failed: fallback
+    new_process()
+    outcome["ok"] = True
+    assert K._gpu_call("cuda", "uniform", lambda: 2) == 2 and len(calls) == 2  # the failure was not kept
+    new_process()
+    assert K._gpu_call("cuda", "uniform", lambda: 3) == 3 and len(calls) == 2  # remembered: not run
+    new_process()
+    monkeypatch.setenv("MERGEKIT_MLX_RECHECK", "1")
+    assert K._gpu_call("cuda", "uniform", lambda: 4) == 4 and len(calls) == 3
+    monkeypatch.delenv("MERGEKIT_MLX_RECHECK")
+    new_process()
+    monkeypatch.setattr(cuda_jit, "_verdict_key", lambda: "key2")  # other sources, MLX or device
+    assert K._gpu_call("cuda", "uniform", lambda: 5) == 5 and len(calls) == 4
