@@ -11,6 +11,7 @@ demand as before.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from typing import Iterable, Optional
 
@@ -78,8 +79,9 @@ def _get() -> Optional[_Driver]:
 
 
 def enabled() -> bool:
-    """True on an NVIDIA GPU whose driver takes prefetches (MLX's CUDA backend as default device)."""
-    return (mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    """True on an NVIDIA GPU whose driver takes prefetches (MLX's CUDA backend as default device),
+    unless MERGEKIT_MLX_NO_PREFETCH is set."""
+    return (not os.environ.get("MERGEKIT_MLX_NO_PREFETCH") and mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
             and _get() is not None)
 
 

@@ -712,7 +712,9 @@ def _const_u32(words: tuple[int, ...]) -> mx.array:
 
 @lru_cache(maxsize=64)
 def _ones_f32(k: int) -> mx.array:
-    return mx.ones((k,), dtype=mx.float32)
+    # made from host data, not mx.ones: a cached lazy array is tied to the thread that made it,
+    # and another merge thread evaluating it fails ("no Stream in current thread")
+    return mx.array(np.ones((k,), dtype=np.float32))
 
 
 def _f32_bits(v: float) -> int:

@@ -679,3 +679,22 @@ def test_a_passed_first_use_check_is_remembered_on_the_machine(monkeypatch, tmp_
     new_process()
     monkeypatch.setattr(cuda_jit, "_verdict_key", lambda: "key2")  # other sources, MLX or device
     assert K._gpu_call("cuda", "uniform", lambda: 5) == 5 and len(calls) == 4
+
+
+def test_kernel_parameter_arrays_cached_by_one_thread_work_in_another():
+    """Merges run on several threads; the small parameter arrays the GPU dispatch caches must not
+    be lazy arrays tied to the thread that made them (MLX: "no Stream in current thread")."""
+    import threading
+
+    import mlx.core as mx
+
+    from mergekit_mlx import kernels as K
+
+    K._ones_f32.cache_clear()
+    K._const_u32.cache_clear()
+    made = []
+    t = threading.Thread(target=lambda: made.extend([K._ones_f32(3), K._const_u32((1, 2, 3))]))
+    t.start()
+    t.join()
+    assert K._ones_f32(3) is made[0] and K._const_u32((1, 2, 3)) is made[1]
+    assert (made[0] + 1).tolist() == [2.0, 2.0, 2.0] and (made[1] + 1).tolist() == [2, 3, 4]
