@@ -15,13 +15,16 @@ bits and is widened by a 16-bit shift, exactly as MLX converts it.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
 
 CHUNK = 1 << 16  # elements per step: a few float32 temporaries of this size stay in L2
+SPLIT = 1 << 25  # tensors this large (embeddings) are shared with a helper thread: they run alone
 SAMPLE = 1 << 16  # sampled elements that place the bracket around the k-th value
 _SMALL = 1 << 17  # below this many elements the selection partitions all of them
 _SIGMAS = 6.0  # bracket half-width in binomial standard deviations of the sampled rank
@@ -54,8 +57,17 @@ def _widen(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out.view(np.float32)
 
 
+def alloc(shape, dtype) -> tuple[mx.array, np.ndarray]:
+    """A zeroed MLX array and a writable numpy view of it: MLX's allocator reuses freed buffers,
+    so a tensor-sized buffer costs no fresh (zero-filled, faulted-in) pages, and what numpy
+    writes into it reaches MLX without a copy."""
+    a = mx.zeros(shape, dtype={np.bool_: mx.bool_, np.uint16: mx.uint16, np.float32: mx.float32}[np.dtype(dtype).type])
+    mx.eval(a)
+    return a, np.asarray(a)
+
+
 class _Scratch:
-    """Per-call chunk buffers, named on first use."""
+    """Chunk buffers, named on first use (one set per thread: see _scratch)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -63,16 +75,63 @@ class _Scratch:
 
     def __call__(self, name: str, dtype, c: int) -> np.ndarray:
         b = self.bufs.get(name)
-        if b is None:
-            b = self.bufs[name] = np.empty(self.size, dtype=dtype)
+        if b is None or b.size < c:
+            b = self.bufs[name] = np.empty(max(c, self.size), dtype=dtype)
         return b[:c]
 
-    def iota(self, c: int) -> np.ndarray:
-        """0, 1, ..., c-1 as uint32 (made once)."""
-        b = self.bufs.get("iota")
+    def iota_times(self, c: int, factor: int) -> np.ndarray:
+        """0, f, 2f, ... (c values, uint32, wrapping), made once per factor."""
+        name = f"iota*{factor}"
+        b = self.bufs.get(name)
         if b is None:
-            b = self.bufs["iota"] = np.arange(self.size, dtype=np.uint32)
+            b = self.bufs[name] = np.arange(self.size, dtype=np.uint32) * np.uint32(factor)
         return b[:c]
+
+
+_local = threading.local()
+
+
+def _scratch() -> _Scratch:
+    """This thread's chunk buffers (kept: a fresh set per call would fault in new pages)."""
+    sc = getattr(_local, "scratch", None)
+    if sc is None:
+        sc = _local.scratch = _Scratch(CHUNK)
+    return sc
+
+
+_jobs: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+_helper: list[threading.Thread] = []
+
+
+def _in_halves(n: int, body: Callable[[int, int], object]) -> list:
+    """[body(0, n)], or for n >= SPLIT [body(0, mid), body(mid, n)] with the upper half on a
+    helper thread (a daemon that lives as long as the process). body runs numpy only."""
+    if n < SPLIT:
+        return [body(0, n)]
+    mid = n // 2 // CHUNK * CHUNK
+    if not _helper:
+        t = threading.Thread(target=lambda: [_jobs.get()() for _ in iter(int, 1)], name="mergekit-mlx-numpy", daemon=True)
+        t.start()
+        _helper.append(t)
+    done = threading.Event()
+    got: list = []
+
+    def upper() -> None:
+        try:
+            with np.errstate(all="ignore"):
+                got.append((True, body(mid, n)))
+        except BaseException as e:  # raised again in the caller
+            got.append((False, e))
+        finally:
+            done.set()
+
+    _jobs.put(upper)
+    lower = body(0, mid)
+    done.wait()
+    ok, value = got[0]
+    if not ok:
+        raise value
+    return [lower, value]
 
 
 def _quiet(fn):
@@ -86,12 +145,13 @@ def _quiet(fn):
     return wrapped
 
 
-def _abs_bits(x: np.ndarray, b: Optional[np.ndarray], s: int, e: int, sc: _Scratch) -> np.ndarray:
-    """|x - b| (or |x|) of elements [s, e) as float32 bit patterns."""
+def _abs_bits(x: np.ndarray, b: Optional[np.ndarray], s: int, e: int, sc: _Scratch,
+              bw: Optional[np.ndarray] = None) -> np.ndarray:
+    """|x - b| (or |x|) of elements [s, e) as float32 bit patterns; bw: b's chunk, widened already."""
     c = e - s
     d = _widen(x[s:e], sc("x", np.uint32, c))
     if b is not None:
-        np.subtract(d, _widen(b[s:e], sc("b", np.uint32, c)), out=d)
+        np.subtract(d, bw if bw is not None else _widen(b[s:e], sc("b", np.uint32, c)), out=d)
     bits = d.view(np.uint32)
     np.bitwise_and(bits, _ABS, out=bits)
     return bits
@@ -126,15 +186,25 @@ def _small(bits: np.ndarray, k: int) -> Selection:
     return Selection(int(t), n - 1 if ties.size == need else int(ties[need - 1]))
 
 
-@_quiet
 def select(x: np.ndarray, b: Optional[np.ndarray], k: int) -> Optional[Selection]:
     """Exact top-k of |x - b| (|x| without b), 1 <= k <= n. None when the sampled bracket missed
     the k-th value (the caller then takes the full partition)."""
+    return select_many([x], b, [k])[0]
+
+
+@dataclass
+class _Bracket:
+    lo: int
+    hi: int
+    vals: list  # per chunk: the values inside [lo, hi]
+    n_above: int = 0
+    inside: int = 0
+    wide: bool = False  # far wider than planned (heavy ties): the partition is cheaper
+
+
+def _bracket(x: np.ndarray, b: Optional[np.ndarray], k: int) -> _Bracket:
+    """[lo, hi] around the k-th largest from a sorted sample: holds it but for a six-sigma miss."""
     n = x.size
-    if n <= _SMALL:
-        return _small(_abs_bits(x, b, 0, n, _Scratch(n)), k)
-    # a bracket [lo, hi] around the k-th largest from a sorted sample, wide enough to hold it
-    # but for a six-sigma miss
     smp = np.sort(_abs_bits_at(x, b, sample_positions(n)))
     p = k / n
     r = k * SAMPLE / n  # expected rank of the k-th value in the sample, from the top
@@ -142,34 +212,63 @@ def select(x: np.ndarray, b: Optional[np.ndarray], k: int) -> Optional[Selection
     top, bottom = math.floor(r - margin), math.ceil(r + margin)
     hi = int(smp[SAMPLE - 1 - top]) if top >= 0 else 0xFFFFFFFF
     lo = int(smp[SAMPLE - 1 - bottom]) if bottom < SAMPLE else 0
-    width, lo32, hi32 = np.uint32(hi - lo), np.uint32(lo), np.uint32(hi)
-    # one pass: count the elements above the bracket, keep the values inside it (chunk by chunk)
-    sc = _Scratch(min(n, CHUNK))
-    n_above, inside = 0, 0
-    vals = []
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        bits = _abs_bits(x, b, s, e, sc)
-        rel = sc("rel", np.uint32, e - s)
-        np.subtract(bits, lo32, out=rel)  # wraps below lo: one compare tests lo <= bits <= hi
-        m = sc("m", np.bool_, e - s)
-        np.less_equal(rel, width, out=m)
-        vals.append(bits[m])
-        np.greater(bits, hi32, out=m)
-        n_above += int(np.count_nonzero(m))
-        inside += vals[-1].size
-        if inside > n // 4:  # far wider than planned (heavy ties): the partition is cheaper
-            return None
-    r = k - n_above  # rank of the k-th value among the values inside, from the top
+    return _Bracket(lo, hi, [])
+
+
+@_quiet
+def select_many(xs: list[np.ndarray], b: Optional[np.ndarray], ks: list[int]) -> list[Optional[Selection]]:
+    """select() for several tensors against one base, in one pass over the base."""
+    n = b.size if b is not None else xs[0].size
+    if n <= _SMALL:
+        return [_small(_abs_bits(x, b, 0, n, _Scratch(n)), k) for x, k in zip(xs, ks)]
+    brs = [_bracket(x, b, k) for x, k in zip(xs, ks)]
+
+    def count(lo: int, hi: int) -> list[_Bracket]:
+        """One pass over [lo, hi): per tensor, the count above its bracket and the values inside."""
+        sc = _scratch()
+        parts = [_Bracket(br.lo, br.hi, []) for br in brs]
+        for s in range(lo, hi, CHUNK):
+            e = min(hi, s + CHUNK)
+            bw = _widen(b[s:e], sc("b", np.uint32, e - s)).view(np.float32) if b is not None else None
+            for x, br in zip(xs, parts):
+                if br.wide:
+                    continue
+                bits = _abs_bits(x, b, s, e, sc, bw)
+                rel = sc("rel", np.uint32, e - s)
+                np.subtract(bits, np.uint32(br.lo), out=rel)  # wraps below lo: one compare tests lo <= bits <= hi
+                m = sc("m", np.bool_, e - s)
+                np.less_equal(rel, np.uint32(br.hi - br.lo), out=m)
+                br.vals.append(bits[m])
+                np.greater(bits, np.uint32(br.hi), out=m)
+                br.n_above += int(np.count_nonzero(m))
+                br.inside += br.vals[-1].size
+                br.wide = br.inside > n // 4
+        return parts
+
+    for part in _in_halves(n, count):  # chunks in order: vals[c] is chunk c
+        for br, p in zip(brs, part):
+            br.vals += p.vals
+            br.n_above += p.n_above
+            br.inside += p.inside
+            br.wide = br.wide or p.wide or br.inside > n // 4
+    return [None if br.wide else _finish(x, b, k, br, _scratch()) for x, k, br in zip(xs, ks, brs)]
+
+
+def _finish(x: np.ndarray, b: Optional[np.ndarray], k: int, br: _Bracket, sc: _Scratch) -> Optional[Selection]:
+    """The k-th largest from the values inside the bracket; the cut from one chunk's scan."""
+    n = x.size
+    inside = br.inside
+    r = k - br.n_above  # rank of the k-th value among the values inside, from the top
     if r < 1 or r > inside:
         return None
-    srt = np.sort(np.concatenate(vals))
+    srt = np.sort(np.concatenate(br.vals))
     t = srt[inside - r]
-    need = r - (inside - int(np.searchsorted(srt, t, side="right")))  # ties at t to keep
-    if need == int(np.searchsorted(srt, t, side="right") - np.searchsorted(srt, t, side="left")):
+    above, upto = int(np.searchsorted(srt, t, side="left")), int(np.searchsorted(srt, t, side="right"))
+    need = r - (inside - upto)  # ties at t to keep
+    if need == upto - above:
         return Selection(int(t), n - 1)  # every tie is kept
     # the need-th tie lies in the chunk where the running tie count reaches it: scan that one
-    for c, v in enumerate(vals):
+    for c, v in enumerate(br.vals):
         here = int(np.count_nonzero(v == t))
         if here >= need:
             s = c * CHUNK
@@ -180,17 +279,17 @@ def select(x: np.ndarray, b: Optional[np.ndarray], k: int) -> Optional[Selection
 
 
 @_quiet
-def keep_mask(x: np.ndarray, sel: Selection) -> np.ndarray:
-    """bool mask of the selection: bits > t, or == t at a flat index <= cut."""
-    n = x.size
-    out = np.empty(n, dtype=np.bool_)
-    sc = _Scratch(min(n, CHUNK))
+def keep_mask(x: np.ndarray, sel: Selection, out: np.ndarray) -> None:
+    """out = the bool mask of the selection: bits > t, or == t at a flat index <= cut."""
     tf = np.uint32(sel.t)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        bits = _abs_bits(x, None, s, e, sc)
-        _magnitude_keep(bits, tf, sel.cut, s, out[s:e])
-    return out
+
+    def body(lo: int, hi: int) -> None:
+        sc = _scratch()
+        for s in range(lo, hi, CHUNK):
+            e = min(hi, s + CHUNK)
+            _magnitude_keep(_abs_bits(x, None, s, e, sc), tf, sel.cut, s, out[s:e])
+
+    _in_halves(x.size, body)
 
 
 def _magnitude_keep(bits: np.ndarray, t: np.uint32, cut: int, s: int, out: np.ndarray) -> None:
@@ -228,18 +327,19 @@ class Hash:
 
     def keep(self, s: int, e: int, keys: tuple[int, int], p: float, sc: _Scratch, out: np.ndarray) -> None:
         c = e - s
+        bound = min(max(math.ceil(float(np.float32(p)) * 16777216.0), 0), 1 << 24)
+        if bound == 1 << 24:  # every top-24-bit value lies below p
+            out.fill(True)
+            return
         h = sc("h", np.uint32, c)
-        np.add(sc.iota(c), np.uint32(s), out=h)
-        np.multiply(h, np.uint32(self.golden), out=h)
-        np.add(h, np.uint32(keys[0]), out=h)
+        # (s + i) * golden + k0 = i * golden + (s * golden + k0), all mod 2**32
+        np.add(sc.iota_times(c, self.golden), np.uint32((s * self.golden + keys[0]) & 0xFFFFFFFF), out=h)
         tmp = sc("htmp", np.uint32, c)
         m1, m2 = np.uint32(self.m1), np.uint32(self.m2)
         _mix32(h, tmp, m1, m2)
         np.bitwise_xor(h, np.uint32(keys[1]), out=h)
         _mix32(h, tmp, m1, m2)
-        np.right_shift(h, 8, out=h)
-        bound = min(max(math.ceil(float(np.float32(p)) * 16777216.0), 0), 1 << 24)
-        np.less(h, np.uint32(bound), out=out)
+        np.less(h, np.uint32(bound << 8), out=out)  # (h >> 8) < bound, as h < bound * 256
 
 
 # ----------------------------------------------------------------------------- the fused merge
@@ -272,35 +372,48 @@ def _keep(m: Model, bits: np.ndarray, s: int, e: int, sc: _Scratch, hasher: Hash
 
 
 @_quiet
-def l1_block_sums(base: np.ndarray, m: Model, hasher: Hash, block: int = 1024) -> tuple[mx.array, mx.array]:
-    """Per-`block` sums of |d| and of the kept |d| (the first level of kernels.accurate_sum, the
-    last block zero-padded), summed by MLX so the float32 order is MLX's. A RANDOM model's mask
-    is kept in m.mask for the merge (one byte an element instead of a second hash)."""
+def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: int = 1024) -> list[tuple[mx.array, mx.array]]:
+    """Per model, per-`block` sums of |d| and of the kept |d| (the first level of
+    kernels.accurate_sum, the last block zero-padded), in one pass over the base. MLX sums the
+    blocks (its float32 order), group by group while numpy computes the next group. A RANDOM
+    model's mask is kept in m.mask for the merge (one byte an element instead of a second hash)."""
     n = base.size
     group = CHUNK * 16
-    sc = _Scratch(min(n, CHUNK))
-    mask = np.empty(n, dtype=np.bool_) if m.mode == RANDOM else None
-    parts = []
+    sc = _scratch()
+    for m in models:
+        m.mask = alloc((n,), np.bool_)[1] if m.mode == RANDOM else None
+    size = -(-min(n, group) // block) * block
+    bufs = [sc(f"l1-{i}", np.float32, 2 * size).reshape(2, size) for i in range(len(models))]
+    parts: list[list[mx.array]] = [[] for _ in models]
     for g in range(0, n, group):
         ge = min(n, g + group)
-        buf = np.zeros((2, -(-(ge - g) // block) * block), dtype=np.float32)
+        rows = -(-(ge - g) // block)
         for s in range(g, ge, CHUNK):
             e = min(ge, s + CHUNK)
-            bits = _abs_bits(m.x, base, s, e, sc)
-            if mask is not None:
-                keep = mask[s:e]
-                hasher.keep(s, e, m.keys, m.p, sc, keep)
-            else:
-                keep = _keep(m, bits, s, e, sc, hasher, "keep")
-            a = buf[0, s - g:e - g]
-            np.copyto(a, bits.view(np.float32))
-            kept = buf[1, s - g:e - g]
-            np.copyto(kept, keep)  # keep.astype(float32)
-            np.multiply(a, kept, out=kept)
-        parts.append(mx.array(buf).reshape(2, -1, block).sum(axis=2))
-    m.mask = mask
-    sums = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
-    return sums[0], sums[1]
+            bw = _widen(base[s:e], sc("b", np.uint32, e - s)).view(np.float32)
+            for m, buf in zip(models, bufs):
+                bits = _abs_bits(m.x, base, s, e, sc, bw)
+                if m.mask is not None:
+                    keep = m.mask[s:e]
+                    hasher.keep(s, e, m.keys, m.p, sc, keep)
+                else:
+                    keep = _keep(m, bits, s, e, sc, hasher, "keep")
+                a = buf[0, s - g:e - g]
+                np.copyto(a, bits.view(np.float32))
+                kept = buf[1, s - g:e - g]
+                np.copyto(kept, keep)  # keep.astype(float32)
+                np.multiply(a, kept, out=kept)
+        for m, buf, out in zip(models, bufs, parts):
+            if ge - g < buf.shape[1]:
+                buf[:, ge - g:] = 0  # the last block's padding
+            sums = mx.array(buf[:, :rows * block]).reshape(2, rows, block).sum(axis=2)
+            mx.async_eval(sums)
+            out.append(sums)
+    res = []
+    for out in parts:
+        sums = out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+        res.append((sums[0], sums[1]))
+    return res
 
 
 def _round_bf16(f: np.ndarray, out: np.ndarray, sc: _Scratch) -> None:
@@ -331,17 +444,21 @@ def task_merge(
     divisor: float,
     out_bf16: bool,
     hasher: Hash,
-) -> np.ndarray:
-    """kernels' fused merge (the operations of kernels._combine_fn, in its order) over chunks:
-    bf16 bits (uint16) when out_bf16, else float32."""
-    n = base.size
-    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
-    sc = _Scratch(min(n, CHUNK))
+    out: np.ndarray,
+) -> None:
+    """kernels' fused merge (the operations of kernels._combine_fn, in its order) over chunks,
+    into `out`: bf16 bits (uint16) when out_bf16, else float32."""
+    _in_halves(base.size, lambda lo, hi: _merge_range(base, models, consensus, normalize, lam, divisor,
+                                                      out_bf16, hasher, out, lo, hi))
+
+
+def _merge_range(base, models, consensus, normalize, lam, divisor, out_bf16, hasher, out, lo, hi) -> None:
+    sc = _scratch()
     f32 = np.float32
     ws = [f32(m.weight) for m in models]
     lam32, div32 = f32(lam), f32(divisor)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
+    for s in range(lo, hi, CHUNK):
+        e = min(hi, s + CHUNK)
         c = e - s
         b = _widen(base[s:e], sc("b", np.uint32, c))
         wds = []
@@ -405,4 +522,3 @@ def task_merge(
             _round_bf16(mixed, out[s:e], sc)
         else:
             out[s:e] = mixed
-    return out

@@ -192,14 +192,25 @@ def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
 
 
 def _select_cpu(x: mx.array, base: Optional[mx.array], k: int) -> _Selection:
-    """Exact top-k of |x - base| (|x| without base) on the CPU: numpy's sampled bracket, or the
-    full partition when the bracket misses or the dtype is not one numpy reads."""
-    if cpu_kernels.supported(x, *([base] if base is not None else [])):
-        got = cpu_kernels.select(cpu_kernels.host(x), cpu_kernels.host(base) if base is not None else None, k)
-        if got is not None:
-            return _Selection(mx.array(got.t, dtype=mx.uint32), mx.array(got.cut, dtype=mx.uint32))
-    bits = _delta_bits(x, base.astype(mx.float32)) if base is not None else _abs_bits(x)
-    return _select_fallback(bits, k)
+    """Exact top-k of |x - base| (|x| without base) on the CPU."""
+    return _select_cpu_many([x], base, [k])[0]
+
+
+def _select_cpu_many(xs: list[mx.array], base: Optional[mx.array], ks: list[int]) -> list[_Selection]:
+    """Exact top-k of each |x - base| on the CPU, one pass over the base: numpy's sampled
+    bracket, or the full partition where a bracket misses or the dtype is not one numpy reads."""
+    got = [None] * len(xs)
+    if cpu_kernels.supported(*xs, *([base] if base is not None else [])):
+        got = cpu_kernels.select_many([cpu_kernels.host(x) for x in xs],
+                                      cpu_kernels.host(base) if base is not None else None, ks)
+    out = []
+    for x, k, g in zip(xs, ks, got):
+        if g is not None:
+            out.append(_Selection(mx.array(g.t, dtype=mx.uint32), mx.array(g.cut, dtype=mx.uint32)))
+        else:
+            bits = _delta_bits(x, base.astype(mx.float32)) if base is not None else _abs_bits(x)
+            out.append(_select_fallback(bits, k))
+    return out
 
 
 def magnitude_threshold(x: mx.array, k: int) -> mx.array:
@@ -234,7 +245,9 @@ def topk_mask(x: mx.array, k: int) -> mx.array:
         sel = _select_cpu(x, None, k)
         if cpu_kernels.supported(x):
             got = cpu_kernels.Selection(int(sel.t.item()), int(sel.cut.item()))
-            return mx.array(cpu_kernels.keep_mask(cpu_kernels.host(x), got)).reshape(x.shape)
+            mask, view = cpu_kernels.alloc((n,), np.bool_)
+            cpu_kernels.keep_mask(cpu_kernels.host(x), got, view)
+            return mask.reshape(x.shape)
     bits = _abs_bits(x)
     idx = mx.arange(n, dtype=mx.uint32)
     return _mask_of_selection(bits, idx, sel.t, sel.cut).reshape(x.shape)
@@ -301,7 +314,7 @@ def _plan_models(
             if got is not None:
                 sels, sel_rows = got
         if sels is None:
-            sels = [_select_cpu(others[i], base, k) for i, k in zip(mag, ks)]
+            sels = _select_cpu_many([others[i] for i in mag], base, ks)
         for r, (i, s) in enumerate(zip(mag, sels)):
             plans[i].t, plans[i].cut, plans[i].row = s.t, s.cut, r
 
@@ -312,7 +325,7 @@ def _plan_models(
             if gpu is not None:
                 sums = _gpu_call(gpu, "l1", lambda: _gpu_l1(gpu, base, others, plans, todo, sel_rows))
             if sums is None:
-                sums = [_l1_cpu(base, others[i], plans[i]) for i in todo]
+                sums = _l1_cpu(base, [others[i] for i in todo], [plans[i] for i in todo])
             for i, (before, after) in zip(todo, sums):
                 ok = (before >= 1e-7) & (after >= 1e-7)
                 plans[i].scale = mx.where(ok, before / mx.where(ok, after, 1.0), 1.0).astype(mx.float32)
@@ -368,15 +381,16 @@ def _host_model(other: mx.array, plan: _ModelPlan, weight: float = 1.0) -> cpu_k
         int(plan.t.item()), int(plan.cut.item()), plan.keys, plan.p, plan.mask)
 
 
-def _l1_cpu(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.array, mx.array]:
-    """_l1_fallback's sums from numpy's chunks (the same float32 sums); a random model's mask is
-    kept on the plan, so the merge does not draw it again."""
-    if base.size <= 1024 or not cpu_kernels.supported(base, other):
-        return _l1_fallback(base, other, plan)
-    m = _host_model(other, plan)
-    level1_a, level1_kept = cpu_kernels.l1_block_sums(cpu_kernels.host(base), m, _HASH)
-    plan.mask = m.mask
-    return accurate_sum(level1_a), accurate_sum(level1_kept)
+def _l1_cpu(base: mx.array, others: list[mx.array], plans: list[_ModelPlan]) -> list[tuple[mx.array, mx.array]]:
+    """_l1_fallback's sums from numpy's chunks (the same float32 sums), one pass for all models;
+    a random model's mask is kept on its plan, so the merge does not draw it again."""
+    if base.size <= 1024 or not cpu_kernels.supported(base, *others):
+        return [_l1_fallback(base, o, p) for o, p in zip(others, plans)]
+    models = [_host_model(o, p) for o, p in zip(others, plans)]
+    sums = cpu_kernels.l1_block_sums(cpu_kernels.host(base), models, _HASH)
+    for m, p in zip(models, plans):
+        p.mask = m.mask
+    return [(accurate_sum(a), accurate_sum(kept)) for a, kept in sums]
 
 
 def _merge_cpu(base, others, weights, plans, consensus, normalize, lam, divisor) -> Optional[mx.array]:
@@ -384,10 +398,11 @@ def _merge_cpu(base, others, weights, plans, consensus, normalize, lam, divisor)
     if not cpu_kernels.supported(base, *others):
         return None
     models = [_host_model(o, p, w) for o, p, w in zip(others, plans, weights)]
-    out = cpu_kernels.task_merge(cpu_kernels.host(base), models, consensus=consensus, normalize=normalize,
-                                 lam=lam, divisor=divisor, out_bf16=base.dtype == mx.bfloat16, hasher=_HASH)
-    res = mx.array(out)
-    return (res.view(mx.bfloat16) if base.dtype == mx.bfloat16 else res).reshape(base.shape)
+    bf16 = base.dtype == mx.bfloat16
+    res, view = cpu_kernels.alloc((base.size,), np.uint16 if bf16 else np.float32)
+    cpu_kernels.task_merge(cpu_kernels.host(base), models, consensus=consensus, normalize=normalize,
+                           lam=lam, divisor=divisor, out_bf16=bf16, hasher=_HASH, out=view)
+    return (res.view(mx.bfloat16) if bf16 else res).reshape(base.shape)
 
 
 def accurate_sum(a: mx.array, block: int = 1024) -> mx.array:

@@ -549,13 +549,18 @@ def test_cpu_merge_with_nan_and_inf_matches_the_compiled_graph(monkeypatch):
 
 def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph():
     rng = np.random.default_rng(14)
-    base, others = family(rng, shape=(3 * CK.CHUNK + 77,), k=1, scale=0.01)
-    b, o = to_mx(base, mx.bfloat16), to_mx(others[0], mx.bfloat16)
-    plans, _ = K._plan_models(b, [o], "random", [0.4], False, 5, [9], None)
-    want = K._l1_fallback(b, o, plans[0])
-    got = K._l1_cpu(b, o, plans[0])
-    assert [x.item() for x in got] == [x.item() for x in want]
-    assert plans[0].mask is not None and plans[0].mask.mean() == pytest.approx(0.4, abs=0.01)
+    n = 16 * CK.CHUNK + 1077  # two groups of block sums, the last block padded
+    base, others = family(rng, shape=(n,), k=2, scale=0.01)
+    b, os_ = to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others]
+    for sp in ("random", "magnitude"):
+        plans, _ = K._plan_models(b, os_, sp, [0.4, 0.7], False, 5, [9, 10], None)
+        want = [K._l1_fallback(b, o, p) for o, p in zip(os_, plans)]
+        got = K._l1_cpu(b, os_, plans)
+        assert [[x.item() for x in pair] for pair in got] == [[x.item() for x in pair] for pair in want]
+    assert plans[0].mask is None  # magnitude masks are not stored
+    plans, _ = K._plan_models(b, os_, "random", [0.4, 0.7], False, 5, [9, 10], None)
+    K._l1_cpu(b, os_, plans)
+    assert plans[0].mask.mean() == pytest.approx(0.4, abs=0.01) and plans[1].mask.mean() == pytest.approx(0.7, abs=0.01)
 
 
 def test_cpu_bf16_rounding_is_mlx_rounding():
@@ -575,3 +580,22 @@ def test_cpu_hash_keep_is_the_documented_uniform_below_p():
     for p in (0.0, 0.3, 0.5, 1.0 - 2**-24, 1.0):
         K._HASH.keep(100, 5100, (k0, k1), p, sc, out)
         np.testing.assert_array_equal(out, np_uniform(77, 5, 5100)[100:] < np.float32(p))
+
+
+def test_cpu_paths_split_over_two_threads_give_the_same_bits(monkeypatch):
+    rng = np.random.default_rng(16)
+    n = 5 * CK.CHUNK + 999
+    base, others = family(rng, shape=(n,), k=2, scale=0.003)
+    b, os_ = to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others]
+    runs = []
+    for split in (CK.SPLIT, 2 * CK.CHUNK):  # the second run hands the upper half to the helper thread
+        monkeypatch.setattr(CK, "SPLIT", split)
+        out = [bits_of(K.fused_task_merge(b, os_, [0.6, 0.4], sparsify=sp, densities=[0.4, 0.6], rescale=resc,
+                                          consensus="sum", normalize=True, lam=1.0))
+               for sp, resc in (("magnitude", False), ("random", True))]
+        out.append(np.array(K.topk_mask(os_[0], n // 3)))
+        out.append(selection_of(os_[1], b, n // 2))
+        runs.append(out)
+    for a, c in zip(*runs):
+        np.testing.assert_array_equal(a, c)
+    assert runs[0][3] == np_selection(np.array(os_[1].astype(mx.float32)), np.array(b.astype(mx.float32)), n // 2)
