@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import queue
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import RecipeError
 from .models import MLX_TO_SAFETENSORS, TOKENIZER_FILES
@@ -185,10 +187,13 @@ class _ShardFile:
         self.entries: dict[str, dict] = {}
         self.size = 0  # data bytes written
         head = _safetensors_header([(t.name, t.dtype, t.shape, t.nbytes) for t in planned], self.METADATA)
-        self.reserved = _round_up(len(head) + 64 * len(planned) + 256, 8)
+        # the data starts on a block boundary, so that it can be written around the page cache
+        self.reserved = _round_up(8 + len(head) + 64 * len(planned) + 256, _BLOCK) - 8
         self.file = open(path, "wb")
         _preallocate(self.file.fileno(), 8 + self.reserved + sum(t.nbytes for t in planned))
         self.file.write(b"\0" * (8 + self.reserved))
+        self.file.flush()
+        self.direct = _DirectWriter.open(path, 8 + self.reserved) if _DIRECT else None
         self.hash: Optional[_BackgroundHash] = None
         if checksum:
             self.hash = _BackgroundHash()
@@ -204,7 +209,10 @@ class _ShardFile:
         data = view.cast("B") if array.nbytes else b""
         if self.hash is not None:
             self.hash.update(data)
-        _write_all(self.file, data)
+        if self.direct is not None:
+            self.direct.write(data)
+        else:
+            _write_all(self.file, data)
         self.entries[name] = {
             "dtype": safetensors_code(array.dtype),
             "shape": list(array.shape),
@@ -216,6 +224,8 @@ class _ShardFile:
         """Write the final header; returns the file's SHA-256 when it was asked for."""
         head = json.dumps({"__metadata__": self.METADATA, **self.entries}, separators=(",", ":")).encode()
         planned = [t.name for t in self.planned]
+        if self.direct is not None:
+            self.direct.close()
         self.file.truncate(8 + self.reserved + self.size)  # drops preallocated space left unused
         if len(head) <= self.reserved:
             self.file.seek(0)
@@ -249,6 +259,63 @@ def _write_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="mergekit-mlx-write")
         return _pool
+
+
+# On a machine with few cores, writing through the page cache costs more CPU than the merge can
+# spare (a 2-core x86-64 VM: 3.7 CPU seconds for 1.7 GB buffered, 0.35 s with O_DIRECT at
+# 1.5 GB/s), so shard data goes around it there; hosts with cores to spare keep the page cache
+# and the parallel writes above.
+_DIRECT = sys.platform.startswith("linux") and hasattr(os, "O_DIRECT") and _WRITE_THREADS < 2
+_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
+_STAGE = 16 << 20  # bytes gathered before one direct write
+
+
+class _DirectWriter:
+    """Appends to a file from `start` (block-aligned) with O_DIRECT, through an aligned staging
+    buffer; the last partial block is written padded and cut back by the caller's truncate."""
+
+    def __init__(self, fd: int, start: int):
+        self.fd, self.offset = fd, start
+        self.stage = mmap.mmap(-1, _STAGE)  # page-aligned
+        self.buf = np.frombuffer(self.stage, dtype=np.uint8)
+        self.filled = 0
+
+    @classmethod
+    def open(cls, path: Path, start: int) -> Optional["_DirectWriter"]:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:  # the filesystem has no direct I/O (tmpfs): the page cache it is
+            return None
+        return cls(fd, start)
+
+    def write(self, data) -> None:
+        src = np.frombuffer(data, dtype=np.uint8)
+        done = 0
+        while done < src.size:
+            k = min(src.size - done, _STAGE - self.filled)
+            np.copyto(self.buf[self.filled:self.filled + k], src[done:done + k])  # releases the GIL
+            self.filled += k
+            done += k
+            if self.filled == _STAGE:
+                self._flush(_STAGE)
+
+    def _flush(self, length: int) -> None:
+        view = memoryview(self.stage)[:length]
+        while len(view):
+            n = os.pwrite(self.fd, view, self.offset)
+            view, self.offset = view[n:], self.offset + n
+        self.filled = 0
+
+    def close(self) -> None:
+        try:
+            if self.filled:
+                tail = _round_up(self.filled, _BLOCK)
+                self.buf[self.filled:tail] = 0
+                self._flush(tail)
+        finally:
+            os.close(self.fd)
+            self.buf = None  # the staging map closes once nothing views it
+            self.stage.close()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

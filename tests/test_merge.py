@@ -345,3 +345,50 @@ def test_nuslerp_with_one_model_besides_the_base_is_refused_at_plan_time(family4
         from mergekit_mlx.recipe import load_recipe
 
         make_plan(load_recipe(recipe))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32, mx.float64])
+def test_all_finite_finds_every_nan_and_inf_pattern(dtype):
+    from mergekit_mlx.merge import all_finite
+
+    bits = {mx.bfloat16: 16, mx.float16: 16, mx.float32: 32, mx.float64: 64}[dtype]
+    exp, man = {mx.bfloat16: (8, 7), mx.float16: (5, 10), mx.float32: (8, 23), mx.float64: (11, 52)}[dtype]
+    uint = {16: np.uint16, 32: np.uint32, 64: np.uint64}[bits]
+    inf = ((1 << exp) - 1) << man
+    sign = 1 << (bits - 1)
+    finite = [0, sign, 1, sign | 1, inf - 1, sign | (inf - 1), 1 << man]  # zeros, subnormals, the largest
+    special = [inf, sign | inf, inf | 1, inf | (1 << (man - 1)), sign | inf | 1, (1 << bits) - 1]
+    with mx.stream(mx.cpu):
+        for pattern in finite:
+            x = mx.array(np.array([pattern, 0, sign], dtype=uint)).view(dtype)
+            assert all_finite(x).item(), hex(pattern)
+        for pattern in special:
+            x = mx.array(np.array([0, pattern, 1], dtype=uint)).view(dtype)
+            assert not all_finite(x).item(), hex(pattern)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shards_written_around_the_page_cache_read_back_exactly(tmp_path, monkeypatch, direct):
+    """Shard data written with O_DIRECT through a small staging buffer (tensors larger than it,
+    a tail that is not a whole block) reads back as written; without direct I/O (a filesystem
+    that refuses it) the page-cache path writes the same file contents."""
+    from mergekit_mlx import writer as W
+
+    monkeypatch.setattr(W, "_DIRECT", direct)
+    monkeypatch.setattr(W, "_STAGE", 3 * W._BLOCK)
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((37, 129)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
+              "c": rng.standard_normal((3, 4099)).astype(np.float32)}
+    specs = [W.OutputTensor(k, v.shape, mx.float32) for k, v in arrays.items()]
+    w = W.SafetensorsWriter(tmp_path, specs, {"model_type": "llama"}, max_shard_bytes=60_000)
+    for k, v in arrays.items():
+        w.add(k, mx.array(v))
+    w.finish()
+    got = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        got.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+        head = int.from_bytes(f.read_bytes()[:8], "little")
+        assert (8 + head) % W._BLOCK == 0  # the data starts on a block boundary
+    assert set(got) == set(arrays)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v)
