@@ -692,6 +692,16 @@ def _gpu_call(gpu: str, what: str, fn):
         return None
 
 
+def first_use_checks(groups: Sequence[str]) -> None:
+    """Run the first-use checks of these GPU kernel groups now (no-op on the CPU or when done).
+    Call it while no other thread uses MLX: a check computes its CPU reference under
+    `mx.stream(mx.cpu)`, and MLX's default device is one for the whole process."""
+    gpu = _gpu_backend()
+    if gpu is not None:
+        for what in groups:
+            _gpu_call(gpu, what, lambda: None)
+
+
 def _cached_verdicts() -> bool:
     """CUDA keeps first-use verdicts on disk unless MERGEKIT_MLX_RECHECK is set (or MLX's JIT is used)."""
     return not os.environ.get("MERGEKIT_MLX_RECHECK") and not os.environ.get(_ENV_MLX_JIT)

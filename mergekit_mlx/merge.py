@@ -134,6 +134,7 @@ def run_plan(
         elif bar is not None:
             bar.update(task.out.nbytes)
     _reuse_freed_memory()
+    kernels.first_use_checks(plan.method.gpu_kernels)  # before the merge threads start
     try:
         with _Pipeline(plan, opts, todo, _worker_count()) as results:
             for task, out, ok, inputs in results:

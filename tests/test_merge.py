@@ -49,6 +49,18 @@ def test_several_readers_per_model_write_the_same_merge(family, tmp_path, monkey
         np.testing.assert_array_equal(one[name], three[name], err_msg=name)
 
 
+def test_gpu_kernel_checks_run_before_the_merge_threads_start(family, tmp_path, monkeypatch):
+    """A first-use check switches MLX's process-wide default device while it computes its CPU
+    reference, so the checks a method needs run before any reader or merge thread exists."""
+    merge_mod = sys.modules["mergekit_mlx.merge"]
+    order = []
+    monkeypatch.setattr(merge_mod.kernels, "first_use_checks", lambda groups: order.append(("checks", tuple(groups))))
+    enter = merge_mod._Pipeline.__enter__
+    monkeypatch.setattr(merge_mod._Pipeline, "__enter__", lambda self: order.append(("threads",)) or enter(self))
+    merge(ties_recipe(family), tmp_path / "out")
+    assert order == [("checks", ("uniform", "select", "l1", "merge")), ("threads",)]
+
+
 def test_output_directory_is_a_complete_hf_model(family, tmp_path):
     out = tmp_path / "out"
     merge(ties_recipe(family), out)

@@ -64,6 +64,7 @@ METHODS = [
             Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
         ),
         base="required",
+        gpu_kernels=("select",),
         doc=(
             "SCE: keep the select_topk fraction of elements with the highest variance across task vectors "
             "(1 keeps all), weight each task vector by its mean square (normalised to sum 1), erase deltas "

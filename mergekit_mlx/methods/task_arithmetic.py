@@ -182,6 +182,7 @@ def _make(f: Family) -> Method:
         propagates_nonfinite=f.sparsify is None and f.consensus is None,
         doc=f.doc,
         check=check,
+        gpu_kernels=() if f.sparsify is None else ("uniform", "select", "l1", "merge"),
     )
 
 
