@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-CHUNK = 1 << 16  # elements per step: a few float32 temporaries of this size stay in L2
+CHUNK = 1 << 17  # elements per step: float32 temporaries of this size stay in L2 or L3
+GROUP = 1 << 20  # elements whose L1 block sums MLX takes per call
 SPLIT = 1 << 25  # tensors this large (embeddings) are shared with a helper thread: they run alone
 SAMPLE = 1 << 16  # sampled elements that place the bracket around the k-th value
 _SMALL = 1 << 17  # below this many elements the selection partitions all of them
@@ -378,16 +379,18 @@ def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: in
     blocks (its float32 order), group by group while numpy computes the next group. A RANDOM
     model's mask is kept in m.mask for the merge (one byte an element instead of a second hash)."""
     n = base.size
-    group = CHUNK * 16
+    group = GROUP
     sc = _scratch()
     for m in models:
         m.mask = alloc((n,), np.bool_)[1] if m.mode == RANDOM else None
-    size = -(-min(n, group) // block) * block
-    bufs = [sc(f"l1-{i}", np.float32, 2 * size).reshape(2, size) for i in range(len(models))]
     parts: list[list[mx.array]] = [[] for _ in models]
     for g in range(0, n, group):
         ge = min(n, g + group)
         rows = -(-(ge - g) // block)
+        # numpy writes |d| and the kept |d| straight into MLX arrays (zeroed: the last block's
+        # padding), which MLX sums while numpy goes on with the next group
+        arrays = [alloc((2, rows * block), np.float32) for _ in models]
+        bufs = [v for _, v in arrays]
         for s in range(g, ge, CHUNK):
             e = min(ge, s + CHUNK)
             bw = _widen(base[s:e], sc("b", np.uint32, e - s)).view(np.float32)
@@ -403,10 +406,8 @@ def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: in
                 kept = buf[1, s - g:e - g]
                 np.copyto(kept, keep)  # keep.astype(float32)
                 np.multiply(a, kept, out=kept)
-        for m, buf, out in zip(models, bufs, parts):
-            if ge - g < buf.shape[1]:
-                buf[:, ge - g:] = 0  # the last block's padding
-            sums = mx.array(buf[:, :rows * block]).reshape(2, rows, block).sum(axis=2)
+        for (arr, _), out in zip(arrays, parts):
+            sums = arr.reshape(2, rows, block).sum(axis=2)
             mx.async_eval(sums)
             out.append(sums)
     res = []
