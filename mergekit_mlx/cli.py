@@ -39,7 +39,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernels", action="store_true", help="use the plain MLX path instead of custom kernels")
     p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
     p.add_argument("--group-size", type=int, help="quantization group size for mlx-* output formats")
-    p.add_argument("--batch-size", type=parse_size, default="512M", help="bytes of outputs evaluated at once")
+    p.add_argument("--batch-size", type=parse_size, default=None,
+                   help="bytes of tensors in flight (default 512M on the CPU, 2G on a GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge, keeping its finished shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         resume=args.resume,
         progress=not args.no_progress,
-    )
+    ).resolved()
     if args.dry_run:
         plan = make_plan(load_recipe(Path(args.recipe)), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
         print(plan.describe(opts.out_shard_size, opts.batch_bytes))

@@ -101,6 +101,7 @@ def merge(
     r = load_recipe(recipe)
     if opts.device:
         mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
+    opts = opts.resolved()
     kernels.set_kernels_enabled(opts.use_kernels)
     plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes)
     if out_path is not None:

@@ -404,3 +404,11 @@ def test_shards_written_around_the_page_cache_read_back_exactly(tmp_path, monkey
     assert set(got) == set(arrays)
     for k, v in arrays.items():
         np.testing.assert_array_equal(got[k], v)
+
+
+def test_tensors_in_flight_default_by_device_unless_given():
+    from mergekit_mlx.options import DEFAULT_BATCH_BYTES, DEFAULT_GPU_BATCH_BYTES, MergeOptions
+
+    assert MergeOptions(device="cpu").resolved().batch_bytes == DEFAULT_BATCH_BYTES == 512 * 1000**2
+    assert MergeOptions(device="gpu").resolved().batch_bytes == DEFAULT_GPU_BATCH_BYTES == 2 * 1000**3
+    assert MergeOptions(device="gpu", batch_bytes=1234).resolved().batch_bytes == 1234
