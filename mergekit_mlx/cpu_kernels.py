@@ -483,32 +483,40 @@ def _merge_range(base, models, consensus, normalize, lam, divisor, out_bf16, has
         flag = sc("flag", np.bool_, c)
         tmp = sc("tmp", np.float32, c)
         if consensus:
-            np.copyto(mixed, wds[0])
-            for wd in wds[1:]:
-                np.add(mixed, wd, out=mixed)  # the total
-            maj = sc("maj", np.float32, c)
-            np.greater_equal(mixed, 0, out=flag)
-            np.copyto(maj, flag)
-            np.multiply(maj, f32(2.0), out=maj)
-            np.subtract(maj, f32(1.0), out=maj)
-            div = sc("div", np.float32, c)
+            if len(wds) == 2:
+                np.add(wds[0], wds[1], out=mixed)  # the total
+            else:
+                np.copyto(mixed, wds[0])
+                for wd in wds[1:]:
+                    np.add(mixed, wd, out=mixed)
+            # agree = (wd * majority > 0) with majority = +1 where total >= 0, else -1; as bools:
+            # wd > 0 where the total is >= 0, wd < 0 elsewhere (NaN: never, as the product)
+            ge = sc("ge", np.bool_, c)
+            np.greater_equal(mixed, 0, out=ge)
+            pos, neg = sc("pos", np.bool_, c), sc("neg", np.bool_, c)
+            div = sc("div", np.float32, c) if normalize else None  # unused otherwise: not computed
             agree = sc("agree", np.float32, c)
             for i, wd in enumerate(wds):
-                np.multiply(wd, maj, out=tmp)
-                np.greater(tmp, 0, out=flag)
-                np.copyto(agree, flag)
+                np.greater(wd, 0, out=pos)
+                np.less(wd, 0, out=neg)
+                np.bitwise_or(neg, pos, out=neg)  # non-zero, not NaN
+                np.equal(pos, ge, out=pos)
+                np.bitwise_and(pos, neg, out=pos)
+                np.copyto(agree, pos)
                 if i == 0:
                     np.multiply(wd, agree, out=mixed)
-                    np.multiply(ws[i], agree, out=div)
+                    if div is not None:
+                        np.multiply(ws[i], agree, out=div)
                 else:
                     np.multiply(wd, agree, out=tmp)
                     np.add(mixed, tmp, out=mixed)
-                    np.multiply(ws[i], agree, out=tmp)
-                    np.add(div, tmp, out=div)
-            np.equal(div, 0, out=flag)
-            np.copyto(tmp, flag)
-            np.add(div, tmp, out=div)
-            if normalize:
+                    if div is not None:
+                        np.multiply(ws[i], agree, out=tmp)
+                        np.add(div, tmp, out=div)
+            if div is not None:
+                np.equal(div, 0, out=flag)
+                np.copyto(tmp, flag)
+                np.add(div, tmp, out=div)
                 np.divide(mixed, div, out=mixed)
         else:
             np.copyto(mixed, wds[0])
