@@ -220,7 +220,8 @@ class _Pipeline:
         self.prefetch = not self.on_cpu and cuda_mem.enabled()
         self.jobs += [self._work] * workers
         self.cond = threading.Condition()
-        self.in_flight = 0  # bytes: inputs of claimed tasks plus outputs not yet written
+        self.in_flight = 0  # bytes: inputs of claimed tasks until merged, outputs until written
+        self.released: dict[int, int] = {}  # id(task) -> bytes it gave back when its merge finished
         self.claimed = 0  # tasks [0, claimed) have their bytes in the budget
         self.parts: dict[int, list[Optional[mx.array]]] = {}  # task index -> inputs read so far
         self.loaded: dict[int, list[mx.array]] = {}  # task index -> all inputs, evaluated
@@ -322,12 +323,18 @@ class _Pipeline:
                     return
                 i = min(self.loaded)  # the earliest task first: the writer waits for it
                 tensors = self.loaded.pop(i)
-            out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
+            task = self.tasks[i]
+            out, ok = merge_task(self.plan, task, self.opts, vocab, list(tensors))
             mx.eval(out, ok)
             if gpu:
                 memoryview(out)  # copies the output to host memory here, not in the writing thread
+            kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
+            del tensors
             with self.cond:
-                self.results[i] = (out, ok, None if ok.item() else tensors)
+                self.results[i] = (out, ok, kept)
+                if kept is None:  # the inputs are gone: only the output waits (for its turn to be written)
+                    self.released[id(task)] = self.costs[id(task)] - task.out.nbytes
+                    self.in_flight -= self.released[id(task)]
                 self.cond.notify_all()
 
     def __iter__(self):
@@ -343,9 +350,10 @@ class _Pipeline:
             yield task, out, ok, inputs
 
     def done(self, task: TensorTask) -> None:
-        """The task's output is written: its bytes leave the budget."""
+        """The task's output is written: its bytes leave the budget (its inputs' bytes left it when
+        the merge finished)."""
         with self.cond:
-            self.in_flight -= self.costs[id(task)]
+            self.in_flight -= self.costs[id(task)] - self.released.pop(id(task), 0)
             self.cond.notify_all()
 
 
