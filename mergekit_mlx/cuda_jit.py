@@ -114,9 +114,10 @@ def _find_nvrtc() -> Optional[str]:
     return None
 
 
-def _find_include() -> Optional[str]:
-    """The folder holding cuda_bf16.h, looked for where MLX's CUDA backend looks."""
-    cands = [d / "include" for d in _site_nvidia_dirs()]
+def _find_include(nvrtc: str) -> Optional[str]:
+    """The folder holding cuda_bf16.h: beside NVRTC's own lib folder first (the same CUDA
+    version), then where MLX's CUDA backend looks."""
+    cands = [Path(nvrtc).resolve().parent.parent / "include"] + [d / "include" for d in _site_nvidia_dirs()]
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             cands.append(Path(home) / "include")
@@ -184,7 +185,8 @@ def device_arch() -> str:
 @lru_cache(maxsize=None)
 def compiler() -> tuple[Nvrtc, str]:
     """(NVRTC, target architecture); raises CompileError when either cannot be found."""
-    path, include = _find_nvrtc(), _find_include()
+    path = _find_nvrtc()
+    include = _find_include(path) if path is not None else None
     if path is None or include is None:
         raise CompileError("NVRTC or the CUDA headers were not found (set CUDA_HOME)")
     return Nvrtc(path, include), device_arch()
