@@ -67,6 +67,7 @@ typedef unsigned char uint8_t;
 struct dim3 { unsigned int x, y, z; };
 extern dim3 blockIdx, blockDim, threadIdx, gridDim;
 struct __nv_bfloat16 { __nv_bfloat16(); __nv_bfloat16(float); operator float() const; };
+struct __half { __half(); __half(float); operator float() const; };
 unsigned int atomicAdd(unsigned int* a, unsigned int v);
 void __syncthreads();
 float __shfl_xor_sync(unsigned int mask, float v, int lane);
@@ -157,21 +158,19 @@ def metal_unit(name, inst):
 
 
 def cuda_unit(name, inst):
+    """The translation unit mergekit_mlx/cuda_jit.py compiles at run time for this instantiation."""
+    import mlx.core as mx
+
+    from mergekit_mlx.cuda_jit import wrap_source
+
+    dtypes = {U32: mx.uint32, F32: mx.float32, U8: mx.uint8, "T": mx.bfloat16}
     km, has_base, inputs, outputs, templates, atomic = inst
     header, body = kernel_source(name, "cuda")
     if km:
         body = _model_macros(km, has_base, "cuda") + body
-    params = [f"const {CUDA_TYPES[t]}* {n}" for n, t in _names(km, has_base, inputs)]
-    params += [f"{CUDA_TYPES[t]}* {n}" for n, t in outputs]
-    consts = ""
-    for k, v in templates:
-        if v == "T":
-            consts += f"  using {k} = __nv_bfloat16;\n"
-        elif isinstance(v, bool):
-            consts += f"  constexpr bool {k} = {str(v).lower()};\n"
-        else:
-            consts += f"  constexpr int {k} = {v};\n"
-    return header + f"\n__global__ void mk_{name}(\n  " + ",\n  ".join(params) + ") {\n" + consts + body + "\n}\n"
+    return wrap_source(f"mk_{name}", header, body, [(n, dtypes[t]) for n, t in _names(km, has_base, inputs)],
+                       [(n, dtypes[t]) for n, t in outputs],
+                       [(k, mx.bfloat16 if v == "T" else v) for k, v in templates])
 
 
 def _compile(tmp_path, shim_name, shim, unit, include_dir_file=None):
@@ -202,6 +201,8 @@ def test_metal_source_syntax(tmp_path, name, i):
 @pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
 @pytest.mark.parametrize("name,i", [(n, i) for n, insts in KERNELS.items() for i in range(len(insts))])
 def test_cuda_source_syntax(tmp_path, name, i):
+    for h in ("cuda_fp16.h", "cuda_bf16.h"):  # the headers cuda_jit's prelude includes
+        (tmp_path / h).write_text('#include "cuda_shim.h"\n')
     _compile(tmp_path, "cuda_shim.h", CUDA_SHIM, cuda_unit(name, KERNELS[name][i]))
 
 
