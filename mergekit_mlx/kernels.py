@@ -191,6 +191,13 @@ def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
     return (j * chunk + pos).astype(mx.uint32)
 
 
+def _numpy_path(*arrays: mx.array) -> bool:
+    """The CPU path's numpy passes apply: the CPU is the default device (on a GPU with kernels off,
+    or after a GPU kernel's check failed, the compiled MLX graphs run on the GPU instead) and
+    numpy reads the dtypes."""
+    return mx.default_device() == mx.cpu and cpu_kernels.supported(*arrays)
+
+
 def _select_cpu(x: mx.array, base: Optional[mx.array], k: int) -> _Selection:
     """Exact top-k of |x - base| (|x| without base) on the CPU."""
     return _select_cpu_many([x], base, [k])[0]
@@ -200,7 +207,7 @@ def _select_cpu_many(xs: list[mx.array], base: Optional[mx.array], ks: list[int]
     """Exact top-k of each |x - base| on the CPU, one pass over the base: numpy's sampled
     bracket, or the full partition where a bracket misses or the dtype is not one numpy reads."""
     got = [None] * len(xs)
-    if cpu_kernels.supported(*xs, *([base] if base is not None else [])):
+    if _numpy_path(*xs, *([base] if base is not None else [])):
         got = cpu_kernels.select_many([cpu_kernels.host(x) for x in xs],
                                       cpu_kernels.host(base) if base is not None else None, ks)
     out = []
@@ -243,7 +250,7 @@ def topk_mask(x: mx.array, k: int) -> mx.array:
         sel = _gpu_call(gpu, "select", lambda: _gpu_select(gpu, [x], None, [k])[0][0])
     if sel is None:
         sel = _select_cpu(x, None, k)
-        if cpu_kernels.supported(x):
+        if _numpy_path(x):
             got = cpu_kernels.Selection(int(sel.t.item()), int(sel.cut.item()))
             mask, view = cpu_kernels.alloc((n,), np.bool_)
             cpu_kernels.keep_mask(cpu_kernels.host(x), got, view)
@@ -384,7 +391,7 @@ def _host_model(other: mx.array, plan: _ModelPlan, weight: float = 1.0) -> cpu_k
 def _l1_cpu(base: mx.array, others: list[mx.array], plans: list[_ModelPlan]) -> list[tuple[mx.array, mx.array]]:
     """_l1_fallback's sums from numpy's chunks (the same float32 sums), one pass for all models;
     a random model's mask is kept on its plan, so the merge does not draw it again."""
-    if base.size <= 1024 or not cpu_kernels.supported(base, *others):
+    if base.size <= 1024 or not _numpy_path(base, *others):
         return [_l1_fallback(base, o, p) for o, p in zip(others, plans)]
     models = [_host_model(o, p) for o, p in zip(others, plans)]
     sums = cpu_kernels.l1_block_sums(cpu_kernels.host(base), models, _HASH)
@@ -395,7 +402,7 @@ def _l1_cpu(base: mx.array, others: list[mx.array], plans: list[_ModelPlan]) -> 
 
 def _merge_cpu(base, others, weights, plans, consensus, normalize, lam, divisor) -> Optional[mx.array]:
     """The fused merge through numpy's chunks, or None where the MLX graph runs (other dtypes)."""
-    if not cpu_kernels.supported(base, *others):
+    if not _numpy_path(base, *others):
         return None
     models = [_host_model(o, p, w) for o, p, w in zip(others, plans, weights)]
     bf16 = base.dtype == mx.bfloat16
