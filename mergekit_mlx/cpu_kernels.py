@@ -372,49 +372,60 @@ def _keep(m: Model, bits: np.ndarray, s: int, e: int, sc: _Scratch, hasher: Hash
     return out
 
 
+def _l1_buffers(k: int) -> list[tuple[mx.array, np.ndarray]]:
+    """This thread's 2k MLX arrays of 2 * GROUP float32 (|d| then the kept |d|), two per model:
+    one fills while MLX sums the other. Kept, so a tensor costs no fresh pages."""
+    bufs = getattr(_local, "l1", None)
+    if bufs is None or len(bufs) < 2 * k:
+        bufs = _local.l1 = [alloc((2 * GROUP,), np.float32) for _ in range(2 * k)]
+    return bufs
+
+
 @_quiet
 def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: int = 1024) -> list[tuple[mx.array, mx.array]]:
     """Per model, per-`block` sums of |d| and of the kept |d| (the first level of
     kernels.accurate_sum, the last block zero-padded), in one pass over the base. MLX sums the
-    blocks (its float32 order), group by group while numpy computes the next group. A RANDOM
-    model's mask is kept in m.mask for the merge (one byte an element instead of a second hash)."""
+    blocks (its float32 order) straight from the arrays numpy fills, group by group while numpy
+    computes the next group. A RANDOM model's mask is kept in m.mask for the merge (one byte an
+    element instead of a second hash)."""
     n = base.size
-    group = GROUP
     sc = _scratch()
     for m in models:
         m.mask = alloc((n,), np.bool_)[1] if m.mode == RANDOM else None
-    parts: list[list[mx.array]] = [[] for _ in models]
-    for g in range(0, n, group):
-        ge = min(n, g + group)
-        rows = -(-(ge - g) // block)
-        # numpy writes |d| and the kept |d| straight into MLX arrays (zeroed: the last block's
-        # padding), which MLX sums while numpy goes on with the next group
-        arrays = [alloc((2, rows * block), np.float32) for _ in models]
-        bufs = [v for _, v in arrays]
+    bufs = _l1_buffers(len(models))
+    parts: list[list[list[mx.array]]] = [[] for _ in models]  # per model, per group: [|d| sums, kept sums]
+    for gi, g in enumerate(range(0, n, GROUP)):
+        ge = min(n, g + GROUP)
+        size = -(-(ge - g) // block) * block
+        mine = bufs[(gi % 2) * len(models):(gi % 2 + 1) * len(models)]
+        if gi >= 2:  # the sums that read these buffers two groups ago are done before they refill
+            mx.eval([out[gi - 2] for out in parts])
         for s in range(g, ge, CHUNK):
             e = min(ge, s + CHUNK)
             bw = _widen(base[s:e], sc("b", np.uint32, e - s)).view(np.float32)
-            for m, buf in zip(models, bufs):
-                bits = _abs_bits(m.x, base, s, e, sc, bw)
+            for m, (_, buf) in zip(models, mine):
+                d = _widen(m.x[s:e], sc("x", np.uint32, e - s))
+                np.subtract(d, bw, out=d)
+                a = buf[s - g:e - g]
+                bits = a.view(np.uint32)
+                np.bitwise_and(d.view(np.uint32), _ABS, out=bits)  # |d|, written where MLX sums it
                 if m.mask is not None:
                     keep = m.mask[s:e]
                     hasher.keep(s, e, m.keys, m.p, sc, keep)
                 else:
                     keep = _keep(m, bits, s, e, sc, hasher, "keep")
-                a = buf[0, s - g:e - g]
-                np.copyto(a, bits.view(np.float32))
-                kept = buf[1, s - g:e - g]
+                kept = buf[GROUP + s - g:GROUP + e - g]
                 np.copyto(kept, keep)  # keep.astype(float32)
                 np.multiply(a, kept, out=kept)
-        for (arr, _), out in zip(arrays, parts):
-            sums = arr.reshape(2, rows, block).sum(axis=2)
+        for (arr, buf), out in zip(mine, parts):
+            if ge - g < size:  # the last block's padding
+                buf[ge - g:size] = 0
+                buf[GROUP + ge - g:GROUP + size] = 0
+            sums = [arr[o:o + size].reshape(-1, block).sum(axis=1) for o in (0, GROUP)]  # views: no copy
             mx.async_eval(sums)
             out.append(sums)
-    res = []
-    for out in parts:
-        sums = out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
-        res.append((sums[0], sums[1]))
-    return res
+    cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs))
+    return [(cat([p[0] for p in out]), cat([p[1] for p in out])) for out in parts]
 
 
 def _round_bf16(f: np.ndarray, out: np.ndarray, sc: _Scratch) -> None:

@@ -12,12 +12,14 @@ EPS = 1e-8
 
 def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit)."""
-    a, b = float32(v0), float32(v1)
-    na = mx.linalg.norm(a.reshape(-1))
-    nb = mx.linalg.norm(b.reshape(-1))
+    # the norms and the dot product as sums over one compiled elementwise temporary each (the
+    # same float32 values and order as norm() and the uncompiled quotients: on the CPU each
+    # uncompiled step wrote a tensor-sized temporary into fresh pages)
+    na = mx.sqrt(mx.sum(_squares(v0)))
+    nb = mx.sqrt(mx.sum(_squares(v1)))
     na = mx.where(na > EPS, na, 1.0)
     nb = mx.where(nb > EPS, nb, 1.0)
-    dot = mx.clip(mx.sum((a / na) * (b / nb)), -1.0, 1.0)
+    dot = mx.clip(mx.sum(_quotients_product(v0, v1, na, nb)), -1.0, 1.0)
     linear = mx.abs(dot) > DOT_THRESHOLD
     theta = mx.arccos(mx.where(linear, 0.0, dot))
     sin_theta = mx.sin(theta)
@@ -27,6 +29,17 @@ def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     # the coefficients are scalars: only the per-element combination is compiled (compiling the
     # trigonometry too folds it into every element's work)
     return _combine(ca, cb, v0, v1)
+
+
+@mx.compile
+def _squares(v: mx.array) -> mx.array:
+    a = float32(v).reshape(-1)
+    return a * a
+
+
+@mx.compile
+def _quotients_product(v0: mx.array, v1: mx.array, na: mx.array, nb: mx.array) -> mx.array:
+    return (float32(v0).reshape(-1) / na) * (float32(v1).reshape(-1) / nb)
 
 
 @mx.compile
