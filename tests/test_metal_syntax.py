@@ -699,3 +699,39 @@ def test_kernel_parameter_arrays_cached_by_one_thread_work_in_another():
     t.join()
     assert K._ones_f32(3) is made[0] and K._const_u32((1, 2, 3)) is made[1]
     assert (made[0] + 1).tolist() == [2.0, 2.0, 2.0] and (made[1] + 1).tolist() == [2, 3, 4]
+
+
+def test_cuda_kernels_fall_back_to_mlx_jit_when_nvrtc_cannot_compile(monkeypatch):
+    """Where NVRTC or the CUDA headers are missing (or a compile fails) a kernel is launched through
+    MLX's own JIT with the same arguments, and the compile is not retried on every call."""
+    import mlx.core as mx
+
+    from mergekit_mlx import cuda_jit
+
+    def no_compiler():
+        raise cuda_jit.CompileError("NVRTC or the CUDA headers were not found")
+
+    monkeypatch.setattr(cuda_jit, "compiler", no_compiler)
+    calls = []
+    kern = cuda_jit.CachedKernel("mk_probe", ["x"], ["out"], "", "out[0] = x[0];",
+                                 fallback=lambda **kw: calls.append(kw) or ["from MLX's JIT"])
+    x = mx.array([1.0])
+    for _ in range(2):
+        got = kern(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
+                   threadgroup=(1, 1, 1), template=[("T", mx.float32)])
+        assert got == ["from MLX's JIT"]
+    assert len(calls) == 2 and calls[0]["template"] == [("T", mx.float32)] and calls[0]["inputs"] == [x]
+    assert kern.failed and "NVRTC" in kern.failed
+
+
+def test_cuda_translation_unit_has_the_custom_kernel_signature():
+    import mlx.core as mx
+
+    from mergekit_mlx.cuda_jit import wrap_source
+
+    src = wrap_source("mk_k", "// header\n", "out[0] = x[0];", [("x", mx.bfloat16), ("up", mx.uint32)],
+                      [("out", mx.float32)], [("KM", 3), ("ON", True), ("T", mx.bfloat16)])
+    assert "#include <cuda_bf16.h>" in src and "mlx/backend" not in src
+    assert ('extern "C" __global__ void mk_k(\n    const __nv_bfloat16* x,\n    const uint32_t* up,\n'
+            '    float* out) {') in src
+    assert "constexpr int KM = 3;" in src and "constexpr bool ON = true;" in src and "using T = __nv_bfloat16;" in src
