@@ -157,18 +157,18 @@ def test_slerp_base_may_be_the_second_input():
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 def test_slerp_sums_are_the_norms_and_dot_of_the_uncompiled_graph(dtype):
-    """The compiled squares and quotients give norm()'s and the plain graph's float32 sums bit
-    for bit (a million elements: long sums, where any reordering shows)."""
+    """The chained sums of the compiled squares and quotients give norm()'s and the plain graph's
+    float32 sums bit for bit (2.5 million elements: long sums, where any reordering shows)."""
     from mergekit_mlx.methods import slerp as S
 
     rng = np.random.default_rng(6)
-    x = rng.normal(0, 0.02, 1_000_003).astype(np.float32)
-    v0, v1 = mx.array(x).astype(dtype), mx.array(x + rng.normal(0, 0.01, x.size).astype(np.float32)).astype(dtype)
+    x = rng.normal(0, 0.02, (1237, 2021)).astype(np.float32)  # 2.4 pieces of a chained sum
+    v0, v1 = mx.array(x).astype(dtype), mx.array(x + rng.normal(0, 0.01, x.shape).astype(np.float32)).astype(dtype)
     a, b = v0.astype(mx.float32), v1.astype(mx.float32)
-    na, nb = mx.linalg.norm(a), mx.linalg.norm(b)
-    assert mx.sqrt(mx.sum(S._squares(v0))).item() == na.item()
-    assert mx.sqrt(mx.sum(S._squares(v1))).item() == nb.item()
-    assert mx.sum(S._quotients_product(v0, v1, na, nb)).item() == mx.sum((a / na) * (b / nb)).item()
+    na, nb = mx.linalg.norm(a.reshape(-1)), mx.linalg.norm(b.reshape(-1))
+    assert mx.sqrt(S.chained_sum(S._squares, v0)).item() == na.item()
+    assert mx.sqrt(S.chained_sum(S._squares, v1)).item() == nb.item()
+    assert S.chained_sum(S._quotients_product, v0, v1, na, nb).item() == mx.sum((a / na) * (b / nb)).item()
 
 
 # ---------------- task-arithmetic family ----------------

@@ -15,11 +15,11 @@ def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     # the norms and the dot product as sums over one compiled elementwise temporary each (the
     # same float32 values and order as norm() and the uncompiled quotients: on the CPU each
     # uncompiled step wrote a tensor-sized temporary into fresh pages)
-    na = mx.sqrt(mx.sum(_squares(v0)))
-    nb = mx.sqrt(mx.sum(_squares(v1)))
+    na = mx.sqrt(chained_sum(_squares, v0))
+    nb = mx.sqrt(chained_sum(_squares, v1))
     na = mx.where(na > EPS, na, 1.0)
     nb = mx.where(nb > EPS, nb, 1.0)
-    dot = mx.clip(mx.sum(_quotients_product(v0, v1, na, nb)), -1.0, 1.0)
+    dot = mx.clip(chained_sum(_quotients_product, v0, v1, na, nb), -1.0, 1.0)
     linear = mx.abs(dot) > DOT_THRESHOLD
     theta = mx.arccos(mx.where(linear, 0.0, dot))
     sin_theta = mx.sin(theta)
@@ -31,15 +31,33 @@ def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     return _combine(ca, cb, v0, v1)
 
 
+SUM_CHUNK = 1 << 20  # elements per piece of a chained sum
+
+
+def chained_sum(fn, *args: mx.array) -> mx.array:
+    """mx.sum(fn(*args)) with fn elementwise over the tensors among args (the others scalars),
+    piece by piece: each piece's sum starts from the running total ([total, summands...]), which
+    continues MLX's sequential float32 sum exactly (0 + total is total, but for a zero's sign),
+    and no temporary is larger than a piece (tensor-sized ones took fresh pages every time)."""
+    flat = [a.reshape(-1) if a.ndim else a for a in args]
+    n = max(a.size for a in flat)
+    total = None
+    for s in range(0, n, SUM_CHUNK):
+        part = fn(*[a[s:s + SUM_CHUNK] if a.ndim else a for a in flat])
+        total = mx.sum(part if total is None else mx.concatenate([total.reshape(1), part]))
+    return total
+
+
+# elementwise only (a reshape inside would split the fused loop)
 @mx.compile
 def _squares(v: mx.array) -> mx.array:
-    a = float32(v).reshape(-1)
+    a = float32(v)
     return a * a
 
 
 @mx.compile
 def _quotients_product(v0: mx.array, v1: mx.array, na: mx.array, nb: mx.array) -> mx.array:
-    return (float32(v0).reshape(-1) / na) * (float32(v1).reshape(-1) / nb)
+    return (float32(v0) / na) * (float32(v1) / nb)
 
 
 @mx.compile
