@@ -236,10 +236,13 @@ class _Pipeline:
 
     def cost(self, task: TensorTask) -> int:
         """Bytes a task holds in the budget: its inputs and output. On the CPU a task whose float32
-        working copies (the planner's estimate) would not fit the budget takes all of it, so it
-        runs alone: two embedding-sized merges side by side doubled the peak memory."""
+        working copies (the method's count, else the planner's estimate) would not fit the budget
+        takes all of it, so it runs alone: two embedding-sized merges side by side doubled the
+        peak memory of the unfused graphs."""
         held = task.in_bytes + task.out.nbytes
-        if self.on_cpu and held + (len(task.inputs) + 2) * 4 * math.prod(task.out.shape) > self.opts.batch_bytes:
+        copies = self.plan.method.working_copies
+        copies = len(task.inputs) + 2 if copies is None else copies
+        if self.on_cpu and held + copies * 4 * math.prod(task.out.shape) > self.opts.batch_bytes:
             return max(held, self.opts.batch_bytes)
         return held
 

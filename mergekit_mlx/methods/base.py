@@ -65,6 +65,9 @@ class Method:
     random: bool = False  # uses the run's seed
     # every input element reaches the output arithmetically, so a NaN/Inf input shows in the output
     propagates_nonfinite: bool = False
+    # tensor-sized float32 copies the merge holds besides its inputs and output (fused or chunked
+    # implementations: 0); None: assume an unfused graph, one per input plus two
+    working_copies: Optional[int] = None
     doc: str = ""
     # check(shared, per_input, base) -> (input position or None for shared, message) when the resolved
     # parameters of one tensor cannot work together; the planner calls it before any tensor is read

@@ -54,6 +54,7 @@ METHODS = [
         ),
         base="optional",
         propagates_nonfinite=True,
+        working_copies=0,  # one compiled loop
         check=check_linear,
         doc="Weighted average sum(w_i * x_i), divided by sum(w_i) when normalize (default true).",
     ),

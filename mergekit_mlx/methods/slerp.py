@@ -80,6 +80,7 @@ METHODS = [
         min_inputs=2,
         max_inputs=2,
         propagates_nonfinite=True,
+        working_copies=0,  # pieces of the sums, and the fused combination
         doc="Spherical interpolation from the base (t=0) to the other model (t=1); lerp when |cos| > 0.9995.",
     )
 ]

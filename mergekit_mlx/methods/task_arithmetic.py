@@ -180,6 +180,7 @@ def _make(f: Family) -> Method:
         base="required",
         random=f.sparsify in ("random", "della"),
         propagates_nonfinite=f.sparsify is None and f.consensus is None,
+        working_copies=0 if f.sparsify is None else None,  # task_arithmetic: one compiled loop
         doc=f.doc,
         check=check,
         gpu_kernels=() if f.sparsify is None else ("uniform", "select", "l1", "merge"),
