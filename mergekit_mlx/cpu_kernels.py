@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -167,9 +168,13 @@ def _abs_bits_at(x: np.ndarray, b: Optional[np.ndarray], idx: np.ndarray) -> np.
 # ----------------------------------------------------------------------------- exact selection
 
 
+@lru_cache(maxsize=64)
 def sample_positions(n: int) -> np.ndarray:
-    """SAMPLE flat indices spread over [0, n) by a golden-ratio sequence (no row aliasing)."""
-    return (np.arange(SAMPLE, dtype=np.float64) * (_GOLDEN_STEP * n) % n).astype(np.int64)
+    """SAMPLE flat indices spread over [0, n) by a golden-ratio sequence (no row aliasing),
+    ascending (the gathers then run forward through memory); made once per size."""
+    idx = np.sort((np.arange(SAMPLE, dtype=np.float64) * (_GOLDEN_STEP * n) % n).astype(np.int64))
+    idx.flags.writeable = False
+    return idx
 
 
 @dataclass
