@@ -10,6 +10,7 @@ after `finish`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import math
@@ -274,9 +275,10 @@ class _DirectWriter:
     """Appends to a file from `start` (block-aligned) with O_DIRECT, through an aligned staging
     buffer; the last partial block is written padded and cut back by the caller's truncate."""
 
-    def __init__(self, fd: int, start: int):
-        self.fd, self.offset = fd, start
+    def __init__(self, fd: int, start: int, path: Path):
+        self.fd, self.offset, self.path = fd, start, path
         self.stage = mmap.mmap(-1, _STAGE)  # page-aligned
+        self.direct_refused = False
         self.buf = np.frombuffer(self.stage, dtype=np.uint8)
         self.filled = 0
 
@@ -286,7 +288,7 @@ class _DirectWriter:
             fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         except OSError:  # the filesystem has no direct I/O (tmpfs): the page cache it is
             return None
-        return cls(fd, start)
+        return cls(fd, start, path)
 
     def write(self, data) -> None:
         src = np.frombuffer(data, dtype=np.uint8)
@@ -302,7 +304,16 @@ class _DirectWriter:
     def _flush(self, length: int) -> None:
         view = memoryview(self.stage)[:length]
         while len(view):
-            n = os.pwrite(self.fd, view, self.offset)
+            try:
+                n = os.pwrite(self.fd, view, self.offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or self.direct_refused:
+                    raise
+                # a filesystem that opens with O_DIRECT but refuses the writes: the page cache
+                self.direct_refused = True
+                os.close(self.fd)
+                self.fd = os.open(self.path, os.O_WRONLY)
+                continue
             view, self.offset = view[n:], self.offset + n
         self.filled = 0
 

@@ -412,3 +412,31 @@ def test_tensors_in_flight_default_by_device_unless_given():
     assert MergeOptions(device="cpu").resolved().batch_bytes == DEFAULT_BATCH_BYTES == 512 * 1000**2
     assert MergeOptions(device="gpu").resolved().batch_bytes == DEFAULT_GPU_BATCH_BYTES == 2 * 1000**3
     assert MergeOptions(device="gpu", batch_bytes=1234).resolved().batch_bytes == 1234
+
+
+def test_direct_writes_refused_by_the_filesystem_fall_back_to_the_page_cache(tmp_path, monkeypatch):
+    """Some filesystems open a file with O_DIRECT but refuse the writes (EINVAL): the shard is
+    written through the page cache instead, with the same contents."""
+    import errno
+    import fcntl
+    import os
+
+    from mergekit_mlx import writer as W
+
+    monkeypatch.setattr(W, "_DIRECT", True)
+    monkeypatch.setattr(W, "_STAGE", 2 * W._BLOCK)
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(W.os, "pwrite", pwrite)
+    data = np.random.default_rng(1).standard_normal((5, 1000)).astype(np.float32)
+    w = W.SafetensorsWriter(tmp_path, [W.OutputTensor("x", data.shape, mx.float32)], {"model_type": "llama"})
+    w.add("x", mx.array(data))
+    w.finish()
+    assert refused  # the direct write was tried and refused
+    np.testing.assert_array_equal(np.array(mx.load(str(tmp_path / "model.safetensors"))["x"]), data)
