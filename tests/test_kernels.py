@@ -424,6 +424,21 @@ def test_accurate_sum_matches_float64_on_millions_of_values():
 
 from mergekit_mlx import cpu_kernels as CK  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _cpu_path_on_the_cpu(request):
+    """The test_cpu_* tests are about the CPU path's numpy passes, which run where the CPU is the
+    default device: on a GPU machine (benchmarks/gpu_check.sh) they switch to it for the test."""
+    if not request.node.name.startswith("test_cpu_") or mx.default_device() == mx.cpu:
+        yield
+        return
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(previous)
+
 BRACKETED = CK._SMALL + 12_345  # above the size that partitions everything: the sampled bracket runs
 
 
