@@ -158,7 +158,7 @@ def run_plan(
 def _worker_count() -> int:
     """Merges side by side: one per core on the CPU (at most 4); one on a GPU. Two GPU merge
     threads with many reads in flight crashed MLX 0.32.4's CUDA backend (SIGFPE inside mx.eval,
-    in 1 to 3 of 6 runs of a 0.85B merge with 2 GB in flight, none with one thread in 20 runs),
+    in 1 to 3 of 6 runs of a 0.85B merge with 2 GB in flight; none with one thread in 35 runs),
     and a GPU merge is bound by reading and writing anyway (7B-shape ties: 8.9-9.4 s either way)."""
     if mx.default_device().type == mx.DeviceType.gpu:
         return 1
