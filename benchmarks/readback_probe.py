@@ -13,7 +13,7 @@ for words in (1, 2, 4, 64):
     ev, rb, ok = [], [], True
     for rep in range(30):
         t0 = time.perf_counter()
-        o = k(inputs=[x], template=[("N", words)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        o = k(inputs=[x], template=[("N", words)], grid=(64, 1, 1), threadgroup=(64, 1, 1),
               output_shapes=[(words,)], output_dtypes=[mx.uint32])[0]
         mx.eval(o)
         t1 = time.perf_counter()
