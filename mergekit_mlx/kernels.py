@@ -348,13 +348,6 @@ def _delta_bits(o: mx.array, b32: mx.array) -> mx.array:
     return _delta_bits_c(o.reshape(-1), b32.reshape(-1))
 
 
-def _keep_fallback(bits: mx.array, idx: mx.array, plan: _ModelPlan) -> mx.array:
-    if plan.mode == _MAGNITUDE:
-        return _mask_of_selection(bits, idx, plan.t, plan.cut)
-    u = _uniform_compiled(idx, mx.array(list(plan.keys), dtype=mx.uint32))
-    return u < mx.array(plan.p, dtype=mx.float32)
-
-
 @lru_cache(maxsize=None)
 def _l1_parts_fn(mode: int):
     """|d| and the kept |d| of one task vector, compiled per sparsification mode."""

@@ -7,8 +7,8 @@ everything is written, so an interrupted merge never leaves an output that looks
 
 from __future__ import annotations
 
-import json
 import ctypes
+import json
 import math
 import os
 import queue
@@ -204,8 +204,9 @@ class _Stopped(Exception):
 class _Pipeline:
     """Readers -> workers -> the caller, under a budget of bytes in flight; see run_plan.
 
-    Each input model is read by one reader thread, in plan order: MLX ties a lazy array to the
-    thread that made it, and a model's reader keeps lazy arrays of its files between calls.
+    Each group of input models is read by one reader thread, in plan order (on a GPU host by
+    several, each taking every few tasks): MLX ties a lazy array to the thread that made it, and a
+    reader keeps lazy arrays of its files between calls (per thread: models.SafetensorsModel).
     Readers claim tasks (their bytes) in plan order, so the budget never waits on a later task.
     """
 
@@ -322,7 +323,6 @@ class _Pipeline:
 
     def _work(self) -> None:
         vocab = self.plan.vocab
-        gpu = mx.default_device().type == mx.DeviceType.gpu
         while True:
             with self.cond:
                 self._wait(lambda: bool(self.loaded) or self.unread == 0)
@@ -333,7 +333,7 @@ class _Pipeline:
             task = self.tasks[i]
             out, ok = merge_task(self.plan, task, self.opts, vocab, list(tensors))
             mx.eval(out, ok)
-            if gpu:
+            if not self.on_cpu:
                 memoryview(out)  # copies the output to host memory here, not in the writing thread
             kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
             del tensors
