@@ -193,17 +193,15 @@ def compiler() -> tuple[Nvrtc, str]:
 
 
 _lock = threading.Lock()
-_memory: dict[str, bytes] = {}
 
 
 def cubin(source: str) -> bytes:
-    """The compiled `source` for this device: from memory, from the disk cache, or NVRTC (then
-    stored). A cache that cannot be written only costs the next process a compile."""
+    """The compiled `source` for this device: from the disk cache, or NVRTC (then stored; each
+    CachedKernel keeps its instantiations in memory). A cache that cannot be written only costs
+    the next process a compile."""
     nv, arch = compiler()
     key = hashlib.sha256("\0".join([source, arch, nv.version, "v1"]).encode()).hexdigest()[:40]
     with _lock:
-        if key in _memory:
-            return _memory[key]
         path = cache_dir() / f"{key}.cubin"
         data = None
         try:
@@ -222,7 +220,6 @@ def cubin(source: str) -> bytes:
                 os.replace(tmp, path)
             except OSError:
                 pass
-        _memory[key] = data
         return data
 
 
