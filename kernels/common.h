@@ -18,7 +18,8 @@ INLINE float mk_uniform(uint32_t i, uint32_t k0, uint32_t k1) {
   return float(h >> 8) * 5.9604644775390625e-8f;
 }
 
-// Exact top-k membership: |x| bits above the threshold, or equal to it at a flat index <= cut.
+// Exact top-k membership: |x| bits above the threshold, or equal to it at a flat index <= cut;
+// as one compare against t or t + 1 (t is the bit pattern of an |x|: at most 0x7fffffff)
 INLINE bool mk_in_topk(uint32_t bits, uint32_t i, uint32_t t, uint32_t cut) {
-  return bits > t || (bits == t && i <= cut);
+  return bits >= t + (i > cut ? 1u : 0u);
 }
