@@ -670,12 +670,13 @@ def _warn_once(key: str, msg: str) -> None:
 
 def _gpu_call(gpu: str, what: str, fn):
     """fn() when the `what` kernels passed their first-use check on this GPU, else None (fallback)."""
-    if what not in _checked and gpu == "cuda" and _cached_verdicts() and cuda_jit.verified(what):
+    remember = gpu == "cuda" and _cached_verdicts()
+    if what not in _checked and remember and cuda_jit.verified(what):
         _checked[what] = True  # passed on this machine with these very kernels: not run again
     if what not in _checked:
         try:
             _checked[what] = bool(_SELF_CHECKS[what](gpu))
-            if _checked[what] and gpu == "cuda" and _cached_verdicts():
+            if _checked[what] and remember:
                 cuda_jit.mark_verified(what)
             if not _checked[what]:
                 _warn_once(what, f"mergekit-mlx: the {gpu} '{what}' kernel disagrees with the CPU fallback; using the fallback")
