@@ -171,6 +171,139 @@ def test_slerp_sums_are_the_norms_and_dot_of_the_uncompiled_graph(dtype):
     assert S.chained_sum(S._quotients_product, v0, v1, na, nb).item() == mx.sum((a / na) * (b / nb)).item()
 
 
+# slerp's CPU path: the norms and the dot product from one numpy pass over chunks
+# (mergekit_mlx.cpu_slerp, CHUNK = 2**17 elements), the combination a compiled MLX graph
+
+BF16_STEP = 2.0 ** -8  # a bf16 rounding moves a value by at most this much of itself
+
+
+def slerp_pair(shape, dtype, seed, angle_noise=0.5):
+    """Two tensors at a sizeable angle, as `dtype`, and their values in float64."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.02, shape).astype(np.float32)
+    y = (x + rng.normal(0, 0.02 * angle_noise, shape)).astype(np.float32)
+    v0, v1 = mx.array(x).astype(dtype), mx.array(y).astype(dtype)
+    return v0, v1, [np.array(v.astype(mx.float32)).astype(np.float64) for v in (v0, v1)]
+
+
+def within_bf16_rounding(got: mx.array, ref: np.ndarray, steps: float = 1.0):
+    g = np.array(got.astype(mx.float32)).astype(np.float64)
+    tol = steps * BF16_STEP * np.abs(ref) + 1e-6 * np.abs(ref).max()
+    assert np.all(np.abs(g - ref) <= tol), float(np.max(np.abs(g - ref) / (np.abs(ref) + 1e-30)))
+
+
+@pytest.mark.parametrize("shape", [(7, 40001), (1001,), (2, 1 << 17), ((1 << 17) + 1,)])
+def test_slerp_cpu_path_bf16_matches_float64_slerp(shape):
+    """Odd sizes, sizes that are not a multiple of the chunk, and one chunk and one element."""
+    from mergekit_mlx.methods.slerp import slerp_tensors
+
+    v0, v1, (a, b) = slerp_pair(shape, mx.bfloat16, seed=11)
+    got = slerp_tensors(0.4, v0, v1)
+    assert got.dtype == mx.bfloat16 and got.shape == v0.shape
+    within_bf16_rounding(got, slerp_ref(0.4, a, b))
+
+
+def test_slerp_cpu_path_float32_matches_float64_slerp():
+    from mergekit_mlx.methods.slerp import slerp_tensors
+
+    v0, v1, (a, b) = slerp_pair((5, 60001), mx.float32, seed=12)
+    got = slerp_tensors(0.7, v0, v1)
+    assert got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), slerp_ref(0.7, a, b), rtol=1e-5, atol=1e-7)
+
+
+def test_slerp_cpu_path_mixed_dtypes_give_the_base_dtype():
+    from mergekit_mlx.methods.slerp import slerp_tensors
+
+    v0, _, (a, _) = slerp_pair((3, 50001), mx.bfloat16, seed=13)
+    _, v1, (_, b) = slerp_pair((3, 50001), mx.float32, seed=14)
+    got = slerp_tensors(0.25, v0, v1)
+    assert got.dtype == mx.bfloat16
+    within_bf16_rounding(got, slerp_ref(0.25, a, b))
+
+
+def test_slerp_cpu_path_interpolates_linearly_when_colinear():
+    from mergekit_mlx.methods.slerp import slerp_tensors
+
+    v0, _, (a, _) = slerp_pair((3, 70001), mx.bfloat16, seed=15)
+    v1 = v0 * -2  # exact in bf16: the cosine is -1 (antipodal counts as colinear too)
+    got = slerp_tensors(0.3, v0, v1)
+    within_bf16_rounding(got, 0.7 * a + 0.3 * (-2 * a))
+    v1 = v0 * 2
+    within_bf16_rounding(slerp_tensors(0.3, v0, v1), 0.7 * a + 0.3 * (2 * a))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-12])
+def test_slerp_cpu_path_tiny_norm_counts_as_one(scale):
+    """|v0| <= 1e-8: mergekit leaves v0 unnormalised, so the cosine is about 0 and the angle
+    about a right one (a zero tensor, and one of norm 1e-9 that a normalisation would keep)."""
+    from mergekit_mlx.methods.slerp import slerp_tensors
+
+    _, v1, (_, b) = slerp_pair((2, 70001), mx.bfloat16, seed=16)
+    v0 = (mx.array(b, dtype=mx.float32) * (scale / 0.02)).astype(mx.bfloat16)  # v1's direction, |v0| 1e-9
+    a = np.array(v0.astype(mx.float32)).astype(np.float64)
+    assert np.linalg.norm(a) <= 1e-8
+    got = slerp_tensors(0.3, v0, v1)
+    within_bf16_rounding(got, slerp_ref(0.3, a, b))
+    within_bf16_rounding(got, np.sin(0.3 * np.pi / 2) * b + np.sin(0.7 * np.pi / 2) * a)
+
+
+def test_slerp_cpu_path_and_mlx_graph_agree_within_one_bf16_step():
+    """The graph's sequential float32 sums are accurate enough on 2**16 elements: the two
+    paths' coefficients agree far below a bf16 step, so the outputs differ by at most one."""
+    from mergekit_mlx import cpu_slerp
+    from mergekit_mlx.methods.slerp import slerp_graph, slerp_tensors
+
+    v0, v1, (a, b) = slerp_pair((64, 1024), mx.bfloat16, seed=17)
+    assert cpu_slerp.applies(v0, v1)  # the CPU is the default device in these tests
+    cpu = np.array(slerp_tensors(0.6, v0, v1).astype(mx.float32)).astype(np.float64)
+    graph = np.array(slerp_graph(0.6, v0, v1).astype(mx.float32)).astype(np.float64)
+    # a bf16 ulp is at most 2**-7 of the value; where ca * v0 + cb * v1 nearly cancels, the
+    # coefficients' difference (the graph's float32 sums: 4e-5) shows as a tiny absolute one
+    step = BF16_STEP * 2 * np.maximum(np.abs(cpu), np.abs(graph)) + 1e-5 * np.abs(cpu).max()
+    assert np.all(np.abs(cpu - graph) <= step)
+    assert np.mean(cpu != graph) < 0.01  # one-step differences only where a value sat near a rounding midpoint
+
+
+def test_slerp_sums_are_float64_accurate():
+    """v0.v0, v1.v1, v0.v1 over 2.3 chunks (bf16 pairs, a float32 input, an odd tail) to a few
+    parts in a million (float32 dot products of 2**17 elements, added in float64)."""
+    from mergekit_mlx import cpu_slerp
+
+    for dtypes, n in [((mx.bfloat16, mx.bfloat16), 300001), ((mx.bfloat16, mx.float32), 300000),
+                      ((mx.float32, mx.float32), 300001)]:
+        v0, _, (a, _) = slerp_pair((n,), dtypes[0], seed=18)
+        _, v1, (_, b) = slerp_pair((n,), dtypes[1], seed=19)
+        np.testing.assert_allclose(cpu_slerp.sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
+
+
+def test_slerp_sums_of_embedding_sized_tensors_split_between_threads(monkeypatch):
+    """Tensors of SPLIT elements or more are summed in two halves on two threads: same sums."""
+    from mergekit_mlx import cpu_kernels, cpu_slerp
+
+    monkeypatch.setattr(cpu_kernels, "SPLIT", 1 << 18)
+    v0, v1, (a, b) = slerp_pair((5, 100001), mx.bfloat16, seed=20)
+    a, b = a.ravel(), b.ravel()
+    np.testing.assert_allclose(cpu_slerp.sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
+
+
+def test_slerp_nan_input_spreads_nan_like_mergekit():
+    """A NaN makes the sums NaN: the MLX graph runs, and every coefficient (so every output) is NaN."""
+    from mergekit_mlx.methods.slerp import slerp_tensors
+
+    v0, v1, _ = slerp_pair((2, 70001), mx.bfloat16, seed=21)
+    v1 = mx.where(mx.arange(v1.size).reshape(v1.shape) == 5, mx.array(float("nan"), dtype=mx.bfloat16), v1)
+    assert np.isnan(np.array(slerp_tensors(0.5, v0, v1).astype(mx.float32))).all()
+
+
+def test_slerp_of_empty_tensors_is_empty():
+    from mergekit_mlx.methods.slerp import slerp_graph, slerp_tensors
+
+    e = mx.zeros((0, 8), dtype=mx.bfloat16)
+    assert slerp_tensors(0.5, e, e).shape == (0, 8)
+    assert slerp_graph(0.5, e, e).shape == (0, 8)
+
+
 # ---------------- task-arithmetic family ----------------
 
 def test_task_arithmetic_adds_weighted_task_vectors_times_lambda():

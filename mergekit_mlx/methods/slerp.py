@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
+from .. import cpu_slerp
 from .base import MergeInputs, Method, Param, float32
 
 DOT_THRESHOLD = 0.9995  # above this |cos| the two are treated as colinear: plain lerp
@@ -11,7 +14,37 @@ EPS = 1e-8
 
 
 def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
-    """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit)."""
+    """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit).
+
+    On the CPU the norms and the dot product come from one numpy pass (cpu_slerp.sums) and only
+    the combination is an MLX graph; elsewhere, and where those sums are not finite (NaN/Inf
+    inputs, overflowing squares), the whole of it is (slerp_graph)."""
+    if cpu_slerp.applies(v0, v1):
+        sums = cpu_slerp.sums(v0, v1)
+        if all(math.isfinite(s) for s in sums):
+            ca, cb = slerp_coefficients(t, *sums)
+            return _combine(mx.array(ca, dtype=mx.float32), mx.array(cb, dtype=mx.float32), v0, v1)
+    return slerp_graph(t, v0, v1)
+
+
+def slerp_coefficients(t: float, s00: float, s11: float, s01: float) -> tuple[float, float]:
+    """(ca, cb) of slerp's ca * v0 + cb * v1 from v0.v0, v1.v1 and v0.v1 (finite), in float64.
+
+    The cosine is v0.v1 / (|v0| |v1|), a norm at or below EPS counting as 1, clipped to [-1, 1]:
+    mergekit's dot of the normalised copies, without a pass that divides."""
+    na, nb = math.sqrt(s00), math.sqrt(s11)
+    na = na if na > EPS else 1.0
+    nb = nb if nb > EPS else 1.0
+    dot = min(1.0, max(-1.0, s01 / (na * nb)))
+    if abs(dot) > DOT_THRESHOLD:
+        return 1.0 - t, float(t)
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp_graph(t: float, v0: mx.array, v1: mx.array) -> mx.array:
+    """slerp_tensors as one lazy MLX graph (the GPU's path)."""
     # the norms and the dot product as sums over one compiled elementwise temporary each (the
     # same float32 values and order as norm() and the uncompiled quotients: on the CPU each
     # uncompiled step wrote a tensor-sized temporary into fresh pages)
@@ -45,7 +78,7 @@ def chained_sum(fn, *args: mx.array) -> mx.array:
     for s in range(0, n, SUM_CHUNK):
         part = fn(*[a[s:s + SUM_CHUNK] if a.ndim else a for a in flat])
         total = mx.sum(part if total is None else mx.concatenate([total.reshape(1), part]))
-    return total
+    return total if total is not None else mx.sum(fn(*flat))  # an empty tensor: 0
 
 
 # elementwise only (a reshape inside would split the fused loop)
@@ -80,7 +113,7 @@ METHODS = [
         min_inputs=2,
         max_inputs=2,
         propagates_nonfinite=True,
-        working_copies=0,  # pieces of the sums, and the fused combination
+        working_copies=0,  # chunks of the sums, and the fused combination
         doc="Spherical interpolation from the base (t=0) to the other model (t=1); lerp when |cos| > 0.9995.",
     )
 ]
