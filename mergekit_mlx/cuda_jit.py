@@ -28,6 +28,7 @@ CUDA_TYPES = {
     mx.float16: "__half",
     mx.bfloat16: "__nv_bfloat16",
     mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t",
     mx.int32: "int32_t",
     mx.uint16: "uint16_t",
     mx.uint8: "uint8_t",

@@ -53,6 +53,45 @@ class _Driver:
             self.local.stream = s
         return s
 
+    def check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise OSError(f"{what} failed with CUDA error {rc}")
+
+    def pinned(self, size: int) -> int:
+        """Page-locked host memory (the copy engine reads it directly); kept for the process."""
+        self.stream()  # the context current in this thread
+        p = ctypes.c_void_p()
+        self.check(self.lib.cuMemHostAlloc(ctypes.byref(p), ctypes.c_size_t(size), ctypes.c_uint(0)), "cuMemHostAlloc")
+        return p.value
+
+    def alloc(self, size: int) -> int:
+        """Device memory from the device's stream-ordered pool, on this thread's stream."""
+        p = ctypes.c_uint64()
+        self.check(self.lib.cuMemAllocAsync(ctypes.byref(p), ctypes.c_size_t(size), self.stream()), "cuMemAllocAsync")
+        return p.value
+
+    def free(self, ptr: int) -> None:
+        self.check(self.lib.cuMemFreeAsync(ctypes.c_uint64(ptr), self.stream()), "cuMemFreeAsync")
+
+    def copy_in(self, dst: int, src: int, size: int) -> None:
+        """Queue a copy of host bytes (pinned) to device memory on this thread's stream."""
+        self.check(self.lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dst), ctypes.c_void_p(src), ctypes.c_size_t(size),
+                                                 self.stream()), "cuMemcpyHtoDAsync")
+
+    def sync(self) -> None:
+        """Wait for everything queued on this thread's stream."""
+        self.check(self.lib.cuStreamSynchronize(self.stream()), "cuStreamSynchronize")
+
+    def keep_pool(self, size: int) -> None:
+        """Let the device's default pool keep up to `size` freed bytes (by default it hands all of
+        them back to the driver at every synchronisation, and the next allocation maps them again)."""
+        pool = ctypes.c_void_p()
+        self.stream()
+        self.check(self.lib.cuDeviceGetDefaultMemPool(ctypes.byref(pool), self.device), "cuDeviceGetDefaultMemPool")
+        value = ctypes.c_uint64(size)
+        self.check(self.lib.cuMemPoolSetAttribute(pool, ctypes.c_int(4), ctypes.byref(value)),  # RELEASE_THRESHOLD
+                   "cuMemPoolSetAttribute")
+
     def prefetch(self, ptr: int, size: int) -> int:
         s = self.stream()
         if self.v2:
@@ -65,6 +104,11 @@ class _Driver:
 _driver: Optional[_Driver] = None
 _failed = False
 _lock = threading.Lock()
+
+
+def driver() -> Optional[_Driver]:
+    """The CUDA driver, or None where there is none (no NVIDIA GPU, no libcuda)."""
+    return _get()
 
 
 def _get() -> Optional[_Driver]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from . import cuda_mem, kernels
+from . import cuda_mem, gpu_reads, kernels
 from .errors import ModelError, OutputError
 from .methods import MergeInputs
 from .options import MergeOptions
@@ -223,6 +223,8 @@ class _Pipeline:
         per = _readers_per_group(plan, used, readers, self.on_cpu)
         self.jobs = [lambda g=g, r=r: self._read(g, r, per) for g in groups for r in range(per)]
         self.prefetch = not self.on_cpu and cuda_mem.enabled()
+        # on an NVIDIA GPU, plain safetensors go straight to device memory (gpu_reads), past MLX's load
+        self.direct = gpu_reads.reader(opts.batch_bytes)
         self.jobs += [self._work] * workers
         self.cond = threading.Condition()
         self.in_flight = 0  # bytes: inputs of claimed tasks until merged, outputs until written
@@ -260,12 +262,18 @@ class _Pipeline:
         self.stop()
 
     def stop(self) -> None:
-        """Stop the threads and wait until none of them is still using MLX."""
+        """Stop the threads and wait until none of them is still using MLX; hand back the device
+        memory of inputs read but not merged."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
             while self.running:
                 self.cond.wait()
+            if self.direct is not None:
+                for xs in list(self.parts.values()) + list(self.loaded.values()):
+                    self.direct.release(xs)
+                self.parts.clear()
+                self.loaded.clear()
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:
@@ -308,10 +316,7 @@ class _Pipeline:
                         self.in_flight += self.costs[id(self.tasks[self.claimed])]
                         self.claimed += 1
                         self.cond.notify_all()
-            tensors = [models[task.inputs[k][0]].load(task.inputs[k][1]) for k in slots]
-            mx.eval(tensors)
-            if self.prefetch:  # start moving them to the GPU now, not when the merge first reads them
-                cuda_mem.prefetch(tensors)
+            tensors = self._load(task, slots)
             with self.cond:
                 parts = self.parts.setdefault(i, [None] * len(task.inputs))
                 for k, x in zip(slots, tensors):
@@ -320,6 +325,25 @@ class _Pipeline:
                     self.loaded[i] = self.parts.pop(i)
                     self.unread -= 1
                     self.cond.notify_all()
+
+    def _load(self, task: TensorTask, slots: list[int]) -> list[Union[mx.array, gpu_reads.Staged]]:
+        """These inputs of a task: evaluated MLX arrays, or bytes staged in device memory."""
+        models = self.plan.models
+        out: list[Union[mx.array, gpu_reads.Staged]] = []
+        try:
+            for k in slots:
+                m, name = task.inputs[k]
+                staged = self.direct.stage(models[m], name) if self.direct is not None else None
+                out.append(staged if staged is not None else models[m].load(name))
+        except BaseException:
+            if self.direct is not None:
+                self.direct.release(out)
+            raise
+        lazy = [x for x in out if isinstance(x, mx.array)]
+        mx.eval(lazy)
+        if self.prefetch:  # start moving them to the GPU now, not when the merge first reads them
+            cuda_mem.prefetch(lazy)
+        return out
 
     def _work(self) -> None:
         vocab = self.plan.vocab
@@ -331,8 +355,14 @@ class _Pipeline:
                 i = min(self.loaded)  # the earliest task first: the writer waits for it
                 tensors = self.loaded.pop(i)
             task = self.tasks[i]
+            staged = [x for x in tensors if isinstance(x, gpu_reads.Staged)]
+            tensors = [x.array() if isinstance(x, gpu_reads.Staged) else x for x in tensors]
             out, ok = merge_task(self.plan, task, self.opts, vocab, list(tensors))
-            mx.eval(out, ok)
+            # the staged inputs' copies are evaluated with it (also those the merge does not read),
+            # so their device memory can go back now
+            mx.eval(out, ok, *tensors)
+            if staged:
+                self.direct.release(staged)
             if not self.on_cpu:
                 memoryview(out)  # copies the output to host memory here, not in the writing thread
             kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report

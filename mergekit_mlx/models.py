@@ -76,6 +76,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code ("BF16", "F32", ...) of the tensor as loaded
     file: Optional[Path] = None  # the file that holds it
+    offset: Optional[int] = None  # where its bytes start in that file, when stored there as they load
 
     @property
     def nbytes(self) -> int:
@@ -178,7 +179,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 f"{where}: shape {_short_repr(shape)} of {dtype} needs {need}, data_offsets give {end - begin}"
             )
         spans.append((begin, end, name))
-        infos[name] = TensorInfo(name, tuple(shape), dtype, path)
+        infos[name] = TensorInfo(name, tuple(shape), dtype, path, 8 + n + begin)
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -285,6 +286,14 @@ class SafetensorsModel(ModelSource):
             raise ModelError(f"{info.file}: tensor {name!r} is in its header but MLX did not load it")
         # handed out, not kept: a cached reference would hold the evaluated data for the whole merge
         return arrays.pop(name)
+
+    def file_span(self, name: str) -> tuple[Path, int, int]:
+        """(file, offset, size in bytes) of a tensor's data, for readers that move the bytes
+        themselves (gpu_reads); the same checks as `load`."""
+        info = self.info(name)
+        if SAFETENSORS_DTYPES[info.dtype][1] is None:
+            raise ModelError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which MLX cannot load")
+        return info.file, info.offset, info.nbytes
 
     def release(self) -> None:
         """Forget opened shards (every thread's lazy arrays), e.g. after the planner is done with them."""

@@ -1,0 +1,97 @@
+"""Where the wall time of one merge goes: a timeline of a whole `mergekit-mlx run`, in process.
+
+Marks the moments that matter (imports done, plan made, first and last input read, first and last
+merge done, first and last tensor written, output renamed into place) by wrapping the pipeline's
+methods, and prints them as seconds since the interpreter started.
+Usage: python benchmarks/merge_timeline.py RECIPE OUT [--device gpu]
+"""
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+import mergekit_mlx  # noqa: E402,F401
+from mergekit_mlx import merge as merge_fn  # noqa: E402
+
+merge_mod = sys.modules["mergekit_mlx.merge"]
+IMPORTED = time.perf_counter() - T0
+marks: dict[str, list[float]] = {}
+lock = threading.Lock()
+
+
+def mark(name: str) -> None:
+    t = time.perf_counter() - T0
+    with lock:
+        marks.setdefault(name, []).append(t)
+
+
+def wrap(obj, attr: str, name: str, before: bool = False) -> None:
+    fn = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        if before:
+            mark(name + " (start)")
+        out = fn(*a, **k)
+        mark(name)
+        return out
+
+    setattr(obj, attr, wrapped)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("recipe")
+    p.add_argument("out")
+    p.add_argument("--device", default="gpu")
+    a = p.parse_args()
+    wrap(merge_mod, "make_plan", "plan made")
+    wrap(merge_mod, "run_plan", "run_plan", before=True)
+    wrap(merge_mod._Pipeline, "_load", "inputs read")
+    wrap(merge_mod._Pipeline, "done", "output written")
+    wrap(merge_mod.kernels, "first_use_checks", "first-use checks")
+    output_mod = sys.modules["mergekit_mlx.output"]
+    wrap(sys.modules["mergekit_mlx.writer"].SafetensorsWriter, "finish", "writer finished")
+    wrap(output_mod, "verify_output", "output verified")
+    orig_init = merge_mod._Pipeline.__init__
+
+    def init(self, *x, **k):
+        orig_init(self, *x, **k)
+        mark("pipeline ready (self-tests done)")
+        work = self._work
+
+        def traced_work():
+            me = threading.get_ident()
+            ev = merge_mod.mx.eval
+
+            def timed_eval(*arrays):
+                ev(*arrays)
+                if threading.get_ident() == me:
+                    mark("merge evaluated")
+
+            merge_mod.mx.eval = timed_eval  # the module's mx is mlx.core: patched for all threads
+            try:
+                work()
+            finally:
+                merge_mod.mx.eval = ev
+
+        self.jobs = [traced_work if j == work else j for j in self.jobs]
+
+    merge_mod._Pipeline.__init__ = init
+    merge_fn(a.recipe, a.out, device=a.device, force=True, progress=False, copy_tokenizer=False)
+    end = time.perf_counter() - T0
+    print(f"imports done                      {IMPORTED:6.3f} s")
+    for name, ts in sorted(marks.items(), key=lambda kv: kv[1][0]):
+        if len(ts) == 1:
+            print(f"{name:33s} {ts[0]:6.3f} s")
+        else:
+            print(f"{name:33s} {ts[0]:6.3f} .. {ts[-1]:6.3f} s  ({len(ts)} times)")
+    print(f"{'merge() returned':33s} {end:6.3f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Inputs read straight into an NVIDIA GPU's memory (mergekit_mlx/gpu_reads.py), as far as a
+machine without a GPU can check it: the byte spans it reads, the copy kernel's index arithmetic
+(compiled for the CPU), and the pipeline's hand-over of staged inputs (a stand-in reader that
+stages into host memory). benchmarks/gpu_check.sh runs the real thing on a GPU."""
+
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import tiny
+from mergekit_mlx import cuda_jit, gpu_reads, merge
+from mergekit_mlx.models import SAFETENSORS_DTYPES, open_model
+
+CLANG = shutil.which("clang++") or shutil.which("clang")
+
+
+def test_file_span_points_at_each_tensors_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a.f32": mx.array(rng.normal(size=(3, 5)).astype(np.float32)),
+        "b.bf16": mx.array(rng.normal(size=(7,)).astype(np.float32)).astype(mx.bfloat16),
+        "c.f16": mx.array(rng.normal(size=(2, 2)).astype(np.float16)),
+        "d.i32": mx.array(rng.integers(-5, 5, size=(9,)).astype(np.int32)),
+        "e.bool": mx.array(rng.integers(0, 2, size=(5,)).astype(bool)),
+        "f.empty": mx.zeros((0, 4), dtype=mx.float32),
+    }
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    mx.save_safetensors(str(d / "model.safetensors"), arrays)
+    model = open_model(d)
+    raw = (d / "model.safetensors").read_bytes()
+    for name, a in arrays.items():
+        path, offset, nbytes = model.file_span(name)
+        assert path == d / "model.safetensors"
+        assert nbytes == a.nbytes
+        want = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes()
+        assert raw[offset:offset + nbytes] == want, name
+
+
+EMU = r"""
+#include <initializer_list>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+struct uint4 { unsigned int x, y, z, w; };
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+"""
+
+EMU_MAIN = r"""
+int main() {
+  const unsigned long long sizes[] = {1, 15, 16, 17, 33, 4101, 100003, 1 << 20};
+  for (unsigned long long nb : sizes) {
+    for (unsigned threads : {256u, 1024u}) {  // fewer threads than 16-byte words: the loop strides
+      unsigned char* src = (unsigned char*)aligned_alloc(256, (nb + 255) / 256 * 256);
+      unsigned char* out = (unsigned char*)aligned_alloc(256, (nb + 255) / 256 * 256);
+      for (unsigned long long i = 0; i < nb; ++i) { src[i] = (unsigned char)(i * 131 + 7); out[i] = 0xcd; }
+      uint64_t params[2] = {(uint64_t)src, (uint64_t)nb};
+      blockDim.x = 256;
+      gridDim.x = threads / 256;
+      for (unsigned g = 0; g < gridDim.x; ++g)
+        for (unsigned t = 0; t < blockDim.x; ++t) {
+          blockIdx.x = g; threadIdx.x = t;
+          KERNEL(params, out);
+        }
+      if (memcmp(src, out, nb) != 0) { printf("mismatch at %llu bytes, %u threads\n", nb, threads); return 1; }
+      free(src); free(out);
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
+def test_the_copy_kernel_copies_every_byte(tmp_path):
+    """The translation unit cuda_jit compiles, built for the CPU with blocks and threads run one by
+    one: every size (whole 16-byte words, a tail, both) is copied exactly."""
+    unit = cuda_jit.wrap_source("mk_copy", "", gpu_reads._COPY_BODY, [("src", mx.uint64)], [("out", mx.uint8)], [])
+    for h in ("cuda_fp16.h", "cuda_bf16.h"):
+        (tmp_path / h).write_text("#pragma once\n")
+    src = tmp_path / "copy.cpp"
+    src.write_text(EMU + unit + "#define KERNEL mk_copy\n" + EMU_MAIN)
+    exe = tmp_path / "copy"
+    res = subprocess.run([CLANG, "-x", "c++", "-std=c++17", "-O1", "-I", str(tmp_path), str(src), "-o", str(exe)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+class HostStaged(gpu_reads.Staged):
+    """Staged bytes kept in host memory; array() makes them an MLX array as the copy kernel would."""
+
+    data: bytes = b""
+
+    def array(self):
+        if self.nbytes == 0:
+            return mx.zeros(self.shape, self.dtype)
+        return mx.view(mx.array(np.frombuffer(self.data, dtype=np.uint8)), self.dtype).reshape(self.shape)
+
+
+class HostReader:
+    """Stands in for gpu_reads.Reader: stages what file_span points at, counts hand-backs."""
+
+    def __init__(self):
+        self.staged, self.released = [], []
+
+    def stage(self, model, name):
+        if not hasattr(model, "file_span"):
+            return None
+        path, offset, nbytes = model.file_span(name)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            s = HostStaged(len(self.staged) + 1, nbytes, model.info(name).shape,
+                           SAFETENSORS_DTYPES[model.info(name).dtype][1])
+            s.data = f.read(nbytes)
+        self.staged.append(s.ptr)
+        return s
+
+    def release(self, staged):
+        self.released += [s.ptr for s in staged if isinstance(s, gpu_reads.Staged) and s.nbytes]
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_staged_inputs_merge_as_loaded_ones_and_go_back_once(family, tmp_path, monkeypatch, method):
+    merge_mod = sys.modules["mergekit_mlx.merge"]
+    base, *fts = family
+    if method == "ties":
+        recipe = {"merge_method": "ties", "base_model": str(base), "models": [
+            {"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in fts]}
+    else:
+        recipe = {"merge_method": "linear", "models": [
+            {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    merge(recipe, tmp_path / "loaded")
+    reader = HostReader()
+    monkeypatch.setattr(merge_mod.gpu_reads, "reader", lambda keep: reader)
+    merge(recipe, tmp_path / "staged")
+    loaded, staged = tiny.load_np(tmp_path / "loaded"), tiny.load_np(tmp_path / "staged")
+    assert set(loaded) == set(staged)
+    for name in loaded:
+        np.testing.assert_array_equal(loaded[name], staged[name], err_msg=name)
+    assert reader.staged, "the stand-in reader staged nothing"
+    assert sorted(reader.released) == sorted(reader.staged)
+
+
+def test_no_direct_reads_off_an_nvidia_gpu():
+    """Only an NVIDIA GPU as MLX's default device reads this way (the CPU here; Apple GPUs neither)."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        assert gpu_reads.reader(1 << 20) is None
+    finally:
+        mx.set_default_device(previous)
