@@ -177,6 +177,15 @@ def test_slerp_sums_are_the_norms_and_dot_of_the_uncompiled_graph(dtype):
 BF16_STEP = 2.0 ** -8  # a bf16 rounding moves a value by at most this much of itself
 
 
+@pytest.fixture
+def on_cpu():
+    """The CPU as MLX's default device (where the numpy pass applies), also on a GPU machine."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 def slerp_pair(shape, dtype, seed, angle_noise=0.5):
     """Two tensors at a sizeable angle, as `dtype`, and their values in float64."""
     rng = np.random.default_rng(seed)
@@ -192,6 +201,7 @@ def within_bf16_rounding(got: mx.array, ref: np.ndarray, steps: float = 1.0):
     assert np.all(np.abs(g - ref) <= tol), float(np.max(np.abs(g - ref) / (np.abs(ref) + 1e-30)))
 
 
+@pytest.mark.usefixtures("on_cpu")
 @pytest.mark.parametrize("shape", [(7, 40001), (1001,), (2, 1 << 17), ((1 << 17) + 1,)])
 def test_slerp_cpu_path_bf16_matches_float64_slerp(shape):
     """Odd sizes, sizes that are not a multiple of the chunk, and one chunk and one element."""
@@ -203,6 +213,7 @@ def test_slerp_cpu_path_bf16_matches_float64_slerp(shape):
     within_bf16_rounding(got, slerp_ref(0.4, a, b))
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_slerp_cpu_path_float32_matches_float64_slerp():
     from mergekit_mlx.methods.slerp import slerp_tensors
 
@@ -212,6 +223,7 @@ def test_slerp_cpu_path_float32_matches_float64_slerp():
     np.testing.assert_allclose(np.array(got), slerp_ref(0.7, a, b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_slerp_cpu_path_mixed_dtypes_give_the_base_dtype():
     from mergekit_mlx.methods.slerp import slerp_tensors
 
@@ -222,6 +234,7 @@ def test_slerp_cpu_path_mixed_dtypes_give_the_base_dtype():
     within_bf16_rounding(got, slerp_ref(0.25, a, b))
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_slerp_cpu_path_interpolates_linearly_when_colinear():
     from mergekit_mlx.methods.slerp import slerp_tensors
 
@@ -233,6 +246,7 @@ def test_slerp_cpu_path_interpolates_linearly_when_colinear():
     within_bf16_rounding(slerp_tensors(0.3, v0, v1), 0.7 * a + 0.3 * (2 * a))
 
 
+@pytest.mark.usefixtures("on_cpu")
 @pytest.mark.parametrize("scale", [0.0, 1e-12])
 def test_slerp_cpu_path_tiny_norm_counts_as_one(scale):
     """|v0| <= 1e-8: mergekit leaves v0 unnormalised, so the cosine is about 0 and the angle
@@ -248,6 +262,7 @@ def test_slerp_cpu_path_tiny_norm_counts_as_one(scale):
     within_bf16_rounding(got, np.sin(0.3 * np.pi / 2) * b + np.sin(0.7 * np.pi / 2) * a)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_slerp_cpu_path_and_mlx_graph_agree_within_one_bf16_step():
     """The graph's sequential float32 sums are accurate enough on 2**16 elements: the two
     paths' coefficients agree far below a bf16 step, so the outputs differ by at most one."""
@@ -255,7 +270,7 @@ def test_slerp_cpu_path_and_mlx_graph_agree_within_one_bf16_step():
     from mergekit_mlx.methods.slerp import slerp_graph, slerp_tensors
 
     v0, v1, (a, b) = slerp_pair((64, 1024), mx.bfloat16, seed=17)
-    assert cpu_slerp.applies(v0, v1)  # the CPU is the default device in these tests
+    assert cpu_slerp.applies(v0, v1)
     cpu = np.array(slerp_tensors(0.6, v0, v1).astype(mx.float32)).astype(np.float64)
     graph = np.array(slerp_graph(0.6, v0, v1).astype(mx.float32)).astype(np.float64)
     # a bf16 ulp is at most 2**-7 of the value; where ca * v0 + cb * v1 nearly cancels, the
@@ -265,6 +280,7 @@ def test_slerp_cpu_path_and_mlx_graph_agree_within_one_bf16_step():
     assert np.mean(cpu != graph) < 0.01  # one-step differences only where a value sat near a rounding midpoint
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_slerp_sums_are_float64_accurate():
     """v0.v0, v1.v1, v0.v1 over 2.3 chunks (bf16 pairs, a float32 input, an odd tail) to a few
     parts in a million (float32 dot products of 2**17 elements, added in float64)."""
@@ -277,6 +293,7 @@ def test_slerp_sums_are_float64_accurate():
         np.testing.assert_allclose(cpu_slerp.sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_slerp_sums_of_embedding_sized_tensors_split_between_threads(monkeypatch):
     """Tensors of SPLIT elements or more are summed in two halves on two threads: same sums."""
     from mergekit_mlx import cpu_kernels, cpu_slerp
