@@ -3,7 +3,7 @@
 Marks the moments that matter (imports done, plan made, first and last input read, first and last
 merge done, first and last tensor written, output renamed into place) by wrapping the pipeline's
 methods, and prints them as seconds since the interpreter started.
-Usage: python benchmarks/merge_timeline.py RECIPE OUT [--device gpu]
+Usage: python benchmarks/merge_timeline.py RECIPE OUT [--device gpu] [--write-threads N]
 """
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("out")
     p.add_argument("--device", default="gpu")
+    p.add_argument("--write-threads", type=int, help="the writer's thread count (1: tensors written in turn)")
     a = p.parse_args()
+    if a.write_threads:
+        sys.modules["mergekit_mlx.writer"]._WRITE_THREADS = a.write_threads
     wrap(merge_mod, "make_plan", "plan made")
     wrap(merge_mod, "run_plan", "run_plan", before=True)
     wrap(merge_mod._Pipeline, "_load", "inputs read")

@@ -365,6 +365,8 @@ class _Pipeline:
                 self.direct.release(staged)
             if not self.on_cpu:
                 memoryview(out)  # copies the output to host memory here, not in the writing thread
+                if self.prefetch:
+                    cuda_mem.to_host([out])
             kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
             del tensors
             with self.cond:
