@@ -84,6 +84,19 @@ class _Driver:
         """Wait for everything queued on this thread's stream."""
         self.check(self.lib.cuStreamSynchronize(self.stream()), "cuStreamSynchronize")
 
+    def record(self) -> int:
+        """An event marking everything queued so far on this thread's stream."""
+        ev = ctypes.c_void_p()
+        self.check(self.lib.cuEventCreate(ctypes.byref(ev), ctypes.c_uint(2)), "cuEventCreate")  # no timing
+        self.check(self.lib.cuEventRecord(ev, self.stream()), "cuEventRecord")
+        return ev.value
+
+    def wait_event(self, event: int) -> None:
+        try:
+            self.check(self.lib.cuEventSynchronize(ctypes.c_void_p(event)), "cuEventSynchronize")
+        finally:
+            self.lib.cuEventDestroy_v2(ctypes.c_void_p(event))
+
     def keep_pool(self, size: int) -> None:
         """Let the device's default pool keep up to `size` freed bytes (by default it hands all of
         them back to the driver at every synchronisation, and the next allocation maps them again)."""
@@ -133,14 +146,16 @@ def enabled() -> bool:
             and _get() is not None)
 
 
-def to_host(arrays: Iterable[mx.array]) -> None:
-    """Move evaluated arrays' pages to host memory now, in bulk, and wait: a file write that reads
-    pages still on the GPU migrates them fault by fault (an H200 host wrote merged outputs at
-    1.9 GB/s so, and its page cache takes 5 GB/s from host memory). No-op where unsupported."""
+def to_host(arrays: Iterable[mx.array]) -> Optional[int]:
+    """Start moving evaluated arrays' pages to host memory, in bulk; returns an event to pass to
+    `wait` before the host reads them (None: nothing to wait for). A file write that reads pages
+    still on the GPU migrates them fault by fault: an H200 host wrote merged outputs at 1.9 GB/s
+    so, and its page cache takes 5 GB/s from host memory. No-op where unsupported."""
     global _failed
     drv = _get()
     if drv is None or _failed:
-        return
+        return None
+    moved = False
     for a in arrays:
         if a.nbytes < (1 << 20):
             continue
@@ -150,11 +165,25 @@ def to_host(arrays: Iterable[mx.array]) -> None:
             rc = -1
         if rc != 0:
             _failed = True
-            return
+            return None
+        moved = True
+    if not moved:
+        return None
     try:
-        drv.sync()
+        return drv.record()
     except OSError:
         _failed = True
+        return None
+
+
+def wait(event: Optional[int]) -> None:
+    """Wait for an event from `to_host` (from any thread), then free it."""
+    if event is not None:
+        drv = _get()
+        try:
+            drv.wait_event(event)
+        except OSError:
+            pass  # the pages move on demand instead
 
 
 def _address(a: mx.array) -> int:

@@ -158,14 +158,17 @@ _check_lock = threading.Lock()
 
 def reader(keep_bytes: int) -> Optional[Reader]:
     """A Reader when the default device is an NVIDIA GPU whose driver and the copy kernel work here
-    (checked once per process: bytes through every step and back), else None."""
+    (checked once per machine and build, as the kernels are: bytes through every step and back),
+    else None."""
     global _checked
     if os.environ.get(ENV_OFF) or not cuda_mem.enabled():
         return None
     drv = cuda_mem.driver()
     with _check_lock:
-        if _checked is None:
-            _checked = _self_test(drv)
+        if _checked is None:  # a pass is remembered on the machine, as the kernels' checks are
+            _checked = cuda_jit.verified("direct-reads") or _self_test(drv)
+            if _checked:
+                cuda_jit.mark_verified("direct-reads")
     return Reader(drv, keep_bytes) if _checked else None
 
 

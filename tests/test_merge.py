@@ -49,6 +49,22 @@ def test_several_readers_per_model_write_the_same_merge(family, tmp_path, monkey
         np.testing.assert_array_equal(one[name], three[name], err_msg=name)
 
 
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_tasks_evaluated_together_write_the_same_merge(family, tmp_path, monkeypatch, method):
+    """A GPU merge thread evaluates several loaded tasks at once; the output is the same as one by one."""
+    merge_mod = sys.modules["mergekit_mlx.merge"]
+    recipe = ties_recipe(family) if method == "ties" else {"merge_method": "linear", "models": [
+        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    merge(recipe, tmp_path / "one")
+    monkeypatch.setattr(merge_mod, "CPU_TASKS_PER_EVAL", 5)
+    monkeypatch.setattr(merge_mod, "_worker_count", lambda: 1)
+    merge(recipe, tmp_path / "five")
+    one, five = tiny.load_np(tmp_path / "one"), tiny.load_np(tmp_path / "five")
+    assert set(one) == set(five)
+    for name in one:
+        np.testing.assert_array_equal(one[name], five[name], err_msg=name)
+
+
 def test_gpu_kernel_checks_run_before_the_merge_threads_start(family, tmp_path, monkeypatch):
     """A first-use check switches MLX's process-wide default device while it computes its CPU
     reference, so the checks a method needs run before any reader or merge thread exists."""
