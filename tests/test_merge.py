@@ -304,6 +304,32 @@ def test_cli_bad_recipe_exits_2_with_one_message(family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_console_command_exits_at_once_after_a_merge_and_normally_otherwise(family, tmp_path, monkeypatch):
+    """After `run` the output is complete, so the command skips the interpreter's teardown
+    (os._exit with main's code); other commands and failures exit through sys.exit."""
+    from mergekit_mlx import cli
+
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(family[0]), "parameters": {"weight": 1.0}}]})
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli, "_merged", False)
+    monkeypatch.setattr(sys, "argv", ["mergekit-mlx", "run", str(recipe), str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert exits == [0] and (tmp_path / "out" / "config.json").is_file()
+    monkeypatch.setattr(cli, "_merged", False)
+    monkeypatch.setattr(sys, "argv", ["mergekit-mlx", "run", str(tmp_path / "missing.yml"), str(tmp_path / "o2")])
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 2 and exits == [0]
+
+
 def test_cli_run_writes_the_model(family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", ties_recipe(family))
     assert cli_main(["run", str(recipe), str(tmp_path / "out"), "--no-progress", "--out-shard-size", "1M"]) == 0
