@@ -256,6 +256,7 @@ def main() -> None:
             log = work / f"{tool}-{method}.log"
             cmd = tool_command(tool, rp, out, args, mergekit)
             r = Run(method, tool)
+            walls = []
             for i in range(int(args.warmup) + args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 read_into_cache(inputs)  # the page cache here is reclaimed proactively: refill it per run
@@ -263,9 +264,13 @@ def main() -> None:
                 if code != 0:
                     r.note = f"failed (exit {code}), see {log}"
                     break
+                if i >= int(args.warmup):
+                    walls.append(wall)
                 if i >= int(args.warmup) and (r.wall is None or wall < r.wall):
                     r.wall, r.rss, r.cpu = wall, rss, cpu
-            print(f"  {method:16s} {tool:9s} " + (f"{r.wall:7.2f} s  {r.rss / 1e9:5.2f} GB  cpu {r.cpu:6.2f} s" if r.wall else r.note), flush=True)
+            every = f"  (runs: {' '.join(f'{w:.2f}' for w in walls)})" if len(walls) > 1 else ""
+            print(f"  {method:16s} {tool:9s} " + (f"{r.wall:7.2f} s  {r.rss / 1e9:5.2f} GB  cpu {r.cpu:6.2f} s{every}"
+                                                  if r.wall else r.note), flush=True)
             runs.append(r)
             outs[tool] = out
         if args.compare and len(outs) == 2 and all(r.wall for r in runs[-2:]):
