@@ -21,6 +21,7 @@ from mergekit_mlx import merge as merge_fn  # noqa: E402
 merge_mod = sys.modules["mergekit_mlx.merge"]
 IMPORTED = time.perf_counter() - T0
 marks: dict[str, list[float]] = {}
+totals: dict[str, float] = {}  # seconds a thread spent in a state, summed
 lock = threading.Lock()
 
 
@@ -28,6 +29,11 @@ def mark(name: str) -> None:
     t = time.perf_counter() - T0
     with lock:
         marks.setdefault(name, []).append(t)
+
+
+def add_time(name: str, dt: float) -> None:
+    with lock:
+        totals[name] = totals.get(name, 0.0) + dt
 
 
 def wrap(obj, attr: str, name: str, before: bool = False) -> None:
@@ -60,6 +66,23 @@ def main() -> None:
     output_mod = sys.modules["mergekit_mlx.output"]
     wrap(sys.modules["mergekit_mlx.writer"].SafetensorsWriter, "finish", "writer finished")
     wrap(output_mod, "verify_output", "output verified")
+    writer_cls = sys.modules["mergekit_mlx.writer"].SafetensorsWriter
+    add = writer_cls.add
+
+    def timed_add(self, name, array):
+        t = time.perf_counter()
+        add(self, name, array)
+        add_time("writer thread: writing", time.perf_counter() - t)
+
+    writer_cls.add = timed_add
+    cuda_wait = merge_mod.cuda_mem.wait
+
+    def timed_cuda_wait(event):
+        t = time.perf_counter()
+        cuda_wait(event)
+        add_time("writer thread: waiting for outputs to reach host memory", time.perf_counter() - t)
+
+    merge_mod.cuda_mem.wait = timed_cuda_wait
     orig_init = merge_mod._Pipeline.__init__
 
     def init(self, *x, **k):
@@ -70,11 +93,24 @@ def main() -> None:
         def traced_work():
             me = threading.get_ident()
             ev = merge_mod.mx.eval
+            wait = self._wait
 
             def timed_eval(*arrays):
+                t = time.perf_counter()
                 ev(*arrays)
                 if threading.get_ident() == me:
                     mark("merge evaluated")
+                    add_time("merge thread: in mx.eval", time.perf_counter() - t)
+
+            def timed_wait(ready):
+                t = time.perf_counter()
+                try:
+                    return wait(ready)
+                finally:
+                    if threading.get_ident() == me:
+                        add_time("merge thread: waiting for inputs", time.perf_counter() - t)
+
+            self._wait = timed_wait
 
             merge_mod.mx.eval = timed_eval  # the module's mx is mlx.core: patched for all threads
             try:
@@ -94,6 +130,8 @@ def main() -> None:
         else:
             print(f"{name:33s} {ts[0]:6.3f} .. {ts[-1]:6.3f} s  ({len(ts)} times)")
     print(f"{'merge() returned':33s} {end:6.3f} s")
+    for name, dt in totals.items():
+        print(f"{name}: {dt:.3f} s in all")
 
 
 if __name__ == "__main__":

@@ -174,13 +174,16 @@ class Nvrtc:
 
 def device_arch() -> str:
     """NVRTC's SASS target for device 0, with the 'a' features MLX also compiles for on sm_90+."""
-    cuda = ctypes.CDLL(_loaded_library("libcuda.so") or "libcuda.so.1")
-    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+    from . import cuda_mem
+
+    drv = cuda_mem.driver()
+    if drv is None:
         raise CompileError("the CUDA driver did not report a device")
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # COMPUTE_CAPABILITY_MINOR
-    return f"sm_{major.value}{minor.value}{'a' if major.value >= 9 else ''}"
+    try:
+        major, minor = drv.compute_capability()
+    except OSError as e:
+        raise CompileError(str(e)) from None
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
 @lru_cache(maxsize=None)

@@ -40,6 +40,12 @@ class _Driver:
         self.device = dev.value
         self.v2 = hasattr(self.lib, "cuMemPrefetchAsync_v2")
 
+    def compute_capability(self) -> tuple[int, int]:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.check(self.lib.cuDeviceGetAttribute(ctypes.byref(major), 75, self.device), "cuDeviceGetAttribute")
+        self.check(self.lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, self.device), "cuDeviceGetAttribute")
+        return major.value, minor.value
+
     def stream(self) -> ctypes.c_void_p:
         """This thread's stream, on MLX's device's primary context (made current here)."""
         s = getattr(self.local, "stream", None)
@@ -96,6 +102,13 @@ class _Driver:
             self.check(self.lib.cuEventSynchronize(ctypes.c_void_p(event)), "cuEventSynchronize")
         finally:
             self.lib.cuEventDestroy_v2(ctypes.c_void_p(event))
+
+    def trim_pool(self) -> None:
+        """Give the device's default pool's unused memory back to the driver."""
+        pool = ctypes.c_void_p()
+        self.stream()
+        self.check(self.lib.cuDeviceGetDefaultMemPool(ctypes.byref(pool), self.device), "cuDeviceGetDefaultMemPool")
+        self.check(self.lib.cuMemPoolTrimTo(pool, ctypes.c_size_t(0)), "cuMemPoolTrimTo")
 
     def keep_pool(self, size: int) -> None:
         """Let the device's default pool keep up to `size` freed bytes (by default it hands all of

@@ -144,6 +144,14 @@ class Reader:
         finally:
             os.close(fd)
 
+    def close(self) -> None:
+        """After a merge: the pool's cached device memory goes back (a process may generate next)."""
+        try:
+            self.drv.sync()
+            self.drv.trim_pool()
+        except OSError:
+            pass
+
     def release(self, staged: list) -> None:
         """Hand staged device memory back (its copies into MLX arrays have been evaluated)."""
         for s in staged:

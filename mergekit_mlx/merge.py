@@ -277,6 +277,7 @@ class _Pipeline:
                     self.direct.release(xs)
                 self.parts.clear()
                 self.loaded.clear()
+                self.direct.close()
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:

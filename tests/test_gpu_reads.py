@@ -127,6 +127,9 @@ class HostReader:
     def release(self, staged):
         self.released += [s.ptr for s in staged if isinstance(s, gpu_reads.Staged) and s.nbytes]
 
+    def close(self):
+        self.closed = True
+
 
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_staged_inputs_merge_as_loaded_ones_and_go_back_once(family, tmp_path, monkeypatch, method):
@@ -148,6 +151,7 @@ def test_staged_inputs_merge_as_loaded_ones_and_go_back_once(family, tmp_path, m
         np.testing.assert_array_equal(loaded[name], staged[name], err_msg=name)
     assert reader.staged, "the stand-in reader staged nothing"
     assert sorted(reader.released) == sorted(reader.staged)
+    assert reader.closed  # the pool's memory goes back after the merge
 
 
 def test_no_direct_reads_off_an_nvidia_gpu():
