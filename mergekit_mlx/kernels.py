@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Union
@@ -926,11 +928,39 @@ def _gpu_ties(gpu, base, others, weights, plans, mag, ks, consensus, normalize, 
     """Magnitude-sparsified merge without rescaling, with one host sync: the merge is launched
     right behind the selection, gated on the device by its statuses, and evaluated together with
     them; only when a selection was not final (rare with bf16 ties, the rule for float32 data) is
-    it finished and the merge run again."""
+    it finished and the merge run again. Under deferred_gate_checks, no sync: the gate goes to
+    the caller, who checks it after evaluating."""
     args = (gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor)
     out, gate, groups = _gpu_ties_start(*args)
+    pending = getattr(_deferred, "gates", None)
+    if pending is not None:
+        pending.append(gate)
+        return out
     mx.eval(out, gate)
     return _gpu_ties_finish(*args, out, gate.tolist(), groups)
+
+
+_deferred = threading.local()
+
+
+@contextmanager
+def deferred_gate_checks():
+    """Within it (in this thread), a GPU TIES merge returns its output without reading back
+    whether its selections were final, and appends the gate it depends on to the yielded list:
+    the caller evaluates the gates with the outputs (one sync for many merges) and, where
+    `gates_final` says no, merges that tensor again outside this context. The output of a merge
+    whose gate is not final is not its result."""
+    previous = getattr(_deferred, "gates", None)
+    _deferred.gates = []
+    try:
+        yield _deferred.gates
+    finally:
+        _deferred.gates = previous
+
+
+def gates_final(gates: list[mx.array]) -> bool:
+    """True when every deferred gate (evaluated) says its selections were final."""
+    return all(v == _OK for g in gates for v in g.tolist()[::8])
 
 
 def _gpu_ties_start(gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor):

@@ -365,13 +365,19 @@ class _Pipeline:
             for i, tensors in batch:
                 staged = [x for x in tensors if isinstance(x, gpu_reads.Staged)]
                 tensors = [x.array() if isinstance(x, gpu_reads.Staged) else x for x in tensors]
-                out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
-                graphs.append((i, out, ok, tensors, staged))
+                # a GPU TIES merge's check that its selections were final is read back once for
+                # the whole batch, not once per tensor
+                with kernels.deferred_gate_checks() as gates:
+                    out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
+                graphs.append((i, out, ok, tensors, staged, gates))
             # the staged inputs' copies are evaluated too (also those a merge does not read), so
             # their device memory can go back now
-            mx.eval([[out, ok, *tensors] for _, out, ok, tensors, _ in graphs])
+            mx.eval([[out, ok, *tensors, *gates] for _, out, ok, tensors, _, gates in graphs])
             done = []
-            for i, out, ok, tensors, staged in graphs:
+            for i, out, ok, tensors, staged, gates in graphs:
+                if gates and not kernels.gates_final(gates):  # rare: merged again, selections finished
+                    out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
+                    mx.eval(out, ok)
                 if staged:
                     self.direct.release(staged)
                 if not self.on_cpu:

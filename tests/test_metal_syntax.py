@@ -601,6 +601,35 @@ def test_emulated_ties_launched_together_equal_one_at_a_time(emulated_cuda, over
 
 
 @needs_clang
+@pytest.mark.parametrize("override", [None, "between", "outside"])
+def test_emulated_ties_with_deferred_gate_checks(emulated_cuda, override, monkeypatch):
+    """Under deferred_gate_checks a TIES merge hands its gate to the caller instead of reading it
+    back: where the gate says final the output is the result (bit-identical to the CPU fallback);
+    where it does not, the caller merges again outside the context and gets the result."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    monkeypatch.setattr(K, "_SELECT_OVERRIDE", override)
+    base, others = emu_family()
+    kw = dict(sparsify="magnitude", densities=[0.3, 1.0, 0.6], rescale=False, consensus="sum", normalize=True,
+              lam=1.0)
+    with K.deferred_gate_checks() as gates:
+        out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
+    assert len(gates) == 1
+    mx.eval(out, gates)
+    final = K.gates_final(gates)
+    assert final == (override is None)
+    if not final:
+        out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
+    emulated_cuda["on"] = False
+    want = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
+    emulated_cuda["on"] = True
+    np.testing.assert_array_equal(np.array(out.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
+@needs_clang
 @pytest.mark.parametrize("override", ["between", "outside"])
 def test_emulated_ties_when_the_counting_pass_does_not_settle(emulated_cuda, override, monkeypatch):
     """The merge launched behind the selection skips its work when a selection is not final; the
