@@ -361,25 +361,30 @@ class _Pipeline:
                     return
                 # the earliest tasks first: the writer waits for them
                 batch = [(i, self.loaded.pop(i)) for i in sorted(self.loaded)[:per_eval]]
-            graphs = []
-            for i, tensors in batch:
-                staged = [x for x in tensors if isinstance(x, gpu_reads.Staged)]
-                tensors = [x.array() if isinstance(x, gpu_reads.Staged) else x for x in tensors]
-                # a GPU TIES merge's check that its selections were final is read back once for
-                # the whole batch, not once per tensor
-                with kernels.deferred_gate_checks() as gates:
-                    out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
-                graphs.append((i, out, ok, tensors, staged, gates))
-            # the staged inputs' copies are evaluated too (also those a merge does not read), so
-            # their device memory can go back now
-            mx.eval([[out, ok, *tensors, *gates] for _, out, ok, tensors, _, gates in graphs])
+            staged = [x for _, tensors in batch for x in tensors if isinstance(x, gpu_reads.Staged)]
+            try:
+                graphs = []
+                for i, tensors in batch:
+                    tensors = [x.array() if isinstance(x, gpu_reads.Staged) else x for x in tensors]
+                    # a GPU TIES merge's check that its selections were final is read back once
+                    # for the whole batch, not once per tensor
+                    with kernels.deferred_gate_checks() as gates:
+                        out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
+                    graphs.append((i, out, ok, tensors, gates))
+                # the staged inputs' copies are evaluated too (also those a merge does not read)
+                mx.eval([[out, ok, *tensors, *gates] for _, out, ok, tensors, gates in graphs])
+            except BaseException:
+                if staged:  # nothing may still read the staged memory when it goes back
+                    mx.synchronize()
+                    self.direct.release(staged)
+                raise
+            if staged:  # copied into MLX arrays by now: the device memory goes back
+                self.direct.release(staged)
             done = []
-            for i, out, ok, tensors, staged, gates in graphs:
+            for i, out, ok, tensors, gates in graphs:
                 if gates and not kernels.gates_final(gates):  # rare: merged again, selections finished
                     out, ok = merge_task(self.plan, self.tasks[i], self.opts, vocab, list(tensors))
                     mx.eval(out, ok)
-                if staged:
-                    self.direct.release(staged)
                 if not self.on_cpu:
                     memoryview(out)  # copies the output to host memory here, not in the writing thread
                 # and on an NVIDIA GPU its pages start moving to the host in bulk (waited for before writing)

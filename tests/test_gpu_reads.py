@@ -6,6 +6,7 @@ stages into host memory). benchmarks/gpu_check.sh runs the real thing on a GPU."
 import shutil
 import subprocess
 import sys
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -111,21 +112,24 @@ class HostReader:
 
     def __init__(self):
         self.staged, self.released = [], []
+        self.lock = threading.Lock()  # several reader threads stage at once
 
     def stage(self, model, name):
         if not hasattr(model, "file_span"):
             return None
         path, offset, nbytes = model.file_span(name)
+        with self.lock:
+            ptr = len(self.staged) + 1
+            self.staged.append(ptr)
         with open(path, "rb") as f:
             f.seek(offset)
-            s = HostStaged(len(self.staged) + 1, nbytes, model.info(name).shape,
-                           SAFETENSORS_DTYPES[model.info(name).dtype][1])
+            s = HostStaged(ptr, nbytes, model.info(name).shape, SAFETENSORS_DTYPES[model.info(name).dtype][1])
             s.data = f.read(nbytes)
-        self.staged.append(s.ptr)
         return s
 
     def release(self, staged):
-        self.released += [s.ptr for s in staged if isinstance(s, gpu_reads.Staged) and s.nbytes]
+        with self.lock:
+            self.released += [s.ptr for s in staged if isinstance(s, gpu_reads.Staged) and s.nbytes]
 
     def close(self):
         self.closed = True
@@ -162,3 +166,51 @@ def test_no_direct_reads_off_an_nvidia_gpu():
         assert gpu_reads.reader(1 << 20) is None
     finally:
         mx.set_default_device(previous)
+
+
+def test_a_failed_read_hands_back_every_staged_input(family, tmp_path, monkeypatch):
+    """A read that fails part-way stops the merge with the error, writes no output, and every
+    input already staged (waiting to be merged, or read for a task not complete) goes back."""
+    from mergekit_mlx.errors import ModelError
+
+    merge_mod = sys.modules["mergekit_mlx.merge"]
+
+    class FailingReader(HostReader):
+        def stage(self, model, name):
+            with self.lock:
+                fail = len(self.staged) >= 20
+            if fail:
+                raise ModelError(f"{model.path}: cannot read (disk gone)")
+            return super().stage(model, name)
+
+    reader = FailingReader()
+    monkeypatch.setattr(merge_mod.gpu_reads, "reader", lambda keep: reader)
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    with pytest.raises(ModelError, match="disk gone"):
+        merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert len(reader.staged) >= 20 and sorted(reader.released) == sorted(reader.staged)
+
+
+def test_a_failed_merge_hands_back_its_staged_inputs(family, tmp_path, monkeypatch):
+    """A merge that raises (here: the method) still hands back the device memory of the inputs it
+    was given, and of everything read after it."""
+    merge_mod = sys.modules["mergekit_mlx.merge"]
+    reader = HostReader()
+    monkeypatch.setattr(merge_mod.gpu_reads, "reader", lambda keep: reader)
+    calls = []
+    real = merge_mod.merge_task
+
+    def failing(plan, task, *a, **k):
+        calls.append(task)
+        if len(calls) == 5:
+            raise RuntimeError("the merge failed")
+        return real(plan, task, *a, **k)
+
+    monkeypatch.setattr(merge_mod, "merge_task", failing)
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    with pytest.raises(RuntimeError, match="the merge failed"):
+        merge(recipe, tmp_path / "out")
+    assert reader.staged and sorted(reader.released) == sorted(reader.staged)
