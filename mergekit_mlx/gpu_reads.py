@@ -27,6 +27,7 @@ import numpy as np
 
 from . import cuda_jit, cuda_mem
 from .errors import ModelError
+from .kernels import kernel_source
 
 CHUNK = 4 << 20  # bytes per pread and per copy; each reader has two page-locked buffers of it
 ENV_OFF = "MERGEKIT_MLX_NO_DIRECT_READS"
@@ -35,22 +36,8 @@ ENV_OFF = "MERGEKIT_MLX_NO_DIRECT_READS"
 _ON_DEVICE = {mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32, mx.int16, mx.uint16, mx.int8,
               mx.uint8, mx.bool_}
 
-# Bytes from a device pointer into the output, 16 at a time, then the last few one by one.
-# Inputs: src = [pointer, byte count] (uint64). Output: out (uint8, byte count).
-_COPY_BODY = """
-  const uint64_t gid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
-  const uint64_t nthreads = gridDim.x * (uint64_t)blockDim.x;
-  const uint8_t* s = reinterpret_cast<const uint8_t*>(src[0]);
-  const uint64_t nb = src[1];
-  const uint64_t n16 = nb >> 4;
-  for (uint64_t i = gid; i < n16; i += nthreads) {
-    reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(s)[i];
-  }
-  if (gid < (nb & 15u)) {
-    out[(n16 << 4) + gid] = s[(n16 << 4) + gid];
-  }
-"""
-_COPY = cuda_jit.CachedKernel("mk_device_copy", ["src"], ["out"], "", _COPY_BODY)
+# CUDA-only kernel (kernels/device_copy.cu): the staged bytes into an MLX array
+_COPY = cuda_jit.CachedKernel("mk_device_copy", ["src"], ["out"], *kernel_source("device_copy", "cuda"))
 _TG = 256
 _MAX_THREADS = 1 << 20
 

@@ -14,6 +14,7 @@ import pytest
 
 import tiny
 from mergekit_mlx import cuda_jit, gpu_reads, merge
+from mergekit_mlx.kernels import kernel_source
 from mergekit_mlx.models import SAFETENSORS_DTYPES, open_model
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
@@ -83,7 +84,8 @@ int main() {
 def test_the_copy_kernel_copies_every_byte(tmp_path):
     """The translation unit cuda_jit compiles, built for the CPU with blocks and threads run one by
     one: every size (whole 16-byte words, a tail, both) is copied exactly."""
-    unit = cuda_jit.wrap_source("mk_copy", "", gpu_reads._COPY_BODY, [("src", mx.uint64)], [("out", mx.uint8)], [])
+    header, body = kernel_source("device_copy", "cuda")
+    unit = cuda_jit.wrap_source("mk_copy", header, body, [("src", mx.uint64)], [("out", mx.uint8)], [])
     for h in ("cuda_fp16.h", "cuda_bf16.h"):
         (tmp_path / h).write_text("#pragma once\n")
     src = tmp_path / "copy.cpp"
