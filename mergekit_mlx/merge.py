@@ -391,7 +391,7 @@ class _Pipeline:
                 moved = cuda_mem.to_host([out]) if self.prefetch else None
                 kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
                 done.append((i, out, ok, kept, moved))
-            del graphs, batch
+            del graphs, batch, tensors, gates  # no input outlives its merge here (the budget let it go)
             with self.cond:
                 for i, out, ok, kept, moved in done:
                     task = self.tasks[i]
