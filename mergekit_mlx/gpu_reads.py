@@ -28,6 +28,7 @@ import numpy as np
 from . import cuda_jit, cuda_mem
 from .errors import ModelError
 from .kernels import kernel_source
+from .models import SAFETENSORS_DTYPES
 
 CHUNK = 4 << 20  # bytes per pread and per copy; each reader has two page-locked buffers of it
 ENV_OFF = "MERGEKIT_MLX_NO_DIRECT_READS"
@@ -69,7 +70,6 @@ class Reader:
 
     def __init__(self, drv, keep_bytes: int):
         self.drv = drv
-        self.local = threading.local()
         drv.keep_pool(keep_bytes)
 
     def _buffers(self) -> tuple[int, int]:
@@ -85,8 +85,6 @@ class Reader:
         if span is None or info.offset is None:
             return None
         path, offset, nbytes = span(name)
-        from .models import SAFETENSORS_DTYPES
-
         dtype = SAFETENSORS_DTYPES[info.dtype][1]
         if dtype not in _ON_DEVICE:
             return None
