@@ -377,6 +377,15 @@ def _keep(m: Model, bits: np.ndarray, s: int, e: int, sc: _Scratch, hasher: Hash
     return out
 
 
+def block_sums(a: mx.array, block: int = 1024) -> mx.array:
+    """Sums of consecutive `block`-element pieces of a flat float32 array (its length a multiple of
+    block): each piece as 32 interleaved running sums, then those 32. The order every L1 sum of
+    the CPU path and of the MLX graphs shares; on a CPU MLX vectorises it (0.21 ns an element,
+    one running sum per piece 0.82: an add's latency)."""
+    lanes = 32 if block % 32 == 0 else 1
+    return a.reshape(-1, block // lanes, lanes).sum(axis=1).sum(axis=-1)
+
+
 def _l1_buffers(k: int) -> list[tuple[mx.array, np.ndarray]]:
     """This thread's 2k MLX arrays of 2 * GROUP float32 (|d| then the kept |d|), two per model:
     one fills while MLX sums the other. Kept, so a tensor costs no fresh pages."""
@@ -390,7 +399,7 @@ def _l1_buffers(k: int) -> list[tuple[mx.array, np.ndarray]]:
 def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: int = 1024) -> list[tuple[mx.array, mx.array]]:
     """Per model, per-`block` sums of |d| and of the kept |d| (the first level of
     kernels.accurate_sum, the last block zero-padded), in one pass over the base. MLX sums the
-    blocks (its float32 order) straight from the arrays numpy fills, group by group while numpy
+    blocks (block_sums) straight from the arrays numpy fills, group by group while numpy
     computes the next group. A RANDOM model's mask is kept in m.mask for the merge (one byte an
     element instead of a second hash)."""
     n = base.size
@@ -426,7 +435,7 @@ def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: in
             if ge - g < size:  # the last block's padding
                 buf[ge - g:size] = 0
                 buf[GROUP + ge - g:GROUP + size] = 0
-            sums = [arr[o:o + size].reshape(-1, block).sum(axis=1) for o in (0, GROUP)]  # views: no copy
+            sums = [block_sums(arr[o:o + size], block) for o in (0, GROUP)]  # views: no copy
             mx.async_eval(sums)
             out.append(sums)
     cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs))

@@ -418,7 +418,7 @@ def accurate_sum(a: mx.array, block: int = 1024) -> mx.array:
         pad = (-a.size) % block
         if pad:
             a = mx.concatenate([a, mx.zeros((pad,), dtype=mx.float32)])
-        a = a.reshape(-1, block).sum(axis=1)
+        a = cpu_kernels.block_sums(a, block)
     return a.sum()
 
 
