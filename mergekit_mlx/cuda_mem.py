@@ -103,22 +103,22 @@ class _Driver:
         finally:
             self.lib.cuEventDestroy_v2(ctypes.c_void_p(event))
 
+    def _default_pool(self) -> ctypes.c_void_p:
+        pool = ctypes.c_void_p()
+        self.stream()  # the context current in this thread
+        self.check(self.lib.cuDeviceGetDefaultMemPool(ctypes.byref(pool), self.device), "cuDeviceGetDefaultMemPool")
+        return pool
+
     def trim_pool(self) -> None:
         """Give the device's default pool's unused memory back to the driver."""
-        pool = ctypes.c_void_p()
-        self.stream()
-        self.check(self.lib.cuDeviceGetDefaultMemPool(ctypes.byref(pool), self.device), "cuDeviceGetDefaultMemPool")
-        self.check(self.lib.cuMemPoolTrimTo(pool, ctypes.c_size_t(0)), "cuMemPoolTrimTo")
+        self.check(self.lib.cuMemPoolTrimTo(self._default_pool(), ctypes.c_size_t(0)), "cuMemPoolTrimTo")
 
     def keep_pool(self, size: int) -> None:
         """Let the device's default pool keep up to `size` freed bytes (by default it hands all of
         them back to the driver at every synchronisation, and the next allocation maps them again)."""
-        pool = ctypes.c_void_p()
-        self.stream()
-        self.check(self.lib.cuDeviceGetDefaultMemPool(ctypes.byref(pool), self.device), "cuDeviceGetDefaultMemPool")
         value = ctypes.c_uint64(size)
-        self.check(self.lib.cuMemPoolSetAttribute(pool, ctypes.c_int(4), ctypes.byref(value)),  # RELEASE_THRESHOLD
-                   "cuMemPoolSetAttribute")
+        self.check(self.lib.cuMemPoolSetAttribute(self._default_pool(), ctypes.c_int(4),  # RELEASE_THRESHOLD
+                                                  ctypes.byref(value)), "cuMemPoolSetAttribute")
 
     def prefetch(self, ptr: int, size: int, host: bool = False) -> int:
         """Start migrating managed memory to the device (or to host memory)."""
@@ -165,25 +165,10 @@ def to_host(arrays: Iterable[mx.array]) -> Optional[int]:
     still on the GPU migrates them fault by fault: an H200 host wrote merged outputs at 1.9 GB/s
     so, and its page cache takes 5 GB/s from host memory. No-op where unsupported."""
     global _failed
-    drv = _get()
-    if drv is None or _failed:
-        return None
-    moved = False
-    for a in arrays:
-        if a.nbytes < (1 << 20):
-            continue
-        try:
-            rc = drv.prefetch(_address(a), a.nbytes, host=True)
-        except OSError:
-            rc = -1
-        if rc != 0:
-            _failed = True
-            return None
-        moved = True
-    if not moved:
+    if not _prefetch_all(arrays, host=True):
         return None
     try:
-        return drv.record()
+        return _driver.record()
     except OSError:
         _failed = True
         return None
@@ -206,17 +191,26 @@ def _address(a: mx.array) -> int:
 
 def prefetch(arrays: Iterable[mx.array]) -> None:
     """Start migrating evaluated, host-loaded arrays to the GPU (asynchronous; no-op if unsupported)."""
+    _prefetch_all(arrays, host=False)
+
+
+def _prefetch_all(arrays: Iterable[mx.array], host: bool) -> bool:
+    """Queue the migration of every array of 1 MB or more (to the host, or to the GPU) on this
+    thread's stream; True when at least one was queued."""
     global _failed
     drv = _get()
     if drv is None or _failed:
-        return
+        return False
+    queued = False
     for a in arrays:
         if a.nbytes < (1 << 20):  # small tensors: a fault or two, not worth a call
             continue
         try:
-            rc = drv.prefetch(_address(a), a.nbytes)
+            rc = drv.prefetch(_address(a), a.nbytes, host=host)
         except OSError:
             rc = -1
         if rc != 0:  # not managed memory, or the driver refuses: stop trying
             _failed = True
-            return
+            return False
+        queued = True
+    return queued
