@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-from mergekit_mlx import bitnet, kernels  # noqa: E402
+from mergekit_mlx import bitnet, kernel_sources, kernels  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
@@ -223,9 +223,9 @@ def stages(base, others, x32, n, reps, bw):
         print(f"  merge, {g} groups of 8 per thread: {one:.3f} per call, {eight:.3f} each of 8 "
               f"({merge_bytes / eight / 1e6:.0f} GB/s)")
     kernels._MERGE_GROUPS = 2
-    header, _ = kernels.kernel_source("task_merge", gpu)
-    indices = kernels._kernel_root().joinpath("cuda_indices.inc").read_text()
-    body = kernels._model_macros(K, True, gpu) + indices + """
+    header, _ = kernel_sources.kernel_source("task_merge", gpu)
+    indices = kernel_sources.kernel_root().joinpath("cuda_indices.inc").read_text()
+    body = kernel_sources.model_macros(K, True) + indices + """
   const uint32_t n = up[0];
   const uint32_t groups = n / 8u;
   for (uint32_t g = GID; g < groups; g += NTHREADS) {

@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
+
+from . import cpu_native
 
 CHUNK = 1 << 17  # elements per step: float32 temporaries of this size stay in L2 or L3
 GROUP = 1 << 20  # elements whose L1 block sums MLX takes per call
@@ -202,10 +204,11 @@ def select(x: np.ndarray, b: Optional[np.ndarray], k: int) -> Optional[Selection
 class _Bracket:
     lo: int
     hi: int
-    vals: list  # per chunk: the values inside [lo, hi]
+    vals: list  # the values inside [lo, hi], in index order (in one or more pieces)
     n_above: int = 0
     inside: int = 0
     wide: bool = False  # far wider than planned (heavy ties): the partition is cheaper
+    counts: list = field(default_factory=list)  # how many of vals each chunk of CHUNK elements holds
 
 
 def _bracket(x: np.ndarray, b: Optional[np.ndarray], k: int) -> _Bracket:
@@ -222,15 +225,19 @@ def _bracket(x: np.ndarray, b: Optional[np.ndarray], k: int) -> _Bracket:
 
 
 @_quiet
-def select_many(xs: list[np.ndarray], b: Optional[np.ndarray], ks: list[int]) -> list[Optional[Selection]]:
-    """select() for several tensors against one base, in one pass over the base."""
+def select_many(xs: list[np.ndarray], b: Optional[np.ndarray], ks: list[int], native: bool = True) -> list[Optional[Selection]]:
+    """select() for several tensors against one base, in one pass over the base (native code
+    where it is built, numpy's passes otherwise)."""
     n = b.size if b is not None else xs[0].size
     if n <= _SMALL:
         return [_small(_abs_bits(x, b, 0, n, _Scratch(n)), k) for x, k in zip(xs, ks)]
     brs = [_bracket(x, b, k) for x, k in zip(xs, ks)]
+    fn = _native_count(xs, b) if native else None
 
     def count(lo: int, hi: int) -> list[_Bracket]:
         """One pass over [lo, hi): per tensor, the count above its bracket and the values inside."""
+        if fn is not None:
+            return _count_native(fn, xs, b, brs, lo, hi)
         sc = _scratch()
         parts = [_Bracket(br.lo, br.hi, []) for br in brs]
         for s in range(lo, hi, CHUNK):
@@ -245,15 +252,17 @@ def select_many(xs: list[np.ndarray], b: Optional[np.ndarray], ks: list[int]) ->
                 m = sc("m", np.bool_, e - s)
                 np.less_equal(rel, np.uint32(br.hi - br.lo), out=m)
                 br.vals.append(bits[m])
+                br.counts.append(br.vals[-1].size)
                 np.greater(bits, np.uint32(br.hi), out=m)
                 br.n_above += int(np.count_nonzero(m))
                 br.inside += br.vals[-1].size
                 br.wide = br.inside > n // 4
         return parts
 
-    for part in _in_halves(n, count):  # chunks in order: vals[c] is chunk c
+    for part in _in_halves(n, count):  # chunks in order
         for br, p in zip(brs, part):
             br.vals += p.vals
+            br.counts += p.counts
             br.n_above += p.n_above
             br.inside += p.inside
             br.wide = br.wide or p.wide or br.inside > n // 4
@@ -267,21 +276,49 @@ def _finish(x: np.ndarray, b: Optional[np.ndarray], k: int, br: _Bracket, sc: _S
     r = k - br.n_above  # rank of the k-th value among the values inside, from the top
     if r < 1 or r > inside:
         return None
-    srt = np.sort(np.concatenate(br.vals))
+    vals = br.vals[0] if len(br.vals) == 1 else np.concatenate(br.vals)
+    srt = np.sort(vals)
     t = srt[inside - r]
     above, upto = int(np.searchsorted(srt, t, side="left")), int(np.searchsorted(srt, t, side="right"))
     need = r - (inside - upto)  # ties at t to keep
     if need == upto - above:
         return Selection(int(t), n - 1)  # every tie is kept
     # the need-th tie lies in the chunk where the running tie count reaches it: scan that one
-    for c, v in enumerate(br.vals):
-        here = int(np.count_nonzero(v == t))
-        if here >= need:
-            s = c * CHUNK
-            bits = _abs_bits(x, b, s, min(n, s + CHUNK), sc)
-            return Selection(int(t), s + int(np.flatnonzero(bits == t)[need - 1]))
-        need -= here
-    raise AssertionError("the ties at the threshold were counted inside the bracket")
+    ties = np.flatnonzero(vals == t)  # positions among the values inside, in index order
+    starts = np.cumsum([0] + br.counts)  # where each chunk's values start among them
+    c = int(np.searchsorted(starts, ties[need - 1], side="right")) - 1
+    need -= int(np.searchsorted(ties, starts[c]))  # the ties of the chunks before
+    s = c * CHUNK
+    bits = _abs_bits(x, b, s, min(n, s + CHUNK), sc)
+    return Selection(int(t), s + int(np.flatnonzero(bits == t)[need - 1]))
+
+
+def _native_count(xs: list[np.ndarray], b: Optional[np.ndarray]):
+    """The native counting pass for these tensors (one dtype, the base's too), or None."""
+    if any(x.dtype != xs[0].dtype for x in xs) or (b is not None and b.dtype != xs[0].dtype):
+        return None
+    defines = (("T", cpu_native.type_name(xs[0].dtype)), ("KM", str(len(xs))),
+               ("HAS_BASE", "1" if b is not None else "0"))
+    return _native("select_count", defines, len(xs), b is not None)
+
+
+def _count_native(fn, xs: list[np.ndarray], b: Optional[np.ndarray], brs: list[_Bracket], lo: int, hi: int) -> list[_Bracket]:
+    """select_many's count over [lo, hi) (lo a multiple of CHUNK) in one native call."""
+    n = xs[0].size
+    cap = n // 4 + 1  # more values inside than n // 4: wide
+    vals = [np.empty(cap, dtype=np.uint32) for _ in xs]  # only the pages written are ever touched
+    bracket = np.array([w for br in brs for w in (br.lo, br.hi)], dtype=np.uint32)
+    nchunks = -(-(hi - lo) // CHUNK)
+    above = np.zeros(len(xs), dtype=np.uint64)
+    per_chunk = np.zeros((len(xs), nchunks), dtype=np.uint64)
+    fn(cpu_native.ptr(b) if b is not None else None, cpu_native.pointers(xs), cpu_native.ptr(bracket), lo, hi,
+       CHUNK, cpu_native.pointers(vals), cap, cpu_native.ptr(above), cpu_native.ptr(per_chunk))
+    parts = []
+    for v, br, a, per in zip(vals, brs, above, per_chunk):
+        inside = int(per.sum())
+        parts.append(_Bracket(br.lo, br.hi, [v[:min(inside, cap)]], int(a), inside, inside > n // 4,
+                              per.astype(np.int64).tolist()))
+    return parts
 
 
 @_quiet
@@ -396,12 +433,20 @@ def _l1_buffers(k: int) -> list[tuple[mx.array, np.ndarray]]:
 
 
 @_quiet
-def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: int = 1024) -> list[tuple[mx.array, mx.array]]:
+def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: int = 1024,
+                  native: bool = True) -> list[tuple[mx.array, mx.array]]:
     """Per model, per-`block` sums of |d| and of the kept |d| (the first level of
-    kernels.accurate_sum, the last block zero-padded), in one pass over the base. MLX sums the
-    blocks (block_sums) straight from the arrays numpy fills, group by group while numpy
-    computes the next group. A RANDOM model's mask is kept in m.mask for the merge (one byte an
-    element instead of a second hash)."""
+    kernels.accurate_sum, the last block zero-padded), in one pass over the base.
+
+    Native code (where it is built) adds each block's 32 lanes (block_sums' first step) and MLX
+    adds those. Otherwise MLX sums the blocks (block_sums) straight from the arrays numpy fills,
+    group by group while numpy computes the next group, and a RANDOM model's mask is kept in
+    m.mask for the merge (one byte an element instead of a second hash)."""
+    for m in models:
+        m.mask = None
+    fn = _native_l1(base, models) if native and block == 1024 else None
+    if fn is not None:
+        return _l1_native(fn, base, models)
     n = base.size
     sc = _scratch()
     for m in models:
@@ -442,6 +487,28 @@ def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: in
     return [(cat([p[0] for p in out]), cat([p[1] for p in out])) for out in parts]
 
 
+def _native_l1(base: np.ndarray, models: list[Model]):
+    if any(m.x.dtype != base.dtype for m in models):
+        return None
+    defines = (("T", cpu_native.type_name(base.dtype)), ("KM", str(len(models))), _modes(models))
+    return _native("l1_lanes", defines, len(models))
+
+
+def _l1_native(fn, base: np.ndarray, models: list[Model]) -> list[tuple[mx.array, mx.array]]:
+    n, k = base.size, len(models)
+    lanes_mx, lanes = alloc((-(-n // 1024), k, 2, 32), np.float32)
+    f, u = _native_params(models)
+    xs = cpu_native.pointers([m.x for m in models])
+
+    def body(lo: int, hi: int) -> None:  # lo a multiple of CHUNK: of the block too
+        b0, b1 = lo // 1024, -(-hi // 1024)
+        fn(cpu_native.ptr(base), xs, cpu_native.ptr(f), cpu_native.ptr(u), cpu_native.ptr(lanes[b0:]), n, b0, b1)
+
+    _in_halves(n, body)
+    sums = lanes_mx.sum(axis=-1)  # block_sums' second step: the 32 lanes of each block
+    return [(sums[:, m, 0], sums[:, m, 1]) for m in range(k)]
+
+
 def _round_bf16(f: np.ndarray, out: np.ndarray, sc: _Scratch) -> None:
     """float32 -> bfloat16 bits as MLX rounds: to nearest even, every NaN to 0x7FC0."""
     c = f.size
@@ -473,9 +540,43 @@ def task_merge(
     out: np.ndarray,
 ) -> None:
     """kernels' fused merge (the operations of kernels._combine_fn, in its order) over chunks,
-    into `out`: bf16 bits (uint16) when out_bf16, else float32."""
+    into `out`: bf16 bits (uint16) when out_bf16, else float32. Native code where it is built
+    (cpu_native), numpy's passes otherwise."""
+    native = _native_merge(base, models, consensus, normalize, lam, divisor, out)
+    if native is not None:
+        _in_halves(base.size, native)
+        return
     _in_halves(base.size, lambda lo, hi: _merge_range(base, models, consensus, normalize, lam, divisor,
                                                       out_bf16, hasher, out, lo, hi))
+
+
+def _native_params(models: list[Model], lam: float = 1.0, divisor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The native loops' parameters: f (float32) = per model [weight, scale, p], then [lam, divisor];
+    u (uint32) = per model [t, cut, k0, k1]."""
+    f = np.array([v for m in models for v in (m.weight, m.scale, m.p)] + [lam, divisor], dtype=np.float32)
+    u = np.array([w for m in models for w in (m.t, m.cut, *m.keys)], dtype=np.uint32)
+    return f, u
+
+
+def _modes(models: list[Model]) -> tuple[str, str]:
+    return ("MODES", ",".join(str(m.mode) for m in models))
+
+
+def _native_merge(base, models, consensus, normalize, lam, divisor, out) -> Optional[Callable[[int, int], None]]:
+    """body(lo, hi) running the native merge over [lo, hi), or None where it does not apply:
+    mixed dtypes, an output of another dtype, no native build."""
+    if any(m.x.dtype != base.dtype for m in models) or out.dtype != base.dtype:
+        return None
+    defines = (("T", cpu_native.type_name(base.dtype)), ("KM", str(len(models))), _modes(models),
+               ("CONSENSUS", str(int(consensus))), ("NORMALIZE", str(int(normalize))))
+    fn = _native("task_merge", defines, len(models))
+    return _merge_native(fn, base, models, lam, divisor, out) if fn is not None else None
+
+
+def _merge_native(fn, base, models, lam, divisor, out) -> Callable[[int, int], None]:
+    f, u = _native_params(models, lam, divisor)
+    xs = cpu_native.pointers([m.x for m in models])
+    return lambda lo, hi: fn(cpu_native.ptr(base), xs, cpu_native.ptr(f), cpu_native.ptr(u), cpu_native.ptr(out), lo, hi)
 
 
 def _merge_range(base, models, consensus, normalize, lam, divisor, out_bf16, hasher, out, lo, hi) -> None:
@@ -556,3 +657,101 @@ def _merge_range(base, models, consensus, normalize, lam, divisor, out_bf16, has
             _round_bf16(mixed, out[s:e], sc)
         else:
             out[s:e] = mixed
+
+
+# ----------------------------------------------------------------------------- native code
+
+
+HASH = Hash(0x9E3779B9, 0x7FEB352D, 0x846CA68B)  # kernels/common.h's constants
+_native_ok: dict[tuple, bool] = {}
+
+
+def _native(name: str, defines: tuple[tuple[str, str], ...], km: int, has_base: bool = True):
+    """The native function of kernels/<name>.cpp for these defines, once it has given bit for bit
+    what numpy gives on a small input in this process; None otherwise (numpy's passes run)."""
+    fn = cpu_native.library(name, defines, km, has_base)
+    if fn is None:
+        return None
+    key = (name, defines)
+    if key not in _native_ok:
+        try:
+            _native_ok[key] = bool(_NATIVE_CHECKS[name](fn, dict(defines), km))
+            reason = "disagrees with numpy"
+        except Exception as e:  # noqa: BLE001 - any failure means: not this one
+            _native_ok[key] = False
+            reason = f"failed ({type(e).__name__}: {e})"
+        if not _native_ok[key]:
+            cpu_native.warn_once(name, f"mergekit-mlx: the native CPU '{name}' {reason}; using numpy")
+    return fn if _native_ok[key] else None
+
+
+def _check_data(dtype: str, k: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A base and k tensors near it, as host views of `dtype` (some elements equal to the base)."""
+    rng = np.random.default_rng(7)
+    b = rng.standard_normal(n).astype(np.float32) * np.float32(0.02)
+    xs = [b + rng.standard_normal(n).astype(np.float32) * np.float32(0.005) for _ in range(k)]
+    for i, x in enumerate(xs):
+        x[i::5] = b[i::5]
+    if dtype == "uint16_t":
+        return (b.view(np.uint32) >> 16).astype(np.uint16), [(x.view(np.uint32) >> 16).astype(np.uint16) for x in xs]
+    return b, xs
+
+
+def _check_models(base: np.ndarray, xs: list[np.ndarray], modes: str) -> list[Model]:
+    """Models in the given modes; thresholds at each tensor's median |d|."""
+    models = []
+    for i, (x, mode) in enumerate(zip(xs, modes.split(","))):
+        bits = _abs_bits(x, base, 0, x.size, _Scratch(x.size))
+        models.append(Model(x, int(mode), (0.7, -0.4, 1.1)[i % 3], 1.25, int(np.median(bits)), x.size // 2,
+                            (12345 + i, 678 + i), 0.6))
+    return models
+
+
+def _check_merge(fn, d: dict, k: int) -> bool:
+    n = 12289
+    base, xs = _check_data(d["T"], k, n)
+    models = _check_models(base, xs, d["MODES"])
+    consensus, normalize = d["CONSENSUS"] == "1", d["NORMALIZE"] == "1"
+    want, got = np.zeros(n, dtype=base.dtype), np.ones(n, dtype=base.dtype)
+    with np.errstate(all="ignore"):
+        _merge_range(base, models, consensus, normalize, 0.9, 1.5, base.dtype == np.uint16, HASH, want, 0, n)
+    native = _merge_native(fn, base, models, 0.9, 1.5, got)
+    native(0, 4099)
+    native(4099, n)  # two calls, as two threads make them
+    return want.tobytes() == got.tobytes()
+
+
+def _check_l1(fn, d: dict, k: int) -> bool:
+    n = 3 * 1024 + 77
+    base, xs = _check_data(d["T"], k, n)
+    models = _check_models(base, xs, d["MODES"])
+    want = l1_block_sums(base, models, HASH, native=False)
+    got = _l1_native(fn, base, models)
+    return all(np.array_equal(np.array(a).view(np.uint32), np.array(b).view(np.uint32))
+               for w, g in zip(want, got) for a, b in zip(w, g))
+
+
+def _check_count(fn, d: dict, k: int) -> bool:
+    n = 3 * CHUNK + 1001
+    base, xs = _check_data(d["T"], k, n)
+    b = base if d["HAS_BASE"] == "1" else None
+    brs = []
+    for x in xs:
+        bits = np.sort(_abs_bits(x, b, 0, n, _Scratch(n)))
+        brs.append(_Bracket(int(bits[n // 2]), int(bits[n // 2 + 2000]), []))
+    got = _count_native(fn, xs, b, brs, 0, CHUNK) + _count_native(fn, xs, b, brs, CHUNK, n)
+    for i, (x, br) in enumerate(zip(xs, brs)):
+        bits = _abs_bits(x, b, 0, n, _Scratch(n))
+        inside = (bits >= br.lo) & (bits <= br.hi)
+        mine = [got[i], got[k + i]]
+        if sum(p.n_above for p in mine) != int(np.count_nonzero(bits > br.hi)):
+            return False
+        if not np.array_equal(np.concatenate([p.vals[0] for p in mine]), bits[inside]):
+            return False
+        counts = [c for p in mine for c in p.counts]
+        if counts != [int(np.count_nonzero(inside[s:s + CHUNK])) for s in range(0, n, CHUNK)]:
+            return False
+    return True
+
+
+_NATIVE_CHECKS = {"task_merge": _check_merge, "l1_lanes": _check_l1, "select_count": _check_count}

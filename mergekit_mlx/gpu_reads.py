@@ -27,7 +27,7 @@ import numpy as np
 
 from . import cuda_jit, cuda_mem
 from .errors import ModelError
-from .kernels import kernel_source
+from .kernel_sources import kernel_source
 from .models import SAFETENSORS_DTYPES
 
 CHUNK = 4 << 20  # bytes per pread and per copy; each reader has two page-locked buffers of it

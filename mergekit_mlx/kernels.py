@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu_kernels, cuda_jit
+from .kernel_sources import kernel_source, model_macros
 
 _ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
 _ENV_MLX_JIT = "MERGEKIT_MLX_MLX_JIT"  # CUDA: compile with mx.fast.cuda_kernel in every process (no cache)
@@ -374,7 +375,8 @@ def _l1_fallback(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.
     return accurate_sum(a), accurate_sum(kept)
 
 
-_HASH = cpu_kernels.Hash(_GOLDEN, _M1, _M2)
+_HASH = cpu_kernels.HASH
+assert (_HASH.golden, _HASH.m1, _HASH.m2) == (_GOLDEN, _M1, _M2)
 
 
 def _host_model(other: mx.array, plan: _ModelPlan, weight: float = 1.0) -> cpu_kernels.Model:
@@ -594,65 +596,13 @@ def _gpu_backend() -> Optional[str]:
     return None
 
 
-def _kernel_root():
-    """The kernel sources: the installed package data, or kernels/ beside a source checkout."""
-    from importlib.resources import files
-    from pathlib import Path
-
-    try:
-        return files("mergekit_mlx._kernels")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "kernels"
-
-
-def kernel_source(name: str, backend_name: str) -> tuple[str, str]:
-    """(header, body) of kernels/<name>.metal or .cu with its splices resolved."""
-    root = _kernel_root()
-    ext = "metal" if backend_name == "metal" else "cu"
-
-    def expand(fname: str) -> str:
-        out = []
-        for line in root.joinpath(fname).read_text().splitlines():
-            if line.strip().startswith("// @splice "):
-                out.append(expand(line.strip()[len("// @splice "):].strip()))
-            else:
-                out.append(line)
-        return "\n".join(out)
-
-    text = expand(f"{name}.{ext}")
-    head, _, body = text.partition("// @body")
-    return head.replace("// @header", ""), body
-
-
-def _model_macros(km: int, has_base: bool, backend_name: str) -> str:
-    """Loads of the base and of model m (m a compile-time index after unrolling):
-    BASEF(i) and XF(m, i) one float; BLOAD8(i, o) and XLOAD8(m, i, o) eight floats from i
-    (i a multiple of 8, with INPUTS_ALIGNED true on every input: 16-byte loads on CUDA)."""
-    chain = f"LOADF(x{km - 1}, i)"
-    for m in range(km - 2, -1, -1):
-        chain = f"((m) == {m} ? LOADF(x{m}, i) : {chain})"
-    load8 = f"MK_LOAD8(x{km - 1}, i, o);"
-    for m in range(km - 2, -1, -1):
-        load8 = f"if ((m) == {m}) {{ MK_LOAD8(x{m}, i, o); }} else {{ {load8} }}"
-    names = (["base"] if has_base else []) + [f"x{m}" for m in range(km)]
-    lines = [
-        f"#define BASEF(i) {'LOADF(base, i)' if has_base else '0.0f'}",
-        f"#define XF(m, i) {chain}",
-        f"#define XLOAD8(m, i, o) {{ {load8} }}",
-        "#define BLOAD8(i, o) " + ("{ MK_LOAD8(base, i, o); }" if has_base
-                                   else "{ for (int mk_b = 0; mk_b < 8; ++mk_b) { (o)[mk_b] = 0.0f; } }"),
-        "#define INPUTS_ALIGNED (" + " && ".join(f"MK_ALIGNED16({a})" for a in names) + ")",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 @lru_cache(maxsize=None)
 def _kernel(name: str, backend_name: str, km: int = 0, has_base: bool = False, atomic: bool = False,
             inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ("out",)):
     header, body = kernel_source(name, backend_name)
     names = (["base"] if has_base else []) + [f"x{m}" for m in range(km)] + list(inputs)
     if km:
-        body = _model_macros(km, has_base, backend_name) + body
+        body = model_macros(km, has_base) + body
     tag = f"mk_{name}_{km}{'b' if has_base else ''}"
     if backend_name == "metal":
         return mx.fast.metal_kernel(name=tag, input_names=names, output_names=list(outputs), source=body,

@@ -14,7 +14,7 @@ import pytest
 
 import tiny
 from mergekit_mlx import cuda_jit, gpu_reads, merge
-from mergekit_mlx.kernels import kernel_source
+from mergekit_mlx.kernel_sources import kernel_source
 from mergekit_mlx.models import SAFETENSORS_DTYPES, open_model
 
 CLANG = shutil.which("clang++") or shutil.which("clang")

@@ -425,6 +425,21 @@ def test_accurate_sum_matches_float64_on_millions_of_values():
 from mergekit_mlx import cpu_kernels as CK  # noqa: E402
 
 
+def pytest_generate_tests(metafunc):
+    """Every test_cpu_* test runs twice: with the native loops (kernels/*.cpp, built here by the
+    system's compiler) and with numpy's passes (what runs without a compiler)."""
+    if metafunc.definition.name.startswith("test_cpu_"):
+        metafunc.parametrize("cpu_code", ["native", "numpy"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu_code(request, monkeypatch):
+    code = getattr(request, "param", "native")
+    if code == "numpy":
+        monkeypatch.setenv("MERGEKIT_MLX_NO_NATIVE", "1")
+    return code
+
+
 @pytest.fixture(autouse=True)
 def _cpu_path_on_the_cpu(request):
     """The test_cpu_* tests are about the CPU path's numpy passes, which run where the CPU is the
@@ -562,7 +577,7 @@ def test_cpu_merge_with_nan_and_inf_matches_the_compiled_graph(monkeypatch):
         np.testing.assert_array_equal(bits_of(got), bits_of(graph_merge(monkeypatch, b, os_, [0.6, 0.4], **kw)))
 
 
-def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph():
+def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph(cpu_code):
     rng = np.random.default_rng(14)
     n = 2 * CK.GROUP + 1077  # three groups of block sums (buffers reused), the last block padded
     base, others = family(rng, shape=(n,), k=2, scale=0.01)
@@ -575,7 +590,22 @@ def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph():
     assert plans[0].mask is None  # magnitude masks are not stored
     plans, _ = K._plan_models(b, os_, "random", [0.4, 0.7], False, 5, [9, 10], None)
     K._l1_cpu(b, os_, plans)
-    assert plans[0].mask.mean() == pytest.approx(0.4, abs=0.01) and plans[1].mask.mean() == pytest.approx(0.7, abs=0.01)
+    if cpu_code == "native":  # the native merge draws the random masks again, as the GPU does
+        assert plans[0].mask is None and plans[1].mask is None
+    else:  # numpy's merge reads the masks the L1 pass drew
+        assert plans[0].mask.mean() == pytest.approx(0.4, abs=0.01) and plans[1].mask.mean() == pytest.approx(0.7, abs=0.01)
+
+
+def test_cpu_native_loops_are_built_where_a_compiler_runs(cpu_code):
+    from mergekit_mlx import cpu_native
+
+    if cpu_code == "numpy" or cpu_native.compiler() is None:
+        pytest.skip("numpy's passes: nothing is built")
+    base = np.zeros(8, dtype=np.uint16)
+    models = [CK.Model(base, mode, 1.0) for mode in (CK.MAGNITUDE, CK.RANDOM)]
+    assert CK._native_merge(base, models, True, True, 1.0, 1.0, np.zeros(8, dtype=np.uint16)) is not None
+    assert CK._native_l1(base, models) is not None
+    assert CK._native_count([base, base], base) is not None
 
 
 def test_cpu_bf16_rounding_is_mlx_rounding():

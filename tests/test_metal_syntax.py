@@ -22,7 +22,7 @@ from importlib.resources import files
 
 import pytest
 
-from mergekit_mlx.kernels import _model_macros, kernel_source
+from mergekit_mlx.kernel_sources import kernel_source, model_macros
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
 
@@ -139,7 +139,7 @@ def metal_unit(name, inst):
     km, has_base, inputs, outputs, templates, atomic = inst
     header, body = kernel_source(name, "metal")
     if km:
-        body = _model_macros(km, has_base, "metal") + body
+        body = model_macros(km, has_base) + body
     params = [f"const device {METAL_TYPES[t]}* {n} [[buffer({i})]]" for i, (n, t) in enumerate(_names(km, has_base, inputs))]
     for j, (n, t) in enumerate(outputs):
         ty = f"atomic<{METAL_TYPES[t]}>" if atomic else METAL_TYPES[t]
@@ -167,7 +167,7 @@ def cuda_unit(name, inst):
     km, has_base, inputs, outputs, templates, atomic = inst
     header, body = kernel_source(name, "cuda")
     if km:
-        body = _model_macros(km, has_base, "cuda") + body
+        body = model_macros(km, has_base) + body
     return wrap_source(f"mk_{name}", header, body, [(n, dtypes[t]) for n, t in _names(km, has_base, inputs)],
                        [(n, dtypes[t]) for n, t in outputs],
                        [(k, mx.bfloat16 if v == "T" else v) for k, v in templates])
@@ -338,7 +338,7 @@ class EmulatedKernel:
 
         header, body = kernel_source(self.name, "cuda")
         if self.km:
-            body = _model_macros(self.km, self.has_base, "cuda") + body
+            body = model_macros(self.km, self.has_base) + body
         consts = ""
         for k, v in template:
             if isinstance(v, bool):

@@ -1,0 +1,99 @@
+"""The CPU's native loops (mergekit_mlx/cpu_native.py): built by the system's compiler, cached,
+and never worse than numpy's passes: without a compiler, after a failed build or a failed
+first-use check, numpy's passes run and the merge is the same. (That the loops give numpy's bits
+is the business of tests/test_kernels.py, whose test_cpu_* tests run both.)"""
+
+import os
+import stat
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mergekit_mlx import cpu_kernels as CK
+from mergekit_mlx import cpu_native, kernels as K
+
+DEFINES = (("T", "uint16_t"), ("KM", "2"), ("MODES", "2,3"), ("CONSENSUS", "1"), ("NORMALIZE", "1"))
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty build cache and no built or checked variants in this process."""
+    monkeypatch.setenv("MERGEKIT_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_native, "_warned", set())
+    monkeypatch.setattr(CK, "_native_ok", {})
+    cpu_native._library.cache_clear()
+    cpu_native.compiler.cache_clear()
+    yield tmp_path
+    cpu_native._library.cache_clear()
+    cpu_native.compiler.cache_clear()
+
+
+def merged(seed=3):
+    rng = np.random.default_rng(seed)
+    base = mx.array(rng.standard_normal(40_000) * 0.02).astype(mx.bfloat16)
+    others = [(base.astype(mx.float32) + mx.array(rng.standard_normal(40_000) * 0.003)).astype(mx.bfloat16)
+              for _ in range(2)]
+    with mx.stream(mx.cpu):
+        out = K.fused_task_merge(base, others, [0.6, 0.4], sparsify="random", densities=[0.5, 0.7], rescale=True,
+                                 consensus="sum", normalize=True, lam=1.0, seed=11)
+        return np.array(out.view(mx.uint16))
+
+
+def failing_compiler(path) -> str:
+    """A 'C++ compiler' that answers --version and fails every build."""
+    script = path / "fake-c++"
+    script.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake 1.0"; exit 0; fi\n'
+                      "echo 'error: no such target' >&2\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_a_variant_is_built_once_and_cached_on_disk(fresh):
+    if cpu_native.compiler() is None:
+        pytest.skip("no C++ compiler here")
+    assert CK._native("task_merge", DEFINES, 2) is not None
+    built = list((fresh / "cache" / "cpu").glob("task_merge-*.so"))
+    assert len(built) == 1
+    cpu_native._library.cache_clear()
+    mtime = built[0].stat().st_mtime_ns
+    assert cpu_native.library("task_merge", DEFINES, 2) is not None  # loaded, not built again
+    assert built[0].stat().st_mtime_ns == mtime
+
+
+def test_without_a_compiler_numpy_merges_the_same(fresh, monkeypatch):
+    want = merged()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("PATH", str(fresh))  # nothing named c++, g++ or clang++ on it
+    cpu_native.compiler.cache_clear()
+    assert cpu_native.compiler() is None
+    assert CK._native("task_merge", DEFINES, 2) is None
+    np.testing.assert_array_equal(merged(), want)
+
+
+def test_a_failed_build_warns_once_and_numpy_runs(fresh, monkeypatch):
+    want = merged()
+    built = set((fresh / "cache" / "cpu").glob("*.so"))
+    cpu_native._library.cache_clear()
+    monkeypatch.setattr(CK, "_native_ok", {})
+    monkeypatch.setenv("CXX", failing_compiler(fresh))
+    cpu_native.compiler.cache_clear()
+    with pytest.warns(RuntimeWarning, match="building the native CPU 'task_merge' failed.*no such target"):
+        assert CK._native("task_merge", DEFINES, 2) is None
+    with pytest.warns(RuntimeWarning, match="building the native CPU 'l1_lanes' failed"):
+        np.testing.assert_array_equal(merged(), want)
+    assert set((fresh / "cache" / "cpu").glob("*.so")) == built  # nothing half-built is left to be loaded
+
+
+def test_a_variant_that_disagrees_with_numpy_is_not_used(fresh, monkeypatch):
+    if cpu_native.compiler() is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setitem(CK._NATIVE_CHECKS, "task_merge", lambda fn, d, k: False)
+    with pytest.warns(RuntimeWarning, match="native CPU 'task_merge' disagrees with numpy"):
+        assert CK._native("task_merge", DEFINES, 2) is None
+
+
+def test_switched_off_by_the_environment(fresh, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_MLX_NO_NATIVE", "1")
+    assert cpu_native.library("task_merge", DEFINES, 2) is None
+    assert not os.path.exists(fresh / "cache" / "cpu")
