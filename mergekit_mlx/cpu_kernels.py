@@ -295,7 +295,7 @@ def _finish(x: np.ndarray, b: Optional[np.ndarray], k: int, br: _Bracket, sc: _S
 
 def _native_count(xs: list[np.ndarray], b: Optional[np.ndarray]):
     """The native counting pass for these tensors (one dtype, the base's too), or None."""
-    if any(x.dtype != xs[0].dtype for x in xs) or (b is not None and b.dtype != xs[0].dtype):
+    if not _one_layout(xs[0].dtype, *xs, *([b] if b is not None else [])):
         return None
     defines = (("T", cpu_native.type_name(xs[0].dtype)), ("KM", str(len(xs))),
                ("HAS_BASE", "1" if b is not None else "0"))
@@ -488,7 +488,7 @@ def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: in
 
 
 def _native_l1(base: np.ndarray, models: list[Model]):
-    if any(m.x.dtype != base.dtype for m in models):
+    if not _one_layout(base.dtype, base, *[m.x for m in models]):
         return None
     defines = (("T", cpu_native.type_name(base.dtype)), ("KM", str(len(models))), _modes(models))
     return _native("l1_lanes", defines, len(models))
@@ -550,6 +550,11 @@ def task_merge(
                                                       out_bf16, hasher, out, lo, hi))
 
 
+def _one_layout(dtype, *arrays: np.ndarray) -> bool:
+    """The native loops read flat, contiguous arrays of one dtype."""
+    return all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
+
+
 def _native_params(models: list[Model], lam: float = 1.0, divisor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The native loops' parameters: f (float32) = per model [weight, scale, p], then [lam, divisor];
     u (uint32) = per model [t, cut, k0, k1]."""
@@ -565,7 +570,7 @@ def _modes(models: list[Model]) -> tuple[str, str]:
 def _native_merge(base, models, consensus, normalize, lam, divisor, out) -> Optional[Callable[[int, int], None]]:
     """body(lo, hi) running the native merge over [lo, hi), or None where it does not apply:
     mixed dtypes, an output of another dtype, no native build."""
-    if any(m.x.dtype != base.dtype for m in models) or out.dtype != base.dtype:
+    if not _one_layout(base.dtype, base, out, *[m.x for m in models]):
         return None
     defines = (("T", cpu_native.type_name(base.dtype)), ("KM", str(len(models))), _modes(models),
                ("CONSENSUS", str(int(consensus))), ("NORMALIZE", str(int(normalize))))
