@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .kernel_sources import expand, model_macros
+from .kernel_sources import cache_root, expand, model_macros
 
 _ENV_OFF = "MERGEKIT_MLX_NO_NATIVE"
 # IEEE float32 as written: no contraction into fused multiply-adds, no fast-math
@@ -51,10 +51,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MERGEKIT_MLX_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergekit-mlx")
-    return Path(root) / "cpu"
+    return cache_root() / "cpu"
 
 
 @lru_cache(maxsize=None)

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
+from .kernel_sources import cache_root
+
 CUDA_TYPES = {
     mx.float32: "float",
     mx.float16: "__half",
@@ -51,10 +53,7 @@ class CompileError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MERGEKIT_MLX_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergekit-mlx")
-    return Path(root) / "cuda"
+    return cache_root() / "cuda"
 
 
 def wrap_source(fname: str, header: str, body: str, inputs: Sequence[tuple[str, mx.Dtype]],

@@ -1,11 +1,21 @@
 """The kernel sources in `kernels/`: one file per kernel and backend (`.metal`, `.cu`, `.cpp`),
-with `// @splice FILE` lines replaced by FILE's text (the shared bodies and preludes)."""
+with `// @splice FILE` lines replaced by FILE's text (the shared bodies and preludes); and where
+their compiled forms are cached."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 EXTENSIONS = {"metal": "metal", "cuda": "cu", "cpu": "cpp"}
+
+
+def cache_root() -> Path:
+    """Where compiled kernels live: $MERGEKIT_MLX_CACHE, default ~/.cache/mergekit-mlx."""
+    root = os.environ.get("MERGEKIT_MLX_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergekit-mlx")
+    return Path(root)
 
 
 def kernel_root():
