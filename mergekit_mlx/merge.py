@@ -308,7 +308,6 @@ class _Pipeline:
     def _read(self, mine: set[int], turn: int = 0, turns: int = 1) -> None:
         """Read, task by task, the inputs that come from the models in `mine` (of every
         `turns`-th task, starting at `turn`)."""
-        models = self.plan.models
         for i, task in enumerate(self.tasks):
             slots = [k for k, (m, _) in enumerate(task.inputs) if m in mine]
             if not slots or i % turns != turn:
