@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu_native
+from .errors import warn_once
 
 CHUNK = 1 << 17  # elements per step: float32 temporaries of this size stay in L2 or L3
 GROUP = 1 << 20  # elements whose L1 block sums MLX takes per call
@@ -111,7 +112,8 @@ _helper: list[threading.Thread] = []
 
 def _in_halves(n: int, body: Callable[[int, int], object]) -> list:
     """[body(0, n)], or for n >= SPLIT [body(0, mid), body(mid, n)] with the upper half on a
-    helper thread (a daemon that lives as long as the process). body runs numpy only."""
+    helper thread (a daemon that lives as long as the process). body runs numpy or native code
+    only, no MLX."""
     if n < SPLIT:
         return [body(0, n)]
     mid = n // 2 // CHUNK * CHUNK
@@ -237,29 +239,9 @@ def select_many(xs: list[np.ndarray], b: Optional[np.ndarray], ks: list[int], na
     fn = _native_count(xs, b) if native else None
 
     def count(lo: int, hi: int) -> list[_Bracket]:
-        """One pass over [lo, hi): per tensor, the count above its bracket and the values inside."""
         if fn is not None:
             return _count_native(fn, xs, b, brs, lo, hi)
-        sc = _scratch()
-        parts = [_Bracket(br.lo, br.hi, []) for br in brs]
-        for s in range(lo, hi, CHUNK):
-            e = min(hi, s + CHUNK)
-            bw = _widen(b[s:e], sc("b", np.uint32, e - s)).view(np.float32) if b is not None else None
-            for x, br in zip(xs, parts):
-                if br.wide:
-                    continue
-                bits = _abs_bits(x, b, s, e, sc, bw)
-                rel = sc("rel", np.uint32, e - s)
-                np.subtract(bits, np.uint32(br.lo), out=rel)  # wraps below lo: one compare tests lo <= bits <= hi
-                m = sc("m", np.bool_, e - s)
-                np.less_equal(rel, np.uint32(br.hi - br.lo), out=m)
-                br.vals.append(bits[m])
-                br.counts.append(br.vals[-1].size)
-                np.greater(bits, np.uint32(br.hi), out=m)
-                br.n_above += int(np.count_nonzero(m))
-                br.inside += br.vals[-1].size
-                br.wide = br.inside > n // 4
-        return parts
+        return _count_numpy(xs, b, brs, lo, hi)
 
     for part in _in_halves(n, count):  # chunks in order
         for br, p in zip(brs, part):
@@ -269,6 +251,32 @@ def select_many(xs: list[np.ndarray], b: Optional[np.ndarray], ks: list[int], na
             br.inside += p.inside
             br.wide = br.wide or p.wide or br.inside > n // 4
     return [None if br.wide else _finish(x, b, k, br, _scratch()) for x, k, br in zip(xs, ks, brs)]
+
+
+def _count_numpy(xs: list[np.ndarray], b: Optional[np.ndarray], brs: list[_Bracket], lo: int, hi: int) -> list[_Bracket]:
+    """One pass over [lo, hi) (lo a multiple of CHUNK): per tensor, the count above its bracket and
+    the values inside it, chunk by chunk; a tensor stops once it is wide."""
+    n = xs[0].size
+    sc = _scratch()
+    parts = [_Bracket(br.lo, br.hi, []) for br in brs]
+    for s in range(lo, hi, CHUNK):
+        e = min(hi, s + CHUNK)
+        bw = _widen(b[s:e], sc("b", np.uint32, e - s)).view(np.float32) if b is not None else None
+        for x, br in zip(xs, parts):
+            if br.wide:
+                continue
+            bits = _abs_bits(x, b, s, e, sc, bw)
+            rel = sc("rel", np.uint32, e - s)
+            np.subtract(bits, np.uint32(br.lo), out=rel)  # wraps below lo: one compare tests lo <= bits <= hi
+            m = sc("m", np.bool_, e - s)
+            np.less_equal(rel, np.uint32(br.hi - br.lo), out=m)
+            br.vals.append(bits[m])
+            br.counts.append(br.vals[-1].size)
+            np.greater(bits, np.uint32(br.hi), out=m)
+            br.n_above += int(np.count_nonzero(m))
+            br.inside += br.vals[-1].size
+            br.wide = br.inside > n // 4
+    return parts
 
 
 def _finish(x: np.ndarray, b: Optional[np.ndarray], k: int, br: _Bracket, sc: _Scratch) -> Optional[Selection]:
@@ -301,7 +309,7 @@ def _native_count(xs: list[np.ndarray], b: Optional[np.ndarray]):
         return None
     defines = (("T", cpu_native.type_name(xs[0].dtype)), ("KM", str(len(xs))),
                ("HAS_BASE", "1" if b is not None else "0"))
-    return _native("select_count", defines, len(xs), b is not None)
+    return _native("select_count", defines, len(xs))
 
 
 def _count_native(fn, xs: list[np.ndarray], b: Optional[np.ndarray], brs: list[_Bracket], lo: int, hi: int) -> list[_Bracket]:
@@ -444,10 +452,10 @@ def l1_block_sums(base: np.ndarray, models: list[Model], hasher: Hash, block: in
     adds those. Otherwise MLX sums the blocks (block_sums) straight from the arrays numpy fills,
     group by group while numpy computes the next group, and a RANDOM model's mask is kept in
     m.mask for the merge (one byte an element instead of a second hash)."""
-    for m in models:
-        m.mask = None
     fn = _native_l1(base, models) if native and block == 1024 else None
     if fn is not None:
+        for m in models:  # the native merge draws the masks again
+            m.mask = None
         return _l1_native(fn, base, models)
     n = base.size
     sc = _scratch()
@@ -673,10 +681,10 @@ HASH = Hash(0x9E3779B9, 0x7FEB352D, 0x846CA68B)  # kernels/common.h's constants
 _native_ok: dict[tuple, bool] = {}
 
 
-def _native(name: str, defines: tuple[tuple[str, str], ...], km: int, has_base: bool = True):
+def _native(name: str, defines: tuple[tuple[str, str], ...], km: int):
     """The native function of kernels/<name>.cpp for these defines, once it has given bit for bit
     what numpy gives on a small input in this process; None otherwise (numpy's passes run)."""
-    fn = cpu_native.library(name, defines, km, has_base)
+    fn = cpu_native.library(name, defines, km)
     if fn is None:
         return None
     key = (name, defines)
@@ -688,7 +696,7 @@ def _native(name: str, defines: tuple[tuple[str, str], ...], km: int, has_base: 
             _native_ok[key] = False
             reason = f"failed ({type(e).__name__}: {e})"
         if not _native_ok[key]:
-            cpu_native.warn_once(name, f"mergekit-mlx: the native CPU '{name}' {reason}; using numpy")
+            warn_once(name, f"mergekit-mlx: the native CPU '{name}' {reason}; using numpy")
     return fn if _native_ok[key] else None
 
 
@@ -746,18 +754,15 @@ def _check_count(fn, d: dict, k: int) -> bool:
     for x in xs:
         bits = np.sort(_abs_bits(x, b, 0, n, _Scratch(n)))
         brs.append(_Bracket(int(bits[n // 2]), int(bits[n // 2 + 2000]), []))
-    got = _count_native(fn, xs, b, brs, 0, CHUNK) + _count_native(fn, xs, b, brs, CHUNK, n)
-    for i, (x, br) in enumerate(zip(xs, brs)):
-        bits = _abs_bits(x, b, 0, n, _Scratch(n))
-        inside = (bits >= br.lo) & (bits <= br.hi)
-        mine = [got[i], got[k + i]]
-        if sum(p.n_above for p in mine) != int(np.count_nonzero(bits > br.hi)):
-            return False
-        if not np.array_equal(np.concatenate([p.vals[0] for p in mine]), bits[inside]):
-            return False
-        counts = [c for p in mine for c in p.counts]
-        if counts != [int(np.count_nonzero(inside[s:s + CHUNK])) for s in range(0, n, CHUNK)]:
-            return False
+    for lo, hi in ((0, CHUNK), (CHUNK, n)):  # two calls, as two threads make them
+        with np.errstate(all="ignore"):
+            want = _count_numpy(xs, b, brs, lo, hi)
+        got = _count_native(fn, xs, b, brs, lo, hi)
+        for w, g in zip(want, got):
+            if (w.n_above, w.inside, w.wide, w.counts) != (g.n_above, g.inside, g.wide, g.counts):
+                return False
+            if not np.array_equal(np.concatenate(w.vals), np.concatenate(g.vals)):
+                return False
     return True
 
 

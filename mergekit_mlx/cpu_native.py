@@ -22,13 +22,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import warn_once
 from .kernel_sources import cache_root, expand, model_macros
 
 _ENV_OFF = "MERGEKIT_MLX_NO_NATIVE"
@@ -36,14 +36,13 @@ _ENV_OFF = "MERGEKIT_MLX_NO_NATIVE"
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno",
           "-Wno-unknown-pragmas"]
 _P = ctypes.c_void_p
-_U32, _U64 = ctypes.c_uint32, ctypes.c_uint64
+_U64 = ctypes.c_uint64
 _SIGNATURES = {
     "task_merge": ("mk_task_merge", [_P, _P, _P, _P, _P, _U64, _U64]),
     "l1_lanes": ("mk_l1_lanes", [_P, _P, _P, _P, _P, _U64, _U64, _U64]),
     "select_count": ("mk_select_count", [_P, _P, _P, _U64, _U64, _U64, _P, _U64, _P, _P]),
 }
 _lock = threading.Lock()
-_warned: set[str] = set()
 
 
 def enabled() -> bool:
@@ -88,10 +87,10 @@ def _arch_flags() -> list[str]:
     return ["-mcpu=native"] if platform.machine().lower() in ("arm64", "aarch64") else ["-march=native"]
 
 
-def _source(name: str, defines: Sequence[tuple[str, str]], km: int, has_base: bool) -> str:
+def _source(name: str, defines: Sequence[tuple[str, str]], km: int) -> str:
     lines = [f"#define {k} {v}" for k, v in defines]
     lines.append("#define MK_MODELS " + " ".join(f"const T* __restrict x{m} = xs[{m}];" for m in range(km)))
-    return "\n".join(lines) + "\n" + model_macros(km, has_base) + expand(f"{name}.cpp") + "\n"
+    return "\n".join(lines) + "\n" + model_macros(km, True) + expand(f"{name}.cpp") + "\n"
 
 
 def _build(source: str, path: Path) -> Optional[str]:
@@ -110,18 +109,18 @@ def _build(source: str, path: Path) -> Optional[str]:
         return got.stderr.strip()[-2000:] or f"{cxx} failed"
 
 
-def library(name: str, defines: tuple[tuple[str, str], ...], km: int, has_base: bool = True):
+def library(name: str, defines: tuple[tuple[str, str], ...], km: int):
     """The function of kernels/<name>.cpp built with these defines, or None (switched off, no
     compiler, a failed build: warned once). Built once per machine: the cache key covers the
     source, the compiler, the flags and the CPU."""
-    return _library(name, defines, km, has_base) if enabled() else None
+    return _library(name, defines, km) if enabled() else None
 
 
 @lru_cache(maxsize=None)
-def _library(name: str, defines: tuple[tuple[str, str], ...], km: int, has_base: bool):
+def _library(name: str, defines: tuple[tuple[str, str], ...], km: int):
     if compiler() is None:
         return None
-    source = _source(name, defines, km, has_base)
+    source = _source(name, defines, km)
     key = hashlib.sha256("\0".join([source, *compiler(), *_FLAGS, _machine(), "v1"]).encode()).hexdigest()[:40]
     path = cache_dir() / f"{name}-{key}.so"
     with _lock:
@@ -144,11 +143,6 @@ def _library(name: str, defines: tuple[tuple[str, str], ...], km: int, has_base:
     fn.keep = lib  # the library lives as long as the function
     return fn
 
-
-def warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def ptr(a: np.ndarray) -> int:

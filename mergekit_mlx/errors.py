@@ -1,8 +1,21 @@
-"""The two kinds of user-facing failure: a bad recipe, and a bad input model.
+"""The user-facing failures (a bad recipe, a bad input model, an output that cannot be written),
+and the one-time warnings of a fallback.
 
-Each message names the YAML key or the file and says what would be valid; the CLI prints it as
-one paragraph and exits non-zero, without a traceback.
+Each error message names the YAML key or the file and says what would be valid; the CLI prints it
+as one paragraph and exits non-zero, without a traceback.
 """
+
+import warnings
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, msg: str) -> None:
+    """A RuntimeWarning the first time `key` comes up in this process (a kernel or a native loop
+    that fell back), pointing at the caller's caller."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 class MergeKitError(Exception):

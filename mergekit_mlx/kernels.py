@@ -19,7 +19,6 @@ import math
 import os
 import struct
 import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu_kernels, cuda_jit
+from .errors import warn_once as _warn_once
 from .kernel_sources import kernel_source, model_macros
 
 _ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
@@ -195,9 +195,9 @@ def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
 
 
 def _numpy_path(*arrays: mx.array) -> bool:
-    """The CPU path's numpy passes apply: the CPU is the default device (on a GPU with kernels off,
-    or after a GPU kernel's check failed, the compiled MLX graphs run on the GPU instead) and
-    numpy reads the dtypes."""
+    """The CPU path's loops (cpu_kernels: native code or numpy's passes) apply: the CPU is the
+    default device (on a GPU with kernels off, or after a GPU kernel's check failed, the compiled
+    MLX graphs run on the GPU instead) and they read the dtypes."""
     return mx.default_device() == mx.cpu and cpu_kernels.supported(*arrays)
 
 
@@ -207,8 +207,8 @@ def _select_cpu(x: mx.array, base: Optional[mx.array], k: int) -> _Selection:
 
 
 def _select_cpu_many(xs: list[mx.array], base: Optional[mx.array], ks: list[int]) -> list[_Selection]:
-    """Exact top-k of each |x - base| on the CPU, one pass over the base: numpy's sampled
-    bracket, or the full partition where a bracket misses or the dtype is not one numpy reads."""
+    """Exact top-k of each |x - base| on the CPU, one pass over the base: cpu_kernels' sampled
+    bracket, or the full partition where a bracket misses or the dtype is not one it reads."""
     got = [None] * len(xs)
     if _numpy_path(*xs, *([base] if base is not None else [])):
         got = cpu_kernels.select_many([cpu_kernels.host(x) for x in xs],
@@ -386,8 +386,9 @@ def _host_model(other: mx.array, plan: _ModelPlan, weight: float = 1.0) -> cpu_k
 
 
 def _l1_cpu(base: mx.array, others: list[mx.array], plans: list[_ModelPlan]) -> list[tuple[mx.array, mx.array]]:
-    """_l1_fallback's sums from numpy's chunks (the same float32 sums), one pass for all models;
-    a random model's mask is kept on its plan, so the merge does not draw it again."""
+    """_l1_fallback's sums from cpu_kernels' loops (the same float32 sums), one pass for all
+    models; where numpy's passes run, a random model's mask is kept on its plan, so the merge does
+    not draw it again."""
     if base.size <= 1024 or not _numpy_path(base, *others):
         return [_l1_fallback(base, o, p) for o, p in zip(others, plans)]
     models = [_host_model(o, p) for o, p in zip(others, plans)]
@@ -398,7 +399,7 @@ def _l1_cpu(base: mx.array, others: list[mx.array], plans: list[_ModelPlan]) -> 
 
 
 def _merge_cpu(base, others, weights, plans, consensus, normalize, lam, divisor) -> Optional[mx.array]:
-    """The fused merge through numpy's chunks, or None where the MLX graph runs (other dtypes)."""
+    """The fused merge through cpu_kernels' loops, or None where the MLX graph runs (other dtypes)."""
     if not _numpy_path(base, *others):
         return None
     models = [_host_model(o, p, w) for o, p, w in zip(others, plans, weights)]
@@ -577,7 +578,6 @@ _MERGE_GROUPS = 2  # groups of eight elements per thread in the merge kernel
 _OK, _BETWEEN, _OUTSIDE = 1, 2, 3  # select_resolve's statuses
 _SELECT_OVERRIDE: Optional[str] = None  # tests: force every selection down the 'between'/'outside' path
 _checked: dict[str, bool] = {}
-_warned: set[str] = set()
 
 
 def backend() -> str:
@@ -612,12 +612,6 @@ def _kernel(name: str, backend_name: str, km: int = 0, has_base: bool = False, a
     if os.environ.get(_ENV_MLX_JIT):
         return mlx_jit
     return cuda_jit.CachedKernel(tag, names, outputs, header, body, fallback=mlx_jit)
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _gpu_call(gpu: str, what: str, fn):

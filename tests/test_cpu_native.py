@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mergekit_mlx import cpu_kernels as CK
-from mergekit_mlx import cpu_native, kernels as K
+from mergekit_mlx import cpu_native, errors, kernels as K
 
 DEFINES = (("T", "uint16_t"), ("KM", "2"), ("MODES", "2,3"), ("CONSENSUS", "1"), ("NORMALIZE", "1"))
 
@@ -20,7 +20,7 @@ DEFINES = (("T", "uint16_t"), ("KM", "2"), ("MODES", "2,3"), ("CONSENSUS", "1"),
 def fresh(monkeypatch, tmp_path):
     """An empty build cache and no built or checked variants in this process."""
     monkeypatch.setenv("MERGEKIT_MLX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_native, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     monkeypatch.setattr(CK, "_native_ok", {})
     cpu_native._library.cache_clear()
     cpu_native.compiler.cache_clear()
