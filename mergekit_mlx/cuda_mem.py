@@ -51,13 +51,10 @@ class _Driver:
         s = getattr(self.local, "stream", None)
         if s is None:
             ctx = ctypes.c_void_p()
-            if self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self.device) != 0:
-                raise OSError("cuDevicePrimaryCtxRetain failed")
-            if self.lib.cuCtxSetCurrent(ctx) != 0:
-                raise OSError("cuCtxSetCurrent failed")
+            self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self.device), "cuDevicePrimaryCtxRetain")
+            self.check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
             s = ctypes.c_void_p()
-            if self.lib.cuStreamCreate(ctypes.byref(s), _CU_STREAM_NON_BLOCKING) != 0:
-                raise OSError("cuStreamCreate failed")
+            self.check(self.lib.cuStreamCreate(ctypes.byref(s), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
             self.local.stream = s
         return s
 

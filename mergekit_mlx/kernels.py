@@ -904,7 +904,12 @@ def deferred_gate_checks():
 
 def gates_final(gates: list[mx.array]) -> bool:
     """True when every deferred gate (evaluated) says its selections were final."""
-    return all(v == _OK for g in gates for v in g.tolist()[::8])
+    return all(_final(g.tolist()) for g in gates)
+
+
+def _final(gate_words: list[int]) -> bool:
+    """A gate read back: every selection's status (the first of its 8 words) is final."""
+    return all(v == _OK for v in gate_words[::8])
 
 
 def _gpu_ties_start(gpu, base, others, weights, plans, mag, ks, consensus, normalize, lam, divisor):
@@ -925,7 +930,7 @@ def _gpu_ties_finish(gpu, base, others, weights, plans, mag, ks, consensus, norm
                      out, gate_words, groups):
     """`out` when every selection was final (gate_words: the gate read back), else the merge again
     on the finished selections."""
-    if all(v == _OK for v in gate_words[::8]):
+    if _final(gate_words):
         return out
     sels, sel_rows = _gpu_select_finish(gpu, [others[i] for i in mag], base, ks, groups)
     for i, s in zip(mag, sels):
