@@ -1,10 +1,10 @@
 """The CPU's hot loops as native code: kernels/*.cpp built by the system's C++ compiler.
 
-The fused merge is the very body the GPUs run (kernels/task_merge.inc) behind a CPU prelude; the
-selection's counting pass and the L1 sums' first level are CPU-only loops. Each variant (dtype,
-model count, switches) is compiled once per machine, cached on disk like the CUDA binaries, and
-called through ctypes, which lets go of the GIL: the merge threads then use every core, where
-numpy's many short calls keep them waiting on each other. MLX's CPU backend already builds its
+The fused merge's per-element body is the one the GPUs run (kernels/task_merge_element.inc),
+behind a CPU prelude; the selection's counting pass and the L1 sums' first level are CPU-only
+loops. Each variant (dtype, model count, switches) is compiled once per machine, cached on disk
+like the CUDA binaries, and called through ctypes, which lets go of the GIL: the merge threads
+then use every core, where numpy's many short calls keep them waiting on each other. MLX's CPU backend already builds its
 compiled graphs with the same compiler at run time.
 
 Everything here gives bit for bit what the numpy passes of `cpu_kernels` give (the tests hold it
@@ -142,7 +142,6 @@ def _library(name: str, defines: tuple[tuple[str, str], ...], km: int):
     fn.argtypes, fn.restype = args, None
     fn.keep = lib  # the library lives as long as the function
     return fn
-
 
 
 def ptr(a: np.ndarray) -> int:
