@@ -15,6 +15,21 @@
 #define FADD(a, b) __fadd_rn((a), (b))
 #undef FDIV
 #define FDIV(a, b) __fdiv_rn((a), (b))
+// a / b rounded to nearest as __fdiv_rn gives it, without its slow-path branch: the same steps as
+// its fast path (approximate reciprocal, one Newton step, quotient, remainder, correction), which
+// are exact while a is zero or both are normal within 2^-62..2^62; `ok` is cleared otherwise
+INLINE float mk_div_fast(float a, float b, bool& ok) {
+  float r = __fdividef(1.0f, b);  // the approximate reciprocal alone (MUFU.RCP)
+  r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
+  const float q = __fmul_rn(a, r);
+  const float q1 = __fmaf_rn(r, __fmaf_rn(-b, q, a), q);
+  const uint32_t ea = (__float_as_uint(a) >> 23) & 0xffu;
+  const uint32_t eb = (__float_as_uint(b) >> 23) & 0xffu;
+  ok = ok && eb - 65u <= 124u && (a == 0.0f || ea - 65u <= 124u);
+  return a == 0.0f ? __fmul_rn(a, b) : q1;  // a signed zero: 0 / b keeps the sign rule of 0 * b
+}
+#undef DIV_FAST
+#define DIV_FAST(a, b, ok) mk_div_fast((a), (b), (ok))
 #undef LOADF
 #define LOADF(p, i) static_cast<float>((p)[i])
 #undef STORE_T
@@ -41,6 +56,13 @@ INLINE float mk_warp_sum(float x) {
 }
 #undef SIMD_SUM
 #define SIMD_SUM(x) mk_warp_sum(x)
+// a simdgroup is a warp of 32 lanes: each lane's bit, a barrier among them, a population count
+#undef SIMD_BALLOT
+#define SIMD_BALLOT(p) __ballot_sync(0xffffffffu, (p))
+#undef SIMD_SYNC
+#define SIMD_SYNC() __syncwarp()
+#undef POPCOUNT
+#define POPCOUNT(x) ((uint32_t)__popc(x))
 #undef UNROLL
 #define UNROLL _Pragma("unroll")
 // eight consecutive elements in one or two 16-byte transactions (p + i 16-byte aligned)

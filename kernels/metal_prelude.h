@@ -17,6 +17,8 @@ using namespace metal;
 #define FADD(a, b) ((a) + (b))
 #undef FDIV
 #define FDIV(a, b) ((a) / (b))
+#undef DIV_FAST
+#define DIV_FAST(a, b, ok) FDIV((a), (b))
 #undef LOADF
 #define LOADF(p, i) static_cast<float>((p)[i])
 #undef STORE_T
@@ -40,6 +42,13 @@ using namespace metal;
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #undef SIMD_SUM
 #define SIMD_SUM(x) simd_sum(x)
+// a simdgroup is 32 lanes on Apple GPUs: each lane's bit, a barrier among them, a population count
+#undef SIMD_BALLOT
+#define SIMD_BALLOT(p) static_cast<uint32_t>(static_cast<simd_vote::vote_t>(simd_ballot(p)))
+#undef SIMD_SYNC
+#define SIMD_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
+#undef POPCOUNT
+#define POPCOUNT(x) popcount(x)
 #undef UNROLL
 #define UNROLL _Pragma("clang loop unroll(full)")
 // eight consecutive elements: plain loads (Apple GPUs coalesce them; no alignment needed)

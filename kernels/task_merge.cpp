@@ -36,6 +36,8 @@ extern "C" void mk_task_merge(const T* base, const T* const* xs, const float* f,
   T* __restrict o = out;
 #define MK_B b
 #define MK_X(m) XF(m, e)
+#define MK_TOPK(m, bits, i) mk_in_topk((bits), (i), tt[m], cut[m])
+#define MK_DIV(a, b) FDIV((a), (b))
   for (uint64_t e = lo; e < hi; ++e) {
     const uint32_t i = (uint32_t)e;
     const float b = mk_tof(b_in[e]);

@@ -1065,9 +1065,11 @@ def _gpu_merge(gpu, base, others, weights, plans, consensus, normalize, lam, div
     km = len(others)
     flats, up, sel, scl, gate = _task_inputs(base, others, weights, plans, lam, divisor, sel_rows, gate)
     kern = _kernel("task_merge", gpu, km, True, inputs=("up", "sel", "scl", "gate"))
+    sparse = _sparse_kind(plans)
     out = kern(inputs=flats + [up, sel, scl, gate],
                template=[("T", base.dtype), ("KM", km), ("CONSENSUS", bool(consensus)),
-                         ("NORMALIZE", bool(normalize)), ("SPARSE", _sparse_kind(plans))],
+                         ("NORMALIZE", bool(normalize)), ("SPARSE", sparse),
+                         ("UNIFORM", sparse != 0 and all(p.mode == sparse for p in plans))],
                grid=(_stride_grid(-(-n // 8), _MERGE_GROUPS), 1, 1), threadgroup=(_TG, 1, 1),
                output_shapes=[(n,)], output_dtypes=[base.dtype])[0]
     return out.reshape(base.shape)

@@ -51,6 +51,13 @@ uint atomic_load_explicit(atomic<uint>* a, memory_order o);
 void threadgroup_barrier(mem_flags f);
 float fabs(float x);
 float simd_sum(float x);
+struct simd_vote {
+  typedef unsigned long long vote_t;
+  explicit operator vote_t() const;
+};
+simd_vote simd_ballot(bool p);
+void simdgroup_barrier(mem_flags f);
+uint popcount(uint x);
 template <class To, class From> To as_type(From x);
 }  // namespace metal
 """
@@ -71,9 +78,14 @@ struct __half { __half(); __half(float); operator float() const; };
 unsigned int atomicAdd(unsigned int* a, unsigned int v);
 void __syncthreads();
 float __shfl_xor_sync(unsigned int mask, float v, int lane);
+unsigned int __ballot_sync(unsigned int mask, int p);
+void __syncwarp(unsigned int mask = 0xffffffffu);
+int __popc(unsigned int x);
 float __fmul_rn(float a, float b);
 float __fadd_rn(float a, float b);
 float __fdiv_rn(float a, float b);
+float __fdividef(float a, float b);
+float __fmaf_rn(float a, float b, float c);
 unsigned int __float_as_uint(float x);
 float __uint_as_float(unsigned int x);
 float fabsf(float x);
@@ -91,11 +103,11 @@ KERNELS = {
     "l1_sums": [(2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
     "task_merge": [
         (3, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 0)], False),
+         [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 0), ("UNIFORM", False)], False),
         (2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 2), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 2)], False),
+         [("T", "T"), ("KM", 2), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 2), ("UNIFORM", True)], False),
         (1, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False), ("SPARSE", 3)], False),
+         [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False), ("SPARSE", 3), ("UNIFORM", True)], False),
     ],
     "select_sample": [
         (3, True, [("up", U32)], [("smp", U32)], [("KM", 3)], False),
@@ -242,9 +254,14 @@ inline unsigned int atomicAdd(unsigned int* a, unsigned int v) { return __atomic
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline unsigned int __float_as_uint(float x) { unsigned int u; std::memcpy(&u, &x, 4); return u; }
 inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); return x; }
 float __shfl_xor_sync(unsigned int mask, float v, int lane);
+unsigned int __ballot_sync(unsigned int mask, int p);
+void __syncwarp(unsigned int mask = 0xffffffffu);
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline float fabsf(float x) { return __builtin_fabsf(x); }
 struct __nv_bfloat16 {
   uint16_t bits;
@@ -263,6 +280,7 @@ struct __nv_bfloat16 {
 EMU_HARNESS = r"""
 #include <barrier>
 #include <cstdio>
+#include <memory>
 #include <cstdlib>
 #include <thread>
 #include <vector>
@@ -271,6 +289,23 @@ thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 static std::barrier<>* bar = nullptr;
 void __syncthreads() { bar->arrive_and_wait(); }
+// a warp: its lanes (consecutive threads of 32) meet at their own barrier; a ballot's bits go
+// through a slot per lane between two meetings
+struct Warp {
+  std::barrier<>* meet;
+  unsigned int bits[32];
+};
+static std::vector<Warp> warps;
+void __syncwarp(unsigned int) { warps[threadIdx.x / 32].meet->arrive_and_wait(); }
+unsigned int __ballot_sync(unsigned int, int p) {
+  Warp& w = warps[threadIdx.x / 32];
+  w.bits[threadIdx.x % 32] = p ? 1u : 0u;
+  w.meet->arrive_and_wait();
+  unsigned int r = 0;
+  for (unsigned int l = 0; l < 32; ++l) r |= w.bits[l] << l;
+  w.meet->arrive_and_wait();
+  return r;
+}
 // argv: folder, blocks, threads, misalign bytes; files in0.. (inputs), out0.. (sized, pre-filled)
 extern "C" int mk_emu_main(int argc, char** argv, void (*kernel)(void**), int n_in, int n_out) {
   const char* dir = argv[1];
@@ -295,6 +330,12 @@ extern "C" int mk_emu_main(int argc, char** argv, void (*kernel)(void**), int n_
   // the blocks run one after another (shared arrays are statics), each thread of a block a thread
   std::barrier<> b((std::ptrdiff_t)blockDim.x);
   bar = &b;
+  std::vector<std::unique_ptr<std::barrier<>>> meets;
+  for (unsigned w = 0; w * 32 < blockDim.x; ++w) {
+    const unsigned lanes = blockDim.x - w * 32 < 32 ? blockDim.x - w * 32 : 32;
+    meets.emplace_back(new std::barrier<>((std::ptrdiff_t)lanes));
+    warps.push_back(Warp{meets.back().get(), {}});
+  }
   std::vector<std::thread> ts;
   for (unsigned t = 0; t < blockDim.x; ++t) {
     ts.emplace_back([&, t] {
