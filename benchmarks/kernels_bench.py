@@ -256,6 +256,27 @@ def stages(base, others, x32, n, reps, bw):
         eight = ms(lambda: [probe() for _ in range(8)]) / 8
         print(f"  bandwidth probe (4 bf16 in, 1 out, {g} groups/thread): {ms(probe):.3f} per call, {eight:.3f} each "
               f"of 8 ({merge_bytes / eight / 1e6:.0f} GB/s)")
+    # the device's copy bandwidth: 16 bytes per thread and step, read once and written once
+    copy = mx.fast.cuda_kernel(name="mk_copy_probe", input_names=["src", "up"], output_names=["out"], source='''
+  const uint32_t n16 = up[0];
+  const uint32_t gid = blockIdx.x * blockDim.x + threadIdx.x;
+  for (uint32_t i = gid; i < n16; i += gridDim.x * blockDim.x) {
+    reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(src)[i];
+  }
+''')
+    big = mx.concatenate([base, *others])  # (K + 1) n bf16
+    n16 = big.size // 8
+    up16 = mx.array([n16], dtype=mx.uint32)
+    for per in (1, 4):
+        def copy_call(per=per):
+            return copy(inputs=[big, up16], grid=(kernels._stride_grid(n16, per), 1, 1), threadgroup=(256, 1, 1),
+                        output_shapes=[(big.size,)], output_dtypes=[mx.bfloat16])[0]
+
+        each = ms(lambda: [copy_call() for _ in range(8)]) / 8
+        dev_bw = 4 * big.size / (each / 1e3)
+        print(f"  copy kernel (16 bytes a thread and step, {per} per thread): {each:.3f} ms each of 8 for "
+              f"{2 * big.size / 1e6:.0f} MB: {dev_bw / 1e9:.0f} GB/s read+write; the merge's floor at that "
+              f"bandwidth {merge_bytes / dev_bw * 1e3:.3f} ms")
     print(f"  MLX copy floor for the merge: {merge_bytes / bw * 1e3:.3f} ms\n")
 
 
