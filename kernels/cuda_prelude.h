@@ -19,7 +19,12 @@
 // its fast path (approximate reciprocal, one Newton step, quotient, remainder, correction), which
 // are exact while a is zero or both are normal within 2^-62..2^62; `ok` is cleared otherwise
 INLINE float mk_div_fast(float a, float b, bool& ok) {
-  float r = __fdividef(1.0f, b);  // the approximate reciprocal alone (MUFU.RCP)
+#ifdef __CUDA_ARCH__
+  float r;  // the approximate reciprocal alone (MUFU.RCP); b is normal wherever it is used
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+#else
+  float r = 1.0f / b;  // a host compiler (the CPU emulation): any reciprocal within an ulp will do
+#endif
   r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
   const float q = __fmul_rn(a, r);
   const float q1 = __fmaf_rn(r, __fmaf_rn(-b, q, a), q);

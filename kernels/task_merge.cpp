@@ -13,7 +13,6 @@ extern "C" void mk_task_merge(const T* base, const T* const* xs, const float* f,
   constexpr int SPARSE = 0;  // the modes decide at compile time
   MK_MODELS
   float wt[KM];
-  float wt0[KM];
   float sc[KM];
   float pk[KM];
   uint32_t tt[KM];
@@ -22,7 +21,6 @@ extern "C" void mk_task_merge(const T* base, const T* const* xs, const float* f,
   uint32_t k1[KM];
   for (int m = 0; m < KM; ++m) {
     wt[m] = f[3 * m];
-    wt0[m] = FMUL(wt[m], 0.0f);
     sc[m] = f[3 * m + 1];
     pk[m] = f[3 * m + 2];
     tt[m] = u[4 * m];
@@ -36,7 +34,7 @@ extern "C" void mk_task_merge(const T* base, const T* const* xs, const float* f,
   T* __restrict o = out;
 #define MK_B b
 #define MK_X(m) XF(m, e)
-#define MK_TOPK(m, bits, i) mk_in_topk((bits), (i), tt[m], cut[m])
+#define MK_TOPK(m, d, i) mk_in_topk(AS_U32(FABS(d)), (i), tt[m], cut[m])
 #define MK_DIV(a, b) FDIV((a), (b))
   for (uint64_t e = lo; e < hi; ++e) {
     const uint32_t i = (uint32_t)e;
