@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-from mergekit_mlx import kernel_sources  # noqa: E402
+from mergekit_mlx import kernel_sources, kernels  # noqa: E402
 
 SOURCE = """
   const uint32_t gid = blockIdx.x * blockDim.x + threadIdx.x;
@@ -51,11 +51,10 @@ def main() -> None:
     header = kernel_sources.kernel_root().joinpath("cuda_prelude.h").read_text()
     kern = mx.fast.cuda_kernel(name="mk_div_check", input_names=["prm"], output_names=["out"], source=SOURCE,
                                header=header)
-    import struct
 
     def run(mode: int, divisor: float) -> tuple[int, int]:
-        bits = struct.unpack("<I", struct.pack("<f", divisor))[0]
-        out = kern(inputs=[mx.array([mode, bits], dtype=mx.uint32)], grid=(1 << 22, 1, 1), threadgroup=(256, 1, 1),
+        prm = mx.array([mode, kernels._f32_bits(divisor)], dtype=mx.uint32)
+        out = kern(inputs=[prm], grid=(1 << 22, 1, 1), threadgroup=(256, 1, 1),
                    output_shapes=[(2,)], output_dtypes=[mx.uint32], init_value=0)[0]
         checked, differ = out.tolist()
         return checked, differ

@@ -17,7 +17,7 @@
 #define FDIV(a, b) __fdiv_rn((a), (b))
 // a / b rounded to nearest as __fdiv_rn gives it, without its slow-path branch: the same steps as
 // its fast path (approximate reciprocal, one Newton step, quotient, remainder, correction), which
-// are exact while a is zero or both are normal within 2^-62..2^62; `ok` is cleared otherwise
+// are exact while a is zero or both have magnitudes in [2^-62, 2^63); `ok` is cleared otherwise
 INLINE float mk_div_fast(float a, float b, bool& ok) {
 #ifdef __CUDA_ARCH__
   float r;  // the approximate reciprocal alone (MUFU.RCP); b is normal wherever it is used

@@ -761,7 +761,7 @@ def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, 
     km = len(flats) - int(has_base)
     w = 2 * _SPLITTERS + 1
     tab = _kernel("select_pass", gpu, km, has_base, inputs=("srt", "up"), outputs=("tab",))(
-        inputs=flats + [srt, up], template=[("KM", km), ("G", _SPLITTERS)], grid=(chunks * _TG, 1, 1),
+        inputs=flats + [srt, up], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)], grid=(chunks * _TG, 1, 1),
         threadgroup=(_TG, 1, 1), output_shapes=[(chunks * km * w,)], output_dtypes=[mx.uint32])[0]
     return tab, mx.sum(tab.reshape(chunks, km * w), axis=0)
 

@@ -84,7 +84,6 @@ int __popc(unsigned int x);
 float __fmul_rn(float a, float b);
 float __fadd_rn(float a, float b);
 float __fdiv_rn(float a, float b);
-float __fdividef(float a, float b);
 float __fmaf_rn(float a, float b, float c);
 unsigned int __float_as_uint(float x);
 float __uint_as_float(unsigned int x);
@@ -114,8 +113,8 @@ KERNELS = {
         (1, False, [("up", U32)], [("smp", U32)], [("KM", 1)], False),
     ],
     "select_pass": [
-        (3, True, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 3), ("G", 256)], False),
-        (1, False, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 1), ("G", 256)], False),
+        (3, True, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 3), ("G", 256), ("TG", 256)], False),
+        (1, False, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 1), ("G", 256), ("TG", 256)], False),
     ],
     "select_resolve": [
         (3, True, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
@@ -254,7 +253,6 @@ inline unsigned int atomicAdd(unsigned int* a, unsigned int v) { return __atomic
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fdividef(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline unsigned int __float_as_uint(float x) { unsigned int u; std::memcpy(&u, &x, 4); return u; }
 inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); return x; }
