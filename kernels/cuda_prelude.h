@@ -82,6 +82,18 @@ INLINE void mk_load8(const U* p, uint32_t i, float* o) {
     o[j] = static_cast<float>(t.v[j]);
   }
 }
+// bf16 to float is the 16 bits moved up: one shift or mask per element, two elements a word
+// (the conversion operator would also permute bytes for every odd element)
+struct alignas(16) mk_words4 {
+  uint32_t w[4];
+};
+INLINE void mk_load8(const __nv_bfloat16* p, uint32_t i, float* o) {
+  const mk_words4 t = *reinterpret_cast<const mk_words4*>(p + i);
+  UNROLL for (int j = 0; j < 4; ++j) {
+    o[2 * j] = AS_F32(t.w[j] << 16);
+    o[2 * j + 1] = AS_F32(t.w[j] & 0xffff0000u);
+  }
+}
 template <typename U>
 INLINE void mk_store8(U* p, uint32_t i, const float* v) {
   mk_vec8<U> t;

@@ -757,21 +757,22 @@ def _select_sample(gpu: str, flats: list[mx.array], has_base: bool, s: int, up: 
 
 
 def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, srt: mx.array, up: mx.array):
-    """Stage 2, the pass over the data: tab (chunks * km * (2G + 1)) and its sum over the chunks."""
+    """Stage 2, the pass over the data: tab ((chunks + 1) * km * (2G + 1)), the counts' totals over
+    the chunks and then each chunk's."""
     km = len(flats) - int(has_base)
     w = 2 * _SPLITTERS + 1
-    tab = _kernel("select_pass", gpu, km, has_base, inputs=("srt", "up"), outputs=("tab",))(
+    return _kernel("select_pass", gpu, km, has_base, atomic=True, inputs=("srt", "up"), outputs=("tab",))(
         inputs=flats + [srt, up], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)], grid=(chunks * _TG, 1, 1),
-        threadgroup=(_TG, 1, 1), output_shapes=[(chunks * km * w,)], output_dtypes=[mx.uint32])[0]
-    return tab, mx.sum(tab.reshape(chunks, km * w), axis=0)
+        threadgroup=(_TG, 1, 1), output_shapes=[((chunks + 1) * km * w,)], output_dtypes=[mx.uint32],
+        init_value=0)[0]
 
 
-def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, counts):
+def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, tab: mx.array):
     """Stage 3: (res (km*8), tc (km*2)), see kernels/select_resolve.inc."""
     km = len(flats) - int(has_base)
-    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tab", "tot"),
+    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tab"),
                    outputs=("res", "tc"))(
-        inputs=flats + [srt, up, *counts], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
+        inputs=flats + [srt, up, tab], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
         grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (_padded(km * 2),)],
         output_dtypes=[mx.uint32] * 2)
 
@@ -781,8 +782,8 @@ def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int
     """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2), tab), all lazy."""
     s, chunks, up = _select_params(flats[0].size, ks, override)
     srt = _select_sample(gpu, flats, has_base, s, up)
-    counts = _select_count(gpu, flats, has_base, chunks, srt, up)
-    return (*_select_resolve(gpu, flats, has_base, srt, up, counts), counts[0])
+    tab = _select_count(gpu, flats, has_base, chunks, srt, up)
+    return (*_select_resolve(gpu, flats, has_base, srt, up, tab), tab)
 
 
 def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[tuple[int, list[int]]],
