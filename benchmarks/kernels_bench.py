@@ -187,15 +187,15 @@ def stages(base, others, x32, n, reps, bw):
         s, chunks, up = kernels._select_params(n, ks)
         srt = kernels._select_sample(gpu, flats, hb, s, up)
         mx.eval(srt)
-        tab = kernels._select_count(gpu, flats, hb, chunks, srt, up)
-        mx.eval(tab)
-        res, _ = kernels._select_resolve(gpu, flats, hb, srt, up, tab)
+        counts = kernels._select_count(gpu, flats, hb, chunks, srt, up)
+        mx.eval(counts)
+        res, _ = kernels._select_resolve(gpu, flats, hb, srt, up, counts)
         mx.eval(res)
         status = [res.tolist()[8 * m: 8 * m + 8] for m in range(len(xs))]
         t_sample = ms(lambda: kernels._select_sample(gpu, flats, hb, s, up))
-        t_pass = ms(lambda: kernels._select_count(gpu, flats, hb, chunks, srt, up))
-        t_pass8 = ms(lambda: [kernels._select_count(gpu, flats, hb, chunks, srt, up) for _ in range(8)]) / 8
-        t_res = ms(lambda: kernels._select_resolve(gpu, flats, hb, srt, up, tab)[0])
+        t_pass = ms(lambda: kernels._select_count(gpu, flats, hb, chunks, srt, up)[1])
+        t_pass8 = ms(lambda: [kernels._select_count(gpu, flats, hb, chunks, srt, up)[1] for _ in range(8)]) / 8
+        t_res = ms(lambda: kernels._select_resolve(gpu, flats, hb, srt, up, counts)[0])
         t_launch = ms(lambda: kernels._select_launch(gpu, flats, hb, ks)[0])
 
         def readback():

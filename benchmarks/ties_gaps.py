@@ -1,9 +1,9 @@
 """Where the wall time of pipelined TIES merges goes on an NVIDIA GPU: the host's time to launch
-each tensor, and (under `nsys`) the GPU's kernels and the idle time between them.
+each tensor, and (traced) the GPU's kernels and the idle time between them.
 
-    python3 benchmarks/ties_gaps.py                  # host launch time vs wall time per tensor
-    nsys profile -o /tmp/ties --force-overwrite true python3 benchmarks/ties_gaps.py
-    python3 benchmarks/ties_gaps.py --report /tmp/ties.nsys-rep   # the last batch's kernels
+    python3 benchmarks/ties_gaps.py            # host launch time vs wall time per tensor
+    python3 benchmarks/ties_gaps.py --trace    # also the last batch's kernels, traced through
+                                               # PyTorch's profiler (CUPTI sees every library's)
 
 64M-element bf16 tensors, three task models, density 0.5, eight tensors a batch, each tensor's
 evaluation started as soon as it is launched (as `kernels_bench.py`'s pipelined row).
@@ -12,18 +12,17 @@ evaluation started as soon as it is launched (as `kernels_bench.py`'s pipelined 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import subprocess
+import json
 import sys
 import time
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run(batches: int, batch: int) -> None:
+def run(batches: int, batch: int, trace: bool) -> None:
     import mlx.core as mx
 
     from mergekit_mlx import kernels
@@ -36,7 +35,13 @@ def run(batches: int, batch: int) -> None:
     mx.eval(base, *others)
     gpu = kernels._gpu_backend()
     div = kernels._plain_divisor([1.0 / k] * k)
+    prof = None
     for b in range(batches):
+        if trace and b == batches - 1:
+            import torch.profiler as tp
+
+            prof = tp.profile(activities=[tp.ProfilerActivity.CUDA])
+            prof.__enter__()
         t0 = time.perf_counter()
         started, host = [], 0.0
         for _ in range(batch):
@@ -56,48 +61,49 @@ def run(batches: int, batch: int) -> None:
         wall = time.perf_counter() - t0
         print(f"batch {b}: {wall / batch * 1e3:.3f} ms a tensor, of which the host launching it "
               f"{host / batch * 1e3:.3f} ms")
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        path = "/tmp/ties_trace.json"
+        prof.export_chrome_trace(path)
+        report(path, batch)
 
 
-def report(rep: str, batch: int) -> None:
-    """The last `batch` TIES merges of the trace: GPU time per kernel and the idle time between."""
-    out = subprocess.run(["nsys", "stats", "--report", "cuda_gpu_trace", "--format", "csv", "--output", "-",
-                          "--force-export", "true", rep], capture_output=True, text=True).stdout
-    lines = out[out.index("Start (ns)") if "Start (ns)" in out else 0:]
-    rows = list(csv.DictReader(io.StringIO(lines)))
-    kern = [r for r in rows if r.get("Name") and not r["Name"].startswith("[CUDA")]
-    starts = [i for i, r in enumerate(kern) if r["Name"].startswith("mk_select_sample")]
-    if len(starts) < batch:
-        print("fewer TIES merges in the trace than a batch")
+def report(path: str, batch: int) -> None:
+    """The traced batch: GPU time per kernel and the GPU's idle time between kernels."""
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    kern = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not kern:
+        print("no kernels in the trace")
         return
-    span = kern[starts[-batch]:]
-    t_first = int(span[0]["Start (ns)"])
-    t_last = max(int(r["Start (ns)"]) + int(r["Duration (ns)"]) for r in span)
-    busy, count = defaultdict(int), defaultdict(int)
-    idle, end = 0, t_first
-    for r in span:
-        s, d = int(r["Start (ns)"]), int(r["Duration (ns)"])
-        idle += max(0, s - end)
-        end = max(end, s + d)
-        name = r["Name"].split("(")[0].split("<")[0].replace("void ", "")[:40]
-        busy[name] += d
+    t_first, t_last = kern[0]["ts"], max(e["ts"] + e["dur"] for e in kern)
+    busy, count = defaultdict(float), defaultdict(int)
+    idle, end = 0.0, t_first
+    for e in kern:
+        idle += max(0.0, e["ts"] - end)
+        end = max(end, e["ts"] + e["dur"])
+        name = e["name"].split("(")[0].split("<")[0].replace("void ", "")[:40]
+        busy[name] += e["dur"]
         count[name] += 1
-    print(f"last {batch} TIES merges: {(t_last - t_first) / batch / 1e3:.1f} us a tensor on the GPU, "
-          f"of which idle {idle / batch / 1e3:.1f} us")
+    print(f"traced batch: {(t_last - t_first) / batch:.1f} us a tensor from the first kernel to the last, "
+          f"of which the GPU idle {idle / batch:.1f} us")
     print("| kernel | launches a tensor | us a tensor |\n|---|---:|---:|")
     for name, d in sorted(busy.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {count[name] / batch:.1f} | {d / batch / 1e3:.1f} |")
+        print(f"| {name} | {count[name] / batch:.1f} | {d / batch:.1f} |")
+    gaps = defaultdict(list)
+    for a, b in pairwise(kern):
+        gaps[(a["name"][:24], b["name"][:24])].append(b["ts"] - (a["ts"] + a["dur"]))
+    print("| after | before | mean gap (us) | times |\n|---|---|---:|---:|")
+    for (a, b), g in sorted(gaps.items(), key=lambda kv: -sum(kv[1])):
+        print(f"| {a} | {b} | {sum(g) / len(g):.1f} | {len(g)} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--report", help="an nsys report of a run of this script: print its last batch")
+    ap.add_argument("--trace", action="store_true", help="trace the last batch's kernels (needs PyTorch)")
     a = ap.parse_args()
-    if a.report:
-        report(a.report, a.batch)
-    else:
-        run(a.batches, a.batch)
+    run(a.batches, a.batch, a.trace)
 
 
 if __name__ == "__main__":

@@ -571,6 +571,7 @@ _TG = 256  # threads per threadgroup for the reduction kernels
 _MAX_GROUPS = 1024  # grid of the grid-stride kernels (fixed: partial sums stay reproducible)
 _MAX_KM = 3  # tensors per selection launch (their histograms share threadgroup memory)
 _DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, bits): bits 30..20, 19..9, 8..0 of |x| (bit 31 is 0)
+_SUM_ROWS = 16  # rows of select_pass's counts per threadgroup of select_sum
 _SAMPLE = 4096  # sampled elements per tensor: one threadgroup of MLX's sort, and 2**12 strata
 _SPLITTERS = 256  # splitters per tensor in the selection pass (a power of two)
 _SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sampled rank
@@ -751,28 +752,32 @@ def _select_sample(gpu: str, flats: list[mx.array], has_base: bool, s: int, up: 
     """Stage 1: the sorted sample, (km * s,) uint32, each tensor's row ascending."""
     km = len(flats) - int(has_base)
     smp = _kernel("select_sample", gpu, km, has_base, inputs=("up",), outputs=("smp",))(
-        inputs=flats + [up], template=[("KM", km)], grid=(-(-s // _TG) * _TG, 1, 1), threadgroup=(_TG, 1, 1),
+        inputs=flats + [up], template=[("KM", km)], grid=(-(-s // 32) * 32, 1, 1),
+        threadgroup=(32, 1, 1),  # threadgroups of one simdgroup: the scattered loads on many cores at once
         output_shapes=[(_padded(km * s),)], output_dtypes=[mx.uint32])[0]
     return mx.sort(smp[:km * s].reshape(km, s), axis=-1).reshape(-1)
 
 
 def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, srt: mx.array, up: mx.array):
-    """Stage 2, the pass over the data: tab ((chunks + 1) * km * (2G + 1)), the counts' totals over
-    the chunks and then each chunk's."""
+    """Stage 2, the pass over the data: tab (chunks * km * (2G + 1)) and its sum over the chunks."""
     km = len(flats) - int(has_base)
-    w = 2 * _SPLITTERS + 1
-    return _kernel("select_pass", gpu, km, has_base, atomic=True, inputs=("srt", "up"), outputs=("tab",))(
+    w = km * (2 * _SPLITTERS + 1)
+    tab = _kernel("select_pass", gpu, km, has_base, inputs=("srt", "up"), outputs=("tab",))(
         inputs=flats + [srt, up], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)], grid=(chunks * _TG, 1, 1),
-        threadgroup=(_TG, 1, 1), output_shapes=[((chunks + 1) * km * w,)], output_dtypes=[mx.uint32],
-        init_value=0)[0]
+        threadgroup=(_TG, 1, 1), output_shapes=[(chunks * w,)], output_dtypes=[mx.uint32])[0]
+    tot = _kernel("select_sum", gpu, inputs=("tab", "up"), outputs=("tot",), atomic=True)(
+        inputs=[tab, _const_u32((chunks, w))], template=[("R", _SUM_ROWS)],
+        grid=(-(-chunks // _SUM_ROWS) * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(w,)],
+        output_dtypes=[mx.uint32], init_value=0)[0]
+    return tab, tot
 
 
-def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, tab: mx.array):
+def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, counts):
     """Stage 3: (res (km*8), tc (km*2)), see kernels/select_resolve.inc."""
     km = len(flats) - int(has_base)
-    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tab"),
+    return _kernel("select_resolve", gpu, km, has_base, inputs=("srt", "up", "tab", "tot"),
                    outputs=("res", "tc"))(
-        inputs=flats + [srt, up, tab], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
+        inputs=flats + [srt, up, *counts], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)],
         grid=(km * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(km * 8,), (_padded(km * 2),)],
         output_dtypes=[mx.uint32] * 2)
 
@@ -782,8 +787,8 @@ def _select_launch(gpu: str, flats: list[mx.array], has_base: bool, ks: list[int
     """Sample, sort the sample, count, resolve: (res (km*8), tc (km*2), tab), all lazy."""
     s, chunks, up = _select_params(flats[0].size, ks, override)
     srt = _select_sample(gpu, flats, has_base, s, up)
-    tab = _select_count(gpu, flats, has_base, chunks, srt, up)
-    return (*_select_resolve(gpu, flats, has_base, srt, up, tab), tab)
+    counts = _select_count(gpu, flats, has_base, chunks, srt, up)
+    return (*_select_resolve(gpu, flats, has_base, srt, up, counts), counts[0])
 
 
 def _select_between(gpu: str, flats: list[mx.array], has_base: bool, todo: list[tuple[int, list[int]]],

@@ -113,13 +113,14 @@ KERNELS = {
         (1, False, [("up", U32)], [("smp", U32)], [("KM", 1)], False),
     ],
     "select_pass": [
-        (3, True, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 3), ("G", 256), ("TG", 256)], True),
-        (1, False, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 1), ("G", 256), ("TG", 256)], True),
+        (3, True, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 3), ("G", 256), ("TG", 256)], False),
+        (1, False, [("srt", U32), ("up", U32)], [("tab", U32)], [("KM", 1), ("G", 256), ("TG", 256)], False),
     ],
+    "select_sum": [(0, False, [("tab", U32), ("up", U32)], [("tot", U32)], [("R", 16)], True)],
     "select_resolve": [
-        (3, True, [("srt", U32), ("up", U32), ("tab", U32)],
+        (3, True, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
          [("res", U32), ("tc", U32)], [("KM", 3), ("G", 256), ("TG", 256)], False),
-        (1, False, [("srt", U32), ("up", U32), ("tab", U32)],
+        (1, False, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
          [("res", U32), ("tc", U32)], [("KM", 1), ("G", 256), ("TG", 256)], False),
     ],
     "select_collect": [
