@@ -571,7 +571,7 @@ _TG = 256  # threads per threadgroup for the reduction kernels
 _MAX_GROUPS = 1024  # grid of the grid-stride kernels (fixed: partial sums stay reproducible)
 _MAX_KM = 3  # tensors per selection launch (their histograms share threadgroup memory)
 _DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, bits): bits 30..20, 19..9, 8..0 of |x| (bit 31 is 0)
-_SUM_ROWS = 16  # rows of select_pass's counts per threadgroup of select_sum
+_SUM_ROWS = 16  # rows of select_pass's counts a thread of select_sum adds up
 _SAMPLE = 4096  # sampled elements per tensor: one threadgroup of MLX's sort, and 2**12 strata
 _SPLITTERS = 256  # splitters per tensor in the selection pass (a power of two)
 _SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sampled rank
@@ -765,11 +765,15 @@ def _select_count(gpu: str, flats: list[mx.array], has_base: bool, chunks: int, 
     tab = _kernel("select_pass", gpu, km, has_base, inputs=("srt", "up"), outputs=("tab",))(
         inputs=flats + [srt, up], template=[("KM", km), ("G", _SPLITTERS), ("TG", _TG)], grid=(chunks * _TG, 1, 1),
         threadgroup=(_TG, 1, 1), output_shapes=[(chunks * w,)], output_dtypes=[mx.uint32])[0]
-    tot = _kernel("select_sum", gpu, inputs=("tab", "up"), outputs=("tot",), atomic=True)(
-        inputs=[tab, _const_u32((chunks, w))], template=[("R", _SUM_ROWS)],
-        grid=(-(-chunks // _SUM_ROWS) * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(w,)],
+    return tab, _select_totals(gpu, tab, chunks, w)
+
+
+def _select_totals(gpu: str, tab: mx.array, rows: int, w: int) -> mx.array:
+    """Stage 2b: the (rows, w) table of counts summed over its rows, (w,) uint32."""
+    return _kernel("select_sum", gpu, inputs=("tab", "up"), outputs=("tot",), atomic=True)(
+        inputs=[tab, _const_u32((rows, w))], template=[("R", _SUM_ROWS)],
+        grid=(-(-rows // _SUM_ROWS) * -(-w // _TG) * _TG, 1, 1), threadgroup=(_TG, 1, 1), output_shapes=[(w,)],
         output_dtypes=[mx.uint32], init_value=0)[0]
-    return tab, tot
 
 
 def _select_resolve(gpu: str, flats: list[mx.array], has_base: bool, srt: mx.array, up: mx.array, counts):

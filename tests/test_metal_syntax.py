@@ -530,6 +530,22 @@ def test_emulated_selection_paths_are_exact(emulated_cuda, override, tg, monkeyp
 
 
 @needs_clang
+def test_emulated_count_totals_add_every_row_and_column(emulated_cuda):
+    """select_sum over a table of several row blocks (16 rows) and column blocks (256 columns),
+    the last of each partial, mostly nonzero counts: the column sums."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mergekit_mlx import kernels as K
+
+    rng = np.random.default_rng(5)
+    rows, w = 37, 600
+    tab = (rng.integers(1, 1000, size=(rows, w)) * (rng.random((rows, w)) < 0.7)).astype(np.uint32)
+    got = K._select_totals("cuda", mx.array(tab.reshape(-1)), rows, w)
+    assert np.array(got).tolist() == tab.sum(axis=0).tolist()
+
+
+@needs_clang
 def test_emulated_threshold_and_topk_mask(emulated_cuda):
     import mlx.core as mx
     import numpy as np
