@@ -24,15 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def run(batches: int, batch: int, trace: bool) -> None:
     import mlx.core as mx
+    from ties_profile import family
 
     from mergekit_mlx import kernels
 
-    n, k = 1 << 26, 3
-    keys = mx.random.split(mx.random.key(0), k + 2)
-    base = mx.random.normal((n,), key=keys[1]).astype(mx.bfloat16)
-    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=keys[2 + i])).astype(mx.bfloat16)
-              for i in range(k)]
-    mx.eval(base, *others)
+    base, others = family()
+    n, k = base.size, len(others)
     gpu = kernels._gpu_backend()
     div = kernels._plain_divisor([1.0 / k] * k)
     prof = None

@@ -17,13 +17,19 @@ import mlx.core as mx  # noqa: E402
 from mergekit_mlx import kernels  # noqa: E402
 
 
-def main() -> None:
-    n, k = 1 << 26, 3
+def family(n: int = 1 << 26, k: int = 3) -> tuple[mx.array, list[mx.array]]:
+    """A bf16 base and k task models near it (as kernels_bench.py's), evaluated."""
     keys = mx.random.split(mx.random.key(0), k + 2)
     base = mx.random.normal((n,), key=keys[1]).astype(mx.bfloat16)
     others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=keys[2 + i])).astype(mx.bfloat16)
               for i in range(k)]
     mx.eval(base, *others)
+    return base, others
+
+
+def main() -> None:
+    base, others = family()
+    k = len(others)
     for _ in range(3):
         mx.eval(kernels.fused_task_merge(base, others, [1.0 / k] * k, densities=[0.5] * k, lam=1.0, seed=1,
                                          sparsify="magnitude", consensus="sum", normalize=True, rescale=False))
