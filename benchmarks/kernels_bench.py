@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
+from ties_profile import ties_batch  # noqa: E402
 
 from mergekit_mlx import bitnet, kernel_sources, kernels  # noqa: E402
 
@@ -126,32 +127,13 @@ def main() -> None:
         row("ties merge pass only (selection done)", timed(merge_pass, reps), plain_merge, merge_bytes,
             "compiled graph, no sparsification")
 
-        def ties_batch(batch=8, pipelined=False):
-            """TIES on `batch` tensors launched together: one evaluation and one read-back of the
-            gates for all of them, as a merge that evaluates a batch of tensors at once.
-            pipelined: each tensor's evaluation starts as soon as it is launched (mx.async_eval),
-            so building the next tensor's graph on the host overlaps the GPU's work."""
-            started = []
-            for _ in range(batch):
-                plans, _ = kernels._plan_models(base, others, None, [0.5] * K, False, 1, list(range(K)), None)
-                for p in plans:
-                    p.mode = kernels._MAGNITUDE
-                args = (gpu, base, others, [1.0 / K] * K, plans, list(range(K)), [n // 2] * K, True, True, 1.0, div)
-                started.append((args, *kernels._gpu_ties_start(*args)))
-                if pipelined:
-                    mx.async_eval(started[-1][1], started[-1][2])
-            mx.eval([s[1] for s in started], [s[2] for s in started])
-            words = mx.concatenate([s[2] for s in started]).tolist()
-            w = len(words) // batch
-            return [kernels._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], gr)
-                    for j, (a, o, _, gr) in enumerate(started)]
-
         one = timed(lambda: kernels.fused_task_merge(base, others, [1.0 / K] * K, densities=[0.5] * K, lam=1.0,
                                                       seed=1, **configs["ties (density 0.5)"]), reps)
-        row("fused ties, 8 tensors per evaluation (per tensor)", timed(ties_batch, reps) / 8, one, merge_bytes,
-            "one tensor per evaluation")
-        row("fused ties, 8 tensors pipelined (per tensor)", timed(lambda: ties_batch(pipelined=True), reps) / 8,
+        row("fused ties, 8 tensors per evaluation (per tensor)", timed(lambda: ties_batch(base, others)[0], reps) / 8,
             one, merge_bytes, "one tensor per evaluation")
+        row("fused ties, 8 tensors pipelined (per tensor)",
+            timed(lambda: ties_batch(base, others, pipelined=True)[0], reps) / 8, one, merge_bytes,
+            "one tensor per evaluation")
 
     out_f, in_f = 14336, 4096
     t, s = bitnet.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))

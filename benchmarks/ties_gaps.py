@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import tempfile
 import time
 from collections import defaultdict
 from itertools import pairwise
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def run(batches: int, batch: int, trace: bool) -> None:
     import mlx.core as mx
-    from ties_profile import family
-
-    from mergekit_mlx import kernels
+    from ties_profile import family, ties_batch
 
     base, others = family()
-    n, k = base.size, len(others)
-    gpu = kernels._gpu_backend()
-    div = kernels._plain_divisor([1.0 / k] * k)
     prof = None
     for b in range(batches):
         if trace and b == batches - 1:
@@ -40,29 +33,17 @@ def run(batches: int, batch: int, trace: bool) -> None:
             prof = tp.profile(activities=[tp.ProfilerActivity.CUDA])
             prof.__enter__()
         t0 = time.perf_counter()
-        started, host = [], 0.0
-        for _ in range(batch):
-            h0 = time.perf_counter()
-            plans, _ = kernels._plan_models(base, others, None, [0.5] * k, False, 1, list(range(k)), None)
-            for p in plans:
-                p.mode = kernels._MAGNITUDE
-            args = (gpu, base, others, [1.0 / k] * k, plans, list(range(k)), [n // 2] * k, True, True, 1.0, div)
-            started.append((args, *kernels._gpu_ties_start(*args)))
-            mx.async_eval(started[-1][1], started[-1][2])
-            host += time.perf_counter() - h0
-        mx.eval([s[1] for s in started], [s[2] for s in started])
-        words = mx.concatenate([s[2] for s in started]).tolist()
-        w = len(words) // batch
-        outs = [kernels._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], gr) for j, (a, o, _, gr) in enumerate(started)]
+        outs, host = ties_batch(base, others, batch, pipelined=True)
         mx.eval(outs)
         wall = time.perf_counter() - t0
         print(f"batch {b}: {wall / batch * 1e3:.3f} ms a tensor, of which the host launching it "
               f"{host / batch * 1e3:.3f} ms")
     if prof is not None:
         prof.__exit__(None, None, None)
-        path = "/tmp/ties_trace.json"
-        prof.export_chrome_trace(path)
-        report(path, batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "ties_trace.json")
+            prof.export_chrome_trace(path)
+            report(path, batch)
 
 
 def report(path: str, batch: int) -> None:

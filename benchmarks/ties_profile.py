@@ -8,6 +8,7 @@ profiler on an NVIDIA GPU, e.g.:
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +26,34 @@ def family(n: int = 1 << 26, k: int = 3) -> tuple[mx.array, list[mx.array]]:
               for i in range(k)]
     mx.eval(base, *others)
     return base, others
+
+
+def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8,
+               pipelined: bool = False) -> tuple[list[mx.array], float]:
+    """TIES (density 0.5) on `batch` tensors launched together: one evaluation and one read-back
+    of the gates for all of them, as a merge that evaluates a batch of tensors at once.
+    pipelined: each tensor's evaluation starts as soon as it is launched (mx.async_eval), so
+    building the next tensor's graph on the host overlaps the GPU's work.
+    Returns the outputs (not evaluated when a gate said no) and the host's seconds launching."""
+    k, n = len(others), base.size
+    gpu = kernels._gpu_backend()
+    div = kernels._plain_divisor([1.0 / k] * k)
+    started, host = [], 0.0
+    for _ in range(batch):
+        h0 = time.perf_counter()
+        plans, _ = kernels._plan_models(base, others, None, [0.5] * k, False, 1, list(range(k)), None)
+        for p in plans:
+            p.mode = kernels._MAGNITUDE
+        args = (gpu, base, others, [1.0 / k] * k, plans, list(range(k)), [n // 2] * k, True, True, 1.0, div)
+        started.append((args, *kernels._gpu_ties_start(*args)))
+        if pipelined:
+            mx.async_eval(started[-1][1], started[-1][2])
+        host += time.perf_counter() - h0
+    mx.eval([s[1] for s in started], [s[2] for s in started])
+    words = mx.concatenate([s[2] for s in started]).tolist()
+    w = len(words) // batch
+    outs = [kernels._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], gr) for j, (a, o, _, gr) in enumerate(started)]
+    return outs, host
 
 
 def main() -> None:
