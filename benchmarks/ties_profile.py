@@ -3,6 +3,9 @@ profiler on an NVIDIA GPU, e.g.:
 
     ncu --clock-control none -k regex:"select_pass|task_merge" -c 2 --section SpeedOfLight \\
         --section SchedulerStats python3 benchmarks/ties_profile.py
+
+Also the inputs (`family`) and the batch of merges launched together (`ties_batch`) that
+kernels_bench.py and ties_gaps.py time.
 """
 
 from __future__ import annotations
