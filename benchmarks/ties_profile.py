@@ -32,12 +32,13 @@ def family(n: int = 1 << 26, k: int = 3) -> tuple[mx.array, list[mx.array]]:
 
 
 def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8,
-               pipelined: bool = False) -> tuple[list[mx.array], float]:
+               pipelined: bool = False) -> tuple[list[mx.array], float, int]:
     """TIES (density 0.5) on `batch` tensors launched together: one evaluation and one read-back
     of the gates for all of them, as a merge that evaluates a batch of tensors at once.
     pipelined: each tensor's evaluation starts as soon as it is launched (mx.async_eval), so
     building the next tensor's graph on the host overlaps the GPU's work.
-    Returns the outputs (not evaluated when a gate said no) and the host's seconds launching."""
+    Returns the outputs (not evaluated when a gate said no), the host's seconds launching, and how
+    many of the tensors were final at the first evaluation (the rest were merged again)."""
     k, n = len(others), base.size
     gpu = kernels._gpu_backend()
     div = kernels._plain_divisor([1.0 / k] * k)
@@ -56,7 +57,7 @@ def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8,
     words = mx.concatenate([s[2] for s in started]).tolist()
     w = len(words) // batch
     outs = [kernels._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], gr) for j, (a, o, _, gr) in enumerate(started)]
-    return outs, host
+    return outs, host, sum(kernels._final(words[j * w:(j + 1) * w]) for j in range(batch))
 
 
 def main() -> None:
