@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlx.core as mx  # noqa: E402
+import mlx.core as mx
 
-from mergekit_mlx import kernels  # noqa: E402
+from mergekit_mlx import kernels
 
 
-def family(n: int = 1 << 26, k: int = 3) -> tuple[mx.array, list[mx.array]]:
+def family(n: int = 1 << 26, k: int = 3, seed: int = 0) -> tuple[mx.array, list[mx.array]]:
     """A bf16 base and k task models near it (as kernels_bench.py's), evaluated."""
-    keys = mx.random.split(mx.random.key(0), k + 2)
+    keys = mx.random.split(mx.random.key(seed), k + 2)
     base = mx.random.normal((n,), key=keys[1]).astype(mx.bfloat16)
     others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=keys[2 + i])).astype(mx.bfloat16)
               for i in range(k)]
@@ -31,19 +31,23 @@ def family(n: int = 1 << 26, k: int = 3) -> tuple[mx.array, list[mx.array]]:
     return base, others
 
 
-def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8,
-               pipelined: bool = False) -> tuple[list[mx.array], float, int]:
+def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8, pipelined: bool = False,
+               second: tuple[mx.array, list[mx.array]] | None = None) -> tuple[list[mx.array], float, int]:
     """TIES (density 0.5) on `batch` tensors launched together: one evaluation and one read-back
     of the gates for all of them, as a merge that evaluates a batch of tensors at once.
     pipelined: each tensor's evaluation starts as soon as it is launched (mx.async_eval), so
     building the next tensor's graph on the host overlaps the GPU's work.
+    second: another family the tensors alternate with, so that, as in a real merge, no tensor's
+    inputs are still in the GPU's L2 cache from the tensor before.
     Returns the outputs (not evaluated when a gate said no), the host's seconds launching, and how
     many of the tensors were final at the first evaluation (the rest were merged again)."""
+    fams = [(base, others)] + ([second] if second is not None else [])
     k, n = len(others), base.size
     gpu = kernels._gpu_backend()
     div = kernels._plain_divisor([1.0 / k] * k)
     started, host = [], 0.0
-    for _ in range(batch):
+    for j in range(batch):
+        base, others = fams[j % len(fams)]
         h0 = time.perf_counter()
         plans, _ = kernels._plan_models(base, others, None, [0.5] * k, False, 1, list(range(k)), None)
         for p in plans:
