@@ -20,7 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 
 
-def run(batches: int, batch: int, trace: bool) -> None:
+def run(batches: int, batch: int, trace: bool, streams: int = 1) -> None:
     import mlx.core as mx
     from ties_profile import family, ties_batch
 
@@ -34,7 +34,7 @@ def run(batches: int, batch: int, trace: bool) -> None:
             prof = tp.profile(activities=[tp.ProfilerActivity.CUDA])
             prof.__enter__()
         t0 = time.perf_counter()
-        outs, host, final = ties_batch(base, others, batch, pipelined=True, second=second)
+        outs, host, final = ties_batch(base, others, batch, pipelined=True, second=second, streams=streams)
         mx.eval(outs)
         wall = time.perf_counter() - t0
         print(f"batch {b}: {wall / batch * 1e3:.3f} ms a tensor, of which the host launching it "
@@ -81,8 +81,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--trace", action="store_true", help="trace the last batch's kernels (needs PyTorch)")
+    ap.add_argument("--streams", type=int, default=1, help="GPU streams the tensors alternate between")
     a = ap.parse_args()
-    run(a.batches, a.batch, a.trace)
+    run(a.batches, a.batch, a.trace, a.streams)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,27 @@ def family(n: int = 1 << 26, k: int = 3, seed: int = 0) -> tuple[mx.array, list[
     return base, others
 
 
+_made_streams: list = []
+
+
+def _streams(count: int) -> list:
+    """The default stream and count - 1 more on the same device, made once."""
+    while len(_made_streams) < count - 1:
+        _made_streams.append(mx.new_stream(mx.default_device()))
+    return [mx.default_stream(mx.default_device())] + _made_streams[:count - 1]
+
+
 def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8, pipelined: bool = False,
-               second: tuple[mx.array, list[mx.array]] | None = None) -> tuple[list[mx.array], float, int]:
+               second: tuple[mx.array, list[mx.array]] | None = None,
+               streams: int = 1) -> tuple[list[mx.array], float, int]:
     """TIES (density 0.5) on `batch` tensors launched together: one evaluation and one read-back
     of the gates for all of them, as a merge that evaluates a batch of tensors at once.
     pipelined: each tensor's evaluation starts as soon as it is launched (mx.async_eval), so
     building the next tensor's graph on the host overlaps the GPU's work.
     second: another family the tensors alternate with, so that, as in a real merge, no tensor's
     inputs are still in the GPU's L2 cache from the tensor before.
+    streams: tensor j is merged on GPU stream j % streams, so one tensor's small stages (sample,
+    sort, sums, resolve) can run while another's passes stream through memory.
     Returns the outputs (not evaluated when a gate said no), the host's seconds launching, and how
     many of the tensors were final at the first evaluation (the rest were merged again)."""
     fams = [(base, others)] + ([second] if second is not None else [])
@@ -53,9 +66,10 @@ def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8, pipelined
         for p in plans:
             p.mode = kernels._MAGNITUDE
         args = (gpu, base, others, [1.0 / k] * k, plans, list(range(k)), [n // 2] * k, True, True, 1.0, div)
-        started.append((args, *kernels._gpu_ties_start(*args)))
-        if pipelined:
-            mx.async_eval(started[-1][1], started[-1][2])
+        with mx.stream(_streams(streams)[j % streams]):
+            started.append((args, *kernels._gpu_ties_start(*args)))
+            if pipelined:
+                mx.async_eval(started[-1][1], started[-1][2])
         host += time.perf_counter() - h0
     mx.eval([s[1] for s in started], [s[2] for s in started])
     words = mx.concatenate([s[2] for s in started]).tolist()
