@@ -35,9 +35,8 @@ _ENV_OFF = "MERGEKIT_MLX_NO_KERNELS"
 _ENV_MLX_JIT = "MERGEKIT_MLX_MLX_JIT"  # CUDA: compile with mx.fast.cuda_kernel in every process (no cache)
 _enabled_override: Optional[bool] = None
 
-_GOLDEN = 0x9E3779B9
-_M1 = 0x7FEB352D
-_M2 = 0x846CA68B
+_HASH = cpu_kernels.HASH  # the counter-based generator's constants (kernels/common.h's), one copy here
+_GOLDEN, _M1, _M2 = _HASH.golden, _HASH.m1, _HASH.m2
 _MASK32 = 0xFFFFFFFF
 _U24 = 1.0 / 16777216.0  # 2**-24, exact in float32
 _MAX_ELEMENTS = 2**31 - 1  # counts and indices are 32-bit
@@ -373,10 +372,6 @@ def _l1_fallback(base: mx.array, other: mx.array, plan: _ModelPlan) -> tuple[mx.
     a, kept = _l1_parts_fn(plan.mode)(other.reshape(-1), base.reshape(-1), idx, plan.t, plan.cut, keys,
                                        mx.array(plan.p, dtype=mx.float32))
     return accurate_sum(a), accurate_sum(kept)
-
-
-_HASH = cpu_kernels.HASH
-assert (_HASH.golden, _HASH.m1, _HASH.m2) == (_GOLDEN, _M1, _M2)
 
 
 def _host_model(other: mx.array, plan: _ModelPlan, weight: float = 1.0) -> cpu_kernels.Model:
