@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cuda_jit, cuda_mem
-from .errors import ModelError
+from .errors import ModelError, warn_once
 from .kernel_sources import kernel_source
 from .models import SAFETENSORS_DTYPES
 
@@ -167,7 +167,6 @@ def reader(keep_bytes: int) -> Optional[Reader]:
 
 def _self_test(drv) -> bool:
     import tempfile
-    import warnings
 
     try:
         data = np.arange(3 * CHUNK // 2 + 13, dtype=np.uint64).astype(np.uint8)
@@ -184,6 +183,5 @@ def _self_test(drv) -> bool:
             r.release([staged])
             return ok
     except (OSError, RuntimeError, ValueError, cuda_jit.CompileError) as e:
-        warnings.warn(f"mergekit-mlx: reading straight into GPU memory is off ({type(e).__name__}: {e})",
-                      RuntimeWarning, stacklevel=2)
+        warn_once("direct-reads", f"mergekit-mlx: reading straight into GPU memory is off ({type(e).__name__}: {e})")
         return False
