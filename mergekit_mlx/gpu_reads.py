@@ -174,14 +174,14 @@ def _self_test(drv) -> bool:
             path = Path(d) / "probe.bin"
             path.write_bytes(b"\0" * 7 + data.tobytes())
             r = Reader(drv, 0)
-            ptr = drv.alloc(data.nbytes)
-            r._fill(path, 7, data.nbytes, ptr, r._buffers())
-            staged = Staged(ptr, data.nbytes, (data.nbytes,), mx.uint8)
-            got = staged.array()
-            mx.eval(got)
-            ok = bool(np.array_equal(np.array(got), data))
-            r.release([staged])
-            return ok
+            staged = Staged(drv.alloc(data.nbytes), data.nbytes, (data.nbytes,), mx.uint8)
+            try:  # the device memory goes back also when a step fails
+                r._fill(path, 7, data.nbytes, staged.ptr, r._buffers())
+                got = staged.array()
+                mx.eval(got)
+                return bool(np.array_equal(np.array(got), data))
+            finally:
+                r.release([staged])
     except (OSError, RuntimeError, ValueError, cuda_jit.CompileError) as e:
         warn_once("direct-reads", f"mergekit-mlx: reading straight into GPU memory is off ({type(e).__name__}: {e})")
         return False
