@@ -4,47 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import MergeKitError
-
-SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4}
-
-
-def parse_size(text: str) -> int:
-    """'5G', '500MB', '1.5GiB' or a byte count."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 5G, 500M, 2GiB, 1000000)")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
-
+from .arguments import add_common_arguments, add_output_arguments, parse_size
+from .errors import MergeKitError, RecipeError
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .writer import OUT_FORMATS
-
     p.add_argument("recipe", help="merge recipe (mergekit YAML)")
     p.add_argument("out", nargs="?", help="output directory (or .gguf file for gguf formats)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
-    p.add_argument("--out-shard-size", type=parse_size, default="5G", help="largest output shard (default 5G)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE/DELLA masks (default 0)")
-    p.add_argument("--device", choices=("cpu", "gpu"), help="MLX device (default: MLX's default)")
     p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="write the tokenizer into the output (default on)")
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge although an input holds NaN or Inf")
     p.add_argument("--no-kernels", action="store_true", help="use the plain MLX path instead of custom kernels")
-    p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
-    p.add_argument("--group-size", type=int, help="quantization group size for mlx-* output formats")
     p.add_argument("--batch-size", type=parse_size, default=None,
                    help="bytes of tensors in flight (default 512M on the CPU, 2G on a GPU)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge, keeping its finished shards")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_arguments(p)
+    add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe(opts.out_shard_size, opts.batch_bytes))
         return 0
     if not args.out:
-        raise SystemExit("mergekit-mlx run: an output directory is required (or use --dry-run)")
+        raise RecipeError("mergekit-mlx run needs OUT, the output directory (or .gguf file) to write; or pass --dry-run")
     start = time.perf_counter()
     result = merge(Path(args.recipe), args.out, opts)  # always a file, whatever its suffix
     took = time.perf_counter() - start
@@ -133,11 +115,32 @@ def main(argv: Optional[list[str]] = None) -> int:
             return convert_main(rest) or 0
         return run(args)
     except MergeKitError as e:
-        print(f"mergekit-mlx: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     except KeyboardInterrupt:
         print("mergekit-mlx: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the checks did not foresee: still named, still one paragraph
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(f"{where}{e.strerror or e}")
+    except MemoryError:
+        return _error("out of memory; lower --batch-size, or merge on a machine with more memory")
+    except Exception as e:
+        if os.environ.get("MERGEKIT_MLX_DEBUG"):
+            raise
+        return _error(
+            f"unexpected {type(e).__name__}: {_one_line(str(e))}. This is a bug in mergekit-mlx: please report it "
+            "with the command and recipe (set MERGEKIT_MLX_DEBUG=1 to see where it happened)"
+        )
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _error(message: str) -> int:
+    print(f"mergekit-mlx: error: {_one_line(message, 4000)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import mlx.core as mx
 
-from .errors import OutputError, RecipeError
+from .arguments import add_common_arguments, add_output_arguments
+from .device import use_device
+from .errors import RecipeError
 from .models import ModelSource, layer_index, open_model
+from .options import MergeOptions
+from .output import OutputJob, check_output_location, write_model
 from .quantized import CODE_DTYPES, SCALE_SUFFIX, SIGN_SUFFIX, pack_signs
-from .writer import DEFAULT_SHARD_BYTES, OUT_FORMATS, OutputTensor, copy_tokenizer, make_writer, torch_dtype_name
+from .writer import DEFAULT_SHARD_BYTES, OUT_FORMATS, OutputTensor, copy_tokenizer, torch_dtype_name
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 Produce = Callable[[str], mx.array]
@@ -43,62 +45,75 @@ def convert(
     out_dtype: Optional[str] = None,
     out_shard_size: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
+    progress: bool = False,
 ) -> Path:
-    """Write the model at in_path to out_path in out_format (or as BitDelta against bitdelta_base)."""
+    """Write the model at in_path to out_path in out_format (or as BitDelta against bitdelta_base),
+    through the same output lifecycle as a merge (checks, lock, temporary sibling, manifest)."""
     if out_format not in OUT_FORMATS:
         raise RecipeError(f"--out-format {out_format!r} is not known; valid: {', '.join(OUT_FORMATS)}")
     if out_dtype is not None and out_dtype not in DTYPES:
         raise RecipeError(f"--out-dtype {out_dtype!r} is not one of {', '.join(DTYPES)}")
+    if bitdelta_base is not None and out_format != "hf":
+        raise RecipeError("--bitdelta-base writes its own safetensors layout; leave --out-format at hf")
+    opts = MergeOptions(out_shard_size=out_shard_size, out_format=out_format, group_size=group_size, force=force)
+    check_options = getattr(opts, "check", None)
+    if check_options is not None:
+        check_options()
     src = open_model(in_path)
-    out = Path(out_path).expanduser()
-    _check_output(out, [src.path] + ([Path(bitdelta_base)] if bitdelta_base else []), force)
-    dtype = DTYPES[out_dtype] if out_dtype else None
+    inputs = [(str(in_path), src.path)]
+    base = None
     if bitdelta_base is not None:
-        if out_format != "hf":
-            raise RecipeError("--bitdelta-base writes its own safetensors layout; leave --out-format at hf")
-        tensors, config, produce = bitdelta_plan(src, open_model(bitdelta_base), dtype)
+        base = open_model(bitdelta_base)
+        inputs.append((str(bitdelta_base), base.path))
+    out = Path(out_path).expanduser()
+    check_output_location(out, inputs, force=force)
+    dtype = DTYPES[out_dtype] if out_dtype else None
+    if base is not None:
+        tensors, config, produce_one = bitdelta_plan(src, base, dtype)
     else:
-        tensors, config, produce = plain_plan(src, dtype)
-    single_file = out_format.startswith("gguf-") and out.suffix.lower() == ".gguf"
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        writer = make_writer(
-            out_format, tmp, tensors, config, max_shard_bytes=out_shard_size, tokenizer_dir=src.tokenizer_dir, group_size=group_size
-        )
+        tensors, config, produce_one = plain_plan(src, dtype)
+    files = sorted({str(i.file) for m in (src, base) if m is not None for i in map(m.info, m.tensor_names()) if i.file})
+    tokenizer_dir = src.tokenizer_dir
+
+    def side_files(directory: Path) -> None:
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, directory)
+
+    job = OutputJob(
+        tensors=tensors,
+        config=config,
+        inputs=inputs,
+        input_files=files or [str(src.path)],
+        fingerprint={"convert": [str(p) for _, p in inputs], "out_dtype": out_dtype},
+        tokenizer_dir=tokenizer_dir,
+        side_files=side_files,
+    )
+
+    def produce(write: Callable[[str, mx.array], None], wants: Callable[[str], bool]) -> None:
         release = getattr(src, "release", lambda: None)
-        for t in tensors:
-            array = produce(t.name)
-            mx.eval(array)  # one tensor at a time: never a graph over the whole model
-            writer.add(t.name, array)
-            del array
-            release()  # a reader's cached lazy arrays keep their data once evaluated
-        writer.finish()
-        if not out_format.startswith("gguf-") and src.tokenizer_dir is not None:
-            copy_tokenizer(src.tokenizer_dir, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    if single_file:
-        os.replace(tmp / "model.gguf", out)
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, out)
-    return out
+        bar = _progress(tensors) if progress else None
+        try:
+            for t in tensors:
+                if wants(t.name):
+                    array = produce_one(t.name)
+                    mx.eval(array)  # one tensor at a time: never a graph over the whole model
+                    write(t.name, array)
+                    del array
+                    release()  # a reader's cached lazy arrays keep their data once evaluated
+                if bar is not None:
+                    bar.update(t.nbytes)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    return write_model(job, out, opts, produce)
 
 
-def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    target = out.resolve()
-    for src in inputs:
-        src = src.resolve()
-        if target == src or (src.is_dir() and src in target.parents):
-            raise OutputError(f"output {out} is (inside) the input {src}; choose another output path")
-    if out.exists() and not force:
-        raise OutputError(f"output {out} already exists; pass --force to replace it")
+def _progress(tensors: list[OutputTensor]):
+    from tqdm import tqdm
+
+    total = sum(t.nbytes for t in tensors)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="converting", dynamic_ncols=True)
 
 
 def plain_plan(src: ModelSource, dtype: Optional[mx.Dtype]) -> tuple[list[OutputTensor], dict, Produce]:
@@ -170,20 +185,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     p.add_argument("input", help="model directory, MLX-quantized/BitNet/BitDelta directory, or .gguf file")
     p.add_argument("out", help="output directory (a .gguf file name for gguf-* formats)")
-    p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
-    p.add_argument("--group-size", type=int, help="quantization group size for mlx-* formats")
     p.add_argument("--out-dtype", choices=tuple(DTYPES), help="cast floating tensors (hf, mlx-* and bitnet outputs)")
     p.add_argument("--bitdelta-base", help="store the input as BitDelta (1-bit signs + a scale per matrix) against this base")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    add_output_arguments(p)
+    add_common_arguments(p)
     args = p.parse_args(argv)
-    out = convert(
-        args.input,
-        args.out,
-        args.out_format,
-        group_size=args.group_size,
-        bitdelta_base=args.bitdelta_base,
-        out_dtype=args.out_dtype,
-        force=args.force,
-    )
+    with use_device(args.device):
+        out = convert(
+            args.input,
+            args.out,
+            args.out_format,
+            group_size=args.group_size,
+            bitdelta_base=args.bitdelta_base,
+            out_dtype=args.out_dtype,
+            out_shard_size=args.out_shard_size,
+            force=args.force,
+            progress=not args.no_progress,
+        )
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from .arguments import add_common_arguments
+from .device import use_device
 from .errors import ModelError
 
 
@@ -169,16 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", action="append", choices=TASKS, help="skill to score (repeatable; default: all)")
     parser.add_argument("--n", type=int, default=200, help="held-out prompts per skill (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out prompts are drawn (default: 0)")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
     tasks = args.task or list(TASKS)
     start = time.perf_counter()
-    try:
-        rows = evaluate_models(args.models, tasks, args.n, args.seed)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with use_device(args.device):
+        rows = evaluate_models(args.models, tasks, args.n, args.seed)  # a ModelError exits 2 (cli.main)
     print(format_table(rows))
     print(f"({args.n} held-out prompts per skill, {time.perf_counter() - start:.1f} s)")
     return 0

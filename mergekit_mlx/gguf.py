@@ -951,6 +951,8 @@ class GGUFWriter:
 def _add_metadata(w: gguf.GGUFWriter, config: dict, arch: str, file_type: int, path: Path) -> None:
     """Architecture metadata as llama.cpp's converter writes it for llama-family models."""
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    # first among the keys: how `--force` knows this tool wrote the file (output.GGUF_MARKER)
+    w.add_string("mergekit_mlx.output", "mergekit-mlx")
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(config.get("_name_or_path") or path.parent.name.lstrip(".").removesuffix(".partial") or "merged"))
     w.add_block_count(int(config["num_hidden_layers"]))

@@ -15,7 +15,7 @@ import queue
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cuda_mem, gpu_reads, kernels
+from .device import use_device
 from .errors import ModelError, OutputError
 from .methods import MergeInputs
 from .options import MergeOptions
@@ -43,12 +44,13 @@ class MergeResult:
     def config(self) -> dict:
         return self.plan.config
 
-    def save(self, out_path: Union[str, Path], *, out_shard_size: int = DEFAULT_SHARD_BYTES, force: bool = False) -> Path:
-        """Write the in-memory merge as a model directory (the same layout `mergekit-mlx run` writes)."""
+    def save(
+        self, out_path: Union[str, Path], *, out_shard_size: int = DEFAULT_SHARD_BYTES, force: bool = False
+    ) -> Path:
+        """Write the in-memory merge as a model directory (the same layout `mergekit-mlx run` writes),
+        through the same output checks: `force` replaces only an earlier output of this tool."""
         if self.weights is None:
             raise OutputError("this result was written to disk already; copy its directory instead")
-        if Path(out_path).exists() and not force:
-            raise OutputError(f"output {out_path} already exists; pass force=True to replace it")
         opts = MergeOptions(out_shard_size=out_shard_size, force=force)
         tasks = self.plan.tasks
         weights = self.weights
@@ -97,16 +99,22 @@ def merge(
 ) -> MergeResult:
     """Merge as the recipe says. With out_path the model is streamed to disk; else kept in memory."""
     opts = options or MergeOptions(**kwargs)
+    check_options = getattr(opts, "check", None)
+    if check_options is not None:
+        check_options()
+    with use_device(opts.device):
+        return _merge(recipe, out_path, opts.resolved())
+
+
+def _merge(recipe: Union[str, Path, dict, Recipe], out_path: Union[str, Path, None], opts: MergeOptions) -> MergeResult:
     recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) else None
     r = load_recipe(recipe)
-    if opts.device:
-        mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
-    opts = opts.resolved()
     kernels.set_kernels_enabled(opts.use_kernels)
     plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes)
     if out_path is not None:
         out = Path(out_path)
-        check_output_location(out, plan, opts)
+        inputs = list(zip(plan.model_paths, [m.path for m in plan.models]))
+        check_output_location(out, inputs, force=opts.force, resume=opts.resume)
         path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants))
         return MergeResult(plan, path=path)
     weights: dict[str, mx.array] = {}
@@ -343,7 +351,14 @@ class _Pipeline:
                 self.direct.release(out)
             raise
         lazy = [x for x in out if isinstance(x, mx.array)]
-        mx.eval(lazy)
+        try:
+            mx.eval(lazy)
+        except (RuntimeError, ValueError) as e:  # a file cut short or changed since its header was read
+            files = sorted({str(_file_of(models[task.inputs[k][0]], task.inputs[k][1])) for k in slots})
+            raise ModelError(
+                f"{', '.join(files)}: reading the input tensors of {task.out.name} failed ({e}); the file was "
+                "changed or truncated during the merge"
+            ) from None
         if self.prefetch:  # start moving them to the GPU now, not when the merge first reads them
             cuda_mem.prefetch(lazy)
         return out
@@ -419,6 +434,11 @@ class _Pipeline:
         with self.cond:
             self.in_flight -= self.costs[id(task)] - self.released.pop(id(task), 0)
             self.cond.notify_all()
+
+
+def _file_of(model, name: str) -> Path:
+    info = model.info(name)
+    return info.file if getattr(info, "file", None) else model.path
 
 
 def _reuse_freed_memory() -> None:
@@ -536,10 +556,28 @@ def _report_nonfinite(plan: Plan, task: TensorTask, opts: MergeOptions, inputs: 
             f"tensor {task.out.name}: NaN or Inf in the input {', '.join(bad_inputs)}; "
             "the merge stopped (pass --allow-nonfinite to merge anyway)"
         )
+    limit = _overflowed_range(plan, task, opts, inputs)
+    if limit is not None:
+        raise ModelError(
+            f"tensor {task.out.name}: merged values reach beyond {task.out.dtype}'s range (largest {limit:g}), so they "
+            "would be written as Inf; set the recipe's `out_dtype` (or `dtype`) to bfloat16 or float32, or lower its weights"
+        )
     raise ModelError(
         f"tensor {task.out.name}: the merge produced NaN or Inf although no input has any; "
         "check the recipe's weights (e.g. a normalisation dividing by a sum near zero)"
     )
+
+
+def _overflowed_range(plan: Plan, task: TensorTask, opts: MergeOptions, inputs: list[mx.array]) -> Optional[float]:
+    """The largest value of the output dtype when the merge is finite before it is rounded to that
+    dtype (float16 holds at most 65504), else None."""
+    if task.out.dtype not in (mx.float16, mx.bfloat16):
+        return None
+    wide = replace(task, out=replace(task.out, dtype=mx.float32))
+    out, _ = merge_task(plan, wide, opts, plan.vocab, list(inputs))
+    if not mx.all(mx.isfinite(out)).item():
+        return None
+    return float(mx.finfo(task.out.dtype).max)
 
 
 def _progress(plan: Plan, opts: MergeOptions):

@@ -1,113 +1,569 @@
-"""Writing a merge's output safely: a temporary sibling directory, resumable, renamed into place last.
+"""The one output lifecycle: every command that writes a model goes through it.
 
-The output is never half-written under its final name: shards get their final name only when
-complete, the directory only when every shard, the index, config, tokenizer and card are written.
-A state file records each finished shard's checksum so `--resume` keeps them and merges the rest.
+Checks first, before an input tensor is read: the output is no input, lies in none and holds none;
+an existing output is replaced only with `force`, and only when this tool wrote it (a directory
+holding exactly the files its manifest lists, or a GGUF file carrying this tool's marker); never a
+plain file, a symlink, or a folder with anything else in it.
 
-What a failed run leaves behind: a validation error (recipe, inputs, output location, free space)
-is raised before anything is written and leaves nothing; an error while merging or writing
-(non-finite values, a value a method refuses, a full disk) removes `.NAME.partial`, since rerunning
-the same command could not use it. Only an interruption (Ctrl-C, a kill, a power loss) leaves
-`.NAME.partial` in place, for `--resume`.
+Then a temporary sibling `.NAME.partial`, locked (an advisory lock on the directory, so a second
+run on the same output refuses at once and names the first), is filled through the format's writer.
+Shards get their final names only when complete; the manifest is written last and the directory is
+renamed into place only when everything is written, so nothing half-written looks complete. A
+replaced output is moved aside first and then emptied of the files its manifest lists, nothing else.
+
+What a failed run leaves behind: a validation error leaves nothing; an error while merging or
+writing (non-finite values, a full disk) removes `.NAME.partial`, since rerunning the same command
+could not use it; only an interruption (Ctrl-C, a kill, a power loss) leaves it, for `--resume`.
+A resume keeps finished shards only when the recipe and options are the same and every input file
+has the same SHA-256 as when those shards were written (content, not size and time).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
+import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
 from .errors import MergeKitError, OutputError
 from .options import MergeOptions
 from .plan import Plan, human_bytes
-from .writer import copy_tokenizer, file_sha256, make_writer
+from .writer import OutputTensor, copy_tokenizer, file_sha256, make_writer
 
-STATE_FILE = ".mergekit-mlx-state.json"
+MANIFEST = ".mergekit-mlx-output.json"  # in every output directory: the files this tool wrote there
+STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input hashes, shards
+GGUF_MARKER = b"mergekit_mlx.output"  # a GGUF metadata key this tool writes into every GGUF it makes
+GGUF_MARKER_SPAN = 1 << 16  # bytes of a GGUF file searched for the marker (it is written among the first keys)
 # how MLX words a failed file write (it raises RuntimeError without an errno)
 MLX_WRITE_ERRORS = ("[write]", "[save_safetensors]", "[save]", "[save_gguf]")
+NAME_MAX = 255
+PATH_MAX = 4096
+
+Produce = Callable[[Callable[[str, mx.array], None], Callable[[str], bool]], None]
 
 
-def check_output_location(out: Path, plan: Plan, opts: MergeOptions) -> None:
-    """Refuse an output that is an input, inside one or holding one, and an existing one without --force."""
-    target = out.resolve()
-    for ref, m in zip(plan.model_paths, plan.models):
-        src = m.path.resolve()
-        # a directory model may not hold the output; beside a .gguf file is fine, the file itself is not
-        if target == src or (src.is_dir() and src in target.parents):
-            raise OutputError(f"output {out} is (inside) the input model {ref}; choose another output directory")
-        if target in src.parents:
-            # --force would delete the input with the old output
-            raise OutputError(f"output {out} contains the input model {ref}; choose another output directory")
-    if out.exists() and not opts.force:
-        hint = " (it is a finished merge: there is nothing to resume)" if opts.resume else ""
-        raise OutputError(f"output {out} already exists{hint}; pass --force to replace it")
-    if out.is_dir() and not _replaceable(out):
-        # a typo such as `--force ~` must not delete a home directory
-        raise OutputError(
-            f"output {out} is a folder that holds something other than a model (no config.json or .gguf); "
-            "--force replaces only models: remove it yourself, or choose another output directory"
-        )
-
-
-def _replaceable(directory: Path) -> bool:
-    """An empty folder or a model (what a merge writes) may be replaced; anything else is the user's."""
-    names = [p.name for p in directory.iterdir()]
-    return not names or "config.json" in names or any(n.endswith(".gguf") for n in names)
-
-
-def _partial_dir(out: Path) -> Path:
+def partial_dir(out: Path) -> Path:
+    """The temporary sibling an output is written in."""
     return out.parent / f".{out.name}.partial"
 
 
-def recipe_fingerprint(plan: Plan, opts: MergeOptions) -> str:
-    """What a resumed run must share with the interrupted one: recipe, options and the input files."""
-    files = sorted({str(i.file) for m in plan.models for i in (m.info(n) for n in m.tensor_names()) if i.file})
-    inputs = []
-    for f in files:
+def check_output_location(out: Path, inputs: Sequence[tuple[str, Path]], *, force: bool, resume: bool = False) -> None:
+    """Refuse an output that cannot be written as asked, before any input tensor is read.
+
+    `inputs` are (name the user gave, path) of every input model."""
+    out = _absolute(out)
+    target = out.resolve()
+    for ref, src in inputs:
+        src = Path(src).resolve()
+        # a directory model may not hold the output; beside a .gguf file is fine, the file itself is not
+        if target == src or (src.is_dir() and src in target.parents):
+            raise OutputError(f"output {out} is (inside) the input model {ref}; choose another output location")
+        if target in src.parents:
+            # replacing the output would delete the input with it
+            raise OutputError(f"output {out} contains the input model {ref}; choose another output location")
+    partial = partial_dir(out)
+    if os.path.lexists(partial) and not _is_our_partial(partial):
+        raise OutputError(
+            f"{partial} exists and was not written by mergekit-mlx (it is where this output would be "
+            "written first); remove or rename it, or choose another output location"
+        )
+    if not os.path.lexists(out):
+        return
+    if not force:
+        hint = " (it is a finished output: there is nothing to resume)" if resume else ""
+        raise OutputError(f"output {out} already exists{hint}; pass --force to replace it (force=True in Python)")
+    why = _not_ours(out)
+    if why:
+        raise OutputError(
+            f"output {out} {why}; --force replaces only an output that mergekit-mlx wrote (a directory with "
+            f"its {MANIFEST} and nothing else, or a GGUF file it made) or an empty directory: remove it "
+            "yourself, or choose another output location"
+        )
+
+
+def _absolute(out: Path) -> Path:
+    """The output as an absolute path ("." and "x/" still have a parent and a name), checked for length."""
+    text = os.fsencode(str(out))
+    if not text:
+        raise OutputError("the output path is empty; name a directory (or a .gguf file) to create")
+    absolute = Path(os.path.abspath(out))
+    if len(os.fsencode(str(absolute))) + len(".partial") + 2 > PATH_MAX:
+        raise OutputError(f"output path {str(out)[:80]}... is too long ({len(text)} bytes); choose a shorter one")
+    for part in absolute.parts:
+        if len(os.fsencode(part)) + len("..partial") > NAME_MAX:
+            raise OutputError(
+                f"output {str(out)[:80]}...: the name {part[:40]}... is {len(os.fsencode(part))} bytes; a file "
+                f"name may have at most {NAME_MAX - len('..partial')} here (its temporary sibling adds 9)"
+            )
+    if absolute == Path(absolute.anchor):
+        raise OutputError(f"output {out} is the root of the filesystem; name a directory to create")
+    return absolute
+
+
+def _not_ours(out: Path) -> Optional[str]:
+    """Why `out` may not be replaced, or None when this tool wrote it (or it is an empty directory)."""
+    try:
+        st = os.lstat(out)
+    except OSError as e:
+        return f"cannot be inspected ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if stat.S_ISREG(st.st_mode):
+        return None if _is_our_gguf(out) else "is a file that mergekit-mlx did not write"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a regular file or directory"
+    try:
+        names = set(os.listdir(out))
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    if not names:
+        return None
+    listed = _manifest_files(out)
+    if listed is None:
+        return f"is a folder without a valid {MANIFEST} (not an output of mergekit-mlx)"
+    extra = sorted(names - set(listed) - {MANIFEST})
+    if extra:
+        return f"holds files that mergekit-mlx did not write there ({', '.join(extra[:3])})"
+    for name, size in listed.items():
         try:
-            st = os.stat(f)
-            inputs.append([f, st.st_size, st.st_mtime_ns])
+            st = os.lstat(out / name)
+        except FileNotFoundError:
+            continue  # a file the user removed: nothing of theirs is lost
+        except OSError as e:
+            return f"has {name}, which cannot be inspected ({e.strerror})"
+        if not stat.S_ISREG(st.st_mode):
+            return f"has {name}, which is no longer the regular file mergekit-mlx wrote"
+        if st.st_size != size:
+            return f"has {name}, which was changed since mergekit-mlx wrote it"
+    return None
+
+
+def _manifest_files(directory: Path) -> Optional[dict[str, int]]:
+    """name -> size of the files an output directory's manifest lists, or None without a valid one."""
+    path = directory / MANIFEST
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.lstat(path).st_size > 1 << 20:
+            return None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        files = data["files"] if data.get("tool") == "mergekit-mlx" else None
+        if not isinstance(files, dict):
+            return None
+        ok = all(
+            isinstance(n, str) and _plain_name(n) and n != MANIFEST and isinstance(s, int) and not isinstance(s, bool)
+            for n, s in files.items()
+        )
+        return files if ok else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _is_our_gguf(path: Path) -> bool:
+    """A GGUF file with this tool's marker among its first metadata keys."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(GGUF_MARKER_SPAN)
+    except OSError:
+        return False
+    return head[:4] == b"GGUF" and GGUF_MARKER in head
+
+
+def _is_our_partial(partial: Path) -> bool:
+    """A temporary output this tool made: a real directory, empty or holding its state file."""
+    try:
+        st = os.lstat(partial)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        names = os.listdir(partial)
+    except OSError:
+        return False
+    return not names or STATE_FILE in names
+
+
+# ---------------- the temporary output: lock, state, resume ----------------
+
+
+@dataclass
+class InputProof:
+    """The SHA-256 of every input file, computed on a thread of its own (hashlib releases the GIL)
+    while the merge runs, so that a later `--resume` can prove its inputs are the same bytes."""
+
+    files: list[str]
+    digests: Optional[dict[str, str]] = None
+    thread: Optional[threading.Thread] = None
+    failed: bool = False
+
+    def start(self, on_done: Callable[[dict[str, str]], None]) -> None:
+        def run() -> None:
+            try:
+                self.digests = hash_files(self.files)
+                on_done(self.digests)
+            except OSError:
+                # an unreadable input fails the merge itself, with a better message; a state that
+                # cannot be written leaves the interrupted run unprovable, so a resume starts over
+                self.failed = True
+
+        self.thread = threading.Thread(target=run, name="mergekit-mlx-input-hash", daemon=True)
+        self.thread.start()
+
+
+def hash_files(files: Sequence[str]) -> dict[str, str]:
+    return {f: file_sha256(Path(f)) for f in files}
+
+
+@dataclass
+class PartialOutput:
+    """`.NAME.partial` while this process holds its lock."""
+
+    out: Path
+    path: Path
+    fd: int
+    state: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    filling: bool = True  # False once it is being renamed into place or removed: no more state
+
+    def save_state(self, **changes) -> None:
+        with self.lock:
+            if not self.filling:
+                return  # a late update (the input hashes) after the output was finished or removed
+            self.state.update(changes)
+            tmp = self.path / (STATE_FILE + ".tmp")
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.path / STATE_FILE)  # a kill mid-write leaves the previous state, never a torn one
+
+    def finished(self) -> None:
+        """No state is written from now on (the hashing thread may still be running)."""
+        with self.lock:
+            self.filling = False
+
+    def remove(self) -> None:
+        """Delete the temporary output (it is ours: we hold its lock) and let the lock go."""
+        self.finished()
+        _empty_dir(self.path)
+        try:
+            os.rmdir(self.path)
         except OSError:
-            inputs.append([f, None, None])
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _empty_dir(directory: Path) -> None:
+    for entry in os.scandir(directory):
+        p = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def open_partial(out: Path) -> PartialOutput:
+    """Create or take over `.NAME.partial` and lock it; refuse when another process holds it."""
+    partial = partial_dir(out)
+    for _ in range(5):
+        try:
+            os.mkdir(partial)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise OutputError(f"cannot create the temporary output {partial}: {e.strerror or e}") from None
+        try:
+            fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue  # removed between the two calls by the process that finished with it
+        except OSError:
+            raise OutputError(f"{partial} is not a directory that mergekit-mlx made; remove it, or choose another output") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"cannot lock the temporary output {partial}: {e.strerror or e}") from None
+            raise OutputError(
+                f"another mergekit-mlx process{_owner(partial)} is writing {out} (it holds {partial}); wait for it "
+                "to finish or stop it, or choose another output"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(partial))
+        except OSError:
+            same = False
+        if not same:  # renamed into place or removed by its owner while we waited: start again
+            os.close(fd)
+            continue
+        if not _is_our_partial(partial):
+            os.close(fd)
+            raise OutputError(f"{partial} holds files that mergekit-mlx did not write; remove it, or choose another output")
+        return PartialOutput(out, partial, fd)
+    raise OutputError(f"cannot take over the temporary output {partial}: other processes keep changing it")
+
+
+def _owner(partial: Path) -> str:
+    try:
+        state = json.loads((partial / STATE_FILE).read_text())
+        return f" (pid {int(state['pid'])} on {str(state.get('host', '?'))[:64]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> tuple[dict[str, str], Optional[dict[str, str]], str]:
+    """Shards of an interrupted run that may be kept, the inputs' hashes now, and why none are kept."""
+    if not (partial.path / STATE_FILE).exists():
+        return {}, None, ""  # no interrupted run: nothing to resume, nothing to say
+    try:
+        state = json.loads((partial.path / STATE_FILE).read_text())
+        shards, inputs = state["shards"], state.get("inputs")
+        if state.get("fingerprint") != fingerprint:
+            return {}, None, "the recipe or the options differ from the interrupted run's"
+        if not isinstance(shards, dict) or not shards:
+            return {}, None, ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}, None, "its state file is missing or cut short"
+    if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
+        return {}, None, "the interrupted run had not finished hashing its inputs"
+    try:
+        now = hash_files(files)
+    except OSError:
+        return {}, None, "an input cannot be read"
+    changed = [f for f in files if now[f] != inputs[f]]
+    if changed:
+        return {}, now, f"{changed[0]} has changed since the interrupted run ({len(changed)} input file(s) differ)"
+    kept = {
+        f: h
+        for f, h in shards.items()
+        if isinstance(f, str) and _plain_name(f) and not f.startswith(".") and (partial.path / f).is_file()
+        and file_sha256(partial.path / f) == h
+    }
+    return kept, now, ""
+
+
+# ---------------- the lifecycle ----------------
+
+
+@dataclass(frozen=True)
+class OutputJob:
+    """What one command asks to be written: tensors, config, inputs, and the files beside the weights."""
+
+    tensors: list[OutputTensor]
+    config: dict
+    inputs: Sequence[tuple[str, Path]]  # (name the user gave, path) of every input model
+    input_files: list[str]  # every file a tensor is read from (for the resume proof)
+    fingerprint: dict  # what a resumed run must share with the interrupted one, besides the inputs
+    tokenizer_dir: Optional[Path] = None  # the model whose tokenizer a GGUF output embeds
+    side_files: Optional[Callable[[Path], None]] = None  # writes tokenizer files, card, ... into a directory
+    verify: Optional[Callable[[Path], None]] = None  # reads back a written hf directory
+
+
+def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce) -> Path:
+    """Write a model through the lifecycle (see the module's docstring); returns the output path."""
+    out = _absolute(out)
+    check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
+    fingerprint = _fingerprint(job, opts)
+    single_file = opts.out_format.startswith("gguf") and out.suffix.lower() == ".gguf"
+    resumable = not opts.out_format.startswith("gguf")
+    _check_free_space(out, job, opts)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    partial = open_partial(out)
+    try:
+        return _fill_and_commit(job, out, opts, produce, partial, fingerprint, single_file, resumable)
+    finally:
+        partial.close()
+
+
+def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprint, single_file, resumable) -> Path:
+    tmp = partial.path
+    done: dict[str, str] = {}
+    digests: Optional[dict[str, str]] = None
+    if opts.resume and resumable:
+        done, digests, why = _kept_shards(partial, fingerprint, job.input_files)
+        if why:
+            print(f"mergekit-mlx: not resuming: {why}; merging everything again", file=sys.stderr)
+    try:
+        for entry in os.scandir(tmp):  # what is not kept goes: an earlier run's files, all ours
+            if entry.name not in done:
+                (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.unlink)(entry.path)
+        partial.state = {
+            "tool": "mergekit-mlx",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "fingerprint": fingerprint,
+            "inputs": digests,
+            "shards": dict(done),
+        }
+        partial.save_state()
+    except OSError as e:
+        partial.remove()
+        raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
+    try:
+        writer = make_writer(
+            opts.out_format,
+            tmp,
+            job.tensors,
+            job.config,
+            max_shard_bytes=opts.out_shard_size,
+            tokenizer_dir=job.tokenizer_dir,
+            skip_shards=set(done) if resumable else None,
+            group_size=opts.group_size,
+        )
+        wants = getattr(writer, "wants", lambda name: True)
+        # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
+        written = getattr(writer, "written", None) if resumable else None
+        checksums = getattr(writer, "checksums", {})  # computed while writing, when the writer can
+        shards = len(getattr(writer, "files", ())) if resumable else 0
+        if digests is None and shards > 1:
+            # a single shard is finished only at the end: nothing a resume could keep, nothing to prove
+            # shards finished before the hashes are known are not kept by a resume
+            proof = InputProof(list(job.input_files))
+            proof.start(lambda digests: partial.save_state(inputs=digests))
+
+        def write(name: str, array: mx.array) -> None:
+            before = len(written) if written is not None else 0
+            writer.add(name, array)
+            if written is not None and len(written) != before:
+                for f in written:
+                    if f not in done:
+                        done[f] = checksums.get(f) or file_sha256(tmp / f)
+                partial.save_state(shards=dict(done))
+
+        produce(write, wants)
+        writer.finish()
+        if job.side_files is not None and not single_file:
+            job.side_files(tmp)
+        if job.verify is not None and opts.out_format == "hf":
+            job.verify(tmp)
+        partial.finished()
+        os.unlink(tmp / STATE_FILE)
+        if single_file:
+            _commit_file(tmp / "model.gguf", out, opts.force)
+            partial.remove()
+        else:
+            _write_manifest(tmp)
+            _commit_dir(partial, out, opts.force)
+    except MergeKitError:
+        partial.remove()  # a merge that failed cannot be resumed
+        raise
+    except (OSError, RuntimeError, BufferError) as e:
+        failure = _write_failure(e, out, job)
+        if failure is None:
+            raise  # an unexpected error: keep the partial output, as after an interruption
+        partial.remove()
+        raise failure from None
+    return out
+
+
+def _fingerprint(job: OutputJob, opts: MergeOptions) -> str:
     text = json.dumps(
         {
-            "recipe": plan.recipe.model_dump(mode="json"),
-            "seed": opts.random_seed,
+            **job.fingerprint,
             "shard": opts.out_shard_size,
             "format": opts.out_format,
             "group_size": opts.group_size,
-            "inputs": inputs,
+            "inputs": sorted(job.input_files),
         },
         sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def finished_shards(tmp: Path, fingerprint: str) -> dict[str, str]:
-    """Shards of an interrupted run that can be kept: same fingerprint, file present, checksum equal."""
+def _write_manifest(directory: Path) -> None:
+    files = {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(directory) if e.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"tool": "mergekit-mlx", "files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def _recheck_before_commit(out: Path, force: bool) -> None:
+    """The output may have appeared while merging (another run, the user): the same rules again."""
+    if not os.path.lexists(out):
+        return
+    why = "already exists" if not force else _not_ours(out)
+    if why:
+        raise OutputError(
+            f"output {out} {why} (it appeared while merging); nothing was replaced; --force replaces only an "
+            "output that mergekit-mlx wrote"
+        )
+
+
+def _commit_dir(partial: PartialOutput, out: Path, force: bool) -> None:
+    _recheck_before_commit(out, force)
+    aside = None
+    if os.path.lexists(out) and os.path.isdir(out) and os.listdir(out):
+        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.rename(out, aside)
+    elif os.path.lexists(out) and not os.path.isdir(out):
+        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.rename(out, aside)  # one of our GGUF files, replaced by a directory
     try:
-        state = json.loads((tmp / STATE_FILE).read_text())
-        shards = state["shards"] if state.get("fingerprint") == fingerprint else {}
-        return {
-            f: h
-            for f, h in shards.items()
-            if isinstance(f, str) and "/" not in f and not f.startswith(".") and (tmp / f).is_file() and file_sha256(tmp / f) == h
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}  # no state, or one cut short: start again
+        os.replace(partial.path, out)  # an empty directory is replaced in the same step
+    except OSError:
+        if aside is not None:
+            os.rename(aside, out)  # put the previous output back
+        raise
+    partial.path = out
+    partial.close()
+    if aside is not None:
+        _remove_our_output(aside)
 
 
-def check_free_space(out: Path, plan: Plan, opts: MergeOptions, tmp: Path, done: dict[str, str]) -> None:
+def _commit_file(written: Path, out: Path, force: bool) -> None:
+    _recheck_before_commit(out, force)
+    if os.path.isdir(out) and not os.path.islink(out):
+        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.rename(out, aside)
+        os.replace(written, out)
+        _remove_our_output(aside)
+    else:
+        os.replace(written, out)  # over one of our GGUF files, atomically
+
+
+def _remove_our_output(path: Path) -> None:
+    """Delete a previous output moved aside: only the files its manifest lists, then the folder if empty."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        os.unlink(path)  # one of our GGUF files (checked before it was moved)
+        return
+    for name in (_manifest_files(path) or {}):
+        try:
+            os.unlink(path / name)
+        except OSError:
+            pass
+    for name in (MANIFEST,):
+        try:
+            os.unlink(path / name)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # something else is in it now: it stays, under its aside name
+
+
+def _check_free_space(out: Path, job: OutputJob, opts: MergeOptions) -> None:
     """Refuse to start a safetensors output that cannot fit on its device (the dry-run estimate)."""
-    if opts.out_format != "hf":
-        return  # quantized and GGUF sizes are not known exactly before writing
-    need = plan.bytes_written - sum((tmp / f).stat().st_size for f in done)
+    if opts.out_format != "hf" or opts.resume:
+        return  # quantized and GGUF sizes are not known exactly before writing; a resume keeps shards
+    need = sum(t.nbytes for t in job.tensors)
     device = out.parent
     while not device.exists() and device != device.parent:
         device = device.parent  # the output's parents are created later, on the same device
@@ -117,15 +573,19 @@ def check_free_space(out: Path, plan: Plan, opts: MergeOptions, tmp: Path, done:
         return
     if free < need:
         raise OutputError(
-            f"not enough free space for {out}: this merge needs about {human_bytes(need)} "
+            f"not enough free space for {out}: this needs about {human_bytes(need)} "
             f"(the dry-run estimate of bytes written) and the device has {human_bytes(free)} free"
         )
 
 
-def _write_failure(e: BaseException, out: Path, plan: Plan) -> Optional[OutputError]:
+def _write_failure(e: BaseException, out: Path, job: OutputJob) -> Optional[OutputError]:
     """An OutputError for a failed write (disk full, no permission, I/O error), else None."""
     if isinstance(e, OSError):
         what = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        if e.filename and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            what = f"{what} ({e.filename})"
+    elif isinstance(e, BufferError):
+        what = "a write failed"
     elif isinstance(e, RuntimeError) and str(e).startswith(MLX_WRITE_ERRORS):
         what = str(e).rstrip(".")
     else:
@@ -134,10 +594,42 @@ def _write_failure(e: BaseException, out: Path, plan: Plan) -> Optional[OutputEr
         free = f"; the device has {human_bytes(shutil.disk_usage(out.parent).free)} free"
     except OSError:
         free = ""
+    need = sum(t.nbytes for t in job.tensors)
     return OutputError(
-        f"cannot write {out}: {what}. This merge needs about {human_bytes(plan.bytes_written)} of free space "
+        f"cannot write {out}: {what}. This needs about {human_bytes(need)} of free space "
         f"(the dry-run estimate){free}. The partial output was removed."
     )
+
+
+# ---------------- a merge's output ----------------
+
+
+def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
+    """The output job of a merge plan: its tensors, config, tokenizer and card."""
+    files = sorted({str(i.file) for m in plan.models for i in (m.info(n) for n in m.tensor_names()) if i.file})
+    if not files:  # formats read whole (GGUF): the model files themselves
+        files = sorted({str(m.path) for m in plan.models if Path(m.path).is_file()})
+
+    def side_files(directory: Path) -> None:
+        if opts.copy_tokenizer and opts.out_format in ("hf", "mlx-q4", "mlx-q8", "mlx-mxfp4", "bitnet"):
+            write_tokenizer(plan, directory)
+        (directory / "README.md").write_text(model_card(plan))
+
+    return OutputJob(
+        tensors=plan.outputs,
+        config=plan.config,
+        inputs=list(zip(plan.model_paths, [m.path for m in plan.models])),
+        input_files=files,
+        fingerprint={"recipe": plan.recipe.model_dump(mode="json"), "seed": opts.random_seed},
+        tokenizer_dir=_tokenizer_source_dir(plan),
+        side_files=side_files,
+        verify=lambda directory: verify_output(directory, plan),
+    )
+
+
+def write_output(plan: Plan, out: Path, opts: MergeOptions, produce: Produce) -> Path:
+    """Write a merge's output through the lifecycle."""
+    return write_model(merge_job(plan, opts), out, opts, produce)
 
 
 def verify_output(directory: Path, plan: Plan) -> None:
@@ -153,94 +645,6 @@ def verify_output(directory: Path, plan: Plan) -> None:
                 f"verifying {directory} failed: tensor {t.name} should be {list(t.shape)} "
                 f"{MLX_TO_SAFETENSORS[t.dtype]}, found {got}; nothing was renamed into place"
             )
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # a kill mid-write leaves the previous state, never a torn one
-
-
-def write_output(
-    plan: Plan,
-    out: Path,
-    opts: MergeOptions,
-    produce: Callable[[Callable[[str, mx.array], None], Callable[[str], bool]], None],
-) -> Path:
-    """Fill a temporary sibling of `out` through the format's writer, then rename it into place."""
-    out = Path(os.path.abspath(out))  # "." or "x/" must still have a parent and a name
-    tmp = _partial_dir(out)
-    fingerprint = recipe_fingerprint(plan, opts)
-    state_path = tmp / STATE_FILE
-    done = finished_shards(tmp, fingerprint) if opts.resume and tmp.is_dir() else {}
-    check_free_space(out, plan, opts, tmp, done)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not done and tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
-        for stale in tmp.glob("incomplete-*"):
-            stale.unlink()
-    except OSError as e:
-        raise OutputError(f"cannot create the temporary output {tmp}: {e.strerror or e}") from None
-
-    resumable = not opts.out_format.startswith("gguf")
-    try:
-        writer = make_writer(
-            opts.out_format,
-            tmp,
-            plan.outputs,
-            plan.config,
-            max_shard_bytes=opts.out_shard_size,
-            tokenizer_dir=_tokenizer_source_dir(plan),
-            skip_shards=set(done) if resumable else None,
-            group_size=opts.group_size,
-        )
-        wants = getattr(writer, "wants", lambda name: True)
-        # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
-        written = getattr(writer, "written", None) if resumable else None
-        checksums = getattr(writer, "checksums", {})  # computed while writing, when the writer can
-
-        def save_state() -> None:
-            if written is not None:
-                for f in written:
-                    if f not in done:
-                        done[f] = checksums.get(f) or file_sha256(tmp / f)
-            _write_json_atomic(state_path, {"fingerprint": fingerprint, "shards": done})
-
-        save_state()
-
-        def write(name: str, array: mx.array) -> None:
-            before = len(written) if written is not None else 0
-            writer.add(name, array)
-            if written is not None and len(written) != before:
-                save_state()
-
-        produce(write, wants)
-        writer.finish()
-        if opts.copy_tokenizer and opts.out_format in ("hf", "mlx-q4", "mlx-q8", "mlx-mxfp4", "bitnet"):
-            write_tokenizer(plan, tmp)
-        (tmp / "README.md").write_text(model_card(plan))
-        if opts.out_format == "hf":
-            verify_output(tmp, plan)
-        state_path.unlink()
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        if opts.out_format.startswith("gguf") and out.suffix.lower() == ".gguf":
-            os.replace(tmp / "model.gguf", out)  # OUT.gguf names the file itself
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except MergeKitError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a merge that failed cannot be resumed
-        raise
-    except (OSError, RuntimeError) as e:
-        failure = _write_failure(e, out, plan)
-        if failure is None:
-            raise  # an unexpected error: keep the partial output, as after an interruption
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise failure from None
-    return out
 
 
 def _tokenizer_source_dir(plan: Plan) -> Optional[Path]:

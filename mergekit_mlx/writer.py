@@ -302,19 +302,23 @@ class _DirectWriter:
                 self._flush(_STAGE)
 
     def _flush(self, length: int) -> None:
-        view = memoryview(self.stage)[:length]
-        while len(view):
-            try:
-                n = os.pwrite(self.fd, view, self.offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL or self.direct_refused:
-                    raise
-                # a filesystem that opens with O_DIRECT but refuses the writes: the page cache
-                self.direct_refused = True
-                os.close(self.fd)
-                self.fd = os.open(self.path, os.O_WRONLY)
-                continue
-            view, self.offset = view[n:], self.offset + n
+        done = 0
+        # views of the staging map are released also when a write fails (a full disk): one left
+        # in the traceback would make closing the map raise BufferError instead of the OSError
+        with memoryview(self.stage) as whole:
+            while done < length:
+                with whole[done:length] as part:
+                    try:
+                        n = os.pwrite(self.fd, part, self.offset)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or self.direct_refused:
+                            raise
+                        # a filesystem that opens with O_DIRECT but refuses the writes: the page cache
+                        self.direct_refused = True
+                        os.close(self.fd)
+                        self.fd = os.open(self.path, os.O_WRONLY)
+                        continue
+                done, self.offset = done + n, self.offset + n
         self.filled = 0
 
     def close(self) -> None:

@@ -151,8 +151,10 @@ def test_eval_command_prints_a_row_per_model_and_task(capsys):
 
 
 def test_eval_command_names_a_missing_model_directory(tmp_path, capsys):
-    code = evaluate.main([str(tmp_path / "nothing"), "--n", "4"])
-    assert code != 0
+    from mergekit_mlx.cli import main
+
+    code = main(["eval", str(tmp_path / "nothing"), "--n", "4"])
+    assert code == 2
     assert str(tmp_path / "nothing") in capsys.readouterr().err
 
 
