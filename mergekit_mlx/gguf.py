@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ModelError, RecipeError
-from .models import ModelSource, TensorInfo
+from .models import TOKENIZER_FILES, ModelSource, TensorInfo, copy_side_files
 from .writer import OutputTensor
 
 log = logging.getLogger(__name__)
@@ -621,6 +621,17 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
 
 
 def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
+    """Embed the tokenizer of an input model directory (see `_add_tokenizer`).
+
+    The gguf package opens whatever names it looks for, following symlinks: it is given a private
+    copy of the directory's checked tokenizer files (`models.copy_side_files`) instead.
+    """
+    with tempfile.TemporaryDirectory(prefix="mergekit-mlx-gguf-tokenizer-") as tmp:
+        copy_side_files(tok_dir, Path(tmp), TOKENIZER_FILES + ("config.json",))
+        _add_tokenizer(w, Path(tmp), vocab_size, tok_dir)
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int, shown: Path) -> None:
     """Embed the tokenizer of a Hugging Face directory the way llama.cpp's converter does for llama.
 
     The vocabulary goes in as llama.cpp reads it: "llama" (SentencePiece-style, with scores) for
@@ -632,8 +643,11 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
     tj_path = tok_dir / "tokenizer.json"
     tj = None
     if tj_path.is_file():
-        text = tj_path.read_text(encoding="utf-8")
-        tj = json.loads(text)
+        try:
+            text = tj_path.read_text(encoding="utf-8")
+            tj = json.loads(text)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ModelError(f"{shown / tj_path.name}: not UTF-8 JSON ({e})") from None
         w.add_string(gguf.Keys.Tokenizer.HF_JSON, text)
     scores: Optional[list[float]] = None
     merges = False
@@ -658,13 +672,13 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int) -> None:
     elif tj is not None:
         log.warning(
             "%s: a %s tokenizer has no llama.cpp vocabulary type; the GGUF keeps its tokenizer.json only",
-            tj_path, tj.get("model", {}).get("type"),
+            shown / tj_path.name, tj.get("model", {}).get("type"),
         )
         w.add_tokenizer_model("none")
         gguf.SpecialVocab(tok_dir, n_vocab=vocab_size or None).add_to_gguf(w, quiet=True)
         return
     else:
-        raise RecipeError(f"{tok_dir}: no tokenizer.json (or tokenizer.model) to embed in the GGUF output")
+        raise RecipeError(f"{shown}: no tokenizer.json (or tokenizer.model) to embed in the GGUF output")
     if vocab_size > len(tokens):  # the embedding has rows no token names: llama.cpp pads the same way
         pad = range(len(tokens), vocab_size)
         tokens += [f"[PAD{i}]" for i in pad]

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import stat
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import mlx.core as mx
 
@@ -41,6 +44,7 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, Optional[mx.Dtype]]] = {
 MLX_TO_SAFETENSORS = {v[1]: k for k, v in SAFETENSORS_DTYPES.items() if v[1] is not None}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+MAX_SIDE_FILE_BYTES = 1 << 30  # a config, index or tokenizer file read whole: far above any real one
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -52,6 +56,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# the files of a model directory besides config and weights that are read, copied or handed to a
+# tokenizer loader: exactly these, each checked by `model_file` when the model is opened
+SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 # "model.layers.12.mlp.up_proj.weight" -> ("model.layers.", 12, ".mlp.up_proj.weight")
 LAYER_PATTERN = re.compile(r"^(.*?\.(?:layers|h|blocks)\.)(\d+)(\..+)$")
@@ -197,6 +204,8 @@ class ModelSource:
         self.path = path
         self.config = config
         self._infos = infos
+        # checked now, when the model is opened, so a hostile side file stops the run before any output
+        self.side_files: dict[str, Path] = side_files(path) if path.is_dir() else {}
 
     def tensor_names(self) -> list[str]:
         return list(self._infos)
@@ -215,8 +224,8 @@ class ModelSource:
 
     @property
     def tokenizer_dir(self) -> Optional[Path]:
-        d = self.path if self.path.is_dir() else self.path.parent
-        return d if any((d / f).exists() for f in TOKENIZER_FILES) else None
+        """The model directory when it holds tokenizer files (all of them checked by `side_files`)."""
+        return self.path if any(f in self.side_files for f in TOKENIZER_FILES) else None
 
     @property
     def num_layers(self) -> int:
@@ -300,35 +309,113 @@ class SafetensorsModel(ModelSource):
         self._local = threading.local()
 
 
-def _read_json(path: Path, what: str) -> Any:
-    """A JSON file of a model directory; any way it can be unreadable is a ModelError naming it."""
-    if not path.is_file():  # a FIFO or a device would block or never end
-        raise ModelError(f"{path}: cannot read {what} (not a regular file)")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ModelError(f"{path}: {what} is not valid JSON ({_short_repr(str(e), 200)})") from None
-
-
-def _allowed_roots(path: Path) -> list[Path]:
-    """Where a model directory's weight files may really live: the directory itself, and for a
-    Hugging Face cache snapshot (whose files are symlinks into the repository's blobs) that blobs folder."""
-    root = path.resolve()
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where a model directory's files may really live: the directory itself, and for a Hugging Face
+    cache snapshot (whose files are symlinks into the repository's blobs) that blobs folder."""
+    root = directory.resolve()
     roots = [root]
     if root.parent.name == "snapshots":
         roots.append(root.parent.parent / "blobs")
     return roots
 
 
-def _check_inside(f: Path, path: Path, where: Path, what: str) -> None:
-    real = f.resolve()
-    if not any(real.parent == r for r in _allowed_roots(path)):
+def model_file(directory: Path, name: str, what: str, max_bytes: Optional[int] = None, where: Optional[Path] = None) -> Path:
+    """The real path of file `name` of a model directory, once it is proven safe to read.
+
+    Every file of an input model is untrusted: it must be a regular file (not a FIFO, device, socket
+    or directory, which would block or never end), whose real location after symlinks is the model
+    directory itself (or the blobs folder of a Hugging Face cache snapshot), and, where it is read
+    whole into memory, at most `max_bytes` long. Anything else is a ModelError naming the file (or
+    `where`, the file that listed it) and what would be valid.
+    """
+    directory = Path(directory)
+    f = directory / name
+    label = f"{what} {name!r}" if where is not None and where != f else what
+    where = where or f
+    try:
+        real = f.resolve(strict=True)
+        st = real.stat()
+    except (OSError, RuntimeError) as e:  # missing, a dangling or looping symlink, unreadable
+        raise ModelError(f"{where}: cannot read {label} ({getattr(e, 'strerror', None) or e})") from None
+    if not any(real.parent == r for r in _allowed_roots(directory)):
         raise ModelError(
-            f"{where}: {what} resolves to {real}, outside the model directory {path}; weight files must "
+            f"{where}: {label} resolves to {real}, outside the model directory {directory}; a model's files must "
             "live in the model directory (copy the file there, or name the directory that holds it)"
         )
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(
+            f"{where}: cannot read {label} (not a regular file): a model's files must be regular files; "
+            "a FIFO, device, socket or directory is never read"
+        )
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ModelError(f"{where}: {label} is {st.st_size} bytes, more than the {max_bytes} such a file may have")
+    return real
+
+
+def open_model_file(directory: Path, name: str, what: str, max_bytes: int = MAX_SIDE_FILE_BYTES) -> BinaryIO:
+    """`model_file`, opened for reading: the descriptor itself is checked again (a regular file,
+    not a symlink swapped in since), so what is read is what was checked."""
+    real = model_file(directory, name, what, max_bytes)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ModelError(f"{directory / name}: cannot read {what} ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        raise ModelError(f"{directory / name}: {what} changed while it was read; it must be a regular file inside the model directory")
+    return os.fdopen(fd, "rb")
+
+
+def read_model_file(directory: Path, name: str, what: str, max_bytes: int = MAX_SIDE_FILE_BYTES) -> bytes:
+    """The bytes of a checked model file (see `model_file`), never more than max_bytes."""
+    data = bytearray()
+    with open_model_file(directory, name, what, max_bytes) as f:
+        try:
+            # in chunks, not f.read(max_bytes + 1), which would allocate the limit up front; the
+            # limit holds also for a file that grows, or a /proc-like one whose size reads 0
+            while len(data) <= max_bytes and (chunk := f.read(min(1 << 24, max_bytes + 1 - len(data)))):
+                data += chunk
+        except OSError as e:
+            raise ModelError(f"{directory / name}: cannot read {what} ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise ModelError(f"{directory / name}: {what} is more than the {max_bytes} bytes such a file may have")
+    return bytes(data)
+
+
+def side_files(directory: Path) -> dict[str, Path]:
+    """The side files (`SIDE_FILES`) a model directory has, each checked by `model_file`; a name
+    that is there but unsafe (a symlink out, a FIFO, a dangling link, too large) is a ModelError."""
+    found = {}
+    for name in SIDE_FILES:
+        if os.path.lexists(directory / name):
+            what = "tokenizer file" if name in TOKENIZER_FILES else "generation config"
+            found[name] = model_file(directory, name, what, MAX_SIDE_FILE_BYTES)
+    return found
+
+
+def copy_side_files(directory: Path, out_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> list[str]:
+    """Copy those of `names` a model directory has into out_dir, each checked again as it is opened
+    and copied from the descriptor that was checked (no gap for a symlink swapped in between)."""
+    copied = []
+    for name in names:
+        if not os.path.lexists(directory / name):
+            continue
+        what = "tokenizer file" if name in TOKENIZER_FILES else name
+        with open_model_file(directory, name, what) as f, open(Path(out_dir) / name, "wb") as out:
+            shutil.copyfileobj(f, out)
+        copied.append(name)
+    return copied
+
+
+def _read_json(directory: Path, name: str, what: str) -> Any:
+    """A JSON file of a model directory; any way it can be unsafe or unreadable is a ModelError naming it."""
+    path = directory / name
+    data = read_model_file(directory, name, what)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path}: {what} is not valid JSON ({_short_repr(str(e), 200)})") from None
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -338,8 +425,8 @@ def safetensors_files(path: Path) -> list[Path]:
     (after symlinks) is the model directory, or the blobs of a Hugging Face cache snapshot.
     """
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        data = _read_json(index, "the index")
+    if os.path.lexists(index):
+        data = _read_json(path, index.name, "the index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: needs a non-empty 'weight_map' object")
@@ -358,14 +445,14 @@ def safetensors_files(path: Path) -> list[Path]:
             f = path / fname
             if f in files:
                 continue
-            if not f.is_file():
+            if not os.path.lexists(f):
                 raise ModelError(f"{index}: lists {fname} (for {_short_repr(name)}), which does not exist")
-            _check_inside(f, path, index, f"weight_map entry {fname!r}")
+            model_file(path, fname, "weight file", where=index)
             files.append(f)
         return files
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    files = sorted(path.glob("*.safetensors"))
     for f in files:
-        _check_inside(f, path, path, f.name)
+        model_file(path, f.name, "weight file")
     if not files:
         pickles = [p.name for ext in ("bin", "pt", "pth", "ckpt") for p in sorted(path.glob(f"*.{ext}"))]
         if pickles:
@@ -381,9 +468,9 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
+    if not os.path.lexists(cfg_path):
         raise ModelError(f"{path}: no config.json (a model directory needs one)")
-    config = _read_json(cfg_path, "config.json")
+    config = _read_json(path, "config.json", "config.json")
     if not isinstance(config, dict):
         raise ModelError(f"{cfg_path}: must hold a JSON object")
     return config
@@ -394,18 +481,22 @@ def open_model(path: str | Path) -> ModelSource:
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelError(f"{p}: no such file or directory")
-    if p.is_file():
+    if not p.is_dir():
+        # a file named by the user: any path will do, but it must be a regular file (a FIFO would hang)
+        if not p.is_file():
+            raise ModelError(f"{p}: not a regular file or a directory; a model must be a directory with config.json and safetensors, or a .gguf file")
         if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
             from .gguf import GGUFModel
 
             return GGUFModel(p)
         raise ModelError(f"{p}: a model must be a directory with config.json and safetensors, or a .gguf file")
-    ggufs = sorted(g for g in p.glob("*.gguf") if g.is_file())
-    if ggufs and not (p / "config.json").exists():
+    ggufs = sorted(p.glob("*.gguf"))
+    if ggufs and not os.path.lexists(p / "config.json"):
         if len(ggufs) > 1:
             raise ModelError(f"{p}: holds several .gguf files ({', '.join(g.name for g in ggufs[:4])}); name one")
         from .gguf import GGUFModel
 
+        model_file(p, ggufs[0].name, "GGUF file")
         return GGUFModel(ggufs[0])
     config = read_config(p)
     if "quantization" in config or "quantization_config" in config:

@@ -404,6 +404,7 @@ def make_plan(
             if task.vocab:
                 task.out = OutputTensor(task.out.name, (vocab.vocab_size, *task.out.shape[1:]), task.out.dtype)
     tokenizer_model = _tokenizer_model(recipe, index_of, base, reference(slices[0]))
+    tokenizer.check_chat_templates(recipe.chat_template, sources, tokenizer_model)  # a bad template stops the run now
     plan = Plan(recipe, method, refs, sources, base, tasks, config, out_dtype, out_layer, tokenizer_model, vocab)
     return plan
 

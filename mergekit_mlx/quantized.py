@@ -27,9 +27,10 @@ QUANT_FORMATS = {
     "mlx-q8": ("affine", 8, 64),
     "mlx-mxfp4": ("mxfp4", 4, 32),
 }
-# group sizes mx.quantize accepts per mode
+# group sizes and bits mx.quantize accepts per mode (its table of quantization modes), and its defaults
 GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,), "mxfp8": (32,), "nvfp4": (16,)}
-MODE_BITS = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "mxfp8": (8,), "nvfp4": (4,)}
+MODE_BITS = {"affine": (1, 2, 3, 4, 5, 6, 8), "mxfp4": (4,), "mxfp8": (8,), "nvfp4": (4,)}
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}  # (group_size, bits)
 PART_SUFFIXES = (".scales", ".biases", ".global_scale")
 # config torch_dtype -> safetensors code, for modes whose scales do not carry the weight dtype
 TORCH_DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -69,20 +70,52 @@ def open_quantized(path: Path, config: dict) -> Optional[ModelSource]:
     return None  # a config block with unquantized weights: read it as a plain model
 
 
-def _layer_params(config: dict, layer: str, where: Path) -> dict:
-    q = config.get("quantization")
-    if not isinstance(q, dict):
-        q = config.get("quantization_config")
-    if not isinstance(q, dict):
-        raise ModelError(f"{where}/config.json: has quantized tensors but no 'quantization' block")
-    own = q.get(layer)
-    params = own if isinstance(own, dict) else q
+def quantization_block(config: dict, where: Path) -> tuple[str, dict]:
+    """(key, block) of the config's MLX quantization settings: `quantization`, as mlx-lm reads it,
+    else `quantization_config`; anything but an object there is a ModelError naming the key."""
+    key = "quantization" if "quantization" in config else "quantization_config"
+    block = config.get(key)
+    if not isinstance(block, dict):
+        raise ModelError(
+            f"{where}/config.json: has quantized tensors (.scales), so '{key}' must be an object like "
+            f'{{"group_size": 64, "bits": 4, "mode": "affine"}}, got {_short(block)}'
+        )
+    return key, block
+
+
+def quantization_params(params: dict, where: str) -> dict:
+    """mode, bits and group_size of one quantization entry, each checked against what mx.quantize takes."""
     mode = params.get("mode", "affine")
-    if mode not in GROUP_SIZES:
-        raise ModelError(f"{where}/config.json: quantization mode {mode!r} for {layer!r} is not one of {', '.join(GROUP_SIZES)}")
-    bits = params.get("bits", MODE_BITS[mode][0])
-    group_size = params.get("group_size", GROUP_SIZES[mode][0] if mode != "affine" else 64)
-    return {"mode": mode, "bits": bits, "group_size": group_size}
+    if not isinstance(mode, str) or mode not in GROUP_SIZES:
+        raise ModelError(f"{where}.mode: {_short(mode)} is not a quantization mode; valid: {', '.join(GROUP_SIZES)}")
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    checked = {"mode": mode}
+    for key, default, valid in (("bits", default_bits, MODE_BITS[mode]), ("group_size", default_group, GROUP_SIZES[mode])):
+        value = params.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value not in valid:
+            raise ModelError(
+                f"{where}.{key}: {_short(value)} is not valid for mode {mode!r}; valid: {', '.join(map(str, valid))}"
+            )
+        checked[key] = value
+    return checked
+
+
+def _layer_params(block: dict, key: str, layer: str, defaults: dict, where: Path) -> dict:
+    """The quantization of one layer: its own entry in the block (keyed by layer path) or the block's."""
+    own = block.get(layer)
+    if own is None or own is True:
+        return dict(defaults)
+    if isinstance(own, dict):
+        return quantization_params(own, f"{where}/config.json: {key}[{layer!r}]")
+    raise ModelError(
+        f"{where}/config.json: {key}[{layer!r}] is {_short(own)}, but the layer has quantized tensors; a per-layer "
+        'entry must be an object like {"group_size": 64, "bits": 4} (or true)'
+    )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class MLXQuantizedModel(ModelSource):
@@ -95,6 +128,8 @@ class MLXQuantizedModel(ModelSource):
         self._params: dict[str, dict] = {}
         default_code = TORCH_DTYPE_CODES.get(str(config.get("torch_dtype", "")), "BF16")
         raw_names = set(raw.tensor_names())
+        key, block = quantization_block(config, raw.path)
+        defaults = quantization_params(block, f"{raw.path}/config.json: {key}")
         infos: dict[str, TensorInfo] = {}
         for name in raw.tensor_names():
             layer = name.rsplit(".", 1)[0]
@@ -102,7 +137,7 @@ class MLXQuantizedModel(ModelSource):
                 continue  # a quantization part of layer.weight
             info = raw.info(name)
             if name.endswith(".weight") and f"{layer}.scales" in raw_names:
-                params = _layer_params(config, layer, raw.path)
+                params = _layer_params(block, key, layer, defaults, raw.path)
                 scales = raw.info(f"{layer}.scales")
                 cols = info.shape[-1] * 32
                 if info.dtype != "U32" or cols % params["bits"]:

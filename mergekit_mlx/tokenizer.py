@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ModelError, RecipeError
+from .models import TOKENIZER_FILES, copy_side_files, read_model_file
 
 LOG = logging.getLogger(__name__)
 
@@ -124,16 +126,31 @@ def resolve_chat_template(chat_template: Optional[str], sources: Sequence[Any] =
 
 
 def read_chat_template(tokenizer_dir: Optional[Path]) -> Optional[str]:
-    """A tokenizer directory's default chat template (stripped), from whichever file holds it."""
+    """A tokenizer directory's default chat template (stripped), from whichever file holds it.
+
+    The directory is an input's: each file is read through `models.read_model_file` (a regular
+    file inside it), and a template that is not UTF-8 text, or a file that is not JSON, is a
+    ModelError naming the file.
+    """
     if tokenizer_dir is None:
         return None
     d = Path(tokenizer_dir)
     template: Any = None
-    if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text()
+    if os.path.lexists(d / "chat_template.jinja"):
+        raw = read_model_file(d, "chat_template.jinja", "chat template")
+        try:
+            template = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelError(f"{d / 'chat_template.jinja'}: the chat template is not UTF-8 text ({e})") from None
     else:
         for fname in ("chat_template.json", "tokenizer_config.json"):
-            data = _read_json(d / fname)
+            if not os.path.lexists(d / fname):
+                continue
+            raw = read_model_file(d, fname, "tokenizer file")
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise ModelError(f"{d / fname}: not UTF-8 JSON, so its chat template cannot be read ({e})") from None
             if isinstance(data, dict) and data.get("chat_template"):
                 template = data["chat_template"]
                 break
@@ -142,6 +159,15 @@ def read_chat_template(tokenizer_dir: Optional[Path]) -> Optional[str]:
     if isinstance(template, dict):
         template = template.get("default")
     return template.strip() if isinstance(template, str) and template.strip() else None
+
+
+def check_chat_templates(chat_template: Optional[str], sources: Sequence[Any], tokenizer_model: Optional[int]) -> None:
+    """At plan time, read every chat template the output will take, so a bad one stops the run
+    before anything is written: the recipe's (with `auto`, every input's) and, when the tokenizer is
+    copied from one model, that model's own."""
+    resolve_chat_template(chat_template, sources)
+    if tokenizer_model is not None:
+        read_chat_template(sources[tokenizer_model].tokenizer_dir)
 
 
 def apply_chat_template(out_dir: Path, chat_template: Optional[str], sources: Sequence[Any] = ()) -> None:
@@ -156,14 +182,15 @@ def apply_chat_template(out_dir: Path, chat_template: Optional[str], sources: Se
         return
     # one place for the template: transformers reads chat_template.jinja before the others
     (out_dir / "chat_template.jinja").write_text(template)
-    data = _read_json(config_path)
+    data = _read_output_json(config_path)
     if isinstance(data, dict) and "chat_template" in data:
         del data["chat_template"]
         config_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "chat_template.json").unlink(missing_ok=True)
 
 
-def _read_json(path: Path) -> Any:
+def _read_output_json(path: Path) -> Any:
+    """A JSON file this tool has just written (never an input's)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -268,12 +295,22 @@ def config_vocab_size(config: dict) -> Optional[int]:
 
 
 def _load_tokenizer(path: Path, where: str):
+    """A transformers tokenizer built from the checked tokenizer files of `path` only.
+
+    They are copied (each checked as it is opened, `models.copy_side_files`) into a private
+    directory first, so the loader never opens a file of the input that was not checked, whatever
+    other names it looks for.
+    """
+    import tempfile
+
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
-    except Exception as e:  # transformers raises many kinds of errors for a bad directory
-        raise ModelError(f"{path}: cannot load the tokenizer for {where} ({type(e).__name__}: {e})") from None
+    with tempfile.TemporaryDirectory(prefix="mergekit-mlx-tokenizer-") as tmp:
+        copy_side_files(path, Path(tmp), TOKENIZER_FILES + ("config.json",))
+        try:
+            return AutoTokenizer.from_pretrained(tmp, use_fast=True)
+        except Exception as e:  # transformers raises many kinds of errors for a bad directory
+            raise ModelError(f"{path}: cannot load the tokenizer for {where} ({type(e).__name__}: {e})") from None
 
 
 def _stripped_tokenizer(path: Path, vocab_size: Optional[int]):

@@ -447,14 +447,15 @@ def write_config(out_dir: Path, config: dict) -> None:
 
 
 def copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
-    """Copy the tokenizer files (and generation_config.json) of `src` into out_dir."""
-    copied = []
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        f = src / name
-        if f.is_file():
-            shutil.copyfile(f, out_dir / name)
-            copied.append(name)
-    return copied
+    """Copy the tokenizer files (and generation_config.json) of the input model directory `src` into out_dir.
+
+    Each file is checked again as it is opened (a regular file inside `src`, see `models.model_file`)
+    and copied from the descriptor that was checked: a symlink to a key or to /proc/self/environ is
+    a ModelError, never a copy.
+    """
+    from .models import copy_side_files  # here, not above: this function alone reads input files
+
+    return copy_side_files(src, out_dir)
 
 
 def torch_dtype_name(dtype: mx.Dtype) -> str:
