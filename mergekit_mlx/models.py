@@ -205,7 +205,7 @@ class ModelSource:
         self.config = config
         self._infos = infos
         # checked now, when the model is opened, so a hostile side file stops the run before any output
-        self.side_files: dict[str, Path] = side_files(path) if path.is_dir() else {}
+        self.side_files: dict[str, Path] = check_side_files(path) if path.is_dir() else {}
 
     def tensor_names(self) -> list[str]:
         return list(self._infos)
@@ -224,7 +224,7 @@ class ModelSource:
 
     @property
     def tokenizer_dir(self) -> Optional[Path]:
-        """The model directory when it holds tokenizer files (all of them checked by `side_files`)."""
+        """The model directory when it holds tokenizer files (all of them checked by `check_side_files`)."""
         return self.path if any(f in self.side_files for f in TOKENIZER_FILES) else None
 
     @property
@@ -383,7 +383,7 @@ def read_model_file(directory: Path, name: str, what: str, max_bytes: int = MAX_
     return bytes(data)
 
 
-def side_files(directory: Path) -> dict[str, Path]:
+def check_side_files(directory: Path) -> dict[str, Path]:
     """The side files (`SIDE_FILES`) a model directory has, each checked by `model_file`; a name
     that is there but unsafe (a symlink out, a FIFO, a dangling link, too large) is a ModelError."""
     found = {}

@@ -303,6 +303,12 @@ def test_a_gguf_path_that_is_a_fifo_is_refused(family, tmp_path, capsys):
     assert_refused(rc, err, tmp_path / "out", re.escape(str(fifo)), "not a regular file")
 
 
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_device_named_as_a_model_is_refused(family, tmp_path, capsys):
+    rc, err = run(capsys, "convert", "/dev/zero", tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", "/dev/zero: not a regular file or a directory")
+
+
 @needs_fifo
 def test_a_gguf_fifo_inside_a_directory_is_refused(tmp_path):
     model = tmp_path / "ggufdir"
