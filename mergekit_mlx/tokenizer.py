@@ -305,6 +305,7 @@ def _load_tokenizer(path: Path, where: str):
 
     from transformers import AutoTokenizer
 
+    read_chat_template(path)  # a template that is not UTF-8 is an error naming its file, not the loader's
     with tempfile.TemporaryDirectory(prefix="mergekit-mlx-tokenizer-") as tmp:
         copy_side_files(path, Path(tmp), TOKENIZER_FILES + ("config.json",))
         try:

@@ -360,6 +360,15 @@ def test_a_chat_template_jinja_that_is_not_utf8_is_refused_at_plan_time(family, 
     assert_refused(rc, err, tmp_path / "out", re.escape(str(model / "chat_template.jinja")), "not UTF-8")
 
 
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_a_chat_template_that_is_not_utf8_is_refused_before_a_tokenizer_is_built(family, tmp_path, capsys, source):
+    model = clone(family[0], tmp_path / "base")
+    (model / "chat_template.jinja").write_bytes(b"{{ messages }}\xff")
+    recipe = linear_recipe([model, family[1]], tokenizer_source=source)
+    rc, err = run(capsys, "run", write_recipe(tmp_path, recipe), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", re.escape(str(model / "chat_template.jinja")), "not UTF-8")
+
+
 def test_a_tokenizer_config_template_that_is_not_utf8_is_refused_with_chat_template_auto(family, tmp_path, capsys):
     model = clone(family[1], tmp_path / "ft")
     (model / "tokenizer_config.json").write_bytes(b'{"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "\xff\xfe"}')
