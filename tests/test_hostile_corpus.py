@@ -36,16 +36,17 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 import pytest
+import tiny
 import yaml
 
-import tiny
 from mergekit_mlx.cli import main as cli_main
 from mergekit_mlx.errors import MergeKitError
 
@@ -86,7 +87,7 @@ class Ctx:
         self.secret_dir.mkdir()
         self.out = root / "out"
         self.cleanups: list[Callable[[], None]] = []
-        self.after: list[Callable[["Ctx", "Outcome"], list[str]]] = []
+        self.after: list[Callable[[Ctx, Outcome], list[str]]] = []
         self.exclude: list[Path] = []  # paths whose pre-existing contents this case lets change
         self.culprit_values: dict[str, str] = {}  # values filled into a case's culprit regex ({pid})
 
@@ -98,7 +99,7 @@ class Ctx:
     def medium(self) -> list[Path]:
         return [self.clone(p, self.root / f"m-{p.name}") for p in self._medium()]
 
-    def recipe(self, data: Union[dict, str, bytes], name: str = "recipe.yml") -> Path:
+    def recipe(self, data: dict | str | bytes, name: str = "recipe.yml") -> Path:
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes):
@@ -107,7 +108,7 @@ class Ctx:
             path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
         return path
 
-    def secret(self, name: str, content: Union[str, bytes, None] = None) -> Path:
+    def secret(self, name: str, content: str | bytes | None = None) -> Path:
         path = self.secret_dir / name
         if content is None:
             content = f"{SECRET}\n"
@@ -117,9 +118,9 @@ class Ctx:
 
 @dataclass
 class Outcome:
-    rc: Optional[int]  # None: a traceback (exc) or a hang (timeout)
+    rc: int | None  # None: a traceback (exc) or a hang (timeout)
     err: str
-    exc: Optional[str] = None  # the traceback of an exception that escaped
+    exc: str | None = None  # the traceback of an exception that escaped
     timeout: bool = False
 
     def observed(self) -> str:
@@ -144,7 +145,7 @@ class Cli:
     argv: list[str]
     sub: bool = False
     env: dict = field(default_factory=dict)
-    cwd: Optional[Path] = None
+    cwd: Path | None = None
     timeout: float = SUB_TIMEOUT
 
 
@@ -177,7 +178,7 @@ def watchdog(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_inproc(argv: list[str], capsys, cwd: Optional[Path] = None) -> Outcome:
+def run_inproc(argv: list[str], capsys, cwd: Path | None = None) -> Outcome:
     capsys.readouterr()
     old_cwd = os.getcwd()
     rc, exc = None, None
@@ -202,10 +203,10 @@ def run_inproc(argv: list[str], capsys, cwd: Optional[Path] = None) -> Outcome:
     return Outcome(rc, capsys.readouterr().err, exc=exc)
 
 
-def run_sub(argv: list[str], env: dict, cwd: Optional[Path], timeout: float) -> Outcome:
+def run_sub(argv: list[str], env: dict, cwd: Path | None, timeout: float) -> Outcome:
     full_env = dict(os.environ, **{SECRET_ENV: SECRET}, **env)
     try:
-        proc = subprocess.run([sys.executable, "-m", "mergekit_mlx", *map(str, argv)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "mergekit_mlx", *map(str, argv)], capture_output=True, text=True, check=False,
                               timeout=timeout, cwd=cwd or REPO, env=full_env)
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
@@ -271,30 +272,30 @@ def under(p: Path, top: Path) -> bool:
 class Case:
     id: str
     cls: str
-    setup: Callable[[Ctx], Union[Cli, Api, Custom]]
+    setup: Callable[[Ctx], Cli | Api | Custom]
     expect: tuple = (2,)
-    culprit: Optional[str] = None  # regex the error paragraph must match (when the exit status is 2)
-    check: Optional[Callable[[Ctx], list[str]]] = None  # more checks after a success
+    culprit: str | None = None  # regex the error paragraph must match (when the exit status is 2)
+    check: Callable[[Ctx], list[str]] | None = None  # more checks after a success
 
 
 CASES: list[Case] = []
 
 
-def case(id: str, cls: str, setup, expect: Union[int, tuple] = 2, culprit: Optional[str] = None, check=None) -> None:
+def case(id: str, cls: str, setup, expect: int | tuple = 2, culprit: str | None = None, check=None) -> None:
     assert id not in {c.id for c in CASES}, id
     CASES.append(Case(id, cls, setup, expect if isinstance(expect, tuple) else (expect,), culprit, check))
 
 
-def run(c: Ctx, recipe: Path, *flags: str, out: Optional[Path] = None, sub: bool = False, **kw) -> Cli:
+def run(c: Ctx, recipe: Path, *flags: str, out: Path | None = None, sub: bool = False, **kw) -> Cli:
     return Cli(["run", str(recipe), str(c.out if out is None else out), "--no-progress", *flags], sub=sub, **kw)
 
 
-def linear(models: list[Path], weights: Optional[list] = None) -> dict:
+def linear(models: list[Path], weights: list | None = None) -> dict:
     weights = weights or [1.0 / len(models)] * len(models)
     return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
 
 
-def method(c: Ctx, name: str, shared: Optional[dict] = None, per: Optional[dict] = None, models: Optional[list] = None,
+def method(c: Ctx, name: str, shared: dict | None = None, per: dict | None = None, models: list | None = None,
            base: bool = True, base_in_models: bool = False) -> dict:
     models = [c.ft1, c.ft2] if models is None else models
     if base_in_models:
@@ -307,7 +308,7 @@ def method(c: Ctx, name: str, shared: Optional[dict] = None, per: Optional[dict]
     return r
 
 
-def rec(build: Callable[[Ctx], Union[dict, str, bytes]], *flags: str, sub: bool = False):
+def rec(build: Callable[[Ctx], dict | str | bytes], *flags: str, sub: bool = False):
     """A setup that writes the recipe build(c) returns and runs it into OUT."""
     return lambda c: run(c, c.recipe(build(c)), *flags, sub=sub)
 
@@ -325,7 +326,7 @@ def fifo(path: Path) -> Path:
     return path
 
 
-def relink(path: Path, target: Union[str, Path]) -> Path:
+def relink(path: Path, target: str | Path) -> Path:
     if path.exists() or path.is_symlink():
         path.unlink()
     path.symlink_to(target)
@@ -572,7 +573,7 @@ case("chat-template-names-a-file-outside", M, rec(lambda c: dict(_valid(c), chat
 I = "inputs"
 
 
-def inp(change: Callable[[Ctx], Any], build: Optional[Callable[[Ctx], dict]] = None, sub: bool = False):
+def inp(change: Callable[[Ctx], Any], build: Callable[[Ctx], dict] | None = None, sub: bool = False):
     """Change the inputs, then merge base and ft1 linearly (or as build(c) says)."""
     def setup(c: Ctx) -> Cli:
         change(c)
@@ -657,7 +658,7 @@ SIDE_FILES = ["tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map
               "generation_config.json", "chat_template.jinja", "added_tokens.json"]
 
 
-def side_content(c: Ctx, name: str) -> Union[str, bytes]:
+def side_content(c: Ctx, name: str) -> str | bytes:
     """A plausible side file of that name that carries the secret marker."""
     if name == "tokenizer.json":
         tok = json.loads((c.base / "tokenizer.json").read_text())
@@ -709,7 +710,7 @@ def _side_dir(c: Ctx):
     (c.base / "tokenizer.json").mkdir()
 
 
-def quantize_model(src: Path, dst: Path, bits: int = 4, group: int = 32, block: Optional[dict] = None) -> Path:
+def quantize_model(src: Path, dst: Path, bits: int = 4, group: int = 32, block: dict | None = None) -> Path:
     """src as an MLX affine-quantized directory (mlx-lm layout: .weight codes, .scales, .biases)."""
     dst.mkdir()
     arrays = {}
@@ -866,7 +867,7 @@ case("side-symlink-to-another-models-file", I, inp(lambda c: relink(c.base / "ge
 O = "output"
 
 
-def _prev_output(c: Ctx, out: Optional[Path] = None, *flags: str) -> Path:
+def _prev_output(c: Ctx, out: Path | None = None, *flags: str) -> Path:
     out = out or c.out
     problem = run_inproc_quiet(["run", str(c.recipe(_valid(c), "previous.yml")), str(out), "--no-progress", *flags])
     if problem:
@@ -1001,7 +1002,7 @@ def _saved_on_disk(c: Ctx):
 
 def _to_mlx_lm(c: Ctx):
     def go():
-        model, tok = _mem(c).to_mlx_lm()
+        _model, tok = _mem(c).to_mlx_lm()
         assert tok.encode("hello world")
     return go
 
@@ -1167,7 +1168,7 @@ def _corrupt_state(c: Ctx) -> Cli:
 
 def _truncate_a_shard(c: Ctx) -> Cli:
     recipe, _ = _interrupted(c)
-    first = sorted(partial_of(c.out).glob("*.safetensors"))[0]
+    first = min(partial_of(c.out).glob("*.safetensors"))
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
     return _resume(c, recipe)
 
@@ -1211,10 +1212,10 @@ def mount_tmpfs(c: Ctx, size: str, ro: bool = False) -> Path:
     where = c.root / "small"
     where.mkdir()
     opts = f"size={size}" + (",ro" if ro else "")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); the full-disk cases need root")
-    c.cleanups.append(lambda: subprocess.run(["umount", "-l", str(where)], capture_output=True))
+    c.cleanups.append(lambda: subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True))
     return where
 
 
@@ -1247,7 +1248,7 @@ case("disk-read-only-filesystem", D, disk("1m", ro=True), culprit=r"out|read-onl
 # ================================================================ the test
 
 
-def _paragraph_problems(err: str, culprit: Optional[str]) -> list[str]:
+def _paragraph_problems(err: str, culprit: str | None) -> list[str]:
     import re
 
     problems = []
@@ -1274,7 +1275,7 @@ def _paragraph_problems(err: str, culprit: Optional[str]) -> list[str]:
 @pytest.mark.parametrize("spec", CASES, ids=[f"{c.cls}:{c.id}" for c in CASES])
 def test_hostile(spec: Case, family, medium_family, tmp_path, capsys, monkeypatch):
     c = Ctx(tmp_path, family, lambda: medium_family, monkeypatch)
-    outcome: Optional[Outcome] = None
+    outcome: Outcome | None = None
     problems: list[str] = []
     try:
         try:
