@@ -8,6 +8,7 @@ first tensor is read. The planner knows nothing about the math of a method.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +19,7 @@ from . import tokenizer
 from .errors import ModelError, RecipeError
 from .methods import Method, get_method
 from .models import SAFETENSORS_DTYPES, ModelSource, layer_index, open_model, with_layer_index
-from .recipe import Parameters, Recipe, resolve
+from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
 from .writer import OutputTensor, plan_shards, torch_dtype_name
 
 DTYPE_BY_NAME = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "float64": mx.float64}
@@ -123,14 +124,18 @@ def human_bytes(n: float) -> str:
 
 def resolve_model_path(ref: str, where: str, recipe_dir: Optional[Path]) -> Path:
     """A recipe's model reference as a local path: as written, relative to the recipe, or in the HF cache."""
-    if "+" in ref and not Path(ref).exists():
-        raise RecipeError(f"{where}: {ref!r} names a LoRA adapter (model+lora); merge the adapter into its model first")
-    candidates = [Path(ref).expanduser()]
-    if recipe_dir is not None and not Path(ref).is_absolute():
-        candidates.append(recipe_dir / ref)
-    for c in candidates:
-        if c.exists():
-            return c
+    shown = short_path(ref)
+    try:
+        if "+" in ref and not Path(ref).exists():
+            raise RecipeError(f"{where}: {shown!r} names a LoRA adapter (model+lora); merge the adapter into its model first")
+        candidates = [Path(ref).expanduser()]
+        if recipe_dir is not None and not Path(ref).is_absolute():
+            candidates.append(recipe_dir / ref)
+        for c in candidates:
+            if c.exists():
+                return c
+    except OSError as e:  # e.g. ENAMETOOLONG once joined to the recipe's directory
+        raise RecipeError(f"{where}: cannot look up model {shown!r} ({e.strerror})") from None
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
@@ -138,13 +143,23 @@ def resolve_model_path(ref: str, where: str, recipe_dir: Optional[Path]) -> Path
             return Path(snapshot_download(ref, local_files_only=True))
         except Exception:
             pass
-    raise RecipeError(f"{where}: model {ref!r} not found (no such path, and not in the local Hugging Face cache)")
+    raise RecipeError(f"{where}: model {shown!r} not found (no such path, and not in the local Hugging Face cache)")
+
+
+def _model_identity(path: Path) -> tuple:
+    """What makes two spellings of a model path the same model: the file system object they name
+    (`m`, `m/`, `./m`, `/abs/m`, a symlink to m, a differently cased name on macOS)."""
+    try:
+        st = path.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
 
 
 def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource]) -> list[SliceSpec]:
     base = index_of.get(recipe.base_model) if recipe.base_model else None
     if recipe.models:
-        _no_repeats([m.model for m in recipe.models], "models")
+        _no_repeats([(index_of[m.model], m.model) for m in recipe.models], "models")
         sources = [
             Source(index_of[m.model], 0, m.parameters, f"models[{i}]") for i, m in enumerate(recipe.models)
         ]
@@ -163,7 +178,7 @@ def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource])
     out = []
     for si, sl in enumerate(recipe.slices):
         where = f"slices[{si}]"
-        _no_repeats([src.model for src in sl.sources], f"{where}.sources")
+        _no_repeats([(index_of[src.model], src.model) for src in sl.sources], f"{where}.sources")
         sources = []
         lengths = []
         for j, src in enumerate(sl.sources):
@@ -191,11 +206,18 @@ def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource])
     return out
 
 
-def _no_repeats(models: list[str], where: str) -> None:
-    """Each input of a merge once: a repeated model has no well-defined weight or base role."""
-    for j, m in enumerate(models):
-        if m in models[:j]:
-            raise RecipeError(f"{where}[{j}].model: {m!r} is already {where}[{models.index(m)}]; list each model once")
+def _no_repeats(models: list[tuple[int, str]], where: str) -> None:
+    """Each input of a merge once, however its path is spelled: a repeated model has no
+    well-defined weight or base role. (`models` holds (model index, reference as written).)"""
+    indices = [i for i, _ in models]
+    for j, (i, ref) in enumerate(models):
+        if i in indices[:j]:
+            k = indices.index(i)
+            first = models[k][1]
+            same = "" if first == ref else f" ({short_path(first)!r}: the same model under another path)"
+            raise RecipeError(
+                f"{where}[{j}].model: {short_path(ref)!r} is already {where}[{k}]{same}; list each model once"
+            )
 
 
 def _resolve_params(
@@ -237,13 +259,24 @@ def _finish(p, value, where: str, tensor: str) -> Any:
                 f"set it on the model or in the top-level parameters"
             )
         return p.default
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RecipeError(f"{where}.{p.name}: must be a finite number, got {value} (for tensor {tensor})")
-    if p.check is not None:
-        problem = p.check(value)
-        if problem:
-            raise RecipeError(f"{where}.{p.name}: {problem} (for tensor {tensor})")
+    problem = p.problem(value)  # _check_parameter_values saw every value written; this one may be interpolated
+    if problem:
+        raise RecipeError(f"{where}.{p.name}: {problem} (for tensor {tensor})")
     return value
+
+
+def _check_parameter_values(recipe: Recipe, method: Method) -> None:
+    """Every value the recipe writes for a parameter of this method, checked before any model is
+    opened: each point of a gradient and each filter's value, by the parameter's type and range."""
+    params = {p.name: p for p in method.params}
+    for where, scope in parameter_scopes(recipe):
+        for name, setting in (scope or {}).items():
+            if name not in params:
+                continue
+            for suffix, value in setting_values(setting):
+                problem = params[name].problem(value)
+                if problem:
+                    raise RecipeError(f"{where}.{name}{suffix}: {problem}")
 
 
 def _check_parameter_names(recipe: Recipe, method: Method) -> None:
@@ -256,12 +289,7 @@ def _check_parameter_names(recipe: Recipe, method: Method) -> None:
 
     known = {p.name for m in all_methods().values() for p in m.params}
     mine = [p.name for p in method.params]
-    scopes = [("parameters", recipe.parameters)]
-    scopes += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])]
-    for i, sl in enumerate(recipe.slices or []):
-        scopes.append((f"slices[{i}].parameters", sl.parameters))
-        scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(sl.sources)]
-    for where, params in scopes:
+    for where, params in parameter_scopes(recipe):
         for name in params or {}:
             close = difflib.get_close_matches(name, mine, n=1, cutoff=0.8) if name not in known else []
             if close:
@@ -291,15 +319,27 @@ def make_plan(
 ) -> Plan:
     method = get_method(recipe.merge_method)
     _check_parameter_names(recipe, method)
+    _check_parameter_values(recipe, method)
     refs = recipe.referenced_models()
     where_of = _first_locations(recipe)
     sources: list[ModelSource] = []
-    for ref in refs:
+    # every spelling of one model maps to the index of its first: `sources` stays aligned with `refs`
+    # (tokenizer.plan_vocab relies on it), and a model opened once is shared
+    first_of: dict[tuple, int] = {}
+    index_of: dict[str, int] = {}
+    for i, ref in enumerate(refs):
         if models and ref in models:
-            sources.append(models[ref])
+            key: tuple = ("given", id(models[ref]))
+            source = models[ref]
         else:
-            sources.append(open_model(resolve_model_path(ref, where_of[ref], recipe_dir)))
-    index_of = {ref: i for i, ref in enumerate(refs)}
+            path = resolve_model_path(ref, where_of[ref], recipe_dir)
+            key = _model_identity(path)
+            source = sources[first_of[key]] if key in first_of else open_model(path)
+        if key not in first_of:
+            first_of[key] = i
+            _check_layer_count(source)
+        index_of[ref] = first_of[key]
+        sources.append(source)
     _check_architectures(sources, refs, allow_crimes)
     base = index_of.get(recipe.base_model) if recipe.base_model else None
     if method.base == "required" and base is None and not any(s.base_model for s in recipe.slices or []):
@@ -409,8 +449,30 @@ def make_plan(
     return plan
 
 
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _check_layer_count(model: ModelSource) -> None:
+    """A config that counts fewer layers than the tensors carry would drop the rest silently."""
+    n = model.num_layers
+    found = [(i, name) for name in model.tensor_names() if (i := layer_index(name)) is not None]
+    if not found:
+        return
+    highest, name = max(found)
+    if highest < n:
+        return
+    text = model.config.get("text_config") if isinstance(model.config.get("text_config"), dict) else {}
+    key = next((f"{prefix}{k}" for cfg, prefix in ((model.config, ""), (text, "text_config.")) for k in LAYER_COUNT_KEYS
+                if cfg.get(k) == n), "its layer count")
+    where = model.path / "config.json" if model.path.is_dir() else model.path
+    raise ModelError(
+        f"{short_path(where)}: {key} is {n}, but tensor {name!r} belongs to layer {highest}; the config must "
+        f"count every layer ({key} = {highest + 1} or more), or the layers above {n - 1} would be left out"
+    )
+
+
 def _set_layers(config: dict, n: int) -> None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+    for key in LAYER_COUNT_KEYS:
         if key in config:
             config[key] = n
             return

@@ -7,15 +7,51 @@ the tensor name wins); and the scopes source > slice > top level, first non-empt
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Iterator, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import RecipeError
 
 Scalar = Union[bool, int, float, str]
+
+PATH_MAX = 4096  # Linux's limits on a path and on one of its parts (macOS: 1024 and 255)
+NAME_MAX = 255
+
+
+def check_model_reference(ref: str) -> str:
+    """A model reference as written in a recipe: a path or a Hugging Face id, non-empty and of a
+    length a file system can hold (longer ones fail in the OS with ENAMETOOLONG)."""
+    if not ref.strip():
+        raise ValueError("must name a model (a path or a Hugging Face id), got an empty string")
+    if "\x00" in ref:
+        raise ValueError("contains a NUL character, which no path can hold")
+    longest = max(len(part.encode()) for part in ref.split("/"))
+    if len(ref.encode()) > PATH_MAX or longest > NAME_MAX:
+        raise ValueError(
+            f"is {len(ref)} characters long (longest part {longest}); a path holds at most {PATH_MAX} bytes, "
+            f"each part between slashes at most {NAME_MAX}"
+        )
+    return ref
+
+
+ModelRef = Annotated[str, AfterValidator(check_model_reference)]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+MAX_PAD_MULTIPLE = 1024  # vocabularies are padded to multiples such as 8, 64 or 128
 
 
 class Conditional(BaseModel):
@@ -33,20 +69,20 @@ class _Strict(BaseModel):
 
 
 class InputModel(_Strict):
-    model: str
+    model: ModelRef
     parameters: Parameters = None
 
 
 class InputSlice(_Strict):
-    model: str
-    layer_range: tuple[int, int]
+    model: ModelRef
+    layer_range: tuple[StrictInt, StrictInt]  # strict: `true` is not layer 1
     parameters: Parameters = None
 
 
 class OutputSlice(_Strict):
     sources: list[InputSlice]
-    base_model: Optional[str] = None
-    residual_weight: Optional[float] = None
+    base_model: Optional[ModelRef] = None
+    residual_weight: Optional[FiniteFloat] = None
     parameters: Parameters = None
 
     @field_validator("sources")
@@ -67,18 +103,18 @@ class TokenSource(_Strict):
 class TokenizerConfig(_Strict):
     source: Union[str, dict, None] = "union"
     tokens: Optional[dict[str, Any]] = None
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: Optional[Annotated[StrictInt, Field(ge=1, le=MAX_PAD_MULTIPLE)]] = None
 
 
 class Recipe(_Strict):
     merge_method: str
     models: Optional[list[InputModel]] = None
     slices: Optional[list[OutputSlice]] = None
-    base_model: Optional[str] = None
+    base_model: Optional[ModelRef] = None
     parameters: Parameters = None
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[ModelRef] = None  # 'union', 'base' or a model
     tokenizer: Optional[TokenizerConfig] = None
     chat_template: Optional[str] = None
     name: Optional[str] = None  # mergekit-moe/-evolve share the file format; kept for the model card
@@ -115,6 +151,9 @@ class Recipe(_Strict):
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 MAX_YAML_NODES = 200_000  # after alias expansion; a real recipe has a few hundred
+MAX_RECIPE_BYTES = 16 * 1000**2  # a real recipe is a few KB; evolve's generated ones a few hundred
+MAX_INT_DIGITS = 100  # Python refuses to read ints over 4300 digits; no recipe number needs 100
+INT_TAG = "tag:yaml.org,2002:int"
 
 
 def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
@@ -135,6 +174,11 @@ def _count_nodes(node: yaml.Node, budget: list[int]) -> None:
                 seen.add(k.value)
             _count_nodes(k, budget)
             _count_nodes(v, budget)
+    elif node.tag == INT_TAG and len(node.value) > MAX_INT_DIGITS:
+        raise RecipeError(
+            f"line {node.start_mark.line + 1}: an integer of {len(node.value)} digits; numbers in a recipe "
+            f"have at most {MAX_INT_DIGITS} digits"
+        )
 
 
 MAX_FLOW_DEPTH = 64  # nested [ ] / { }; PyYAML's scanner slows quadratically with depth
@@ -166,6 +210,8 @@ def parse_yaml(text: str, where: str = "recipe") -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{where}: not valid YAML ({e})") from None
+    except (ValueError, OverflowError) as e:  # e.g. a timestamp such as 2024-13-45
+        raise RecipeError(f"{where}: a value in the recipe cannot be read ({e})") from None
     except RecursionError:
         raise RecipeError(f"{where}: the recipe nests too deeply to be a merge recipe") from None
 
@@ -208,13 +254,51 @@ def load_recipe(recipe: Union[str, Path, dict, Recipe]) -> Recipe:
     if isinstance(recipe, dict):
         return recipe_from_dict(recipe)
     if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yml", ".yaml"))):
-        path = Path(recipe)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
-        return recipe_from_dict(parse_yaml(text, str(path)), str(path))
+        where = short_path(recipe)
+        return recipe_from_dict(parse_yaml(read_recipe_file(Path(recipe)), where), where)
     return recipe_from_dict(parse_yaml(str(recipe)))
+
+
+def short_path(path: Union[str, Path], limit: int = 200) -> str:
+    """A path for a message: whole when short, else its start and end (a 5000-character path is not
+    a useful message)."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
+
+
+def read_recipe_file(path: Path) -> str:
+    """A recipe file's text: a regular file (a FIFO or a device would block or never end) of at most
+    MAX_RECIPE_BYTES, in UTF-8."""
+    where = short_path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise RecipeError(f"{where}: cannot read the recipe ({e.strerror}); give the path of a YAML file") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise RecipeError(f"{where}: cannot read the recipe ({kind}); give the path of a YAML file")
+        if info.st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"{where}: the recipe is {info.st_size} bytes; a merge recipe is at most {MAX_RECIPE_BYTES} bytes"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{where}: cannot read the recipe ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: the recipe is larger than {MAX_RECIPE_BYTES} bytes, the most a merge recipe may be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{where}: the recipe is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
 
 
 # ---- per-tensor parameter resolution --------------------------------------------------------
@@ -238,12 +322,38 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float, kind: Any) -> Any
             i0 = int(scaled)
             i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return validate((1 - frac) * values[i0] + frac * values[i1])
+            value = (1 - frac) * values[i0] + frac * values[i1]
+            return validate(round(value) if kind is int else value)  # a gradient of counts, rounded
         for cond in setting:
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
                 return evaluate_setting(tensor_name, cond.value, t, kind)
         return None
     raise RecipeError(f"unexpected parameter value {setting!r}")
+
+
+def setting_values(setting: Any) -> Iterator[tuple[str, Any]]:
+    """Every value a setting holds, with its YAML path below the parameter's key: '' for a scalar,
+    '[2]' for a gradient's third point, '[0].value' for a filter's value."""
+    if isinstance(setting, Conditional):
+        for suffix, v in setting_values(setting.value):
+            yield ".value" + suffix, v
+    elif isinstance(setting, list):
+        for i, element in enumerate(setting):
+            for suffix, v in setting_values(element):
+                yield f"[{i}]" + suffix, v
+    else:
+        yield "", setting
+
+
+def parameter_scopes(recipe: Recipe) -> Iterator[tuple[str, Parameters]]:
+    """Every `parameters:` block of a recipe with its YAML path."""
+    yield "parameters", recipe.parameters
+    for i, m in enumerate(recipe.models or []):
+        yield f"models[{i}].parameters", m.parameters
+    for i, sl in enumerate(recipe.slices or []):
+        yield f"slices[{i}].parameters", sl.parameters
+        for j, src in enumerate(sl.sources):
+            yield f"slices[{i}].sources[{j}].parameters", src.parameters
 
 
 _ADAPTERS: dict[Any, TypeAdapter] = {}

@@ -6,9 +6,9 @@ import importlib
 import pkgutil
 
 from ..errors import RecipeError
-from .base import REQUIRED, MergeInputs, Method, Param
+from .base import REQUIRED, MergeInputs, Method, Param, Range
 
-__all__ = ["REQUIRED", "MergeInputs", "Method", "Param", "all_methods", "get_method"]
+__all__ = ["REQUIRED", "MergeInputs", "Method", "Param", "Range", "all_methods", "get_method"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -29,5 +29,6 @@ def all_methods() -> dict[str, Method]:
 def get_method(name: str) -> Method:
     methods = all_methods()
     if name not in methods:
-        raise RecipeError(f"merge_method: {name!r} is not a known method; known: {', '.join(sorted(methods))}")
+        shown = name if len(name) <= 60 else name[:60] + "..."
+        raise RecipeError(f"merge_method: {shown!r} is not a known method; known: {', '.join(sorted(methods))}")
     return methods[name]

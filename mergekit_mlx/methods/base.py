@@ -6,6 +6,7 @@ output tensor (filters, gradients, defaults) and hands the method a `MergeInputs
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -21,17 +22,80 @@ Scope = Literal["shared", "input", "non_base"]
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric parameter may take: an interval of finite numbers, each end open or closed."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        left = "(" if self.lo_open or self.lo == -math.inf else "["
+        right = ")" if self.hi_open or self.hi == math.inf else "]"
+        lo = "-inf" if self.lo == -math.inf else f"{self.lo:g}"
+        hi = "inf" if self.hi == math.inf else f"{self.hi:g}"
+        return f"{left}{lo}, {hi}{right}"
+
+
+FINITE = Range()  # any finite number (a weight may be negative: task negation)
+FRACTION = Range(0, 1)
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
-    kind: type  # float, int, bool or str
+    kind: Any  # float, int, bool, or Optional[float] (a number that may be left unset)
     scope: Scope
     default: Any = REQUIRED
-    # check(value) returns an error string when the value is out of range, else None
-    check: Optional[Callable[[Any], Optional[str]]] = None
+    # the valid values of a numeric parameter; every numeric parameter has one (a test holds it)
+    valid: Optional[Range] = None
+    why: str = ""  # one line: why the range is what it is (shown in errors)
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind is not bool
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why `value` cannot be this parameter's value, or None. Booleans only where a boolean is
+        meant; numbers (or numeric strings, as mergekit's YAML allows) finite and in `valid`."""
+        if not self.numeric:
+            return None if isinstance(value, bool) else f"must be true or false, got {show(value)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return f"must be a number, got {show(value)}"
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return f"must be a number, got {show(value)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if self.kind is int and isinstance(value, float):
+            if not value.is_integer():
+                return f"must be a whole number, got {value:g}"
+        rng = self.valid if self.valid is not None else FINITE
+        if value not in rng:
+            return f"must be in {rng}, got {show(value)}" + (f" ({self.why})" if self.why else "")
+        return None
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """A value for an error message, short whatever its size (an int of 5000 digits has no str)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"{'-' if value < 0 else ''}a number of about {int(value.bit_length() * 0.30103)} digits"
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -82,25 +146,6 @@ class Method:
             if p.name == name:
                 return p
         raise KeyError(name)
-
-
-def in_range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open=False, hi_open=False):
-    """A `Param.check` for a numeric interval, e.g. in_range(0, 1) for a density."""
-
-    def check(v: Any) -> Optional[str]:
-        bad = (
-            (lo is not None and (v <= lo if lo_open else v < lo))
-            or (hi is not None and (v >= hi if hi_open else v > hi))
-        )
-        if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            lo_s = "-inf" if lo is None else f"{lo:g}"
-            hi_s = "inf" if hi is None else f"{hi:g}"
-            return f"must be in {left}{lo_s}, {hi_s}{right}, got {v}"
-        return None
-
-    return check
 
 
 def float32(x: mx.array) -> mx.array:

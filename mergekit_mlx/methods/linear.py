@@ -7,7 +7,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..errors import RecipeError
-from .base import MergeInputs, Method, Param, float32
+from .base import FINITE, MergeInputs, Method, Param, float32
 
 
 def linear(inputs: MergeInputs) -> mx.array:
@@ -49,7 +49,7 @@ METHODS = [
         "linear",
         linear,
         params=(
-            Param("weight", float, "input"),
+            Param("weight", float, "input", valid=FINITE),
             Param("normalize", bool, "shared", default=True),
         ),
         base="optional",
@@ -61,7 +61,7 @@ METHODS = [
     Method(
         "passthrough",
         passthrough,
-        params=(Param("scale", Optional[float], "input", default=None),),
+        params=(Param("scale", Optional[float], "input", default=None, valid=FINITE),),
         base="optional",
         max_inputs=1,
         propagates_nonfinite=True,

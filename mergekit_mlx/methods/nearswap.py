@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .base import MergeInputs, Method, Param, float32
+from .base import MergeInputs, Method, Param, Range, float32
 
 DIFF_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
 
@@ -20,7 +20,7 @@ METHODS = [
     Method(
         "nearswap",
         nearswap,
-        params=(Param("t", float, "shared"),),
+        params=(Param("t", float, "shared", valid=Range(0, lo_open=True), why="t is the distance below which the other model's value is taken; 0 or less keeps the base"),),
         base="required",
         min_inputs=2,
         max_inputs=2,

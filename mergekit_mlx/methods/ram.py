@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .base import MergeInputs, Method, Param, float32
+from .base import MergeInputs, Method, Param, Range, float32
+
+# deltas of fine-tunes are far below 1: a larger epsilon counts every element as unchanged
+CHANGED = "an element counts as changed when |x - base| > epsilon"
 
 
 def _task_vectors(inputs: MergeInputs, epsilon: float):
@@ -52,7 +55,7 @@ METHODS = [
     Method(
         "ram",
         ram,
-        params=(Param("epsilon", float, "shared", default=1e-5),),
+        params=(Param("epsilon", float, "shared", default=1e-5, valid=Range(0, 1, hi_open=True), why=CHANGED),),
         base="required",
         doc=(
             "RAM: per element, a delta (|x_i - base| > epsilon) made by one model is kept whole, deltas "
@@ -63,9 +66,10 @@ METHODS = [
         "ramplus_tl",
         ramplus_tl,
         params=(
-            Param("r", float, "shared", default=0.1),
-            Param("alpha", float, "shared", default=0.2),
-            Param("epsilon", float, "shared", default=1e-5),
+            Param("r", float, "shared", default=0.1, valid=Range(0, 10), why="unique deltas are scaled by 1 + r * clip(rho, 0, alpha)"),
+            Param("alpha", float, "shared", default=0.2, valid=Range(0, 10), why="the cap of rho in 1 + r * clip(rho, 0, alpha)"),
+            # also the floor of the unique count rho divides by: 0 would divide by zero
+            Param("epsilon", float, "shared", default=1e-5, valid=Range(0, 1, lo_open=True, hi_open=True), why=CHANGED),
         ),
         base="required",
         doc=(

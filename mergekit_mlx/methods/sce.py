@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import kernels
-from .base import MergeInputs, Method, Param, float32
+from .base import MergeInputs, Method, Param, Range, float32
 
 WEIGHT_SUM_FLOOR = 1e-6  # mergekit's threshold for falling back to uniform weights
 DIVISOR_FLOOR = 1e-6
@@ -60,7 +60,8 @@ METHODS = [
         "sce",
         sce,
         params=(
-            Param("select_topk", float, "shared", default=1.0),
+            Param("select_topk", float, "shared", default=1.0, valid=Range(0, 1, lo_open=True),
+                  why="the fraction of elements kept; 0 or less would keep none and return the base"),
             Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
         ),
         base="required",

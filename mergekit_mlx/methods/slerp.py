@@ -7,7 +7,7 @@ import math
 import mlx.core as mx
 
 from .. import cpu_slerp
-from .base import MergeInputs, Method, Param, float32
+from .base import FRACTION, MergeInputs, Method, Param, float32
 
 DOT_THRESHOLD = 0.9995  # above this |cos| the two are treated as colinear: plain lerp
 EPS = 1e-8
@@ -108,7 +108,7 @@ METHODS = [
     Method(
         "slerp",
         slerp,
-        params=(Param("t", float, "shared"),),
+        params=(Param("t", float, "shared", valid=FRACTION, why="t runs from the base (0) to the other model (1)"),),
         base="required",
         min_inputs=2,
         max_inputs=2,

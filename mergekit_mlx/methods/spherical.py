@@ -12,12 +12,14 @@ from typing import Optional
 import mlx.core as mx
 
 from ..errors import RecipeError
-from .base import MergeInputs, Method, Param, float32
+from .base import MergeInputs, Method, Param, Range, float32
 
 NUSLERP_EPS = 1e-8  # colinear when 1 - cos^2 <= eps^2
 NORM_FLOOR = 1e-7  # norms are clamped to this before dividing
 TANGENT_TOL = 1e-6  # radians: the barycentre iteration stops when the mean moves less than this
 BARYCENTRE_STEPS = 16
+SHARE = Range(0)  # a weight that is a share of a whole: not negative
+MAX_ITER = 1000  # karcher's iteration converges in tens of steps; each step waits for the device
 
 
 def _compute_dtype(x: mx.array) -> mx.Dtype:
@@ -55,6 +57,13 @@ def check_nuslerp(shared: dict, per_input: list[dict], base: Optional[int]) -> O
     others = len(per_input) - (base is not None)
     if others != 2:
         return None, f"nuslerp merges exactly two models besides the base model, got {others}"
+    return None
+
+
+def check_multislerp(shared: dict, per_input: list[dict], base: Optional[int]) -> Optional[tuple[None, str]]:
+    total = sum(p["weight"] for i, p in enumerate(per_input) if i != base)
+    if len(per_input) - (base is not None) > 1 and total <= 0:
+        return None, "the weights sum to 0, so multislerp has no barycentre; give at least one model a positive weight"
     return None
 
 
@@ -203,7 +212,7 @@ METHODS = [
         "nuslerp",
         nuslerp,
         params=(
-            Param("weight", float, "non_base"),
+            Param("weight", float, "non_base", valid=SHARE, why="t = w1 / (w0 + w1) is a share of the way between the two"),
             Param("nuslerp_row_wise", bool, "shared", default=False),
             Param("nuslerp_flatten", bool, "shared", default=True),
         ),
@@ -222,10 +231,12 @@ METHODS = [
         "multislerp",
         multislerp,
         params=(
-            Param("weight", float, "non_base"),
+            Param("weight", float, "non_base", valid=SHARE, why="the weights are barycentric coordinates on the sphere"),
             Param("normalize_weights", bool, "shared", default=True),
-            Param("eps", float, "shared", default=1e-8),
+            Param("eps", float, "shared", default=1e-8, valid=Range(0, 1e-2, lo_open=True),
+                  why="added to each norm before dividing; a unit vector's norm is 1"),
         ),
+        check=check_multislerp,
         base="optional",
         min_inputs=1,
         doc=(
@@ -244,8 +255,9 @@ METHODS = [
         "karcher",
         karcher,
         params=(
-            Param("max_iter", int, "shared", default=10),
-            Param("tol", float, "shared", default=1e-5),
+            Param("max_iter", int, "shared", default=10, valid=Range(1, MAX_ITER), why="the iteration converges in tens of steps"),
+            Param("tol", float, "shared", default=1e-5, valid=Range(0, 1e-2, lo_open=True),
+                  why="the step (radians) that ends the iteration, and the norm below which an input is left out"),
         ),
         base="optional",
         min_inputs=1,

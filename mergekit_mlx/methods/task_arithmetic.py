@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import RecipeError
-from .base import MergeInputs, Method, Param, float32, in_range
+from .base import FINITE, FRACTION, MergeInputs, Method, Param, Range, float32
 
 RESCALE_EPS = 1e-7
 
@@ -152,24 +152,27 @@ def _stream(inputs: MergeInputs, i: int) -> int:
 
 def _make(f: Family) -> Method:
     params = [
-        Param("weight", float, "non_base"),
-        Param("density", float, "non_base", default=1.0, check=in_range(0, 1)),
+        Param("weight", float, "non_base", valid=FINITE),
+        # 0 keeps nothing of that model (a gradient may start there); 1 keeps everything
+        Param("density", float, "non_base", default=1.0, valid=FRACTION, why="the fraction of the task vector kept"),
         Param("normalize", bool, "shared", default=f.normalize),
         Param("rescale", bool, "shared", default=f.rescale),
-        Param("lambda", float, "shared", default=1.0),
+        Param("lambda", float, "shared", default=1.0, valid=FINITE),
         Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
     ]
     if f.sparsify == "magnitude_outliers":
-        params.append(Param("gamma", float, "non_base", default=0.01, check=in_range(0, 1)))
+        params.append(Param("gamma", float, "non_base", default=0.01, valid=FRACTION, why="the fraction of largest magnitudes dropped"))
     if f.sparsify == "della":
-        params.append(Param("epsilon", float, "non_base", default=0.15, check=in_range(0, 1)))
+        # keep probabilities run from density - epsilon to density + epsilon, which must stay inside (0, 1)
+        params.append(Param("epsilon", float, "non_base", default=0.15, valid=Range(0, 0.5, hi_open=True),
+                            why="keep probabilities run from density - epsilon to density + epsilon, inside (0, 1)"))
 
     def merge(inputs: MergeInputs) -> mx.array:
         return task_merge(inputs, f)
 
     def check(shared: dict, per_input: list[dict], base: Optional[int]):
         for i, p in enumerate(per_input):
-            if f.sparsify == "della" and i != base and 0 < p["density"] < 1 and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1:
+            if f.sparsify == "della" and i != base and 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
                 return i, f"density +/- epsilon must lie in (0, 1); got density {p['density']:g}, epsilon {p['epsilon']:g}"
         return None
 
