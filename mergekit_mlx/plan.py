@@ -280,23 +280,24 @@ def _check_parameter_values(recipe: Recipe, method: Method) -> None:
 
 
 def _check_parameter_names(recipe: Recipe, method: Method) -> None:
-    """A parameter no merge method knows, spelled like one this method takes, is a typo: say so.
-
-    Other unknown names are ignored, as mergekit does (recipes carry options of other methods)."""
+    """Every parameter the recipe sets must be one this method takes: a name it ignores would be a
+    setting silently without effect (a typo, or a parameter of another method left behind)."""
     import difflib
 
     from .methods import all_methods
 
-    known = {p.name for m in all_methods().values() for p in m.params}
     mine = [p.name for p in method.params]
+    takes = f"{method.name} takes: {', '.join(mine) or 'no parameters'}"
     for where, params in parameter_scopes(recipe):
         for name in params or {}:
-            close = difflib.get_close_matches(name, mine, n=1, cutoff=0.8) if name not in known else []
+            if name in mine:
+                continue
+            close = difflib.get_close_matches(name, mine, n=1, cutoff=0.8)
             if close:
-                raise RecipeError(
-                    f"{where}.{name}: not a parameter of {method.name}; did you mean {close[0]!r}? "
-                    f"({method.name} takes: {', '.join(mine) or 'no parameters'})"
-                )
+                raise RecipeError(f"{where}.{name}: not a parameter of {method.name}; did you mean {close[0]!r}? ({takes})")
+            others = sorted(m.name for m in all_methods().values() if any(p.name == name for p in m.params))
+            of = f", but of {', '.join(others[:4])}{', ...' if len(others) > 4 else ''}" if others else ""
+            raise RecipeError(f"{where}.{name}: not a parameter of {method.name}{of}; remove it ({takes})")
 
 
 def _check_architectures(models: list[ModelSource], paths: list[str], allow_crimes: bool) -> None:
@@ -454,6 +455,13 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 def _check_layer_count(model: ModelSource) -> None:
     """A config that counts fewer layers than the tensors carry would drop the rest silently."""
+    where = model.path / "config.json" if model.path.is_dir() else model.path
+    text = model.config.get("text_config") if isinstance(model.config.get("text_config"), dict) else {}
+    for cfg, prefix in ((model.config, ""), (text, "text_config.")):
+        for k in LAYER_COUNT_KEYS:
+            v = cfg.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ModelError(f"{short_path(where)}: {prefix}{k} must be a positive whole number of layers, got {v!r:.40}")
     n = model.num_layers
     found = [(i, name) for name in model.tensor_names() if (i := layer_index(name)) is not None]
     if not found:
@@ -461,10 +469,8 @@ def _check_layer_count(model: ModelSource) -> None:
     highest, name = max(found)
     if highest < n:
         return
-    text = model.config.get("text_config") if isinstance(model.config.get("text_config"), dict) else {}
     key = next((f"{prefix}{k}" for cfg, prefix in ((model.config, ""), (text, "text_config.")) for k in LAYER_COUNT_KEYS
                 if cfg.get(k) == n), "its layer count")
-    where = model.path / "config.json" if model.path.is_dir() else model.path
     raise ModelError(
         f"{short_path(where)}: {key} is {n}, but tensor {name!r} belongs to layer {highest}; the config must "
         f"count every layer ({key} = {highest + 1} or more), or the layers above {n - 1} would be left out"

@@ -380,7 +380,7 @@ def test_bitnet_output_generates_through_the_result(family, tmp_path):
 def test_density_outside_zero_one_is_refused(family, key, value):
     recipe = ties_recipe(family)
     recipe["models"][1]["parameters"][key] = value
-    with pytest.raises(RecipeError, match=rf"models\[1\]\.parameters\.{key}: must be in \[0, 1\]"):
+    with pytest.raises(RecipeError, match=rf"models\[1\]\.parameters\.{key}: must be in \(0, 1\]"):
         merge(recipe)
 
 

@@ -203,13 +203,13 @@ def test_model_reference_that_cannot_name_a_model_is_refused(tmp_path, capsys, r
 
 # The valid values of every numeric parameter of every method, written down independently of the
 # code: (method, parameter) -> (values refused, values accepted). The ends follow from the math:
-# a density is a fraction kept (0 keeps nothing, as a gradient may start), select_topk 0 would keep
-# nothing and silently return the base, karcher's tol must be > 0 or its loop never ends, ...
+# a density is a fraction kept (0 would keep nothing; mergekit fails on it), select_topk 0 would
+# keep nothing and silently return the base, karcher's tol must be > 0 or its loop never ends, ...
 RANGES = {
     **{(m, "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 2.5]) for m in (
         "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
         "della_linear", "della")},
-    **{(m, "density"): ([-0.01, 1.01, NAN], [0.0, 0.3, 1.0]) for m in (
+    **{(m, "density"): ([0.0, -0.01, 1.01, NAN], [1e-3, 0.3, 1.0]) for m in (
         "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear", "della")},
     **{(m, "lambda"): ([INF, NAN], [-1.0, 0.0, 1.5]) for m in (
         "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear", "della")},
@@ -285,8 +285,8 @@ GOOD = [(m, p, v) for (m, p), (_, good) in sorted(RANGES.items()) for v in good]
 @pytest.mark.parametrize("method, name, value", GOOD, ids=[f"{m}-{p}={v}" for m, p, v in GOOD])
 def test_in_range_parameter_is_accepted(family4, method, name, value):
     recipe = recipe_setting(method, name, value, family4)
-    if method == "della" or method == "della_linear":
-        recipe["parameters"]["density"] = 1.0 if name == "epsilon" else recipe["parameters"].get("density", 1.0)
+    if method in ("della", "della_linear") and name == "density":
+        recipe["parameters"]["epsilon"] = 0.0  # any density in (0, 1] then keeps density +/- epsilon inside (0, 1)
     plan = make_plan(load_recipe(recipe))
     assert plan.tasks
 
@@ -296,6 +296,32 @@ def test_karcher_with_a_negative_tol_and_a_huge_max_iter_is_refused_at_once(tmp_
               "models": [{"model": "a"}, {"model": "b"}]}
     rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", r"parameters\.(tol|max_iter): must be in")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["models"][0]["parameters"].update(density=0.9, gamma=0.5), r"models\[0\]\.parameters: density \+ gamma must be at most 1"),
+    (lambda r: r["models"][0]["parameters"].update(density=0.2, epsilon=0.3), r"models\[0\]\.parameters: density \+/- epsilon must lie in \(0, 1\)"),
+], ids=["breadcrumbs-density-plus-gamma", "della-density-minus-epsilon"])
+def test_parameters_that_cannot_work_together_are_refused_naming_the_model(family, tmp_path, capsys, change, message):
+    recipe = ties(*family)
+    recipe["merge_method"] = "breadcrumbs" if "gamma" in message else "della"
+    change(recipe)
+    rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", message)
+
+
+def test_a_parameter_this_method_does_not_take_is_refused(tmp_path, capsys):
+    recipe = {"merge_method": "slerp", "base_model": "b", "parameters": {"t": 0.5, "density": 0.5}, "models": [{"model": "m"}]}
+    rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", r"parameters\.density: not a parameter of slerp, but of .*ties", "slerp takes: t")
+
+
+def test_nuslerp_weights_that_are_both_zero_are_refused_before_reading(family, tmp_path, capsys):
+    base, a, b = family
+    recipe = {"merge_method": "nuslerp", "models": [{"model": str(a), "parameters": {"weight": 0}},
+                                                    {"model": str(b), "parameters": {"weight": 0}}]}
+    rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", r"parameters: the two weights sum to 0")
 
 
 def test_multislerp_weights_that_are_all_zero_are_refused_before_reading(family, tmp_path, capsys):
@@ -358,6 +384,16 @@ def test_the_base_model_listed_among_the_models_under_another_spelling_is_one_in
 
 
 # ---------------- the model's own config ----------------
+
+
+@pytest.mark.parametrize("value", ["two", 0, -2, 2.0, True])
+def test_config_layer_count_that_is_not_a_positive_integer_is_refused(family, tmp_path, capsys, value):
+    model = shutil.copytree(family[1], tmp_path / "odd-config")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=value)))
+    recipe = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]}
+    rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", re.escape(str(model / "config.json")), "num_hidden_layers")
 
 
 def test_config_counting_fewer_layers_than_the_tensors_hold_is_refused(family, tmp_path, capsys):

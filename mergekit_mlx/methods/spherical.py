@@ -57,6 +57,8 @@ def check_nuslerp(shared: dict, per_input: list[dict], base: Optional[int]) -> O
     others = len(per_input) - (base is not None)
     if others != 2:
         return None, f"nuslerp merges exactly two models besides the base model, got {others}"
+    if sum(p["weight"] for i, p in enumerate(per_input) if i != base) <= 0:
+        return None, "the two weights sum to 0, so t = w1 / (w0 + w1) is undefined; give at least one a positive weight"
     return None
 
 

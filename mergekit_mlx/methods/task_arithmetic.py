@@ -153,8 +153,9 @@ def _stream(inputs: MergeInputs, i: int) -> int:
 def _make(f: Family) -> Method:
     params = [
         Param("weight", float, "non_base", valid=FINITE),
-        # 0 keeps nothing of that model (a gradient may start there); 1 keeps everything
-        Param("density", float, "non_base", default=1.0, valid=FRACTION, why="the fraction of the task vector kept"),
+        # 0 would keep nothing: mergekit's magnitude cut asserts k > 0 and its DARE rescale divides by it
+        Param("density", float, "non_base", default=1.0, valid=Range(0, 1, lo_open=True),
+              why="the fraction of the task vector kept; to leave a model out, remove it"),
         Param("normalize", bool, "shared", default=f.normalize),
         Param("rescale", bool, "shared", default=f.rescale),
         Param("lambda", float, "shared", default=1.0, valid=FINITE),
@@ -172,8 +173,15 @@ def _make(f: Family) -> Method:
 
     def check(shared: dict, per_input: list[dict], base: Optional[int]):
         for i, p in enumerate(per_input):
-            if f.sparsify == "della" and i != base and 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
+            if i == base or p["density"] >= 1:
+                continue  # density 1 keeps the whole task vector: gamma and epsilon do not apply
+            if f.sparsify == "della" and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
                 return i, f"density +/- epsilon must lie in (0, 1); got density {p['density']:g}, epsilon {p['epsilon']:g}"
+            if f.sparsify == "magnitude_outliers" and p["density"] + p["gamma"] > 1:
+                return i, (
+                    f"density + gamma must be at most 1 (keep the density fraction below the gamma fraction of largest "
+                    f"magnitudes); got density {p['density']:g}, gamma {p['gamma']:g}"
+                )
         return None
 
     return Method(
