@@ -324,7 +324,7 @@ def model_file(directory: Path, name: str, what: str, max_bytes: Optional[int] =
 
     Every file of an input model is untrusted: it must be a regular file (not a FIFO, device, socket
     or directory, which would block or never end), whose real location after symlinks is the model
-    directory itself (or the blobs folder of a Hugging Face cache snapshot), and, where it is read
+    directory or a folder in it (or the blobs folder of a Hugging Face cache snapshot), and, where it is read
     whole into memory, at most `max_bytes` long. Anything else is a ModelError naming the file (or
     `where`, the file that listed it) and what would be valid.
     """
@@ -337,7 +337,7 @@ def model_file(directory: Path, name: str, what: str, max_bytes: Optional[int] =
         st = real.stat()
     except (OSError, RuntimeError) as e:  # missing, a dangling or looping symlink, unreadable
         raise ModelError(f"{where}: cannot read {label} ({getattr(e, 'strerror', None) or e})") from None
-    if not any(real.parent == r for r in _allowed_roots(directory)):
+    if not any(real.is_relative_to(r) for r in _allowed_roots(directory)):
         raise ModelError(
             f"{where}: {label} resolves to {real}, outside the model directory {directory}; a model's files must "
             "live in the model directory (copy the file there, or name the directory that holds it)"
@@ -416,6 +416,20 @@ def _read_json(directory: Path, name: str, what: str) -> Any:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelError(f"{path}: {what} is not valid JSON ({_short_repr(str(e), 200)})") from None
+
+
+def check_index_names(path: Path) -> None:
+    """Every tensor an input's index lists is in the file it names (a loader that trusts the index
+    looks for it there). Headers only; `safetensors_files` has checked the index's shape already."""
+    index = path / "model.safetensors.index.json"
+    if not os.path.lexists(index):
+        return
+    held: dict[str, set[str]] = {}
+    for name, fname in _read_json(path, index.name, "the index")["weight_map"].items():
+        if fname not in held:
+            held[fname] = set(read_safetensors_header(path / fname)[0])
+        if name not in held[fname]:
+            raise ModelError(f"{index}: lists tensor {_short_repr(name)} in {fname}, which does not hold it")
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -499,6 +513,8 @@ def open_model(path: str | Path) -> ModelSource:
         model_file(p, ggufs[0].name, "GGUF file")
         return GGUFModel(ggufs[0])
     config = read_config(p)
+    safetensors_files(p)  # the index and the files it names, checked before anything reads them
+    check_index_names(p)
     if "quantization" in config or "quantization_config" in config:
         from .quantized import open_quantized
 

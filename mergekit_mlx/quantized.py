@@ -55,6 +55,8 @@ def open_quantized(path: Path, config: dict) -> Optional[ModelSource]:
         return open_bitnet(path, config)
     if isinstance(qc, dict) and qc.get("quant_method") == "bitdelta":
         return BitDeltaModel(path, config)
+    if config.get("quantization") is not None:  # MLX's own key: checked even where no tensor uses it
+        quantization_params(quantization_block(config, path)[1], f"{path}/config.json: quantization")
     raw = SafetensorsModel(path, config)
     names = raw.tensor_names()
     if any(n.endswith(".scales") for n in names):
@@ -77,7 +79,7 @@ def quantization_block(config: dict, where: Path) -> tuple[str, dict]:
     block = config.get(key)
     if not isinstance(block, dict):
         raise ModelError(
-            f"{where}/config.json: has quantized tensors (.scales), so '{key}' must be an object like "
+            f"{where}/config.json: '{key}' must be an object like "
             f'{{"group_size": 64, "bits": 4, "mode": "affine"}}, got {_short(block)}'
         )
     return key, block
@@ -148,6 +150,15 @@ class MLXQuantizedModel(ModelSource):
                         f"{info.file}: {name!r} unpacks to {in_dims} columns at {params['bits']} bits, which does not fit "
                         f"{scales.shape[-1]} scales of group size {params['group_size']} (config 'quantization' says {params})"
                     )
+                parts = [scales] + ([raw.info(f"{layer}.biases")] if f"{layer}.biases" in raw_names else [])
+                for part in parts:
+                    if part.shape[:-1] != info.shape[:-1]:
+                        raise ModelError(
+                            f"{part.file}: {part.name!r} has shape {list(part.shape)}, which does not fit {name!r} "
+                            f"{list(info.shape)} (one row of groups per weight row)"
+                        )
+                if len(parts) == 2 and parts[1].shape != scales.shape:
+                    raise ModelError(f"{parts[1].file}: {parts[1].name!r} has shape {list(parts[1].shape)}, {scales.name!r} {list(scales.shape)}; they must match")
                 params["biases"] = f"{layer}.biases" in raw_names
                 params["global_scale"] = f"{layer}.global_scale" in raw_names
                 if params["mode"] == "affine" and not params["biases"]:

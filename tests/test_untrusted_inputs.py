@@ -113,6 +113,23 @@ def test_a_symlink_that_stays_inside_the_directory_is_accepted(family, tmp_path)
     assert model_file(model, "tokenizer_config.json", "tokenizer file") == (model / "real_config.json").resolve()
 
 
+def test_a_symlink_into_a_folder_of_the_directory_is_accepted(family, tmp_path):
+    model = clone(family[1], tmp_path / "m")
+    (model / "store").mkdir()
+    (model / "tokenizer.json").rename(model / "store" / "tokenizer.json")
+    (model / "tokenizer.json").symlink_to("store/tokenizer.json")
+    assert model_file(model, "tokenizer.json", "tokenizer file") == (model / "store" / "tokenizer.json").resolve()
+
+
+def test_a_symlink_through_a_linked_folder_out_of_the_directory_is_refused(family, tmp_path):
+    model = clone(family[1], tmp_path / "m")
+    secret = secret_file(tmp_path)
+    (model / "store").symlink_to(secret.parent)
+    link_out(model, "tokenizer.model", Path("store") / secret.name)
+    with pytest.raises(ModelError, match=r"tokenizer.model: tokenizer file resolves to .*id_rsa, outside the model directory"):
+        open_model(model)
+
+
 def test_a_symlink_out_of_the_directory_names_the_file_and_the_rule(family, tmp_path):
     model = clone(family[1], tmp_path / "m")
     link_out(model, "vocab.json", secret_file(tmp_path))
@@ -343,6 +360,15 @@ def test_an_index_linked_out_of_the_model_is_refused(family, tmp_path):
         open_model(model)
 
 
+def test_an_index_that_lists_a_tensor_no_shard_holds_is_refused(family, tmp_path):
+    model = clone(family[1], tmp_path / "m")
+    names = list(mx.load(str(model / "model.safetensors")))
+    weight_map = {n: "model.safetensors" for n in names + ["model.fake.weight"]}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelError, match=r"index.json: lists tensor 'model.fake.weight' in model.safetensors, which does not hold it"):
+        open_model(model)
+
+
 def test_a_config_linked_out_of_the_model_is_refused(family, tmp_path):
     model = clone(family[1], tmp_path / "m")
     link_out(model, "config.json", family[0] / "config.json")
@@ -470,3 +496,21 @@ def test_a_per_layer_entry_that_matches_its_tensors_is_read(quantized, tmp_path)
     loaded = np.array(open_model(model).load(name).astype(mx.float32))
     assert loaded.shape == original.shape
     assert np.abs(loaded - original).max() < 0.5 * np.abs(original).max()  # 4-bit affine: coarse, but the same matrix
+
+
+def test_a_malformed_quantization_block_is_refused_even_on_unquantized_weights(family, tmp_path, capsys):
+    model = clone(family[1], tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(cfg, quantization={"group_size": 32, "bits": 99})))
+    rc, err = run(capsys, "run", write_recipe(tmp_path, linear_recipe([family[0], model])), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", re.escape(str(model / "config.json")), r"quantization\.bits: 99 is not valid")
+
+
+def test_scales_that_do_not_fit_their_weight_are_refused_when_opened(quantized, tmp_path):
+    model = clone(quantized, tmp_path / "q")
+    arrays = mx.load(str(model / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.scales"
+    arrays[name] = arrays[name][:16]
+    mx.save_safetensors(str(model / "model.safetensors"), arrays, metadata={"format": "mlx"})
+    with pytest.raises(ModelError, match=r"'model.layers.0.self_attn.q_proj.scales' has shape \[16, 1\], which does not fit"):
+        open_model(model)
