@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 import re
 
+from .errors import RecipeError
+
 SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors take the command's error path: one paragraph naming the flag, exit 2."""
+
+    def error(self, message: str):  # argparse's own prints usage and exits itself
+        raise RecipeError(f"{self.prog}: {message} (`{self.prog} --help` lists the options)")
 
 
 def parse_size(text: str) -> int:

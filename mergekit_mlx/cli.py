@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .arguments import add_common_arguments, add_output_arguments, parse_size
+from .arguments import Parser, add_common_arguments, add_output_arguments, parse_size
 from .errors import MergeKitError, RecipeError
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,18 +89,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     # `mergekit-mlx recipe.yml out` works like mergekit-yaml
     if argv and argv[0].endswith((".yml", ".yaml")):
         argv = ["run"] + argv
-    parser = argparse.ArgumentParser(prog="mergekit-mlx", description="Merge language models with MLX.")
+    parser = Parser(prog="mergekit-mlx", description="Merge language models with MLX.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="merge models as a recipe says"))
     sub.add_parser("eval", help="score models on the example skills", add_help=False)
     sub.add_parser("convert", help="convert a model between formats without merging", add_help=False)
     sub.add_parser("example", help="merge, score and sample the shipped example models", add_help=False)
-    if argv and argv[0] in ("eval", "convert", "example"):
-        command, rest = argv[0], argv[1:]
-    else:
-        args = parser.parse_args(argv)
-        command, rest = args.command, None
     try:
+        if argv and argv[0] in ("eval", "convert", "example"):
+            command, rest = argv[0], argv[1:]
+        else:
+            args = parser.parse_args(argv)
+            command, rest = args.command, None
         if command == "eval":
             from .evaluate import main as eval_main
 

@@ -14,7 +14,6 @@ weights with `mergekit-mlx convert DELTA_DIR OUT`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable, Optional, Union
 
 import mlx.core as mx
 
-from .arguments import add_common_arguments, add_output_arguments
+from .arguments import Parser, add_common_arguments, add_output_arguments
 from .device import use_device
 from .errors import RecipeError
 from .models import ModelSource, layer_index, open_model
@@ -178,7 +177,7 @@ def bitdelta_plan(ft: ModelSource, base: ModelSource, dtype: Optional[mx.Dtype])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mergekit-mlx convert",
         description="Convert a model between formats (HF, MLX-quantized, GGUF, BitNet) without merging, "
         "or compress a fine-tune against its base as BitDelta.",

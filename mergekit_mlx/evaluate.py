@@ -9,7 +9,6 @@ counts only prompts that no training run saw.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 import sys
@@ -21,7 +20,7 @@ from typing import Callable, Iterator, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .arguments import add_common_arguments
+from .arguments import Parser, add_common_arguments
 from .device import use_device
 from .errors import ModelError
 
@@ -163,7 +162,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mergekit-mlx eval",
         description="Exact-match accuracy of models on the example skills (held-out prompts, greedy decoding).",
     )

@@ -7,11 +7,12 @@ with mlx-lm.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from .arguments import Parser
 
 DEFAULT_RECIPE = "examples/configs/ties.yml"
 
@@ -20,7 +21,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from . import evaluate
     from .merge import merge
 
-    parser = argparse.ArgumentParser(prog="mergekit-mlx example", description=__doc__.splitlines()[0])
+    parser = Parser(prog="mergekit-mlx example", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe to run (default {DEFAULT_RECIPE})")
     parser.add_argument("--out", default="out/example", help="where the merge is written (default out/example)")
     parser.add_argument("--n", type=int, default=200, help="held-out prompts per skill (default 200)")

@@ -15,7 +15,7 @@ What a failed run leaves behind: a validation error leaves nothing; an error whi
 writing (non-finite values, a full disk) removes `.NAME.partial`, since rerunning the same command
 could not use it; only an interruption (Ctrl-C, a kill, a power loss) leaves it, for `--resume`.
 A resume keeps finished shards only when the recipe and options are the same and every input file
-has the same SHA-256 as when those shards were written (content, not size and time).
+has the same bytes as when those shards were written (content hashes, not size and time).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import mlx.core as mx
 from .errors import MergeKitError, OutputError
 from .options import MergeOptions
 from .plan import Plan, human_bytes
-from .writer import OutputTensor, copy_tokenizer, file_sha256, make_writer
+from .writer import OutputTensor, copy_tokenizer, file_digest, make_writer
 
 MANIFEST = ".mergekit-mlx-output.json"  # in every output directory: the files this tool wrote there
 STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input hashes, shards
@@ -199,7 +199,7 @@ def _is_our_partial(partial: Path) -> bool:
 
 @dataclass
 class InputProof:
-    """The SHA-256 of every input file, computed on a thread of its own (hashlib releases the GIL)
+    """The hash of every input file (`hash_files`), computed on a thread of its own
     while the merge runs, so that a later `--resume` can prove its inputs are the same bytes."""
 
     files: list[str]
@@ -222,7 +222,8 @@ class InputProof:
 
 
 def hash_files(files: Sequence[str]) -> dict[str, str]:
-    return {f: file_sha256(Path(f)) for f in files}
+    """file -> digest of its bytes (`writer.new_digest`)."""
+    return {f: file_digest(Path(f)) for f in files}
 
 
 @dataclass
@@ -352,7 +353,7 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
         f: h
         for f, h in shards.items()
         if isinstance(f, str) and _plain_name(f) and not f.startswith(".") and (partial.path / f).is_file()
-        and file_sha256(partial.path / f) == h
+        and file_digest(partial.path / f) == h
     }
     return kept, now, ""
 
@@ -445,7 +446,7 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
             if written is not None and len(written) != before:
                 for f in written:
                     if f not in done:
-                        done[f] = checksums.get(f) or file_sha256(tmp / f)
+                        done[f] = checksums.get(f) or file_digest(tmp / f)
                 partial.save_state(shards=dict(done))
 
         produce(write, wants)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import mmap
@@ -29,6 +28,7 @@ from typing import Optional, Protocol
 
 import mlx.core as mx
 import numpy as np
+import xxhash
 
 from .errors import RecipeError
 from .models import MLX_TO_SAFETENSORS, TOKENIZER_FILES
@@ -243,7 +243,7 @@ class _ShardFile:
             for t in self.planned
         ):
             return digest
-        return file_sha256(self.path)
+        return file_digest(self.path)
 
 
 # big tensors are written by several threads at once where there are cores to spare (a GPU host:
@@ -356,12 +356,11 @@ def _write_all(f, data) -> None:
 
 
 class _BackgroundHash:
-    """SHA-256 of a stream of buffers, computed on a thread of its own (hashlib releases the GIL),
-    so that hashing a shard (about 2 GB/s on one core) does not hold up the writes; at most
-    `limit` bytes wait to be hashed."""
+    """The content digest (`new_digest`) of a stream of buffers, computed on a thread of its own so
+    that hashing a shard does not hold up the writes; at most `limit` bytes wait to be hashed."""
 
     def __init__(self, limit: int = 1 << 30):
-        self.h = hashlib.sha256()
+        self.h = new_digest()
         self.q: "queue.Queue[Optional[object]]" = queue.Queue()
         self.room = threading.Semaphore(max(1, limit >> 20))  # in MiB
         self.t = threading.Thread(target=_BackgroundHash._run, args=(self.h, self.q, self.room),
@@ -434,11 +433,21 @@ def _rewrite_with_header(path: Path, head: bytes, data_start: int) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+def new_digest():
+    """The hash that tells files apart for resume (shards written, inputs read): XXH3-128. Not
+    cryptographic, chosen for speed (benchmarks/RESULTS.md): it tells a re-downloaded or edited file
+    from the one recorded, which is what a resume must prove; whoever can edit the inputs on purpose
+    could change the merge anyway."""
+    return xxhash.xxh3_128()
+
+
+def file_digest(path: Path) -> str:
+    h = new_digest()
+    buf = bytearray(1 << 24)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
