@@ -122,6 +122,12 @@ def resolve_chat_template(chat_template: Optional[str], sources: Sequence[Any] =
             f"chat_template: {chat_template!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}), "
             "'auto', nor a Jinja template"
         )
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(chat_template)
+    except jinja2.TemplateSyntaxError as e:
+        raise RecipeError(f"chat_template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
     return chat_template
 
 

@@ -403,6 +403,12 @@ def test_a_tokenizer_config_template_that_is_not_utf8_is_refused_with_chat_templ
     assert_refused(rc, err, tmp_path / "out", re.escape(str(model / "tokenizer_config.json")), "not UTF-8")
 
 
+def test_a_recipe_chat_template_that_is_not_valid_jinja_is_refused_at_plan_time(family, tmp_path, capsys):
+    recipe = linear_recipe(family, chat_template="{% if %}{{ messages['content'] ")
+    rc, err = run(capsys, "run", write_recipe(tmp_path, recipe), tmp_path / "out")
+    assert_refused(rc, err, tmp_path / "out", r"chat_template: not a valid Jinja template \(line 1: ")
+
+
 def test_a_utf8_chat_template_is_copied_as_it_is(family, tmp_path, capsys):
     model = clone(family[0], tmp_path / "base")
     template = "{% for m in messages %}{{ m['content'] }} — ü{% endfor %}"
