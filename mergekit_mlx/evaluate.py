@@ -23,6 +23,7 @@ import mlx.nn as nn
 from .arguments import Parser, add_common_arguments
 from .device import use_device
 from .errors import ModelError
+from .models import open_model
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def _load(spec: ModelSpec) -> tuple[str, nn.Module, object]:
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
+    open_model(path)  # every file mlx-lm will read is checked first (regular, inside the directory)
     model, tokenizer = load(str(path))
     return str(spec), model, tokenizer
 

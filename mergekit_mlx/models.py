@@ -61,7 +61,7 @@ TOKENIZER_FILES = (
 SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 # "model.layers.12.mlp.up_proj.weight" -> ("model.layers.", 12, ".mlp.up_proj.weight")
-LAYER_PATTERN = re.compile(r"^(.*?\.(?:layers|h|blocks)\.)(\d+)(\..+)$")
+LAYER_PATTERN = re.compile(r"^(.*?\.(?:layers|h|blocks)\.)(\d{1,9})(\..+)$")  # 9 digits: a 5000-digit index is no layer
 
 
 def layer_index(name: str) -> Optional[int]:

@@ -18,7 +18,7 @@ import mlx.core as mx
 from . import tokenizer
 from .errors import ModelError, RecipeError
 from .methods import Method, get_method
-from .models import SAFETENSORS_DTYPES, ModelSource, layer_index, open_model, with_layer_index
+from .models import LAYER_PATTERN, SAFETENSORS_DTYPES, ModelSource, layer_index, open_model, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
 from .writer import OutputTensor, plan_shards, torch_dtype_name
 
@@ -339,6 +339,7 @@ def make_plan(
         if key not in first_of:
             first_of[key] = i
             _check_layer_count(source)
+            _check_hidden_size(source)
         index_of[ref] = first_of[key]
         sources.append(source)
     _check_architectures(sources, refs, allow_crimes)
@@ -463,18 +464,44 @@ def _check_layer_count(model: ModelSource) -> None:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ModelError(f"{short_path(where)}: {prefix}{k} must be a positive whole number of layers, got {v!r:.40}")
     n = model.num_layers
-    found = [(i, name) for name in model.tensor_names() if (i := layer_index(name)) is not None]
-    if not found:
+    # per stack (the name up to the index): a vision tower may have more layers than the text config counts
+    stacks: dict[str, tuple[int, str]] = {}
+    for name in model.tensor_names():
+        m = LAYER_PATTERN.match(name)
+        if m:
+            stacks[m.group(1)] = max(stacks.get(m.group(1), (-1, "")), (int(m.group(2)), name))
+    if not stacks:
         return
-    highest, name = max(found)
-    if highest < n:
+    # the text decoder ("...model.layers.") must fit; another stack may exceed n only beside one that fits
+    over = {prefix: top for prefix, top in stacks.items() if top[0] >= n}
+    decoder = [top for prefix, top in over.items() if prefix.endswith("model.layers.")]
+    if not decoder and len(over) < len(stacks):
         return
+    highest, name = max(decoder or over.values())
     key = next((f"{prefix}{k}" for cfg, prefix in ((model.config, ""), (text, "text_config.")) for k in LAYER_COUNT_KEYS
                 if cfg.get(k) == n), "its layer count")
     raise ModelError(
         f"{short_path(where)}: {key} is {n}, but tensor {name!r} belongs to layer {highest}; the config must "
         f"count every layer ({key} = {highest + 1} or more), or the layers above {n - 1} would be left out"
     )
+
+
+def _check_hidden_size(model: ModelSource) -> None:
+    """A config whose hidden_size is not its own embedding's width describes another model: refuse
+    it rather than write or check against it (Llama-style names only, where the two must agree)."""
+    name = "model.embed_tokens.weight"
+    hidden = model.config.get("hidden_size")
+    if not model.has(name) or not isinstance(hidden, int) or isinstance(hidden, bool):
+        return
+    if any(k in model.config for k in ("embedding_size", "word_embed_proj_dim", "embed_dim")):
+        return  # architectures whose embedding has a width of its own
+    shape = model.info(name).shape
+    if len(shape) == 2 and shape[1] != hidden:
+        where = model.path / "config.json" if model.path.is_dir() else model.path
+        raise ModelError(
+            f"{short_path(where)}: hidden_size is {hidden}, but the model's {name} is {list(shape)} "
+            f"(hidden size {shape[1]}); the config belongs to another model"
+        )
 
 
 def _set_layers(config: dict, n: int) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import xxhash
 
 from .errors import RecipeError
-from .models import MLX_TO_SAFETENSORS, TOKENIZER_FILES
+from .models import MLX_TO_SAFETENSORS
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
