@@ -30,6 +30,8 @@ from .output import OutputJob, check_output_location, write_model
 from .quantized import CODE_DTYPES, SCALE_SUFFIX, SIGN_SUFFIX, pack_signs
 from .writer import DEFAULT_SHARD_BYTES, OUT_FORMATS, OutputTensor, copy_tokenizer, torch_dtype_name
 
+HELP = "convert a model between formats without merging"
+
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 Produce = Callable[[str], mx.array]
 

@@ -25,6 +25,8 @@ from .device import use_device
 from .errors import ModelError
 from .models import open_model
 
+HELP = "score models on the example skills"
+
 
 @dataclass(frozen=True)
 class Example:

@@ -14,6 +14,8 @@ from typing import Optional
 
 from .arguments import Parser
 
+HELP = "merge, score and sample the shipped example models"
+
 DEFAULT_RECIPE = "examples/configs/ties.yml"
 
 

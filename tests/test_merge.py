@@ -318,12 +318,10 @@ def test_the_console_command_exits_at_once_after_a_merge_and_normally_otherwise(
         raise SystemExit(code)
 
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
-    monkeypatch.setattr(cli, "_merged", False)
     monkeypatch.setattr(sys, "argv", ["mergekit-mlx", "run", str(recipe), str(tmp_path / "out"), "--no-progress"])
     with pytest.raises(SystemExit):
         cli.entry()
     assert exits == [0] and (tmp_path / "out" / "config.json").is_file()
-    monkeypatch.setattr(cli, "_merged", False)
     monkeypatch.setattr(sys, "argv", ["mergekit-mlx", "run", str(tmp_path / "missing.yml"), str(tmp_path / "o2")])
     with pytest.raises(SystemExit) as e:
         cli.entry()
@@ -483,3 +481,21 @@ def test_direct_writes_refused_by_the_filesystem_fall_back_to_the_page_cache(tmp
     w.finish()
     assert refused  # the direct write was tried and refused
     np.testing.assert_array_equal(np.array(mx.load(str(tmp_path / "model.safetensors"))["x"]), data)
+
+
+def test_every_command_is_a_module_with_its_own_parser_listed_once(capsys):
+    """The commands' table: each module has HELP and main(argv); --help of each exits 0."""
+    import importlib
+
+    from mergekit_mlx import cli
+
+    for name, module in cli.COMMANDS.items():
+        m = importlib.import_module(module)
+        assert isinstance(m.HELP, str) and callable(m.main)
+        assert cli.main([name, "--help"]) == 0
+        assert f"mergekit-mlx {name}" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in cli.COMMANDS)
+    assert cli.main(["frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
