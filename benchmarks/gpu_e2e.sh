@@ -2,14 +2,12 @@
 # End-to-end GPU figures for benchmarks/RESULTS.md, on an NVIDIA GPU host with MLX-CUDA installed
 # (../shared/gpu/ brings it): the 0.85B family (every method, after one untimed run that fills the
 # kernel cache, three timed runs each), direct reads into GPU memory against MLX's load (same
-# outputs, both timed), and a 7B-shape family (ties, dare_ties, linear). --startup adds the
-# start-up of a process with the kernel cache empty and filled (about 80 s more).
-# Usage, from the project root: bash benchmarks/gpu_e2e.sh [workdir] [--startup]   (~60 GB of disk)
+# outputs, both timed), and a 7B-shape family (ties, dare_ties, linear).
+# Usage, from the project root: bash benchmarks/gpu_e2e.sh [workdir]   (~60 GB of disk)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 work=${1:-/tmp/mergekit-mlx-gpu}
-if [[ "${2:-}" == "--startup" ]]; then echo "== start-up of a process"; python3 benchmarks/gpu_startup.py; fi
 echo "== 0.85B family"
 python3 benchmarks/bench.py --device gpu --tools mlx --warmup --repeat 3 --workdir "$work/085" | grep -E "^  |^\|"
 echo "== direct reads into GPU memory against MLX's load (0.85B)"

@@ -5,7 +5,7 @@ profiler on an NVIDIA GPU, e.g.:
         --section SchedulerStats python3 benchmarks/ties_profile.py
 
 Also the inputs (`family`) and the batch of merges launched together (`ties_batch`) that
-kernels_bench.py and ties_gaps.py time.
+kernels_bench.py times.
 """
 
 from __future__ import annotations
