@@ -20,6 +20,7 @@ has the same bytes as when those shards were written (content hashes, not size a
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -183,7 +184,7 @@ def _is_our_gguf(path: Path) -> bool:
 
 
 def _is_our_partial(partial: Path) -> bool:
-    """A temporary output this tool made: a real directory, empty or holding its state file."""
+    """A temporary output this tool made: a real directory, empty or holding its state file or manifest."""
     try:
         st = os.lstat(partial)
         if not stat.S_ISDIR(st.st_mode):
@@ -191,7 +192,8 @@ def _is_our_partial(partial: Path) -> bool:
         names = os.listdir(partial)
     except OSError:
         return False
-    return not names or STATE_FILE in names
+    # a run killed while committing leaves its manifest (and no state): still ours
+    return not names or STATE_FILE in names or MANIFEST in names
 
 
 # ---------------- the temporary output: lock, state, resume ----------------
@@ -510,7 +512,14 @@ def _recheck_before_commit(out: Path, force: bool) -> None:
 def _commit_dir(partial: PartialOutput, out: Path, force: bool) -> None:
     _recheck_before_commit(out, force)
     aside = None
-    if os.path.lexists(out) and os.path.isdir(out) and os.listdir(out):
+    replacing = os.path.lexists(out) and os.path.isdir(out) and not os.path.islink(out) and os.listdir(out)
+    if replacing and _exchange(partial.path, out):
+        # one step: OUT is the new output and `.NAME.partial` the previous one, never neither
+        partial.close()
+        _remove_our_output(partial.path)
+        partial.path = out
+        return
+    if replacing:
         aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
         os.rename(out, aside)
     elif os.path.lexists(out) and not os.path.isdir(out):
@@ -526,6 +535,25 @@ def _commit_dir(partial: PartialOutput, out: Path, force: bool) -> None:
     partial.close()
     if aside is not None:
         _remove_our_output(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where the system
+    or the filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _commit_file(written: Path, out: Path, force: bool) -> None:

@@ -39,7 +39,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .plan import make_plan
     from .recipe import load_recipe
 
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # OUT may follow the options
     opts = MergeOptions(
         random_seed=args.random_seed,
         out_shard_size=args.out_shard_size,

@@ -436,3 +436,26 @@ def test_a_full_disk_during_convert_is_a_clean_error(larger_family, tmp_path, ca
         rc, err = run(capsys, "convert", larger_family[1], disk / "out", "--out-format", "mlx-q8")
         assert_error(rc, err, "no space left on the device")
         assert snapshot(disk) == before
+
+
+def test_a_temporary_output_left_by_a_run_killed_while_committing_is_taken_over(family, tmp_path, capsys):
+    """Killed between deleting its state and the rename: `.OUT.partial` holds a finished output
+    with its manifest; the next run recognises it as its own and replaces it."""
+    recipe = recipe_file(tmp_path, family)
+    assert run(capsys, "run", recipe, tmp_path / "finished")[0] == 0
+    os.rename(tmp_path / "finished", partial_of(tmp_path / "out"))
+    rc, err = run(capsys, "run", recipe, tmp_path / "out")
+    assert rc == 0, err
+    assert (tmp_path / "out" / MANIFEST).is_file() and not partial_of(tmp_path / "out").exists()
+
+
+def test_replacing_an_output_never_leaves_the_output_path_empty(family, tmp_path, capsys):
+    """The earlier output and the new one swap places in one step (where the system can), and the
+    earlier one is then removed: no second name is left beside the output."""
+    out = tmp_path / "out"
+    recipe = recipe_file(tmp_path, family)
+    assert run(capsys, "run", recipe, out)[0] == 0
+    before = os.stat(out).st_ino
+    assert run(capsys, "run", recipe_file(tmp_path, family, "b.yml", density=0.3), out, "--force")[0] == 0
+    assert os.stat(out).st_ino != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yml", "out", "recipe.yml"]
