@@ -92,6 +92,7 @@ def test_examples_are_correct_and_deterministic():
         assert ex.answer == "".join(reversed(word))
 
 
+@pytest.mark.slow
 def test_each_fine_tune_beats_the_base_on_its_own_skill(loaded):
     base_model, base_tok = loaded["base"]
     for task in ["add", "reverse"]:
@@ -101,6 +102,7 @@ def test_each_fine_tune_beats_the_base_on_its_own_skill(loaded):
         assert tuned >= 0.8
 
 
+@pytest.mark.slow
 def test_task_arithmetic_of_the_fine_tunes_beats_each_fine_tune(loaded):
     # the example's claim, with the merge done here in float64 numpy: base + both task vectors
     import mlx.core as mx
@@ -158,6 +160,7 @@ def test_eval_command_names_a_missing_model_directory(tmp_path, capsys):
     assert str(tmp_path / "nothing") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_short_training_run_writes_loadable_models(tmp_path):
     from mlx_lm import load
     from transformers import AutoTokenizer

@@ -1272,7 +1272,14 @@ def _paragraph_problems(err: str, culprit: str | None) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("spec", CASES, ids=[f"{c.cls}:{c.id}" for c in CASES])
+SLOW_CLASSES = ("resume", "disk")  # processes killed mid-merge, mounted filesystems
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [pytest.param(c, marks=pytest.mark.slow) if c.cls in SLOW_CLASSES else c for c in CASES],
+    ids=[f"{c.cls}:{c.id}" for c in CASES],
+)
 def test_hostile(spec: Case, family, medium_family, tmp_path, capsys, monkeypatch):
     c = Ctx(tmp_path, family, lambda: medium_family, monkeypatch)
     outcome: Outcome | None = None

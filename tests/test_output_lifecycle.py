@@ -281,6 +281,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_refuses_at_once_naming_the_first(family, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -344,6 +345,7 @@ def _killed_halfway(recipe: Path, out: Path, shards: list[str]) -> dict:
     return recorded
 
 
+@pytest.mark.slow
 def test_resume_merges_everything_again_when_an_input_was_replaced_by_same_size_bytes(larger_family, tmp_path, capsys):
     family = [tmp_path / p.name for p in larger_family]
     for src, dst in zip(larger_family, family):
@@ -413,6 +415,7 @@ def _fill(disk: Path, leave: int) -> None:
             f.write(b"\0" * (free - leave))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
 @pytest.mark.parametrize("out_format", ["hf", "mlx-q8", "gguf-f16"])
 def test_a_full_disk_is_a_clean_error_and_leaves_nothing(larger_family, tmp_path, capsys, kind, out_format):
@@ -430,6 +433,7 @@ def test_a_full_disk_is_a_clean_error_and_leaves_nothing(larger_family, tmp_path
         assert snapshot(disk) == before, "a failed write left something behind"
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_convert_is_a_clean_error(larger_family, tmp_path, capsys):
     with mounted("tmpfs", tmp_path / "disk", 3 * 1024) as disk:  # the q8 model needs about 5 MB
         before = snapshot(disk)

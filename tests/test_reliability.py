@@ -743,6 +743,7 @@ def larger_family(tmp_path_factory) -> list[Path]:
     return tiny.make_family(tmp_path_factory.mktemp("larger"), layers=6, hidden=256, inter=512, vocab=2048)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_merge_then_resume_gives_the_same_bytes(larger_family, tmp_path):
     recipe = write_recipe(tmp_path, ties_recipe(larger_family))
     shards = ["--out-shard-size", "1M", "--batch-size", "1M"]
