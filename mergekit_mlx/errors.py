@@ -32,3 +32,9 @@ class ModelError(MergeKitError):
 
 class OutputError(MergeKitError):
     """The output location cannot be written as asked (exists, inside an input, no space)."""
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """An untrusted value as an error message shows it: a long list as its length, any text cut at `limit`."""
+    text = repr(value) if not isinstance(value, list) or len(value) <= 16 else f"[{len(value)} values]"
+    return text if len(text) <= limit else text[:limit] + "..."
