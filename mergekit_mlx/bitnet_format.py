@@ -16,7 +16,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .bitnet import dequantize, pack_ternary, quantize_absmean
+from .kernels.bitlinear import dequantize, pack_ternary, quantize_absmean
 from .errors import ModelError
 from .models import ModelSource, SafetensorsModel, TensorInfo
 from .writer import DEFAULT_SHARD_BYTES, OutputTensor, SafetensorsWriter

@@ -928,7 +928,7 @@ class GGUFWriter:
         order = rope_permutation(n, p.heads) if p.heads else None
         inverse = None
         if p.qtype in TERNARY_TYPES:
-            from .bitnet import quantize_absmean
+            from .kernels.bitlinear import quantize_absmean
 
             inverse = quantize_absmean(array)[1]  # 1 / mean|w|, for the whole tensor
         for r0 in range(0, n, step):

@@ -1,4 +1,4 @@
-"""The CPU's native loops (mergekit_mlx/cpu_native.py): built by the system's compiler, cached,
+"""The CPU's native loops (mergekit_mlx/kernels/cpu_native.py): built by the system's compiler, cached,
 and never worse than numpy's passes: without a compiler, after a failed build or a failed
 first-use check, numpy's passes run and the merge is the same. (That the loops give numpy's bits
 is the business of tests/test_kernels.py, whose test_cpu_* tests run both.)"""
@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mergekit_mlx import cpu_kernels as CK
-from mergekit_mlx import cpu_native, errors, kernels as K
+from mergekit_mlx import errors, kernels as K
+from mergekit_mlx.kernels import cpu_native, task_merge_cpu
 
 DEFINES = (("T", "uint16_t"), ("KM", "2"), ("MODES", "2,3"), ("CONSENSUS", "1"), ("NORMALIZE", "1"))
 
@@ -21,12 +21,10 @@ def fresh(monkeypatch, tmp_path):
     """An empty build cache and no built or checked variants in this process."""
     monkeypatch.setenv("MERGEKIT_MLX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(errors, "_warned", set())
-    monkeypatch.setattr(CK, "_native_ok", {})
-    cpu_native._library.cache_clear()
-    cpu_native.compiler.cache_clear()
+    cpu_native.forget_checks()
+    cpu_native.forget_builds()
     yield tmp_path
-    cpu_native._library.cache_clear()
-    cpu_native.compiler.cache_clear()
+    cpu_native.forget_builds()
 
 
 def merged(seed=3):
@@ -52,10 +50,10 @@ def failing_compiler(path) -> str:
 def test_a_variant_is_built_once_and_cached_on_disk(fresh):
     if cpu_native.compiler() is None:
         pytest.skip("no C++ compiler here")
-    assert CK._native("task_merge", DEFINES, 2) is not None
+    assert cpu_native.checked("task_merge", DEFINES, 2, task_merge_cpu.check_native_merge) is not None
     built = list((fresh / "cache" / "cpu").glob("task_merge-*.so"))
     assert len(built) == 1
-    cpu_native._library.cache_clear()
+    cpu_native.forget_builds()
     mtime = built[0].stat().st_mtime_ns
     assert cpu_native.library("task_merge", DEFINES, 2) is not None  # loaded, not built again
     assert built[0].stat().st_mtime_ns == mtime
@@ -67,19 +65,19 @@ def test_without_a_compiler_numpy_merges_the_same(fresh, monkeypatch):
     monkeypatch.setenv("PATH", str(fresh))  # nothing named c++, g++ or clang++ on it
     cpu_native.compiler.cache_clear()
     assert cpu_native.compiler() is None
-    assert CK._native("task_merge", DEFINES, 2) is None
+    assert cpu_native.checked("task_merge", DEFINES, 2, task_merge_cpu.check_native_merge) is None
     np.testing.assert_array_equal(merged(), want)
 
 
 def test_a_failed_build_warns_once_and_numpy_runs(fresh, monkeypatch):
     want = merged()
     built = set((fresh / "cache" / "cpu").glob("*.so"))
-    cpu_native._library.cache_clear()
-    monkeypatch.setattr(CK, "_native_ok", {})
+    cpu_native.forget_builds()
+    cpu_native.forget_checks()
     monkeypatch.setenv("CXX", failing_compiler(fresh))
     cpu_native.compiler.cache_clear()
     with pytest.warns(RuntimeWarning, match="building the native CPU 'task_merge' failed.*no such target"):
-        assert CK._native("task_merge", DEFINES, 2) is None
+        assert cpu_native.checked("task_merge", DEFINES, 2, task_merge_cpu.check_native_merge) is None
     with pytest.warns(RuntimeWarning, match="building the native CPU 'l1_lanes' failed"):
         np.testing.assert_array_equal(merged(), want)
     assert set((fresh / "cache" / "cpu").glob("*.so")) == built  # nothing half-built is left to be loaded
@@ -88,9 +86,9 @@ def test_a_failed_build_warns_once_and_numpy_runs(fresh, monkeypatch):
 def test_a_variant_that_disagrees_with_numpy_is_not_used(fresh, monkeypatch):
     if cpu_native.compiler() is None:
         pytest.skip("no C++ compiler here")
-    monkeypatch.setitem(CK._NATIVE_CHECKS, "task_merge", lambda fn, d, k: False)
+    disagrees = lambda fn, d, k: False  # noqa: E731
     with pytest.warns(RuntimeWarning, match="native CPU 'task_merge' disagrees with numpy"):
-        assert CK._native("task_merge", DEFINES, 2) is None
+        assert cpu_native.checked("task_merge", DEFINES, 2, disagrees) is None
 
 
 def test_switched_off_by_the_environment(fresh, monkeypatch):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from format_models import f64, tiny_model  # noqa: E402
 
-from mergekit_mlx.bitnet import pack_ternary, unpack_ternary  # noqa: E402
+from mergekit_mlx.kernels.bitlinear import pack_ternary, unpack_ternary  # noqa: E402
 from mergekit_mlx.bitnet_format import BitNetModel, BitNetWriter  # noqa: E402
 from mergekit_mlx.convert import convert, main as convert_main  # noqa: E402
 from mergekit_mlx.errors import ModelError, RecipeError  # noqa: E402
@@ -240,7 +240,7 @@ def test_bitnet_writer_ternarises_decoder_linears_only(model, tmp_path):
 def test_bitnet_output_loads_in_mlx_lm_and_generates_with_portable_bitlinear(model, tmp_path):
     from mlx_lm import generate, load
 
-    from mergekit_mlx.bitnet import use_portable_bitlinear
+    from mergekit_mlx.kernels.bitlinear import use_portable_bitlinear
 
     convert(model.path, tmp_path / "b", "bitnet")
     m, tok = load(str(tmp_path / "b"))

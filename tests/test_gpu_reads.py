@@ -1,4 +1,4 @@
-"""Inputs read straight into an NVIDIA GPU's memory (mergekit_mlx/gpu_reads.py), as far as a
+"""Inputs read straight into an NVIDIA GPU's memory (mergekit_mlx/kernels/gpu_reads.py), as far as a
 machine without a GPU can check it: the byte spans it reads, the copy kernel's index arithmetic
 (compiled for the CPU), and the pipeline's hand-over of staged inputs (a stand-in reader that
 stages into host memory). benchmarks/gpu_check.sh runs the real thing on a GPU."""
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import tiny
-from mergekit_mlx import cuda_jit, gpu_reads, merge
-from mergekit_mlx.kernel_sources import kernel_source
+from mergekit_mlx import merge
+from mergekit_mlx.kernels import cuda_compile as cuda_jit
+from mergekit_mlx.kernels import gpu_reads
+from mergekit_mlx.kernels.sources import kernel_source
 from mergekit_mlx.models import SAFETENSORS_DTYPES, open_model
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
@@ -139,7 +141,7 @@ class HostReader:
 
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_staged_inputs_merge_as_loaded_ones_and_go_back_once(family, tmp_path, monkeypatch, method):
-    merge_mod = sys.modules["mergekit_mlx.merge"]
+    pipeline = sys.modules["mergekit_mlx.pipeline"]
     base, *fts = family
     if method == "ties":
         recipe = {"merge_method": "ties", "base_model": str(base), "models": [
@@ -149,7 +151,7 @@ def test_staged_inputs_merge_as_loaded_ones_and_go_back_once(family, tmp_path, m
             {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
     merge(recipe, tmp_path / "loaded")
     reader = HostReader()
-    monkeypatch.setattr(merge_mod.gpu_reads, "reader", lambda keep: reader)
+    monkeypatch.setattr(gpu_reads, "reader", lambda keep: reader)
     merge(recipe, tmp_path / "staged")
     loaded, staged = tiny.load_np(tmp_path / "loaded"), tiny.load_np(tmp_path / "staged")
     assert set(loaded) == set(staged)
@@ -175,7 +177,7 @@ def test_a_failed_read_hands_back_every_staged_input(family, tmp_path, monkeypat
     input already staged (waiting to be merged, or read for a task not complete) goes back."""
     from mergekit_mlx.errors import ModelError
 
-    merge_mod = sys.modules["mergekit_mlx.merge"]
+    pipeline = sys.modules["mergekit_mlx.pipeline"]
 
     class FailingReader(HostReader):
         def stage(self, model, name):
@@ -186,7 +188,7 @@ def test_a_failed_read_hands_back_every_staged_input(family, tmp_path, monkeypat
             return super().stage(model, name)
 
     reader = FailingReader()
-    monkeypatch.setattr(merge_mod.gpu_reads, "reader", lambda keep: reader)
+    monkeypatch.setattr(gpu_reads, "reader", lambda keep: reader)
     recipe = {"merge_method": "linear", "models": [
         {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
     with pytest.raises(ModelError, match="disk gone"):
@@ -198,11 +200,11 @@ def test_a_failed_read_hands_back_every_staged_input(family, tmp_path, monkeypat
 def test_a_failed_merge_hands_back_its_staged_inputs(family, tmp_path, monkeypatch):
     """A merge that raises (here: the method) still hands back the device memory of the inputs it
     was given, and of everything read after it."""
-    merge_mod = sys.modules["mergekit_mlx.merge"]
+    pipeline = sys.modules["mergekit_mlx.pipeline"]
     reader = HostReader()
-    monkeypatch.setattr(merge_mod.gpu_reads, "reader", lambda keep: reader)
+    monkeypatch.setattr(gpu_reads, "reader", lambda keep: reader)
     calls = []
-    real = merge_mod.merge_task
+    real = pipeline.merge_task
 
     def failing(plan, task, *a, **k):
         calls.append(task)
@@ -210,7 +212,7 @@ def test_a_failed_merge_hands_back_its_staged_inputs(family, tmp_path, monkeypat
             raise RuntimeError("the merge failed")
         return real(plan, task, *a, **k)
 
-    monkeypatch.setattr(merge_mod, "merge_task", failing)
+    monkeypatch.setattr(pipeline, "merge_task", failing)
     recipe = {"merge_method": "linear", "models": [
         {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
     with pytest.raises(RuntimeError, match="the merge failed"):

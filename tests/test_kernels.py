@@ -1,7 +1,7 @@
 """The kernel interface against float64 numpy references (CPU fallback here; the same file runs on a GPU).
 
 References are written from the documented rules, not from the code under test:
-- random numbers: the hash in mergekit_mlx/kernels.py's module docstring, re-implemented in numpy;
+- random numbers: the hash in mergekit_mlx/kernels/random.py's module docstring, re-implemented in numpy;
 - magnitude: k-th largest |x| in float32, ties kept lowest flat index first;
 - merges: mergekit 0.1.5's generalized task arithmetic in float64.
 """
@@ -107,15 +107,16 @@ def to_mx(a, dtype=None):
 # ----------------------------------------------------------------------------- switches and hashing
 
 
-def test_kernels_switch_follows_setter(monkeypatch):
-    monkeypatch.setattr(K, "_enabled_override", None)
+def test_kernels_switch_follows_the_environment_and_a_context_that_restores_it(monkeypatch):
     monkeypatch.setenv("MERGEKIT_MLX_NO_KERNELS", "1")
     assert not K.kernels_enabled()
     monkeypatch.delenv("MERGEKIT_MLX_NO_KERNELS")
     assert K.kernels_enabled()
-    K.set_kernels_enabled(False)
-    assert not K.kernels_enabled()
-    K.set_kernels_enabled(True)
+    with K.use_kernels(False):
+        assert not K.kernels_enabled()
+        with K.use_kernels(True):
+            assert K.kernels_enabled()
+        assert not K.kernels_enabled()
     assert K.kernels_enabled()
 
 
@@ -148,21 +149,21 @@ def test_random_uniform_lies_in_unit_interval_and_folds_large_seeds():
 def test_keep_mask_frequency_matches_probability():
     n = 200_000
     for p in (0.1, 0.5, 0.9):
-        freq = np.array(K.keep_mask(7, 3, (n,), p)).mean()
+        freq = np.array(K.random_mask(7, 3, (n,), p)).mean()
         assert abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n)
 
 
 def test_keep_mask_streams_are_independent():
     n, p = 200_000, 0.5
-    a = np.array(K.keep_mask(7, K.stream_id("w", 0), (n,), p))
-    b = np.array(K.keep_mask(7, K.stream_id("w", 1), (n,), p))
+    a = np.array(K.random_mask(7, K.stream_id("w", 0), (n,), p))
+    b = np.array(K.random_mask(7, K.stream_id("w", 1), (n,), p))
     both = (a & b).mean()
     assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / n)
 
 
 def test_keep_mask_accepts_per_element_probabilities():
     p = np.linspace(0, 1, 1000, dtype=np.float32)
-    m = np.array(K.keep_mask(3, 9, (1000,), mx.array(p)))
+    m = np.array(K.random_mask(3, 9, (1000,), mx.array(p)))
     np.testing.assert_array_equal(m, np_uniform(3, 9, 1000) < p)
     assert not m[0] and m[-1]
 
@@ -301,8 +302,7 @@ def test_fused_merge_kernels_on_and_off_bit_identical():
     base, others = family(np.random.default_rng(9), shape=(96, 64))
     results = []
     for flag in (True, False):
-        K.set_kernels_enabled(flag)
-        try:
+        with K.use_kernels(flag):
             for method in METHODS:
                 sp, cons, norm, resc = METHODS[method]
                 results.append(
@@ -312,8 +312,6 @@ def test_fused_merge_kernels_on_and_off_bit_identical():
                         normalize=norm, lam=1.0, seed=5,
                     ).astype(mx.float32))
                 )
-        finally:
-            K.set_kernels_enabled(True)
     half = len(results) // 2
     for a, b in zip(results[:half], results[half:]):
         if mx.default_device() == mx.cpu:
@@ -344,7 +342,7 @@ def test_fused_merge_rejects_unknown_options():
 
 # ----------------------------------------------------------------------------- BitNet b1.58
 
-from mergekit_mlx import bitnet as bn  # noqa: E402
+from mergekit_mlx.kernels import bitlinear as bn  # noqa: E402
 
 
 def np_pack(t):
@@ -420,9 +418,11 @@ def test_accurate_sum_matches_float64_on_millions_of_values():
 
 
 # ----------------------------------------------------------------------------- the CPU path's numpy loops
-# (mergekit_mlx/cpu_kernels.py): exact against the definition, bit for bit against the MLX graphs
+# (mergekit_mlx/kernels/selection_cpu.py, task_merge_cpu.py): exact against the definition, bit for bit against the MLX graphs
 
-from mergekit_mlx import cpu_kernels as CK  # noqa: E402
+from mergekit_mlx.kernels import host, selection, selection_cpu, task_merge, task_merge_cpu  # noqa: E402
+from mergekit_mlx.kernels.random import HASH  # noqa: E402
+from mergekit_mlx.kernels.task_plan import Keep  # noqa: E402
 
 
 def pytest_generate_tests(metafunc):
@@ -454,7 +454,7 @@ def _cpu_path_on_the_cpu(request):
     finally:
         mx.set_default_device(previous)
 
-BRACKETED = CK._SMALL + 12_345  # above the size that partitions everything: the sampled bracket runs
+BRACKETED = selection_cpu.SMALL + 12_345  # above the size that partitions everything: the sampled bracket runs
 
 
 def np_selection(x, base, k):
@@ -476,7 +476,7 @@ def bf16_family(rng, n, scale=0.002):
 
 
 def selection_of(x, base, k):
-    s = K._select_cpu(x, base, k)
+    s = selection.select_cpu(x, base, k)
     return int(s.t.item()), int(s.cut.item())
 
 
@@ -519,9 +519,9 @@ def test_cpu_selection_with_nan_and_inf_orders_by_bits():
 def test_cpu_selection_when_the_sample_misses_falls_back_to_the_partition():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(BRACKETED) * 0.01).astype(np.float32)
-    x[CK.sample_positions(x.size)] = 1000.0  # the sample sees only these: its bracket is far too high
+    x[selection_cpu.sample_positions(x.size)] = 1000.0  # the sample sees only these: its bracket is far too high
     k = x.size // 2
-    assert CK.select(x, None, k) is None
+    assert selection_cpu.select(x, None, k) is None
     assert selection_of(mx.array(x), None, k) == np_selection(x, None, k)
 
 
@@ -537,7 +537,7 @@ def test_cpu_topk_mask_and_threshold_over_the_bracket():
 def graph_merge(monkeypatch, *args, **kwargs):
     """fused_task_merge through the compiled MLX graph (the path before the numpy loops)."""
     with monkeypatch.context() as m:
-        m.setattr(CK, "supported", lambda *a: False)
+        m.setattr(host, "supported", lambda *a: False)
         return K.fused_task_merge(*args, **kwargs)
 
 
@@ -549,7 +549,7 @@ def bits_of(a):
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
 def test_cpu_merge_is_bit_identical_to_the_compiled_graph(monkeypatch, dtype, method):
     rng = np.random.default_rng(12)
-    n = 2 * CK.CHUNK + 4321  # several chunks and a short last one
+    n = 2 * host.CHUNK + 4321  # several chunks and a short last one
     base, others = family(rng, shape=(n,), k=3, scale=0.003)
     others[2][::5] = base[::5]  # deltas of zero, signs that cancel
     b, os_ = to_mx(base, dtype), [to_mx(o, dtype) for o in others]
@@ -579,17 +579,17 @@ def test_cpu_merge_with_nan_and_inf_matches_the_compiled_graph(monkeypatch):
 
 def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph(cpu_code):
     rng = np.random.default_rng(14)
-    n = 2 * CK.GROUP + 1077  # three groups of block sums (buffers reused), the last block padded
+    n = 2 * host.GROUP + 1077  # three groups of block sums (buffers reused), the last block padded
     base, others = family(rng, shape=(n,), k=2, scale=0.01)
     b, os_ = to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others]
     for sp in ("random", "magnitude"):
-        plans, _ = K._plan_models(b, os_, sp, [0.4, 0.7], False, 5, [9, 10], None)
-        want = [K._l1_fallback(b, o, p) for o, p in zip(os_, plans)]
-        got = K._l1_cpu(b, os_, plans)
+        plans, _ = task_merge.plan_models(b, os_, sp, [0.4, 0.7], False, 5, [9, 10], None)
+        want = [task_merge.l1_fallback(b, o, p) for o, p in zip(os_, plans)]
+        got = task_merge.l1_cpu(b, os_, plans)
         assert [[x.item() for x in pair] for pair in got] == [[x.item() for x in pair] for pair in want]
     assert plans[0].mask is None  # magnitude masks are not stored
-    plans, _ = K._plan_models(b, os_, "random", [0.4, 0.7], False, 5, [9, 10], None)
-    K._l1_cpu(b, os_, plans)
+    plans, _ = task_merge.plan_models(b, os_, "random", [0.4, 0.7], False, 5, [9, 10], None)
+    task_merge.l1_cpu(b, os_, plans)
     if cpu_code == "native":  # the native merge draws the random masks again, as the GPU does
         assert plans[0].mask is None and plans[1].mask is None
     else:  # numpy's merge reads the masks the L1 pass drew
@@ -597,15 +597,15 @@ def test_cpu_l1_sums_equal_the_blocked_sums_of_the_graph(cpu_code):
 
 
 def test_cpu_native_loops_are_built_where_a_compiler_runs(cpu_code):
-    from mergekit_mlx import cpu_native
+    from mergekit_mlx.kernels import cpu_native
 
     if cpu_code == "numpy" or cpu_native.compiler() is None:
         pytest.skip("numpy's passes: nothing is built")
     base = np.zeros(8, dtype=np.uint16)
-    models = [CK.Model(base, mode, 1.0) for mode in (CK.MAGNITUDE, CK.RANDOM)]
-    assert CK._native_merge(base, models, True, True, 1.0, 1.0, np.zeros(8, dtype=np.uint16)) is not None
-    assert CK._native_l1(base, models) is not None
-    assert CK._native_count([base, base], base) is not None
+    models = [task_merge_cpu.Model(base, mode, 1.0) for mode in (Keep.MAGNITUDE, Keep.RANDOM)]
+    assert task_merge_cpu.native_merge(base, models, True, True, 1.0, 1.0, np.zeros(8, dtype=np.uint16)) is not None
+    assert task_merge_cpu.native_l1(base, models) is not None
+    assert selection_cpu.native_count([base, base], base) is not None
 
 
 def test_cpu_bf16_rounding_is_mlx_rounding():
@@ -614,29 +614,29 @@ def test_cpu_bf16_rounding_is_mlx_rounding():
     payloads = np.array([0x7F800001, 0xFF800001, 0x7FC00001, 0x7F7FFFFF, 0x7F7F8000], dtype=np.uint32).view(np.float32)
     x = np.concatenate([specials, payloads, np.random.default_rng(15).standard_normal(10_000).astype(np.float32)])
     out = np.empty(x.size, dtype=np.uint16)
-    CK._round_bf16(x, out, CK._Scratch(x.size))
+    task_merge_cpu.round_bf16(x, out, host.Scratch(x.size))
     # against MLX's CPU conversion (the path these numpy passes stand in for; a GPU writes NaN as 0x7FFF)
     ref = mx.array(x).astype(mx.bfloat16, stream=mx.cpu).view(mx.uint16, stream=mx.cpu)
     np.testing.assert_array_equal(out, np.array(ref))
 
 
 def test_cpu_hash_keep_is_the_documented_uniform_below_p():
-    sc = CK._Scratch(5000)
+    sc = host.Scratch(5000)
     out = np.empty(5000, dtype=bool)
     k0, k1 = np_keys(77, 5)
     for p in (0.0, 0.3, 0.5, 1.0 - 2**-24, 1.0):
-        K._HASH.keep(100, 5100, (k0, k1), p, sc, out)
+        HASH.mask_into(100, 5100, (k0, k1), p, sc, out)
         np.testing.assert_array_equal(out, np_uniform(77, 5, 5100)[100:] < np.float32(p))
 
 
 def test_cpu_paths_split_over_two_threads_give_the_same_bits(monkeypatch):
     rng = np.random.default_rng(16)
-    n = 5 * CK.CHUNK + 999
+    n = 5 * host.CHUNK + 999
     base, others = family(rng, shape=(n,), k=2, scale=0.003)
     b, os_ = to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others]
     runs = []
-    for split in (CK.SPLIT, 2 * CK.CHUNK):  # the second run hands the upper half to the helper thread
-        monkeypatch.setattr(CK, "SPLIT", split)
+    for split in (host.SPLIT, 2 * host.CHUNK):  # the second run hands the upper half to the helper thread
+        monkeypatch.setattr(host, "SPLIT", split)
         out = [bits_of(K.fused_task_merge(b, os_, [0.6, 0.4], sparsify=sp, densities=[0.4, 0.6], rescale=resc,
                                           consensus="sum", normalize=True, lam=1.0))
                for sp, resc in (("magnitude", False), ("random", True))]

@@ -38,7 +38,7 @@ def test_linear_merge_writes_the_weighted_average_of_every_tensor(family, tmp_pa
 def test_several_readers_per_model_write_the_same_merge(family, tmp_path, monkeypatch):
     """A GPU host reads each model with several threads (each its own lazy arrays); the output
     is the same as with one reader per model."""
-    merge_mod = sys.modules["mergekit_mlx.merge"]  # the package exports the function under that name
+    from mergekit_mlx import pipeline as merge_mod
 
     merge(ties_recipe(family), tmp_path / "one")
     monkeypatch.setattr(merge_mod, "_readers_per_group", lambda *a: 3)
@@ -52,7 +52,8 @@ def test_several_readers_per_model_write_the_same_merge(family, tmp_path, monkey
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_tasks_evaluated_together_write_the_same_merge(family, tmp_path, monkeypatch, method):
     """A GPU merge thread evaluates several loaded tasks at once; the output is the same as one by one."""
-    merge_mod = sys.modules["mergekit_mlx.merge"]
+    from mergekit_mlx import pipeline as merge_mod
+
     recipe = ties_recipe(family) if method == "ties" else {"merge_method": "linear", "models": [
         {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
     merge(recipe, tmp_path / "one")
@@ -68,13 +69,13 @@ def test_tasks_evaluated_together_write_the_same_merge(family, tmp_path, monkeyp
 def test_gpu_kernel_checks_run_before_the_merge_threads_start(family, tmp_path, monkeypatch):
     """A first-use check switches MLX's process-wide default device while it computes its CPU
     reference, so the checks a method needs run before any reader or merge thread exists."""
-    merge_mod = sys.modules["mergekit_mlx.merge"]
+    from mergekit_mlx import kernels
+
     order = []
-    monkeypatch.setattr(merge_mod.kernels, "first_use_checks", lambda groups: order.append(("checks", tuple(groups))))
-    enter = merge_mod._Pipeline.__enter__
-    monkeypatch.setattr(merge_mod._Pipeline, "__enter__", lambda self: order.append(("threads",)) or enter(self))
-    merge(ties_recipe(family), tmp_path / "out")
-    assert order == [("checks", ("uniform", "select", "l1", "merge")), ("threads",)]
+    monkeypatch.setattr(kernels, "first_use_checks", lambda groups: order.append(("checks", tuple(groups))))
+    merge(ties_recipe(family), tmp_path / "out", on_event=lambda name, task, seconds: order.append((name,)))
+    assert order[0] == ("checks", ("uniform", "select", "l1", "merge"))
+    assert {e for e in order[1:]} == {("read",), ("merge",), ("write",)}
 
 
 def test_output_directory_is_a_complete_hf_model(family, tmp_path):
@@ -402,7 +403,7 @@ def test_nuslerp_with_one_model_besides_the_base_is_refused_at_plan_time(family4
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32, mx.float64])
 def test_all_finite_finds_every_nan_and_inf_pattern(dtype):
-    from mergekit_mlx.merge import all_finite
+    from mergekit_mlx.pipeline import all_finite
 
     bits = {mx.bfloat16: 16, mx.float16: 16, mx.float32: 32, mx.float64: 64}[dtype]
     exp, man = {mx.bfloat16: (8, 7), mx.float16: (5, 10), mx.float32: (8, 23), mx.float64: (11, 52)}[dtype]

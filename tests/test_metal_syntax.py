@@ -11,7 +11,7 @@ verified only on Apple Silicon (the first-use check compares them with the CPU f
 
 The shared bodies (*.inc) are the same text in both backends, so their logic is checked once, by
 running the CUDA build on the CPU: threads of a block are OS threads meeting at a barrier, and the
-dispatch code in mergekit_mlx/kernels.py drives them as it drives a GPU (see the section below).
+dispatch code in mergekit_mlx/kernels/ drives them as it drives a GPU (see the section below).
 
 CI needs clang: `apt-get install clang` (Debian/Ubuntu). Without it these tests skip.
 """
@@ -22,7 +22,7 @@ from importlib.resources import files
 
 import pytest
 
-from mergekit_mlx.kernel_sources import kernel_source, model_macros
+from mergekit_mlx.kernels.sources import kernel_root, kernel_source, model_macros
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
 
@@ -170,10 +170,10 @@ def metal_unit(name, inst):
 
 
 def cuda_unit(name, inst):
-    """The translation unit mergekit_mlx/cuda_jit.py compiles at run time for this instantiation."""
+    """The translation unit mergekit_mlx/kernels/cuda_compile.py compiles at run time for this instantiation."""
     import mlx.core as mx
 
-    from mergekit_mlx.cuda_jit import wrap_source
+    from mergekit_mlx.kernels.cuda_compile import wrap_source
 
     dtypes = {U32: mx.uint32, F32: mx.float32, U8: mx.uint8, "T": mx.bfloat16}
     km, has_base, inputs, outputs, templates, atomic = inst
@@ -202,7 +202,7 @@ CUDA_ONLY = {"device_copy": "stages file bytes in discrete GPU memory; tests/tes
 
 
 def test_every_source_has_a_check_and_both_backends():
-    root = files("mergekit_mlx._kernels")
+    root = kernel_root()
     metal = {p.name[: -len(".metal")] for p in root.iterdir() if p.name.endswith(".metal")}
     cuda = {p.name[: -len(".cu")] for p in root.iterdir() if p.name.endswith(".cu")}
     assert metal == set(KERNELS) and cuda == set(KERNELS) | set(CUDA_ONLY)
@@ -217,7 +217,7 @@ def test_metal_source_syntax(tmp_path, name, i):
 @pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
 @pytest.mark.parametrize("name,i", [(n, i) for n, insts in KERNELS.items() for i in range(len(insts))])
 def test_cuda_source_syntax(tmp_path, name, i):
-    for h in ("cuda_fp16.h", "cuda_bf16.h"):  # the headers cuda_jit's prelude includes
+    for h in ("cuda_fp16.h", "cuda_bf16.h"):  # the headers cuda_compile's prelude includes
         (tmp_path / h).write_text('#include "cuda_shim.h"\n')
     _compile(tmp_path, "cuda_shim.h", CUDA_SHIM, cuda_unit(name, KERNELS[name][i]))
 
@@ -458,7 +458,7 @@ class EmulatedKernel:
 @pytest.fixture
 def emulated_cuda(monkeypatch, tmp_path_factory):
     """The kernels module dispatching to the emulated CUDA kernels; yields a setter for misalignment."""
-    from mergekit_mlx import kernels as K
+    from mergekit_mlx.kernels import gpu
 
     root = tmp_path_factory.getbasetemp() / "emu"
     root.mkdir(exist_ok=True)
@@ -467,13 +467,9 @@ def emulated_cuda(monkeypatch, tmp_path_factory):
     def fake_kernel(name, backend_name, km=0, has_base=False, atomic=False, inputs=(), outputs=("out",)):
         return EmulatedKernel(root, name, km, has_base, inputs, outputs, state["misalign"])
 
-    monkeypatch.setattr(K, "_kernel", fake_kernel)
-    monkeypatch.setattr(K, "_gpu_backend", lambda: "cuda" if state["on"] else None)
-    # the first-use checks have a test of their own: here they count as passed
-    monkeypatch.setattr(K, "_checked", {k: True for k in K._SELF_CHECKS})
-    K._const_u32.cache_clear()
-    yield state
-    K._const_u32.cache_clear()
+    # the first-use checks have a test of their own: here they count as passed (trusted)
+    with gpu.substitute(fake_kernel, lambda: "cuda" if state["on"] else None, trusted=True):
+        yield state
 
 
 needs_clang = pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
@@ -515,17 +511,19 @@ def test_emulated_selection_paths_are_exact(emulated_cuda, override, tg, monkeyp
 
     from mergekit_mlx import kernels as K
 
-    monkeypatch.setattr(K, "_TG", tg)
+    from mergekit_mlx.kernels import gpu, selection_gpu
+
+    monkeypatch.setattr(gpu, "TG", tg)
     base, others = emu_family()
     n = base.size
     ks = [1, n // 3, n - 5]
-    sels, rows = K._gpu_select("cuda", others, base, ks, override)
+    sels, rows = selection_gpu.select("cuda", others, base, ks, override)
     b = np.array(base.astype(mx.float32))
     want = [np_selection(np.array(o.astype(mx.float32)), b, k) for o, k in zip(others, ks)]
     assert [(int(s.t.item()), int(s.cut.item())) for s in sels] == want
     assert np.array(rows).reshape(-1, 2).tolist() == [list(w) for w in want]
     x = others[0].astype(mx.float32) * 3.0  # no base; float32 with ties
-    sels, rows = K._gpu_select("cuda", [x], None, [n // 2], override)
+    sels, rows = selection_gpu.select("cuda", [x], None, [n // 2], override)
     assert (int(sels[0].t.item()), int(sels[0].cut.item())) == np_selection(np.array(x), None, n // 2)
 
 
@@ -541,7 +539,9 @@ def test_emulated_count_totals_add_every_row_and_column(emulated_cuda):
     rng = np.random.default_rng(5)
     rows, w = 37, 600
     tab = (rng.integers(1, 1000, size=(rows, w)) * (rng.random((rows, w)) < 0.7)).astype(np.uint32)
-    got = K._select_totals("cuda", mx.array(tab.reshape(-1)), rows, w)
+    from mergekit_mlx.kernels import selection_gpu
+
+    got = selection_gpu.select_totals("cuda", mx.array(tab.reshape(-1)), rows, w)
     assert np.array(got).tolist() == tab.sum(axis=0).tolist()
 
 
@@ -603,7 +603,7 @@ def test_emulated_first_use_checks_pass(emulated_cuda):
     from mergekit_mlx import kernels as K
 
     for what in ("uniform", "select", "l1", "merge"):
-        assert K._SELF_CHECKS[what]("cuda"), what
+        assert K.GPU_GROUPS[what].check("cuda"), what
 
 
 @needs_clang
@@ -637,21 +637,24 @@ def test_emulated_ties_launched_together_equal_one_at_a_time(emulated_cuda, over
 
     from mergekit_mlx import kernels as K
 
-    monkeypatch.setattr(K, "_SELECT_OVERRIDE", override)
+    from mergekit_mlx.kernels import selection_gpu, task_merge, task_merge_gpu
+    from mergekit_mlx.kernels.task_plan import Keep, TaskMerge
+
     fams = [emu_family(n=n) for n in (9000, 12297)]
     weights, dens = [0.5, 0.3, 0.2], [0.3, 0.5, 0.7]
     started = []
-    for base, others in fams:
-        plans, _ = K._plan_models(base, others, None, dens, False, 0, [0, 1, 2], None)
-        for p in plans:
-            p.mode = K._MAGNITUDE
-        ks = [int(d * base.size) for d in dens]
-        args = ("cuda", base, others, weights, plans, [0, 1, 2], ks, True, True, 1.0, 1.0)
-        started.append((args, *K._gpu_ties_start(*args)))
-    mx.eval([s[1] for s in started], [s[2] for s in started])
-    words = mx.concatenate([s[2] for s in started]).tolist()
-    w = len(words) // len(started)
-    got = [K._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], g) for j, (a, o, _, g) in enumerate(started)]
+    with selection_gpu.force_path(override):
+        for base, others in fams:
+            plans, _ = task_merge.plan_models(base, others, None, dens, False, 0, [0, 1, 2], None)
+            for p in plans:
+                p.mode = Keep.MAGNITUDE
+            ks = [int(d * base.size) for d in dens]
+            args = ("cuda", TaskMerge(base, tuple(others), tuple(weights), True, True, 1.0, 1.0), plans, [0, 1, 2], ks)
+            started.append((args, *task_merge_gpu.ties_start(*args)))
+        mx.eval([s[1] for s in started], [s[2] for s in started])
+        words = mx.concatenate([s[2] for s in started]).tolist()
+        w = len(words) // len(started)
+        got = [task_merge_gpu.ties_finish(*a, o, words[j * w:(j + 1) * w], g) for j, (a, o, _, g) in enumerate(started)]
     emulated_cuda["on"] = False
     for (base, others), out in zip(fams, got):
         want = K.fused_task_merge(base, others, weights, sparsify="magnitude", densities=dens, rescale=False,
@@ -671,18 +674,24 @@ def test_emulated_ties_with_deferred_gate_checks(emulated_cuda, override, monkey
 
     from mergekit_mlx import kernels as K
 
-    monkeypatch.setattr(K, "_SELECT_OVERRIDE", override)
+    from mergekit_mlx.kernels import selection_gpu, task_merge_gpu
+
     base, others = emu_family()
     kw = dict(sparsify="magnitude", densities=[0.3, 1.0, 0.6], rescale=False, consensus="sum", normalize=True,
               lam=1.0)
-    with K.deferred_gate_checks() as gates:
-        out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
-    assert len(gates) == 1
-    mx.eval(out, gates)
-    final = K.gates_final(gates)
-    assert final == (override is None)
-    if not final:
-        out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
+    with selection_gpu.force_path(override):
+        with task_merge_gpu.deferred_gate_checks() as gates:
+            out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
+        assert len(gates) == 1
+        mx.eval(out, gates)
+        final = task_merge_gpu.gates_final(gates)
+        assert final == (override is None)
+        if not final:
+            out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
+        calls = []
+        together = K.evaluate_together([lambda: calls.append(1) or (K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw),)])
+    assert len(calls) == (1 if override is None else 2)  # merged again where the gate was not final
+    np.testing.assert_array_equal(np.array(together[0][0].astype(mx.float32)), np.array(out.astype(mx.float32)))
     emulated_cuda["on"] = False
     want = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
     emulated_cuda["on"] = True
@@ -699,12 +708,14 @@ def test_emulated_ties_when_the_counting_pass_does_not_settle(emulated_cuda, ove
 
     from mergekit_mlx import kernels as K
 
-    monkeypatch.setattr(K, "_SELECT_OVERRIDE", override)
+    from mergekit_mlx.kernels import selection_gpu
+
     base, others = emu_family()
     results = []
     for on in (True, False):
         emulated_cuda["on"] = on
-        out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], sparsify="magnitude", densities=[0.3, 1.0, 0.6],
+        with selection_gpu.force_path(override):
+            out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], sparsify="magnitude", densities=[0.3, 1.0, 0.6],
                                  rescale=False, consensus="sum", normalize=True, lam=1.0)
         results.append(np.array(out.astype(mx.float32)))
     emulated_cuda["on"] = True
@@ -741,34 +752,39 @@ def test_a_passed_first_use_check_is_remembered_on_the_machine(monkeypatch, tmp_
     """CUDA: a kernel group's passed first-use check is kept on disk under a key of everything it
     depends on; a later process with the same key skips it, MERGEKIT_MLX_RECHECK runs it again,
     and a failed check is never remembered."""
-    from mergekit_mlx import cuda_jit
-    from mergekit_mlx import kernels as K
+    import warnings
+
+    from mergekit_mlx.kernels import cuda_compile, gpu
 
     monkeypatch.setenv("MERGEKIT_MLX_CACHE", str(tmp_path))
     monkeypatch.delenv("MERGEKIT_MLX_RECHECK", raising=False)
-    monkeypatch.setattr(cuda_jit, "_verdict_key", lambda: "key1")
+    monkeypatch.setattr(cuda_compile, "_verdict_key", lambda: "key1")
     calls = []
     outcome = {"ok": False}
-    monkeypatch.setitem(K._SELF_CHECKS, "uniform", lambda gpu: calls.append(gpu) or outcome["ok"])
-    monkeypatch.setattr(K, "_warn_once", lambda *a: None)
+    group = gpu.Group("probe", lambda backend: calls.append(backend) or outcome["ok"])
+    warnings.simplefilter("ignore")
 
     def new_process():
-        monkeypatch.setattr(K, "_checked", {})
+        gpu.forget_checks()
 
-    new_process()
-    assert K._gpu_call("cuda", "uniform", lambda: 1) is None and len(calls) == 1  # failed: fallback
-    new_process()
-    outcome["ok"] = True
-    assert K._gpu_call("cuda", "uniform", lambda: 2) == 2 and len(calls) == 2  # the failure was not kept
-    new_process()
-    assert K._gpu_call("cuda", "uniform", lambda: 3) == 3 and len(calls) == 2  # remembered: not run
-    new_process()
-    monkeypatch.setenv("MERGEKIT_MLX_RECHECK", "1")
-    assert K._gpu_call("cuda", "uniform", lambda: 4) == 4 and len(calls) == 3
-    monkeypatch.delenv("MERGEKIT_MLX_RECHECK")
-    new_process()
-    monkeypatch.setattr(cuda_jit, "_verdict_key", lambda: "key2")  # other sources, MLX or device
-    assert K._gpu_call("cuda", "uniform", lambda: 5) == 5 and len(calls) == 4
+    try:
+        new_process()
+        assert group.call("cuda", lambda: 1) is None and len(calls) == 1  # failed: fallback
+        new_process()
+        outcome["ok"] = True
+        assert group.call("cuda", lambda: 2) == 2 and len(calls) == 2  # the failure was not kept
+        new_process()
+        assert group.call("cuda", lambda: 3) == 3 and len(calls) == 2  # remembered: not run
+        new_process()
+        monkeypatch.setenv("MERGEKIT_MLX_RECHECK", "1")
+        assert group.call("cuda", lambda: 4) == 4 and len(calls) == 3
+        monkeypatch.delenv("MERGEKIT_MLX_RECHECK")
+        new_process()
+        monkeypatch.setattr(cuda_compile, "_verdict_key", lambda: "key2")  # other sources, MLX or device
+        assert group.call("cuda", lambda: 5) == 5 and len(calls) == 4
+    finally:
+        gpu.GROUPS.pop("probe")
+        new_process()
 
 
 def test_kernel_parameter_arrays_cached_by_one_thread_work_in_another():
@@ -778,15 +794,15 @@ def test_kernel_parameter_arrays_cached_by_one_thread_work_in_another():
 
     import mlx.core as mx
 
-    from mergekit_mlx import kernels as K
+    from mergekit_mlx.kernels import gpu
 
-    K._ones_f32.cache_clear()
-    K._const_u32.cache_clear()
+    gpu.ones_f32.cache_clear()
+    gpu.const_u32.cache_clear()
     made = []
-    t = threading.Thread(target=lambda: made.extend([K._ones_f32(3), K._const_u32((1, 2, 3))]))
+    t = threading.Thread(target=lambda: made.extend([gpu.ones_f32(3), gpu.const_u32((1, 2, 3))]))
     t.start()
     t.join()
-    assert K._ones_f32(3) is made[0] and K._const_u32((1, 2, 3)) is made[1]
+    assert gpu.ones_f32(3) is made[0] and gpu.const_u32((1, 2, 3)) is made[1]
     assert (made[0] + 1).tolist() == [2.0, 2.0, 2.0] and (made[1] + 1).tolist() == [2, 3, 4]
 
 
@@ -795,7 +811,7 @@ def test_cuda_kernels_fall_back_to_mlx_jit_when_nvrtc_cannot_compile(monkeypatch
     MLX's own JIT with the same arguments, and the compile is not retried on every call."""
     import mlx.core as mx
 
-    from mergekit_mlx import cuda_jit
+    from mergekit_mlx.kernels import cuda_compile as cuda_jit
 
     def no_compiler():
         raise cuda_jit.CompileError("NVRTC or the CUDA headers were not found")
@@ -816,7 +832,7 @@ def test_cuda_kernels_fall_back_to_mlx_jit_when_nvrtc_cannot_compile(monkeypatch
 def test_cuda_translation_unit_has_the_custom_kernel_signature():
     import mlx.core as mx
 
-    from mergekit_mlx.cuda_jit import wrap_source
+    from mergekit_mlx.kernels.cuda_compile import wrap_source
 
     src = wrap_source("mk_k", "// header\n", "out[0] = x[0];", [("x", mx.bfloat16), ("up", mx.uint32)],
                       [("out", mx.float32)], [("KM", 3), ("ON", True), ("T", mx.bfloat16)])

@@ -89,7 +89,7 @@ def gta_ref(arrays, weights, masks, consensus, normalize, lam=1.0, rescale=False
 
 
 def random_mask(model_index, p, seed=0):
-    return np.array(kernels.keep_mask(seed, kernels.stream_id(NAME, model_index), SHAPE, p))
+    return np.array(kernels.random_mask(seed, kernels.stream_id(NAME, model_index), SHAPE, p))
 
 
 # ---------------- linear / passthrough / slerp ----------------
@@ -172,7 +172,7 @@ def test_slerp_sums_are_the_norms_and_dot_of_the_uncompiled_graph(dtype):
 
 
 # slerp's CPU path: the norms and the dot product from one numpy pass over chunks
-# (mergekit_mlx.cpu_slerp, CHUNK = 2**17 elements), the combination a compiled MLX graph
+# (mergekit_mlx.kernels.slerp, CHUNK = 2**17 elements), the combination a compiled MLX graph
 
 BF16_STEP = 2.0 ** -8  # a bf16 rounding moves a value by at most this much of itself
 
@@ -266,11 +266,11 @@ def test_slerp_cpu_path_tiny_norm_counts_as_one(scale):
 def test_slerp_cpu_path_and_mlx_graph_agree_within_one_bf16_step():
     """The graph's sequential float32 sums are accurate enough on 2**16 elements: the two
     paths' coefficients agree far below a bf16 step, so the outputs differ by at most one."""
-    from mergekit_mlx import cpu_slerp
+    from mergekit_mlx import kernels
     from mergekit_mlx.methods.slerp import slerp_graph, slerp_tensors
 
     v0, v1, (a, b) = slerp_pair((64, 1024), mx.bfloat16, seed=17)
-    assert cpu_slerp.applies(v0, v1)
+    assert kernels.slerp_sums_apply(v0, v1)
     cpu = np.array(slerp_tensors(0.6, v0, v1).astype(mx.float32)).astype(np.float64)
     graph = np.array(slerp_graph(0.6, v0, v1).astype(mx.float32)).astype(np.float64)
     # a bf16 ulp is at most 2**-7 of the value; where ca * v0 + cb * v1 nearly cancels, the
@@ -284,24 +284,25 @@ def test_slerp_cpu_path_and_mlx_graph_agree_within_one_bf16_step():
 def test_slerp_sums_are_float64_accurate():
     """v0.v0, v1.v1, v0.v1 over 2.3 chunks (bf16 pairs, a float32 input, an odd tail) to a few
     parts in a million (float32 dot products of 2**17 elements, added in float64)."""
-    from mergekit_mlx import cpu_slerp
+    from mergekit_mlx import kernels
 
     for dtypes, n in [((mx.bfloat16, mx.bfloat16), 300001), ((mx.bfloat16, mx.float32), 300000),
                       ((mx.float32, mx.float32), 300001)]:
         v0, _, (a, _) = slerp_pair((n,), dtypes[0], seed=18)
         _, v1, (_, b) = slerp_pair((n,), dtypes[1], seed=19)
-        np.testing.assert_allclose(cpu_slerp.sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
+        np.testing.assert_allclose(kernels.slerp_sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
 
 
 @pytest.mark.usefixtures("on_cpu")
 def test_slerp_sums_of_embedding_sized_tensors_split_between_threads(monkeypatch):
     """Tensors of SPLIT elements or more are summed in two halves on two threads: same sums."""
-    from mergekit_mlx import cpu_kernels, cpu_slerp
+    from mergekit_mlx import kernels
+    from mergekit_mlx.kernels import host
 
-    monkeypatch.setattr(cpu_kernels, "SPLIT", 1 << 18)
+    monkeypatch.setattr(host, "SPLIT", 1 << 18)
     v0, v1, (a, b) = slerp_pair((5, 100001), mx.bfloat16, seed=20)
     a, b = a.ravel(), b.ravel()
-    np.testing.assert_allclose(cpu_slerp.sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
+    np.testing.assert_allclose(kernels.slerp_sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
 
 
 def test_slerp_nan_input_spreads_nan_like_mergekit():
@@ -425,7 +426,7 @@ def test_della_keep_probability_rises_with_magnitude_rank():
     d = a[1].astype(np.float64) - a[0]
     ranks = np.argsort(np.argsort(np.abs(d), axis=1, kind="stable"), axis=1, kind="stable")
     probs = (density - eps) + ranks / (d.shape[1] - 1) * 2 * eps
-    mask = np.array(kernels.keep_mask(3, kernels.stream_id(NAME, 1), SHAPE, mx.array(probs.astype(np.float32))))
+    mask = np.array(kernels.random_mask(3, kernels.stream_id(NAME, 1), SHAPE, mx.array(probs.astype(np.float32))))
     np.testing.assert_allclose(got, gta_ref(a, [1.0], [mask], False, False, rescale=True), rtol=1e-4, atol=1e-5)
 
 

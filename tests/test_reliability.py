@@ -557,7 +557,7 @@ def test_nonfinite_input_is_reported_even_when_the_method_drops_it(family, tmp_p
 
 
 def test_a_merge_producing_nan_from_finite_inputs_is_stopped_even_with_allow_nonfinite(family, tmp_path, capsys, monkeypatch):
-    executor = importlib.import_module("mergekit_mlx.merge")  # the module; the package exports the function
+    executor = importlib.import_module("mergekit_mlx.pipeline")
     real = executor.merge_task
 
     def faulty(plan, task, opts, vocab=None, tensors=None):  # a method bug: NaN out of finite inputs

@@ -136,7 +136,7 @@ class Method:
     # check(shared, per_input, base) -> (input position or None for shared, message) when the resolved
     # parameters of one tensor cannot work together; the planner calls it before any tensor is read
     check: Optional[Callable[[dict[str, Any], list[dict[str, Any]], Optional[int]], Optional[tuple[Optional[int], str]]]] = None
-    # GPU kernel groups (kernels._SELF_CHECKS) the merge may call: their first-use checks run before
+    # GPU kernel groups (kernels.GPU_GROUPS) the merge may call: their first-use checks run before
     # the merge threads start (a check computes its CPU reference under mx.stream(mx.cpu), which
     # switches MLX's process-wide default device)
     gpu_kernels: tuple[str, ...] = ()

@@ -6,7 +6,7 @@ import math
 
 import mlx.core as mx
 
-from .. import cpu_slerp
+from .. import kernels
 from .base import FRACTION, MergeInputs, Method, Param, float32
 
 DOT_THRESHOLD = 0.9995  # above this |cos| the two are treated as colinear: plain lerp
@@ -16,11 +16,11 @@ EPS = 1e-8
 def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     """slerp over the whole tensor as one vector; lerp when nearly colinear (as mergekit).
 
-    On the CPU the norms and the dot product come from one numpy pass (cpu_slerp.sums) and only
+    On the CPU the norms and the dot product come from one numpy pass (kernels.slerp_sums) and only
     the combination is an MLX graph; elsewhere, and where those sums are not finite (NaN/Inf
     inputs, overflowing squares), the whole of it is (slerp_graph)."""
-    if cpu_slerp.applies(v0, v1):
-        sums = cpu_slerp.sums(v0, v1)
+    if kernels.slerp_sums_apply(v0, v1):
+        sums = kernels.slerp_sums(v0, v1)
         if all(math.isfinite(s) for s in sums):
             ca, cb = slerp_coefficients(t, *sums)
             return _combine(mx.array(ca, dtype=mx.float32), mx.array(cb, dtype=mx.float32), v0, v1)

@@ -93,7 +93,7 @@ def sparsify(delta: mx.array, how: str, p: dict, rescale: bool, seed: int, strea
             raise RecipeError(
                 f"parameters.epsilon: density +/- epsilon must lie in (0, 1); got density {density:g}, epsilon {eps:g}"
             )
-        mask = kernels.keep_mask(seed, stream, delta.shape, della_probabilities(delta, density, eps))
+        mask = kernels.random_mask(seed, stream, delta.shape, della_probabilities(delta, density, eps))
     else:
         raise ValueError(how)
     kept = mx.where(mask, delta, 0.0)

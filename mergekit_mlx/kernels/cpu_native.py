@@ -7,7 +7,7 @@ like the CUDA binaries, and called through ctypes, which lets go of the GIL: the
 then use every core, where numpy's many short calls keep them waiting on each other. MLX's CPU backend already builds its
 compiled graphs with the same compiler at run time.
 
-Everything here gives bit for bit what the numpy passes of `cpu_kernels` give (the tests hold it
+Everything here gives bit for bit what the numpy passes of `selection_cpu` and `task_merge_cpu` give (the tests hold it
 to that, and each variant checks itself against them on first use). Without a compiler, when a
 build or that check fails, or with MERGEKIT_MLX_NO_NATIVE=1, the numpy passes run instead.
 """
@@ -22,19 +22,19 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import warn_once
-from .kernel_sources import cache_root, expand, model_macros
+from ..errors import warn_once
+from .checks import FirstUse
+from .sources import cache_root, expand, model_macros
 
 _ENV_OFF = "MERGEKIT_MLX_NO_NATIVE"
 # IEEE float32 as written: no contraction into fused multiply-adds, no fast-math
-_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno",
-          "-Wno-unknown-pragmas"]
+_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _P = ctypes.c_void_p
 _U64 = ctypes.c_uint64
 _SIGNATURES = {
@@ -53,8 +53,8 @@ def cache_dir() -> Path:
     return cache_root() / "cpu"
 
 
-@lru_cache(maxsize=None)
-def compiler() -> Optional[tuple[str, str]]:
+@cache
+def compiler() -> tuple[str, str] | None:
     """(the C++ compiler, its version line): $CXX, else c++, g++ or clang++ on the PATH; None if none runs."""
     for name in [os.environ.get("CXX")] + ["c++", "g++", "clang++"]:
         path = shutil.which(name) if name else None
@@ -69,7 +69,7 @@ def compiler() -> Optional[tuple[str, str]]:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _machine() -> str:
     """What -march/-mcpu=native depends on: the architecture and, on Linux, the CPU's feature flags."""
     sig = platform.machine()
@@ -93,7 +93,7 @@ def _source(name: str, defines: Sequence[tuple[str, str]], km: int) -> str:
     return "\n".join(lines) + "\n" + model_macros(km, True) + expand(f"{name}.cpp") + "\n"
 
 
-def _build(source: str, path: Path) -> Optional[str]:
+def _build(source: str, path: Path) -> str | None:
     """Compile `source` into the shared library `path` (written under a temporary name, then
     renamed into place); the compiler's message when it fails."""
     cxx, _ = compiler()
@@ -116,7 +116,7 @@ def library(name: str, defines: tuple[tuple[str, str], ...], km: int):
     return _library(name, defines, km) if enabled() else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _library(name: str, defines: tuple[tuple[str, str], ...], km: int):
     if compiler() is None:
         return None
@@ -156,3 +156,29 @@ def pointers(arrays: Sequence[np.ndarray]):
 def type_name(dtype: np.dtype) -> str:
     """The C type of a host view: uint16_t for bfloat16's bits, float for float32."""
     return {np.dtype(np.uint16): "uint16_t", np.dtype(np.float32): "float"}[np.dtype(dtype)]
+
+
+_verdicts: FirstUse[tuple] = FirstUse(lambda key: f"the native CPU '{key[0]}'", "numpy", warn_key=lambda key: key[0])
+
+
+def checked(name: str, defines: tuple[tuple[str, str], ...], km: int, check):
+    """The function of kernels/<name>.cpp for these defines, once `check(fn, defines, km)` has
+    found it gives bit for bit what numpy gives on a small input in this process; None otherwise
+    (numpy's passes run)."""
+    fn = library(name, defines, km)
+    if fn is None:
+        return None
+    with _verdicts.lock:
+        ok = _verdicts.passed((name, defines), lambda: check(fn, dict(defines), km))
+    return fn if ok else None
+
+
+def forget_checks() -> None:
+    """Tests: no variant checked yet, as in a new process."""
+    _verdicts.forget()
+
+
+def forget_builds() -> None:
+    """Tests: as in a new process, the compiler looked for and every library loaded again."""
+    _library.cache_clear()
+    compiler.cache_clear()

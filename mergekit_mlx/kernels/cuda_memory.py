@@ -1,19 +1,20 @@
 """Moving host-loaded inputs to an NVIDIA GPU ahead of the merge that reads them.
 
 On CUDA, MLX keeps arrays read on the CPU stream in unified (managed) memory; the first GPU
-kernel that reads one migrates its pages on demand, fault by fault (8.6 GB/s on an H200 host,
-as slow as reading the files). `prefetch` asks the driver to migrate the pages in bulk as soon
+kernel that reads one migrates its pages on demand, fault by fault (as slow as reading the
+files: benchmarks/RESULTS.md, section 8). `prefetch` asks the driver to migrate the pages in bulk as soon
 as a reader has loaded them, on a stream of the reader's own, so the copy overlaps the reading of
 the next tensors and the merge finds its inputs on the device. Only the CUDA driver library is
 used (through ctypes); where it is missing or refuses, nothing happens and the merge migrates on
 demand as before.
 """
+
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -80,8 +81,10 @@ class _Driver:
 
     def copy_in(self, dst: int, src: int, size: int) -> None:
         """Queue a copy of host bytes (pinned) to device memory on this thread's stream."""
-        self.check(self.lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dst), ctypes.c_void_p(src), ctypes.c_size_t(size),
-                                                 self.stream()), "cuMemcpyHtoDAsync")
+        self.check(
+            self.lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dst), ctypes.c_void_p(src), ctypes.c_size_t(size), self.stream()),
+            "cuMemcpyHtoDAsync",
+        )
 
     def sync(self) -> None:
         """Wait for everything queued on this thread's stream."""
@@ -114,31 +117,37 @@ class _Driver:
         """Let the device's default pool keep up to `size` freed bytes (by default it hands all of
         them back to the driver at every synchronisation, and the next allocation maps them again)."""
         value = ctypes.c_uint64(size)
-        self.check(self.lib.cuMemPoolSetAttribute(self._default_pool(), ctypes.c_int(4),  # RELEASE_THRESHOLD
-                                                  ctypes.byref(value)), "cuMemPoolSetAttribute")
+        self.check(
+            self.lib.cuMemPoolSetAttribute(
+                self._default_pool(),
+                ctypes.c_int(4),  # RELEASE_THRESHOLD
+                ctypes.byref(value),
+            ),
+            "cuMemPoolSetAttribute",
+        )
 
     def prefetch(self, ptr: int, size: int, host: bool = False) -> int:
         """Start migrating managed memory to the device (or to host memory)."""
         s = self.stream()
         if self.v2:
             loc = _Location(_CU_MEM_LOCATION_TYPE_HOST, 0) if host else _Location(_CU_MEM_LOCATION_TYPE_DEVICE, self.device)
-            return self.lib.cuMemPrefetchAsync_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(size), loc,
-                                                  ctypes.c_uint(0), s)
-        return self.lib.cuMemPrefetchAsync(ctypes.c_uint64(ptr), ctypes.c_size_t(size),
-                                           _CU_DEVICE_CPU if host else self.device, s)
+            return self.lib.cuMemPrefetchAsync_v2(ctypes.c_uint64(ptr), ctypes.c_size_t(size), loc, ctypes.c_uint(0), s)
+        return self.lib.cuMemPrefetchAsync(
+            ctypes.c_uint64(ptr), ctypes.c_size_t(size), _CU_DEVICE_CPU if host else self.device, s
+        )
 
 
-_driver: Optional[_Driver] = None
+_driver: _Driver | None = None
 _failed = False
 _lock = threading.Lock()
 
 
-def driver() -> Optional[_Driver]:
+def driver() -> _Driver | None:
     """The CUDA driver, or None where there is none (no NVIDIA GPU, no libcuda)."""
     return _get()
 
 
-def _get() -> Optional[_Driver]:
+def _get() -> _Driver | None:
     global _driver, _failed
     with _lock:
         if _driver is None and not _failed:
@@ -152,15 +161,20 @@ def _get() -> Optional[_Driver]:
 def enabled() -> bool:
     """True on an NVIDIA GPU whose driver takes prefetches (MLX's CUDA backend as default device),
     unless MERGEKIT_MLX_NO_PREFETCH is set."""
-    return (not os.environ.get("MERGEKIT_MLX_NO_PREFETCH") and mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
-            and _get() is not None)
+    return (
+        not os.environ.get("MERGEKIT_MLX_NO_PREFETCH")
+        and mx.default_device() == mx.gpu
+        and hasattr(mx, "cuda")
+        and mx.cuda.is_available()
+        and _get() is not None
+    )
 
 
-def to_host(arrays: Iterable[mx.array]) -> Optional[int]:
+def to_host(arrays: Iterable[mx.array]) -> int | None:
     """Start moving evaluated arrays' pages to host memory, in bulk; returns an event to pass to
     `wait` before the host reads them (None: nothing to wait for). A file write that reads pages
-    still on the GPU migrates them fault by fault: an H200 host wrote merged outputs at 1.9 GB/s
-    so, and its page cache takes 5 GB/s from host memory. No-op where unsupported."""
+    still on the GPU migrates them fault by fault, far slower than the page cache takes bytes
+    from host memory (benchmarks/RESULTS.md, section 8). No-op where unsupported."""
     global _failed
     if not _prefetch_all(arrays, host=True):
         return None
@@ -171,7 +185,7 @@ def to_host(arrays: Iterable[mx.array]) -> Optional[int]:
         return None
 
 
-def wait(event: Optional[int]) -> None:
+def wait(event: int | None) -> None:
     """Wait for an event from `to_host` (from any thread), then free it."""
     if event is not None:
         drv = _get()

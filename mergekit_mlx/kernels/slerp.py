@@ -1,11 +1,11 @@
 """slerp's norms and dot product on the CPU: one numpy pass instead of MLX's sequential sums.
 
-MLX's float32 sum of a long vector is a chain of dependent adds (about 0.8 ns an element here,
-and its rounding error grows with the length: 2% on an 11.5-million-element tensor); slerp
+MLX's float32 sum of a long vector is a chain of dependent adds (slow, and its rounding error
+grows with the length: benchmarks/RESULTS.md, section 8, has the figures); slerp
 needs three of them. This pass widens both tensors chunk by chunk and takes |v0|^2, |v1|^2 and
-v0.v1 as BLAS dot products of float32 chunks, added up in float64: 0.6 ns an element for all
-three, accurate to a few parts in a million. The combination ca * v0 + cb * v1 stays MLX's
-compiled graph (0.5 ns an element, where numpy's passes took 1.4).
+v0.v1 as BLAS dot products of float32 chunks, added up in float64: faster for all three than
+one of MLX's sums, accurate to a few parts in a million. The combination ca * v0 + cb * v1 stays
+MLX's compiled graph (faster there than numpy's passes).
 
 Inputs are flat numpy views of evaluated MLX arrays (zero-copy), bfloat16 as its uint16 bits,
 widened as MLX converts it (the bits shifted 16 places up).
@@ -18,16 +18,16 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .cpu_kernels import CHUNK, _in_halves, _quiet, _scratch, _Scratch, _widen, host, supported
+from .host import CHUNK, Scratch, host, in_halves, quiet, scratch, supported, widen
 
 
-def applies(v0: mx.array, v1: mx.array) -> bool:
+def host_sums_apply(v0: mx.array, v1: mx.array) -> bool:
     """The numpy pass applies: the CPU is MLX's default device (on a GPU the MLX graph runs there),
     the tensors have one shape and numpy reads their dtypes (bfloat16, float32)."""
     return mx.default_device() == mx.cpu and v0.shape == v1.shape and supported(v0, v1)
 
 
-def _chunk(a: np.ndarray, b: np.ndarray, s: int, e: int, sc: _Scratch) -> tuple[np.ndarray, np.ndarray]:
+def _chunk(a: np.ndarray, b: np.ndarray, s: int, e: int, sc: Scratch) -> tuple[np.ndarray, np.ndarray]:
     """float32 values of elements [s, e) of both inputs, both in one order: for two bf16 inputs
     and an even count, the even positions' values then the odd ones' (a shift and a mask of each
     32-bit word of two bf16: faster than numpy's uint16 -> uint32 cast), else position order."""
@@ -45,21 +45,21 @@ def _split(src: np.ndarray, s: int, e: int, buf: np.ndarray) -> np.ndarray:
     return buf.view(np.float32)
 
 
-def _f32(src: np.ndarray, s: int, e: int, sc: _Scratch, name: str) -> np.ndarray:
+def _f32(src: np.ndarray, s: int, e: int, sc: Scratch, name: str) -> np.ndarray:
     """Elements [s, e) of a host view as float32: float32 inputs as they are, bf16 widened."""
     if src.dtype == np.float32:
         return src[s:e]
-    return _widen(src[s:e], sc(name, np.uint32, e - s))
+    return widen(src[s:e], sc(name, np.uint32, e - s))
 
 
-@_quiet
-def sums(v0: mx.array, v1: mx.array) -> tuple[float, float, float]:
+@quiet
+def host_sums(v0: mx.array, v1: mx.array) -> tuple[float, float, float]:
     """(v0.v0, v1.v1, v0.v1) over the whole tensors as float32 values: per-chunk float32 dot
     products, accumulated in float64. Non-finite when an input holds NaN/Inf or a square overflows."""
     a, b = host(v0), host(v1)
 
     def part(lo: int, hi: int) -> tuple[float, float, float]:
-        sc = _scratch()
+        sc = scratch()
         s00 = s11 = s01 = 0.0
         for s in range(lo, hi, CHUNK):
             x, y = _chunk(a, b, s, min(hi, s + CHUNK), sc)  # one order for both: the sums do not change
@@ -68,5 +68,5 @@ def sums(v0: mx.array, v1: mx.array) -> tuple[float, float, float]:
             s01 += float(np.dot(x, y))
         return s00, s11, s01
 
-    parts = _in_halves(a.size, part)
+    parts = in_halves(a.size, part)
     return tuple(math.fsum(p[i] for p in parts) for i in range(3))

@@ -1,10 +1,10 @@
 """Reading safetensors straight into an NVIDIA GPU's memory, past MLX's loader.
 
 MLX's CUDA backend keeps arrays in unified (managed) memory, and its load on the CPU stream fills
-that memory page fault by page fault: 6.4-7.1 GB/s from the page cache on an H200 host with 12
-threads, whatever was tried around it. Here a reader thread reads a tensor's bytes with pread into
+that memory page fault by page fault, slowly whatever was tried around it. Here a reader thread reads a tensor's bytes with pread into
 a small page-locked buffer of its own and the copy engine moves each piece into device memory from
-the driver's pool, overlapping the next pread: the same 5.05 GB went in at 34 GB/s. The merge
+the driver's pool, overlapping the next pread: several times faster (benchmarks/RESULTS.md,
+section 8, has the figures). The merge
 thread then makes an MLX array of the bytes with a device-to-device copy kernel, lazily, inside
 the merge's own evaluation (readers never touch MLX, so only one thread drives the GPU), and hands
 the device memory back once that evaluation is done.
@@ -13,6 +13,7 @@ CUDA only: on Apple silicon MLX's load already writes memory the GPU reads, and 
 no device memory. Anything unusual (a dtype MLX only loads on the CPU, a missing driver entry
 point, a failed self-test) keeps MLX's own load for that tensor or for the whole run.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,25 +21,35 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
-from . import cuda_jit, cuda_mem
-from .errors import ModelError, warn_once
-from .kernel_sources import kernel_source
-from .models import SAFETENSORS_DTYPES
+from ..errors import ModelError
+from . import cuda_compile, cuda_memory
+from .checks import FirstUse
+from .sources import kernel_source
 
 CHUNK = 4 << 20  # bytes per pread and per copy; each reader has two page-locked buffers of it
 ENV_OFF = "MERGEKIT_MLX_NO_DIRECT_READS"
 
-# dtypes the GPU holds as MLX would load them (float64 lives on the CPU only)
-_ON_DEVICE = {mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32, mx.int16, mx.uint16, mx.int8,
-              mx.uint8, mx.bool_}
+# the safetensors dtype codes the GPU holds as MLX would load them (float64 lives on the CPU only);
+# kernels/ reads no format module, so the codes are named here (they are the format's, see dtypes.py)
+_ON_DEVICE = {
+    "F32": mx.float32,
+    "F16": mx.float16,
+    "BF16": mx.bfloat16,
+    "I32": mx.int32,
+    "U32": mx.uint32,
+    "I16": mx.int16,
+    "U16": mx.uint16,
+    "I8": mx.int8,
+    "U8": mx.uint8,
+    "BOOL": mx.bool_,
+}
 
 # CUDA-only kernel (kernels/device_copy.cu): the staged bytes into an MLX array
-_COPY = cuda_jit.CachedKernel("mk_device_copy", ["src"], ["out"], *kernel_source("device_copy", "cuda"))
+_COPY = cuda_compile.CachedKernel("mk_device_copy", ["src"], ["out"], *kernel_source("device_copy", "cuda"))
 _TG = 256
 _MAX_THREADS = 1 << 20
 
@@ -59,8 +70,9 @@ class Staged:
             return mx.zeros(self.shape, self.dtype)
         threads = max(_TG, min(_MAX_THREADS, -(-(self.nbytes >> 4) // (4 * _TG)) * _TG))
         src = mx.array(np.array([self.ptr, self.nbytes], dtype=np.uint64))
-        out = _COPY(inputs=[src], output_shapes=[(self.nbytes,)], output_dtypes=[mx.uint8],
-                    grid=(threads, 1, 1), threadgroup=(_TG, 1, 1))[0]
+        out = _COPY(
+            inputs=[src], output_shapes=[(self.nbytes,)], output_dtypes=[mx.uint8], grid=(threads, 1, 1), threadgroup=(_TG, 1, 1)
+        )[0]
         return mx.view(out, self.dtype).reshape(self.shape)
 
 
@@ -78,16 +90,16 @@ class Reader:
             bufs = _THREAD_BUFFERS.bufs = (self.drv.pinned(CHUNK), self.drv.pinned(CHUNK))
         return bufs
 
-    def stage(self, model, name: str) -> Optional[Staged]:
+    def stage(self, model, name: str) -> Staged | None:
         """The tensor in device memory, or None when MLX's own load should read it."""
         span = getattr(model, "file_span", None)
         info = model.info(name)
         if span is None or info.offset is None:
             return None
-        path, offset, nbytes = span(name)
-        dtype = SAFETENSORS_DTYPES[info.dtype][1]
-        if dtype not in _ON_DEVICE:
+        dtype = _ON_DEVICE.get(info.dtype)
+        if dtype is None:
             return None
+        path, offset, nbytes = span(name)
         if nbytes == 0:
             return Staged(0, 0, info.shape, dtype)
         drv = self.drv
@@ -145,43 +157,34 @@ class Reader:
 
 
 _THREAD_BUFFERS = threading.local()
-_checked: Optional[bool] = None
-_check_lock = threading.Lock()
+_verdict: FirstUse[str] = FirstUse(lambda what: "reading straight into GPU memory", "MLX's load")
 
 
-def reader(keep_bytes: int) -> Optional[Reader]:
+def reader(keep_bytes: int) -> Reader | None:
     """A Reader when the default device is an NVIDIA GPU whose driver and the copy kernel work here
     (checked once per machine and build, as the kernels are: bytes through every step and back),
     else None."""
-    global _checked
-    if os.environ.get(ENV_OFF) or not cuda_mem.enabled():
+    if os.environ.get(ENV_OFF) or not cuda_memory.enabled():
         return None
-    drv = cuda_mem.driver()
-    with _check_lock:
-        if _checked is None:  # a pass is remembered on the machine, as the kernels' checks are
-            _checked = cuda_jit.verified("direct-reads") or _self_test(drv)
-            if _checked:
-                cuda_jit.mark_verified("direct-reads")
-    return Reader(drv, keep_bytes) if _checked else None
+    drv = cuda_memory.driver()
+    with _verdict.lock:  # a pass is remembered on the machine, as the kernels' checks are
+        ok = _verdict.passed("direct-reads", lambda: _self_test(drv), cuda_compile.VERDICTS, "direct-reads")
+    return Reader(drv, keep_bytes) if ok else None
 
 
 def _self_test(drv) -> bool:
     import tempfile
 
-    try:
-        data = np.arange(3 * CHUNK // 2 + 13, dtype=np.uint64).astype(np.uint8)
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "probe.bin"
-            path.write_bytes(b"\0" * 7 + data.tobytes())
-            r = Reader(drv, 0)
-            staged = Staged(drv.alloc(data.nbytes), data.nbytes, (data.nbytes,), mx.uint8)
-            try:  # the device memory goes back also when a step fails
-                r._fill(path, 7, data.nbytes, staged.ptr, r._buffers())
-                got = staged.array()
-                mx.eval(got)
-                return bool(np.array_equal(np.array(got), data))
-            finally:
-                r.release([staged])
-    except (OSError, RuntimeError, ValueError, cuda_jit.CompileError) as e:
-        warn_once("direct-reads", f"mergekit-mlx: reading straight into GPU memory is off ({type(e).__name__}: {e})")
-        return False
+    data = np.arange(3 * CHUNK // 2 + 13, dtype=np.uint64).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "probe.bin"
+        path.write_bytes(b"\0" * 7 + data.tobytes())
+        r = Reader(drv, 0)
+        staged = Staged(drv.alloc(data.nbytes), data.nbytes, (data.nbytes,), mx.uint8)
+        try:  # the device memory goes back also when a step fails
+            r._fill(path, 7, data.nbytes, staged.ptr, r._buffers())
+            got = staged.array()
+            mx.eval(got)
+            return bool(np.array_equal(np.array(got), data))
+        finally:
+            r.release([staged])

@@ -1,6 +1,10 @@
-"""The kernel sources in `kernels/`: one file per kernel and backend (`.metal`, `.cu`, `.cpp`),
-with `// @splice FILE` lines replaced by FILE's text (the shared bodies and preludes); and where
-their compiled forms are cached."""
+"""The kernel sources: one file per kernel and backend (`.metal`, `.cu`, `.cpp`), with
+`// @splice FILE` lines replaced by FILE's text (the shared bodies and preludes); and where their
+compiled forms are cached.
+
+The sources live in the repository's top-level `kernels/` folder (not a Python package: an
+importable `kernels` there would shadow the PyPI package of that name, which transformers imports)
+and ship in the wheel as data of this package, in `mergekit_mlx/kernels/_sources/`."""
 
 from __future__ import annotations
 
@@ -18,14 +22,11 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def kernel_root():
-    """The kernel sources: the installed package data, or kernels/ beside a source checkout."""
-    from importlib.resources import files
-
-    try:
-        return files("mergekit_mlx._kernels")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "kernels"
+def kernel_root() -> Path:
+    """The folder of the kernel sources: the wheel's package data, or kernels/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "_sources"
+    return shipped if shipped.is_dir() else here.parent.parent / "kernels"
 
 
 def expand(fname: str) -> str:
@@ -33,7 +34,7 @@ def expand(fname: str) -> str:
     out = []
     for line in kernel_root().joinpath(fname).read_text().splitlines():
         if line.strip().startswith("// @splice "):
-            out.append(expand(line.strip()[len("// @splice "):].strip()))
+            out.append(expand(line.strip()[len("// @splice ") :].strip()))
         else:
             out.append(line)
     return "\n".join(out)
@@ -61,8 +62,8 @@ def model_macros(km: int, has_base: bool) -> str:
         f"#define BASEF(i) {'LOADF(base, i)' if has_base else '0.0f'}",
         f"#define XF(m, i) {chain}",
         f"#define XLOAD8(m, i, o) {{ {load8} }}",
-        "#define BLOAD8(i, o) " + ("{ MK_LOAD8(base, i, o); }" if has_base
-                                   else "{ for (int mk_b = 0; mk_b < 8; ++mk_b) { (o)[mk_b] = 0.0f; } }"),
+        "#define BLOAD8(i, o) "
+        + ("{ MK_LOAD8(base, i, o); }" if has_base else "{ for (int mk_b = 0; mk_b < 8; ++mk_b) { (o)[mk_b] = 0.0f; } }"),
         "#define INPUTS_ALIGNED (" + " && ".join(f"MK_ALIGNED16({a})" for a in names) + ")",
     ]
     return "\n".join(lines) + "\n"

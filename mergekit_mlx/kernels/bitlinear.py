@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from . import kernels as _k
+from . import gpu
 
 _KERNEL_MAX_ROWS = 16  # larger batches (prompt processing) unpack once and use a dense matmul
 
@@ -53,26 +53,29 @@ def unpack_ternary(packed: mx.array, out_features: int) -> mx.array:
     return codes.astype(mx.int8) - 1
 
 
-def dequantize(packed: mx.array, weight_scale: mx.array, out_features: int, invert_weight_scales: bool = True,
-               dtype: mx.Dtype = mx.float32) -> mx.array:
+def dequantize(
+    packed: mx.array, weight_scale: mx.array, out_features: int, invert_weight_scales: bool = True, dtype: mx.Dtype = mx.float32
+) -> mx.array:
     """The float weight the packed one stands for: ternary / scale (or * scale)."""
     w = unpack_ternary(packed, out_features).astype(mx.float32)
     s = weight_scale.astype(mx.float32).reshape(())
     return (w / s if invert_weight_scales else w * s).astype(dtype)
 
 
-def bitnet_matmul(x: mx.array, packed: mx.array, weight_scale: mx.array, out_features: int,
-                  invert_weight_scales: bool = True) -> mx.array:
+def bitnet_matmul(
+    x: mx.array, packed: mx.array, weight_scale: mx.array, out_features: int, invert_weight_scales: bool = True
+) -> mx.array:
     """x @ W^T scaled, with W the packed ternary weight; x of shape (..., in); result in x's dtype."""
     in_f = packed.shape[1]
     lead = x.shape[:-1]
     rows = 1
     for s in lead:
         rows *= s
-    gpu = _k._gpu_backend()
-    if gpu is not None and rows <= _KERNEL_MAX_ROWS:
-        y = _k._gpu_call(gpu, "bitnet", lambda: _gpu_bitnet(gpu, x.reshape(rows, in_f), packed, weight_scale,
-                                                             out_features, invert_weight_scales))
+    backend = gpu.backend()
+    if backend is not None and rows <= _KERNEL_MAX_ROWS:
+        y = GPU.call(
+            backend, lambda: _gpu_bitnet(backend, x.reshape(rows, in_f), packed, weight_scale, out_features, invert_weight_scales)
+        )
         if y is not None:
             return y.reshape(*lead, out_features)
     return _matmul_fallback(x, packed, weight_scale, out_features, invert_weight_scales)
@@ -85,35 +88,36 @@ def _matmul_fallback(x, packed, weight_scale, out_features, invert):
     return (y / s if invert else y * s).astype(x.dtype)
 
 
-def _gpu_bitnet(gpu, x2, packed, weight_scale, out_features, invert):
+def _gpu_bitnet(backend, x2, packed, weight_scale, out_features, invert):
     rows, in_f = x2.shape
     r = packed.shape[0]
-    kern = _k._kernel("bitnet_matmul", gpu, inputs=("x", "w", "scale"))
+    kern = gpu.kernel("bitnet_matmul", backend, inputs=("x", "w", "scale"))
     scale = weight_scale.astype(x2.dtype).reshape(1)
     return kern(
         inputs=[x2, packed, scale],
-        template=[("T", x2.dtype), ("IN", in_f), ("OUT", out_features), ("R", r), ("ROWS", rows),
-                  ("INVERT", bool(invert))],
-        grid=(32 * rows * r, 1, 1), threadgroup=(128, 1, 1),
-        output_shapes=[(rows, out_features)], output_dtypes=[x2.dtype],
+        template=[("T", x2.dtype), ("IN", in_f), ("OUT", out_features), ("R", r), ("ROWS", rows), ("INVERT", bool(invert))],
+        grid=(32 * rows * r, 1, 1),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(rows, out_features)],
+        output_dtypes=[x2.dtype],
     )[0]
 
 
-def _check_bitnet(gpu: str) -> bool:
+def _check_bitnet(backend: str) -> bool:
     key = mx.random.key(3)
     k1, k2 = mx.random.split(key)
     w = mx.random.normal((70, 96), key=k1)
     t, s = quantize_absmean(w)
     packed = pack_ternary(t)
     x = mx.random.normal((3, 96), key=k2)
-    got = _gpu_bitnet(gpu, x, packed, s, 70, True)
+    got = _gpu_bitnet(backend, x, packed, s, 70, True)
     with mx.stream(mx.cpu):
         ref = _matmul_fallback(x, packed, s, 70, True)
         mx.eval(ref)
     return bool(mx.allclose(got, ref, rtol=1e-4, atol=1e-4).item())
 
 
-_k._SELF_CHECKS["bitnet"] = _check_bitnet
+GPU = gpu.Group("bitnet", _check_bitnet)
 
 
 class BitLinear(nn.Module):
@@ -142,8 +146,12 @@ def use_portable_bitlinear(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if type(module).__name__ == "BitLinear" and not isinstance(module, BitLinear):
             bias = getattr(module, "bias", None)
-            layer = BitLinear(module.in_features, module.out_features, bias=bias is not None,
-                              invert_weight_scales=bool(getattr(module, "invert_weight_scales", False)))
+            layer = BitLinear(
+                module.in_features,
+                module.out_features,
+                bias=bias is not None,
+                invert_weight_scales=bool(getattr(module, "invert_weight_scales", False)),
+            )
             layer.weight = module.weight
             layer.weight_scale = module.weight_scale
             if bias is not None:

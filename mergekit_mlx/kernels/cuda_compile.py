@@ -1,14 +1,15 @@
 """CUDA kernels compiled once per machine and reused by every later process.
 
 `mx.fast.cuda_kernel` compiles its source with NVRTC in every process and prefixes it with MLX's
-device headers: about 1.7 s per kernel instantiation on a 2-core x86 CPU (0.05 s for the same
-kernel behind just `cuda_bf16.h`), so a TIES merge paid tens of seconds before its first tensor.
+device headers, which takes far longer than the same kernel behind just `cuda_bf16.h`, so a TIES
+merge paid a long wait before its first tensor (benchmarks/RESULTS.md, section 8, has the figures).
 Here the same sources are wrapped with a minimal prelude, compiled by NVRTC (through ctypes, the
 library MLX's CUDA backend already depends on) to a cubin for the device, stored under
 `$MERGEKIT_MLX_CACHE` (default `~/.cache/mergekit-mlx`) keyed by a hash of everything that goes
 into it, and launched with `mx.fast.precompiled_cuda_kernel`. When NVRTC or the CUDA headers
-cannot be found, or a compile fails, `kernels.py` uses `mx.fast.cuda_kernel` as before.
+cannot be found, or a compile fails, `gpu.kernel` uses `mx.fast.cuda_kernel` as before.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,13 +18,13 @@ import os
 import sys
 import tempfile
 import threading
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .kernel_sources import cache_root
+from .sources import cache_root, kernel_root
 
 CUDA_TYPES = {
     mx.float32: "float",
@@ -56,8 +57,14 @@ def cache_dir() -> Path:
     return cache_root() / "cuda"
 
 
-def wrap_source(fname: str, header: str, body: str, inputs: Sequence[tuple[str, mx.Dtype]],
-                outputs: Sequence[tuple[str, mx.Dtype]], template: Sequence[tuple[str, object]]) -> str:
+def wrap_source(
+    fname: str,
+    header: str,
+    body: str,
+    inputs: Sequence[tuple[str, mx.Dtype]],
+    outputs: Sequence[tuple[str, mx.Dtype]],
+    template: Sequence[tuple[str, object]],
+) -> str:
     """A complete translation unit: the kernel `fname` with MLX's custom-kernel signature (inputs
     as const pointers, then outputs; template arguments as constants), C linkage, no MLX headers."""
     params = [f"    const {CUDA_TYPES[dt]}* {name}" for name, dt in inputs]
@@ -70,14 +77,23 @@ def wrap_source(fname: str, header: str, body: str, inputs: Sequence[tuple[str, 
             consts.append(f"  constexpr int {name} = {value};")
         else:
             consts.append(f"  using {name} = {CUDA_TYPES[value]};")
-    return (PRELUDE + header + f'\nextern "C" __global__ void {fname}(\n' + ",\n".join(params) + ") {\n"
-            + "\n".join(consts) + "\n" + body + "\n}\n")
+    return (
+        PRELUDE
+        + header
+        + f'\nextern "C" __global__ void {fname}(\n'
+        + ",\n".join(params)
+        + ") {\n"
+        + "\n".join(consts)
+        + "\n"
+        + body
+        + "\n}\n"
+    )
 
 
 # ----------------------------------------------------------------------------- NVRTC
 
 
-def _loaded_library(stem: str) -> Optional[str]:
+def _loaded_library(stem: str) -> str | None:
     """Path of a shared library this process has already mapped (MLX's CUDA backend maps NVRTC)."""
     try:
         with open("/proc/self/maps") as f:
@@ -100,7 +116,7 @@ def _site_nvidia_dirs() -> list[Path]:
     return out
 
 
-def _find_nvrtc() -> Optional[str]:
+def _find_nvrtc() -> str | None:
     hit = _loaded_library("libnvrtc.so")
     if hit and "builtins" not in hit:
         return hit
@@ -114,7 +130,7 @@ def _find_nvrtc() -> Optional[str]:
     return None
 
 
-def _find_include(nvrtc: str) -> Optional[str]:
+def _find_include(nvrtc: str) -> str | None:
     """The folder holding cuda_bf16.h: beside NVRTC's own lib folder first (the same CUDA
     version), then where MLX's CUDA backend looks."""
     cands = [Path(nvrtc).resolve().parent.parent / "include"] + [d / "include" for d in _site_nvidia_dirs()]
@@ -150,8 +166,9 @@ class Nvrtc:
     def compile(self, source: str, arch: str, name: str = "kernel.cu") -> bytes:
         lib = self.lib
         prog = ctypes.c_void_p()
-        self._check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
-                    "nvrtcCreateProgram")
+        self._check(
+            lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None), "nvrtcCreateProgram"
+        )
         try:
             args = [f"--gpu-architecture={arch}".encode(), f"--include-path={self.include}".encode(), b"-std=c++17"]
             arr = (ctypes.c_char_p * len(args))(*args)
@@ -173,9 +190,9 @@ class Nvrtc:
 
 def device_arch() -> str:
     """NVRTC's SASS target for device 0, with the 'a' features MLX also compiles for on sm_90+."""
-    from . import cuda_mem
+    from . import cuda_memory
 
-    drv = cuda_mem.driver()
+    drv = cuda_memory.driver()
     if drv is None:
         raise CompileError("the CUDA driver did not report a device")
     try:
@@ -185,7 +202,7 @@ def device_arch() -> str:
     return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiler() -> tuple[Nvrtc, str]:
     """(NVRTC, target architecture); raises CompileError when either cannot be found."""
     path = _find_nvrtc()
@@ -230,11 +247,10 @@ class CachedKernel:
     """Called like the function `mx.fast.cuda_kernel` returns; compiles each instantiation (input
     and output dtypes, template arguments) once per machine."""
 
-    def __init__(self, tag: str, input_names: Sequence[str], output_names: Sequence[str], header: str, body: str,
-                 fallback=None):
+    def __init__(self, tag: str, input_names: Sequence[str], output_names: Sequence[str], header: str, body: str, fallback=None):
         self.tag, self.header, self.body = tag, header, body
         self.fallback = fallback  # called instead once a compile here has failed (MLX's own JIT)
-        self.failed: Optional[str] = None
+        self.failed: str | None = None
         self.input_names, self.output_names = list(input_names), list(output_names)
         self._made: dict[tuple, tuple[str, bytes]] = {}
 
@@ -242,16 +258,15 @@ class CachedKernel:
         key = (tuple(in_dtypes), tuple(out_dtypes), tuple(template))
         got = self._made.get(key)
         if got is None:
-            spec = repr((self.tag, [str(d) for d in key[0]], [str(d) for d in key[1]],
-                         [(n, str(v)) for n, v in key[2]]))
+            spec = repr((self.tag, [str(d) for d in key[0]], [str(d) for d in key[1]], [(n, str(v)) for n, v in key[2]]))
             fname = f"{self.tag}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-            src = wrap_source(fname, self.header, self.body, list(zip(self.input_names, key[0])),
-                              list(zip(self.output_names, key[1])), key[2])
+            src = wrap_source(
+                fname, self.header, self.body, list(zip(self.input_names, key[0])), list(zip(self.output_names, key[1])), key[2]
+            )
             got = self._made[key] = (fname, cubin(src))
         return got
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(),
-                 init_value=None, **_ignored):
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None, **_ignored):
         if self.failed is None or self.fallback is None:
             try:
                 fname, binary = self.instance([a.dtype for a in inputs], output_dtypes, template)
@@ -260,20 +275,34 @@ class CachedKernel:
                     raise
                 self.failed = str(e)
         if self.failed is not None:
-            return self.fallback(inputs=inputs, output_shapes=output_shapes, output_dtypes=output_dtypes,
-                                 grid=grid, threadgroup=threadgroup, template=list(template),
-                                 init_value=init_value)
+            return self.fallback(
+                inputs=inputs,
+                output_shapes=output_shapes,
+                output_dtypes=output_dtypes,
+                grid=grid,
+                threadgroup=threadgroup,
+                template=list(template),
+                init_value=init_value,
+            )
         return mx.fast.precompiled_cuda_kernel(
-            name=fname, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,
-            output_dtypes=output_dtypes, scalars=[], grid=grid, threadgroup=threadgroup,
-            init_value=init_value, ensure_row_contiguous=True)
+            name=fname,
+            compiled_source=binary,
+            inputs=inputs,
+            output_shapes=output_shapes,
+            output_dtypes=output_dtypes,
+            scalars=[],
+            grid=grid,
+            threadgroup=threadgroup,
+            init_value=init_value,
+            ensure_row_contiguous=True,
+        )
 
 
 # ----------------------------------------------------------------------------- verdicts
 
 
-@lru_cache(maxsize=None)
-def _verdict_key() -> Optional[str]:
+@cache
+def _verdict_key() -> str | None:
     """A hash of everything a first-use check's outcome depends on: the kernel sources, the Python
     that launches them and computes the CPU reference, MLX's version, the device and NVRTC."""
     try:
@@ -282,8 +311,7 @@ def _verdict_key() -> Optional[str]:
         return None
     here = Path(__file__).resolve().parent
     h = hashlib.sha256("\0".join([mx.__version__, arch, nv.version, "v1"]).encode())
-    kernel_dir = here / "_kernels" if (here / "_kernels").is_dir() else here.parent / "kernels"
-    for f in sorted(kernel_dir.glob("*")) + sorted(here.glob("*.py")):
+    for f in sorted(kernel_root().glob("*")) + sorted(here.glob("*.py")):
         if f.is_file():
             h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:40]
@@ -306,3 +334,13 @@ def mark_verified(what: str) -> None:
         (d / f"{what}-{key}").write_text("passed\n")
     except OSError:
         pass
+
+
+class _DiskVerdicts:
+    """verified / mark_verified as the `checks.Remembered` the GPU groups and direct reads use."""
+
+    verified = staticmethod(verified)
+    mark_verified = staticmethod(mark_verified)
+
+
+VERDICTS = _DiskVerdicts()
