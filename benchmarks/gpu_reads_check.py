@@ -22,7 +22,7 @@ import bench  # noqa: E402
 
 def tensors(d: Path) -> dict[str, tuple[str, bytes]]:
     """name -> (dtype code, raw bytes) of every tensor in an output directory."""
-    from mergekit_mlx.models import read_safetensors_header
+    from mergekit_mlx.formats.safetensors import read_safetensors_header
 
     out = {}
     for f in sorted(d.glob("*.safetensors")):

@@ -37,7 +37,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of every command that writes a model."""
-    from .writer import OUT_FORMATS
+    from .formats import OUT_FORMATS
 
     p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
     p.add_argument("--group-size", type=int, help="quantization group size for mlx-* output formats")

@@ -7,7 +7,7 @@ into a temporary sibling that is renamed into place at the end. For gguf-* forma
 
 With `--bitdelta-base BASE`, IN is stored as BitDelta against BASE: for every matrix of the decoder
 layers only the sign of (IN - BASE) and one scale, mean |IN - BASE|, are kept (about 1 bit per
-weight); everything else is kept in full. The layout is described in `quantized.py`, whose reader
+weight); everything else is kept in full. The layout is described in `formats/bitdelta.py`, whose reader
 applies it back, so a BitDelta directory can be a model in a recipe or converted back to full
 weights with `mergekit-mlx convert DELTA_DIR OUT`.
 """
@@ -23,16 +23,17 @@ import mlx.core as mx
 
 from .arguments import Parser, add_common_arguments, add_output_arguments
 from .device import use_device
+from .dtypes import WEIGHT_NAMES, mlx_dtype, named, torch_dtype_name, weight_dtype
 from .errors import RecipeError
-from .models import ModelSource, layer_index, open_model
+from .formats import DEFAULT_SHARD_BYTES, OUT_FORMATS, open_model
+from .formats.base import ModelSource, OutputTensor
+from .formats.bitdelta import bitdelta_tensors
+from .formats.files import copy_side_files
 from .options import MergeOptions
 from .output import OutputJob, check_output_location, write_model
-from .quantized import CODE_DTYPES, SCALE_SUFFIX, SIGN_SUFFIX, pack_signs
-from .writer import DEFAULT_SHARD_BYTES, OUT_FORMATS, OutputTensor, copy_tokenizer, torch_dtype_name
 
 HELP = "convert a model between formats without merging"
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 Produce = Callable[[str], mx.array]
 
 
@@ -52,8 +53,8 @@ def convert(
     through the same output lifecycle as a merge (checks, lock, temporary sibling, manifest)."""
     if out_format not in OUT_FORMATS:
         raise RecipeError(f"--out-format {out_format!r} is not known; valid: {', '.join(OUT_FORMATS)}")
-    if out_dtype is not None and out_dtype not in DTYPES:
-        raise RecipeError(f"--out-dtype {out_dtype!r} is not one of {', '.join(DTYPES)}")
+    if out_dtype is not None and out_dtype not in WEIGHT_NAMES:
+        raise RecipeError(f"--out-dtype {out_dtype!r} is not one of {', '.join(WEIGHT_NAMES)}")
     if bitdelta_base is not None and out_format != "hf":
         raise RecipeError("--bitdelta-base writes its own safetensors layout; leave --out-format at hf")
     opts = MergeOptions(out_shard_size=out_shard_size, out_format=out_format, group_size=group_size, force=force)
@@ -68,7 +69,7 @@ def convert(
         inputs.append((str(bitdelta_base), base.path))
     out = Path(out_path).expanduser()
     check_output_location(out, inputs, force=force)
-    dtype = DTYPES[out_dtype] if out_dtype else None
+    dtype = named(out_dtype) if out_dtype else None
     if base is not None:
         tensors, config, produce_one = bitdelta_plan(src, base, dtype)
     else:
@@ -78,7 +79,7 @@ def convert(
 
     def side_files(directory: Path) -> None:
         if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, directory)
+            copy_side_files(tokenizer_dir, directory)
 
     job = OutputJob(
         tensors=tensors,
@@ -122,7 +123,7 @@ def plain_plan(src: ModelSource, dtype: Optional[mx.Dtype]) -> tuple[list[Output
     tensors = []
     for name in src.tensor_names():
         info = src.info(name)
-        own = CODE_DTYPES.get(info.dtype)
+        own = weight_dtype(info.dtype)
         tensors.append(OutputTensor(name, info.shape, dtype if (dtype and own) else (own or _mx_dtype(info.dtype))))
     config = copy.deepcopy(src.config)
     if dtype is not None:
@@ -132,9 +133,7 @@ def plain_plan(src: ModelSource, dtype: Optional[mx.Dtype]) -> tuple[list[Output
 
 
 def _mx_dtype(code: str) -> mx.Dtype:
-    from .models import SAFETENSORS_DTYPES
-
-    dt = SAFETENSORS_DTYPES[code][1]
+    dt = mlx_dtype(code)
     if dt is None:
         raise RecipeError(f"tensor dtype {code} cannot be converted")
     return dt
@@ -143,39 +142,7 @@ def _mx_dtype(code: str) -> mx.Dtype:
 def bitdelta_plan(ft: ModelSource, base: ModelSource, dtype: Optional[mx.Dtype]) -> tuple[list[OutputTensor], dict, Produce]:
     """Tensors and config of the BitDelta form of ft against base (see the module docstring)."""
     tensors, config, full = plain_plan(ft, dtype)
-    compressed = {
-        t.name
-        for t in tensors
-        if t.name.endswith(".weight")
-        and len(t.shape) == 2
-        and layer_index(t.name) is not None
-        and base.has(t.name)
-        and base.info(t.name).shape == t.shape
-    }
-    if not compressed:
-        raise RecipeError(f"--bitdelta-base {base.path}: no decoder-layer matrix of {ft.path} has the same name and shape in it")
-    out: list[OutputTensor] = []
-    for t in tensors:
-        if t.name in compressed:
-            out.append(OutputTensor(t.name + SIGN_SUFFIX, (*t.shape[:-1], (t.shape[-1] + 7) // 8), mx.uint8))
-            out.append(OutputTensor(t.name + SCALE_SUFFIX, (1,), mx.float32))
-        else:
-            out.append(t)
-    config["quantization_config"] = {"quant_method": "bitdelta", "base_model": str(base.path.resolve())}
-    deltas: dict[str, tuple[mx.array, mx.array]] = {}
-
-    def produce(name: str) -> mx.array:
-        for suffix in (SIGN_SUFFIX, SCALE_SUFFIX):
-            if name.endswith(suffix) and name[: -len(suffix)] in compressed:
-                weight = name[: -len(suffix)]
-                if weight not in deltas:
-                    delta = ft.load(weight).astype(mx.float32) - base.load(weight).astype(mx.float32)
-                    deltas.clear()  # the sign and scale of one matrix are asked for one after the other
-                    deltas[weight] = (pack_signs(delta), mx.mean(mx.abs(delta)).reshape(1))
-                return deltas[weight][0 if suffix == SIGN_SUFFIX else 1]
-        return full(name)
-
-    return out, config, produce
+    return bitdelta_tensors(ft, base, tensors, config, full)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -186,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     p.add_argument("input", help="model directory, MLX-quantized/BitNet/BitDelta directory, or .gguf file")
     p.add_argument("out", help="output directory (a .gguf file name for gguf-* formats)")
-    p.add_argument("--out-dtype", choices=tuple(DTYPES), help="cast floating tensors (hf, mlx-* and bitnet outputs)")
+    p.add_argument("--out-dtype", choices=WEIGHT_NAMES, help="cast floating tensors (hf, mlx-* and bitnet outputs)")
     p.add_argument("--bitdelta-base", help="store the input as BitDelta (1-bit signs + a scale per matrix) against this base")
     add_output_arguments(p)
     add_common_arguments(p)

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .arguments import Parser, add_common_arguments
 from .device import use_device
 from .errors import ModelError
-from .models import open_model
+from .formats import open_model
 
 HELP = "score models on the example skills"
 

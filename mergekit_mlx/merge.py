@@ -19,12 +19,13 @@ import mlx.core as mx
 from . import kernels
 from .device import use_device
 from .errors import OutputError
+from .formats import DEFAULT_SHARD_BYTES
+from .formats.safetensors import write_config
 from .options import MergeOptions
 from .output import check_output_location, write_output, write_tokenizer
 from .pipeline import OnEvent, run_plan
 from .plan import Plan, make_plan
 from .recipe import Recipe, load_recipe
-from .writer import DEFAULT_SHARD_BYTES, write_config
 
 
 @dataclass

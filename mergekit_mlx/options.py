@@ -7,16 +7,15 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .device import DEVICES
 from .errors import RecipeError
-from .quantized import GROUP_SIZES, QUANT_FORMATS
-from .writer import DEFAULT_SHARD_BYTES, OUT_FORMATS
+from .formats import DEFAULT_SHARD_BYTES, OUT_FORMATS
+from .formats.mlx_quant import GROUP_SIZES, QUANT_FORMATS
 
 DEFAULT_BATCH_BYTES = 512 * 1000**2  # on the CPU
-# on a GPU host more reads run side by side: a 7B-shape ties merge on an H200 host took 11.4 s
-# with 512 MB in flight and 9.4 s with 2 GB (4 GB: 9.6 s)
+# on a GPU host more reads run side by side (the measurement: benchmarks/RESULTS.md, settings)
 DEFAULT_GPU_BATCH_BYTES = 2 * 1000**3
 MAX_SEED = 2**64 - 1  # the random streams are keyed by a 64-bit seed
-DEVICES = ("cpu", "gpu")
 # each option: its command-line flag (the Python API's name is the field's)
 FLAGS = {
     "random_seed": "--random-seed",

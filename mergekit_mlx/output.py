@@ -37,10 +37,14 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import MergeKitError, OutputError
+from .errors import MergeKitError, OutputError, warn_once
 from .options import MergeOptions
 from .plan import Plan, human_bytes
-from .writer import OutputTensor, copy_tokenizer, file_digest, make_writer
+from .digest import file_digest
+from .dtypes import safetensors_code
+from .formats import make_writer, writer_class
+from .formats.base import OutputTensor
+from .formats.files import copy_side_files
 
 MANIFEST = ".mergekit-mlx-output.json"  # in every output directory: the files this tool wrote there
 STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input hashes, shards
@@ -98,7 +102,7 @@ def _absolute(out: Path) -> Path:
     text = os.fsencode(str(out))
     if not text:
         raise OutputError("the output path is empty; name a directory (or a .gguf file) to create")
-    absolute = Path(os.path.abspath(out))
+    absolute = Path(os.path.abspath(os.path.expanduser(out)))  # "~/x" quoted past the shell is still home
     if len(os.fsencode(str(absolute))) + len(".partial") + 2 > PATH_MAX:
         raise OutputError(f"output path {str(out)[:80]}... is too long ({len(text)} bytes); choose a shorter one")
     for part in absolute.parts:
@@ -224,7 +228,7 @@ class InputProof:
 
 
 def hash_files(files: Sequence[str]) -> dict[str, str]:
-    """file -> digest of its bytes (`writer.new_digest`)."""
+    """file -> digest of its bytes (`digest.new_digest`)."""
     return {f: file_digest(Path(f)) for f in files}
 
 
@@ -297,16 +301,15 @@ def open_partial(out: Path) -> PartialOutput:
             continue  # removed between the two calls by the process that finished with it
         except OSError:
             raise OutputError(f"{partial} is not a directory that mergekit-mlx made; remove it, or choose another output") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        failure = _lock(fd, partial, out)
+        if failure is not None:
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"cannot lock the temporary output {partial}: {e.strerror or e}") from None
+            if failure not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"cannot lock the temporary output {partial}: {os.strerror(failure)}")
             raise OutputError(
                 f"another mergekit-mlx process{_owner(partial)} is writing {out} (it holds {partial}); wait for it "
                 "to finish or stop it, or choose another output"
-            ) from None
+            )
         try:
             same = os.path.samestat(os.fstat(fd), os.lstat(partial))
         except OSError:
@@ -319,6 +322,18 @@ def open_partial(out: Path) -> PartialOutput:
             raise OutputError(f"{partial} holds files that mergekit-mlx did not write; remove it, or choose another output")
         return PartialOutput(out, partial, fd)
     raise OutputError(f"cannot take over the temporary output {partial}: other processes keep changing it")
+
+
+def _lock(fd: int, partial: Path, out: Path) -> Optional[int]:
+    """Take the exclusive lock without waiting; the errno when that failed, None when it is held."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return e.errno
+        # a filesystem without locks (some network mounts): write anyway, unguarded
+        warn_once(f"no-lock:{partial.parent}", f"{partial.parent} has no file locks; a second run on {out} would not be stopped")
+    return None
 
 
 def _owner(partial: Path) -> str:
@@ -382,8 +397,9 @@ def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce)
     out = _absolute(out)
     check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
     fingerprint = _fingerprint(job, opts)
-    single_file = opts.out_format.startswith("gguf") and out.suffix.lower() == ".gguf"
-    resumable = not opts.out_format.startswith("gguf")
+    fmt = writer_class(opts.out_format)
+    single_file = fmt.single_file and out.suffix.lower() == Path(fmt.file_name).suffix
+    resumable = fmt.resumable
     _check_free_space(out, job, opts)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -455,12 +471,12 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         writer.finish()
         if job.side_files is not None and not single_file:
             job.side_files(tmp)
-        if job.verify is not None and opts.out_format == "hf":
+        if job.verify is not None and writer.verifiable:
             job.verify(tmp)
         partial.finished()
         os.unlink(tmp / STATE_FILE)
         if single_file:
-            _commit_file(tmp / "model.gguf", out, opts.force)
+            _commit_file(tmp / writer.file_name, out, opts.force)
             partial.remove()
         else:
             _write_manifest(tmp)
@@ -590,7 +606,7 @@ def _remove_our_output(path: Path) -> None:
 
 def _check_free_space(out: Path, job: OutputJob, opts: MergeOptions) -> None:
     """Refuse to start a safetensors output that cannot fit on its device (the dry-run estimate)."""
-    if opts.out_format != "hf" or opts.resume:
+    if not writer_class(opts.out_format).known_size or opts.resume:
         return  # quantized and GGUF sizes are not known exactly before writing; a resume keeps shards
     need = sum(t.nbytes for t in job.tensors)
     device = out.parent
@@ -640,7 +656,7 @@ def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
         files = sorted({str(m.path) for m in plan.models if Path(m.path).is_file()})
 
     def side_files(directory: Path) -> None:
-        if opts.copy_tokenizer and opts.out_format in ("hf", "mlx-q4", "mlx-q8", "mlx-mxfp4", "bitnet"):
+        if opts.copy_tokenizer and writer_class(opts.out_format).copies_tokenizer:
             write_tokenizer(plan, directory)
         (directory / "README.md").write_text(model_card(plan))
 
@@ -663,16 +679,17 @@ def write_output(plan: Plan, out: Path, opts: MergeOptions, produce: Produce) ->
 
 def verify_output(directory: Path, plan: Plan) -> None:
     """Read back what was written, headers only: every planned tensor, in its shape and dtype."""
-    from .models import MLX_TO_SAFETENSORS, SafetensorsModel, read_config
+    from .formats.files import read_config
+    from .formats.safetensors import SafetensorsModel
 
     written = SafetensorsModel(directory, read_config(directory))
     for t in plan.outputs:
         info = written.info(t.name) if written.has(t.name) else None
-        if info is None or info.shape != tuple(t.shape) or info.dtype != MLX_TO_SAFETENSORS[t.dtype]:
+        if info is None or info.shape != tuple(t.shape) or info.dtype != safetensors_code(t.dtype):
             got = "missing" if info is None else f"{list(info.shape)} {info.dtype}"
             raise OutputError(
                 f"verifying {directory} failed: tensor {t.name} should be {list(t.shape)} "
-                f"{MLX_TO_SAFETENSORS[t.dtype]}, found {got}; nothing was renamed into place"
+                f"{safetensors_code(t.dtype)}, found {got}; nothing was renamed into place"
             )
 
 
@@ -689,7 +706,7 @@ def write_tokenizer(plan: Plan, out_dir: Path) -> None:
         return
     src = _tokenizer_source_dir(plan)
     if src is not None:
-        copy_tokenizer(src, out_dir)
+        copy_side_files(src, out_dir)
     if plan.recipe.chat_template:
         from . import tokenizer
 

@@ -18,11 +18,13 @@ import mlx.core as mx
 from . import tokenizer
 from .errors import ModelError, RecipeError
 from .methods import Method, get_method
-from .models import LAYER_PATTERN, SAFETENSORS_DTYPES, ModelSource, layer_index, open_model, with_layer_index
+from .dtypes import mlx_dtype, named, torch_dtype_name
+from .formats import open_model
+from .formats.base import ModelSource, OutputTensor, strip_quantization
+from .formats.safetensors import plan_shards
+from .names import LAYER_PATTERN, layer_index, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
-from .writer import OutputTensor, plan_shards, torch_dtype_name
 
-DTYPE_BY_NAME = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "float64": mx.float64}
 PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
 
@@ -356,7 +358,7 @@ def make_plan(
         if method.base == "required" and sl.base is None:
             raise RecipeError(f"{sl.where}: merge_method {method.name!r} needs a base model in every slice")
 
-    out_dtype = DTYPE_BY_NAME.get(recipe.out_dtype or recipe.dtype or "")
+    out_dtype = named(recipe.out_dtype or recipe.dtype or "")
     tasks: list[TensorTask] = []
     out_layer = 0
 
@@ -379,8 +381,8 @@ def make_plan(
             raise ModelError(f"tensor {out_name}: shapes differ between models ({detail})")
         ref = inputs[[m for m, _ in inputs].index(sl.base)] if sl.base in [m for m, _ in inputs] else inputs[0]
         shape = sources[ref[0]].info(ref[1]).shape
-        st_dtype = SAFETENSORS_DTYPES[dtype][1]
-        is_float = st_dtype in (mx.float16, mx.bfloat16, mx.float32, mx.float64)
+        st_dtype = mlx_dtype(dtype)
+        is_float = st_dtype is not None and mx.issubdtype(st_dtype, mx.floating)
         odt = out_dtype if (out_dtype is not None and is_float) else st_dtype
         shared, per_input = _resolve_params(method, recipe, sl, inputs, out_name, t)
         base_pos = [m for m, _ in inputs].index(sl.base) if sl.base in [m for m, _ in inputs] else None
@@ -428,14 +430,12 @@ def make_plan(
         raise RecipeError(f"the recipe produces tensor(s) {dup[:3]} more than once")
 
     config_source = base if base is not None else reference(slices[0])
-    config = dict(sources[config_source].config)
+    config = strip_quantization(sources[config_source].config)
     _set_layers(config, out_layer)
     if out_dtype is not None:
         config["torch_dtype"] = torch_dtype_name(out_dtype)
         if "dtype" in config:
             config["dtype"] = torch_dtype_name(out_dtype)
-    for key in ("quantization", "quantization_config"):
-        config.pop(key, None)
 
     vocab = None
     if recipe.tokenizer is not None or recipe.tokenizer_source is not None:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .dtypes import FLOAT_NAMES
 from .errors import RecipeError
 
 Scalar = Union[bool, int, float, str]
@@ -130,8 +131,8 @@ class Recipe(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, v):
-        if v is not None and v not in DTYPES:
-            raise ValueError(f"{v!r} is not a known dtype; valid: {', '.join(DTYPES)}")
+        if v is not None and v not in FLOAT_NAMES:
+            raise ValueError(f"{v!r} is not a known dtype; valid: {', '.join(FLOAT_NAMES)}")
         return v
 
     def to_yaml(self) -> str:
@@ -147,8 +148,6 @@ class Recipe(_Strict):
                 seen.append(m)
         return seen
 
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 MAX_YAML_NODES = 200_000  # after alias expansion; a real recipe has a few hundred
 MAX_RECIPE_BYTES = 16 * 1000**2  # a real recipe is a few KB; evolve's generated ones a few hundred

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ModelError, RecipeError
-from .models import TOKENIZER_FILES, copy_side_files, read_model_file
+from .formats.files import TOKENIZER_FILES, copy_side_files, read_model_file
 
 LOG = logging.getLogger(__name__)
 

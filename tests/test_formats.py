@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from format_models import f64, tiny_model  # noqa: E402
 
 from mergekit_mlx.kernels.bitlinear import pack_ternary, unpack_ternary  # noqa: E402
-from mergekit_mlx.bitnet_format import BitNetModel, BitNetWriter  # noqa: E402
+from mergekit_mlx.formats import open_model  # noqa: E402
+from mergekit_mlx.formats.base import OutputTensor, WriteOptions  # noqa: E402
+from mergekit_mlx.formats.bitdelta import pack_signs, unpack_signs  # noqa: E402
+from mergekit_mlx.formats.bitnet import BitNetModel, BitNetWriter  # noqa: E402
+from mergekit_mlx.formats.mlx_quant import MLXQuantizedModel, QuantizedWriter  # noqa: E402
 from mergekit_mlx.convert import convert, main as convert_main  # noqa: E402
 from mergekit_mlx.errors import ModelError, RecipeError  # noqa: E402
-from mergekit_mlx.models import open_model  # noqa: E402
-from mergekit_mlx.quantized import MLXQuantizedModel, QuantizedWriter, pack_signs, unpack_signs  # noqa: E402
-from mergekit_mlx.writer import OutputTensor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def affine_error_bound(w: np.ndarray, group: int, bits: int) -> np.ndarray:
 @pytest.mark.parametrize("fmt,bits,group", [("mlx-q4", 4, 64), ("mlx-q8", 8, 64), ("mlx-q4", 4, 32)])
 def test_mlx_quantized_round_trip_is_within_affine_error(model, tmp_path, fmt, bits, group):
     src = open_model(model.path)
-    write_all(QuantizedWriter, src, tmp_path / "q", fmt, group_size=group)
+    write_all(QuantizedWriter, src, tmp_path / "q", fmt, WriteOptions(group_size=group))
     q = open_model(tmp_path / "q")
     assert isinstance(q, MLXQuantizedModel)
     assert sorted(q.tensor_names()) == sorted(model.weights)
@@ -78,7 +79,7 @@ def test_mlx_quantized_round_trip_is_within_affine_error(model, tmp_path, fmt, b
 
 def test_mlx_quantized_config_is_mlx_lm_style(model, tmp_path):
     src = open_model(model.path)
-    write_all(QuantizedWriter, src, tmp_path / "q", "mlx-q4", group_size=32)
+    write_all(QuantizedWriter, src, tmp_path / "q", "mlx-q4", WriteOptions(group_size=32))
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
     assert cfg["quantization_config"] == cfg["quantization"]
@@ -106,7 +107,7 @@ def test_mlx_quantized_group_size_must_suit_the_mode(model, tmp_path):
     src = open_model(model.path)
     tensors = [OutputTensor(n, src.info(n).shape, mx.float32) for n in src.tensor_names()]
     with pytest.raises(RecipeError, match="group-size"):
-        QuantizedWriter(tmp_path, tensors, src.config, "mlx-mxfp4", group_size=64)
+        QuantizedWriter(tmp_path, tensors, src.config, "mlx-mxfp4", WriteOptions(group_size=64))
 
 
 def test_mlx_quantized_output_loads_and_generates_in_mlx_lm(model, tmp_path):

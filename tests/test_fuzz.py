@@ -25,7 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_mlx.errors import ModelError
-from mergekit_mlx.models import SAFETENSORS_DTYPES, open_model, read_config, read_safetensors_header, safetensors_files
+from mergekit_mlx import dtypes
+from mergekit_mlx.formats import open_model
+from mergekit_mlx.formats.files import read_config
+from mergekit_mlx.formats.safetensors import read_safetensors_header, safetensors_files
 
 EXAMPLES = int(os.environ.get("MERGEKIT_FUZZ_EXAMPLES", "250"))
 FUZZ = settings(
@@ -98,8 +101,8 @@ def check_safetensors_file(path: Path) -> None:
     assert set(arrays) == set(infos)
     for name, info in infos.items():
         assert tuple(arrays[name].shape) == info.shape, name
-        if SAFETENSORS_DTYPES[info.dtype][1] is not None:
-            assert arrays[name].dtype == SAFETENSORS_DTYPES[info.dtype][1], name
+        if dtypes.mlx_dtype(info.dtype) is not None:
+            assert arrays[name].dtype == dtypes.mlx_dtype(info.dtype), name
         mx.eval(arrays[name])
 
 
@@ -109,7 +112,7 @@ numbers = st.one_of(
 )
 entries = st.fixed_dictionaries(
     {
-        "dtype": st.one_of(st.sampled_from(list(SAFETENSORS_DTYPES)), st.sampled_from(["F33", "", "f32"]), numbers),
+        "dtype": st.one_of(st.sampled_from(list(dtypes.BY_CODE)), st.sampled_from(["F33", "", "f32"]), numbers),
         "shape": st.one_of(st.lists(numbers, max_size=4), st.lists(st.integers(0, 8), max_size=3), numbers),
         "data_offsets": st.one_of(st.lists(numbers, max_size=3), st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list), numbers),
     },

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from format_models import bpe_tokenizer_json, f64, tiny_model  # noqa: E402
 
 from mergekit_mlx.errors import ModelError  # noqa: E402
-from mergekit_mlx.gguf import GGUFModel, GGUFWriter, add_tokenizer, can_dequantize, gguf_name, hf_name, rope_permutation  # noqa: E402
-from mergekit_mlx.models import open_model  # noqa: E402
-from mergekit_mlx.writer import OutputTensor  # noqa: E402
+from mergekit_mlx.formats import open_model  # noqa: E402
+from mergekit_mlx.formats.base import OutputTensor, WriteOptions  # noqa: E402
+from mergekit_mlx.formats.gguf import GGUFModel, GGUFWriter, add_tokenizer, can_dequantize, gguf_name, hf_name, rope_permutation  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -37,7 +37,7 @@ def write_gguf(src_path: Path, out_dir: Path, fmt: str, order=None) -> Path:
     src = open_model(src_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = [OutputTensor(n, src.info(n).shape, mx.float32) for n in src.tensor_names()]
-    w = GGUFWriter(out_dir, tensors, src.config, fmt, tokenizer_dir=src.tokenizer_dir)
+    w = GGUFWriter(out_dir, tensors, src.config, fmt, WriteOptions(tokenizer_dir=src.tokenizer_dir))
     for n in order or src.tensor_names():
         w.add(n, src.load(n))
     w.finish()

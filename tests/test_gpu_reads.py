@@ -17,7 +17,8 @@ from mergekit_mlx import merge
 from mergekit_mlx.kernels import cuda_compile as cuda_jit
 from mergekit_mlx.kernels import gpu_reads
 from mergekit_mlx.kernels.sources import kernel_source
-from mergekit_mlx.models import SAFETENSORS_DTYPES, open_model
+from mergekit_mlx.dtypes import mlx_dtype
+from mergekit_mlx.formats import open_model
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
 
@@ -127,7 +128,7 @@ class HostReader:
             self.staged.append(ptr)
         with open(path, "rb") as f:
             f.seek(offset)
-            s = HostStaged(ptr, nbytes, model.info(name).shape, SAFETENSORS_DTYPES[model.info(name).dtype][1])
+            s = HostStaged(ptr, nbytes, model.info(name).shape, mlx_dtype(model.info(name).dtype))
             s.data = f.read(nbytes)
         return s
 

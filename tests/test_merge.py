@@ -121,7 +121,7 @@ def test_shards_and_index_when_output_exceeds_shard_size(family, tmp_path):
 def test_tensors_written_by_several_threads_give_identical_shards(family, tmp_path, monkeypatch):
     """Where cores are spare a big tensor is written in slices by several threads (and the
     shards' checksums hashed on a thread of their own): the files are byte for byte the same."""
-    from mergekit_mlx import writer
+    from mergekit_mlx.formats import safetensors as writer
 
     merge(ties_recipe(family), tmp_path / "one", out_shard_size=20_000)
     monkeypatch.setattr(writer, "_DIRECT", False)  # few cores here: shard data would go around the page cache
@@ -426,7 +426,7 @@ def test_shards_written_around_the_page_cache_read_back_exactly(tmp_path, monkey
     """Shard data written with O_DIRECT through a small staging buffer (tensors larger than it,
     a tail that is not a whole block) reads back as written; without direct I/O (a filesystem
     that refuses it) the page-cache path writes the same file contents."""
-    from mergekit_mlx import writer as W
+    from mergekit_mlx.formats import safetensors as W
 
     monkeypatch.setattr(W, "_DIRECT", direct)
     monkeypatch.setattr(W, "_STAGE", 3 * W._BLOCK)
@@ -434,7 +434,7 @@ def test_shards_written_around_the_page_cache_read_back_exactly(tmp_path, monkey
     arrays = {"a": rng.standard_normal((37, 129)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
               "c": rng.standard_normal((3, 4099)).astype(np.float32)}
     specs = [W.OutputTensor(k, v.shape, mx.float32) for k, v in arrays.items()]
-    w = W.SafetensorsWriter(tmp_path, specs, {"model_type": "llama"}, max_shard_bytes=60_000)
+    w = W.SafetensorsWriter(tmp_path, specs, {"model_type": "llama"}, "hf", W.WriteOptions(max_shard_bytes=60_000))
     for k, v in arrays.items():
         w.add(k, mx.array(v))
     w.finish()
@@ -463,7 +463,7 @@ def test_direct_writes_refused_by_the_filesystem_fall_back_to_the_page_cache(tmp
     import fcntl
     import os
 
-    from mergekit_mlx import writer as W
+    from mergekit_mlx.formats import safetensors as W
 
     monkeypatch.setattr(W, "_DIRECT", True)
     monkeypatch.setattr(W, "_STAGE", 2 * W._BLOCK)

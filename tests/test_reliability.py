@@ -38,8 +38,8 @@ from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
 from mergekit_mlx.errors import MergeKitError
 from mergekit_mlx.methods import all_methods
-from mergekit_mlx.models import open_model
-from mergekit_mlx.writer import SafetensorsWriter
+from mergekit_mlx.formats import open_model
+from mergekit_mlx.formats.safetensors import SafetensorsWriter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -657,7 +657,7 @@ def test_write_failure_on_a_full_device_is_a_clean_error(family, tmp_path, capsy
     """A real failed write (/dev/full) while a shard streams out, not a simulated one."""
     import builtins
 
-    import mergekit_mlx.writer as writer
+    import mergekit_mlx.formats.safetensors as writer
 
     def to_full(path, mode="r", *args, **kw):  # the shard file lands on a device that is full
         return builtins.open("/dev/full" if str(path).endswith(".safetensors") and "w" in mode else path, mode, *args, **kw)

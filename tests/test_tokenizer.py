@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mergekit_mlx.errors import ModelError, RecipeError
-from mergekit_mlx.models import open_model
+from mergekit_mlx.formats import open_model
 from mergekit_mlx.recipe import recipe_from_dict
 from mergekit_mlx.tokenizer import (
     CHAT_TEMPLATES,

@@ -35,7 +35,8 @@ import tiny
 from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
 from mergekit_mlx.errors import ModelError
-from mergekit_mlx.models import SIDE_FILES, model_file, open_model
+from mergekit_mlx.formats import open_model
+from mergekit_mlx.formats.files import SIDE_FILES, copy_side_files, model_file
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-HF_TOKEN=hf_do_not_leak_me"
@@ -224,23 +225,19 @@ def test_a_side_file_that_is_a_fifo_does_not_hang(family, tmp_path, name):
 
 def test_copy_tokenizer_refuses_a_file_linked_out_after_the_model_was_opened(family, tmp_path):
     """The copy checks again as it opens each file: a link swapped in late is still refused."""
-    from mergekit_mlx.writer import copy_tokenizer
-
     model = clone(family[0], tmp_path / "base")
     out = tmp_path / "copy"
     out.mkdir()
     link_out(model, "merges.txt", secret_file(tmp_path))
     with pytest.raises(ModelError, match=r"merges.txt: tokenizer file resolves to .*outside the model directory"):
-        copy_tokenizer(model, out)
+        copy_side_files(model, out)
     assert_secret_nowhere(out)
 
 
 def test_copy_tokenizer_copies_the_bytes_of_regular_files(family, tmp_path):
-    from mergekit_mlx.writer import copy_tokenizer
-
     out = tmp_path / "copy"
     out.mkdir()
-    assert copy_tokenizer(family[0], out) == ["tokenizer.json", "tokenizer_config.json"]
+    assert copy_side_files(family[0], out) == ["tokenizer.json", "tokenizer_config.json"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (family[0] / name).read_bytes()
 
