@@ -7,8 +7,21 @@ import re
 
 from .errors import RecipeError
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,5 +55,6 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
     p.add_argument("--group-size", type=int, help="quantization group size for mlx-* output formats")
     p.add_argument("--out-shard-size", type=parse_size, default="5G", help="largest output shard (default 5G)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an earlier output of mergekit-mlx (never a folder or file it did not write)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier output of mergekit-mlx (never a folder or file it did not write)"
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Optional
 
 from .arguments import Parser
 from .errors import MergeKitError
@@ -37,11 +36,11 @@ def entry() -> None:
     sys.exit(code)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return dispatch(list(sys.argv[1:] if argv is None else argv))[0]
 
 
-def dispatch(argv: list[str]) -> tuple[int, Optional[str]]:
+def dispatch(argv: list[str]) -> tuple[int, str | None]:
     """(exit status, the command that ran)."""
     argv = list(argv)
     if argv and argv[0].endswith((".yml", ".yaml")):

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import mlx.core as mx
 
@@ -38,13 +38,13 @@ Produce = Callable[[str], mx.array]
 
 
 def convert(
-    in_path: Union[str, Path],
-    out_path: Union[str, Path],
+    in_path: str | Path,
+    out_path: str | Path,
     out_format: str = "hf",
     *,
-    group_size: Optional[int] = None,
-    bitdelta_base: Union[str, Path, None] = None,
-    out_dtype: Optional[str] = None,
+    group_size: int | None = None,
+    bitdelta_base: str | Path | None = None,
+    out_dtype: str | None = None,
     out_shard_size: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
     progress: bool = False,
@@ -118,7 +118,7 @@ def _progress(tensors: list[OutputTensor]):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="converting", dynamic_ncols=True)
 
 
-def plain_plan(src: ModelSource, dtype: Optional[mx.Dtype]) -> tuple[list[OutputTensor], dict, Produce]:
+def plain_plan(src: ModelSource, dtype: mx.Dtype | None) -> tuple[list[OutputTensor], dict, Produce]:
     """Every tensor of src, in its loaded dtype or cast to dtype (floating tensors only)."""
     tensors = []
     for name in src.tensor_names():
@@ -139,13 +139,13 @@ def _mx_dtype(code: str) -> mx.Dtype:
     return dt
 
 
-def bitdelta_plan(ft: ModelSource, base: ModelSource, dtype: Optional[mx.Dtype]) -> tuple[list[OutputTensor], dict, Produce]:
+def bitdelta_plan(ft: ModelSource, base: ModelSource, dtype: mx.Dtype | None) -> tuple[list[OutputTensor], dict, Produce]:
     """Tensors and config of the BitDelta form of ft against base (see the module docstring)."""
     tensors, config, full = plain_plan(ft, dtype)
     return bitdelta_tensors(ft, base, tensors, config, full)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = Parser(
         prog="mergekit-mlx convert",
         description="Convert a model between formats (HF, MLX-quantized, GGUF, BitNet) without merging, "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import mlx.core as mx
 
@@ -12,7 +12,7 @@ from .errors import RecipeError
 DEVICES = ("cpu", "gpu")
 
 
-def check_device(name: Optional[str]) -> None:
+def check_device(name: str | None) -> None:
     """Refuse a device this MLX install cannot run on, naming the flag and what would work."""
     if name is None:
         return
@@ -26,7 +26,7 @@ def check_device(name: Optional[str]) -> None:
 
 
 @contextmanager
-def use_device(name: Optional[str]) -> Iterator[None]:
+def use_device(name: str | None) -> Iterator[None]:
     """MLX's default device is `name` inside the block (unchanged for None) and as before after it."""
     check_device(name)
     if name is None:

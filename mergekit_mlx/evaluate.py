@@ -13,11 +13,11 @@ import hashlib
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Union
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from .arguments import Parser, add_common_arguments
@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, tokenizer, task: str, n: int = 200, seed: int = 0
     return hits / len(exs)
 
 
-ModelSpec = Union[str, Path, tuple]  # a directory, or (name, model, tokenizer)
+ModelSpec = Union[str, Path, tuple]  # noqa: UP007 (a runtime alias) - a directory, or (name, model, tokenizer)
 
 
 @dataclass
@@ -137,9 +137,7 @@ def _load(spec: ModelSpec) -> tuple[str, nn.Module, object]:
     return str(spec), model, tokenizer
 
 
-def evaluate_models(
-    models: Sequence[ModelSpec], tasks: Sequence[str] = TASKS, n: int = 200, seed: int = 0
-) -> list[Row]:
+def evaluate_models(models: Sequence[ModelSpec], tasks: Sequence[str] = TASKS, n: int = 200, seed: int = 0) -> list[Row]:
     """One row per model: its accuracy on each task. A model is a directory or (name, model, tokenizer)."""
     unknown = [t for t in tasks if t not in GENERATORS]
     if unknown:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from .arguments import Parser
 
@@ -19,7 +18,7 @@ HELP = "merge, score and sample the shipped example models"
 DEFAULT_RECIPE = "examples/configs/ties.yml"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from . import evaluate
     from .merge import merge
 

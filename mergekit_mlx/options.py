@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import mlx.core as mx
 
@@ -32,14 +31,14 @@ SWITCHES = ("copy_tokenizer", "allow_crimes", "allow_nonfinite", "use_kernels", 
 class MergeOptions:
     random_seed: int = 0
     out_shard_size: int = DEFAULT_SHARD_BYTES
-    batch_bytes: Optional[int] = None  # bytes in flight; None: by device (DEFAULT_*BATCH_BYTES)
-    device: Optional[str] = None  # "cpu" or "gpu"; None keeps MLX's default
+    batch_bytes: int | None = None  # bytes in flight; None: by device (DEFAULT_*BATCH_BYTES)
+    device: str | None = None  # "cpu" or "gpu"; None keeps MLX's default
     copy_tokenizer: bool = True
     allow_crimes: bool = False
     allow_nonfinite: bool = False
     use_kernels: bool = True
     out_format: str = "hf"
-    group_size: Optional[int] = None
+    group_size: int | None = None
     force: bool = False
     resume: bool = False
     progress: bool = False
@@ -80,7 +79,7 @@ class MergeOptions:
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"{name}: must be True or False, got {_show(getattr(self, name))}")
 
-    def resolved(self) -> "MergeOptions":
+    def resolved(self) -> MergeOptions:
         """These options, checked, with the defaults that depend on the device filled in."""
         self.check()
         if self.batch_bytes is not None:

@@ -31,20 +31,20 @@ import socket
 import stat
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import MergeKitError, OutputError, warn_once
-from .options import MergeOptions
-from .plan import Plan, human_bytes
 from .digest import file_digest
 from .dtypes import safetensors_code
+from .errors import MergeKitError, OutputError, warn_once
 from .formats import make_writer, writer_class
 from .formats.base import OutputTensor
 from .formats.files import copy_side_files
+from .options import MergeOptions
+from .plan import Plan, human_bytes
 
 MANIFEST = ".mergekit-mlx-output.json"  # in every output directory: the files this tool wrote there
 STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input hashes, shards
@@ -116,7 +116,7 @@ def _absolute(out: Path) -> Path:
     return absolute
 
 
-def _not_ours(out: Path) -> Optional[str]:
+def _not_ours(out: Path) -> str | None:
     """Why `out` may not be replaced, or None when this tool wrote it (or it is an empty directory)."""
     try:
         st = os.lstat(out)
@@ -154,7 +154,7 @@ def _not_ours(out: Path) -> Optional[str]:
     return None
 
 
-def _manifest_files(directory: Path) -> Optional[dict[str, int]]:
+def _manifest_files(directory: Path) -> dict[str, int] | None:
     """name -> size of the files an output directory's manifest lists, or None without a valid one."""
     path = directory / MANIFEST
     try:
@@ -209,8 +209,8 @@ class InputProof:
     while the merge runs, so that a later `--resume` can prove its inputs are the same bytes."""
 
     files: list[str]
-    digests: Optional[dict[str, str]] = None
-    thread: Optional[threading.Thread] = None
+    digests: dict[str, str] | None = None
+    thread: threading.Thread | None = None
     failed: bool = False
 
     def start(self, on_done: Callable[[dict[str, str]], None]) -> None:
@@ -300,7 +300,9 @@ def open_partial(out: Path) -> PartialOutput:
         except FileNotFoundError:
             continue  # removed between the two calls by the process that finished with it
         except OSError:
-            raise OutputError(f"{partial} is not a directory that mergekit-mlx made; remove it, or choose another output") from None
+            raise OutputError(
+                f"{partial} is not a directory that mergekit-mlx made; remove it, or choose another output"
+            ) from None
         failure = _lock(fd, partial, out)
         if failure is not None:
             os.close(fd)
@@ -324,7 +326,7 @@ def open_partial(out: Path) -> PartialOutput:
     raise OutputError(f"cannot take over the temporary output {partial}: other processes keep changing it")
 
 
-def _lock(fd: int, partial: Path, out: Path) -> Optional[int]:
+def _lock(fd: int, partial: Path, out: Path) -> int | None:
     """Take the exclusive lock without waiting; the errno when that failed, None when it is held."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -344,7 +346,7 @@ def _owner(partial: Path) -> str:
         return ""
 
 
-def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> tuple[dict[str, str], Optional[dict[str, str]], str]:
+def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> tuple[dict[str, str], dict[str, str] | None, str]:
     """Shards of an interrupted run that may be kept, the inputs' hashes now, and why none are kept."""
     if not (partial.path / STATE_FILE).exists():
         return {}, None, ""  # no interrupted run: nothing to resume, nothing to say
@@ -369,7 +371,10 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
     kept = {
         f: h
         for f, h in shards.items()
-        if isinstance(f, str) and _plain_name(f) and not f.startswith(".") and (partial.path / f).is_file()
+        if isinstance(f, str)
+        and _plain_name(f)
+        and not f.startswith(".")
+        and (partial.path / f).is_file()
         and file_digest(partial.path / f) == h
     }
     return kept, now, ""
@@ -387,9 +392,9 @@ class OutputJob:
     inputs: Sequence[tuple[str, Path]]  # (name the user gave, path) of every input model
     input_files: list[str]  # every file a tensor is read from (for the resume proof)
     fingerprint: dict  # what a resumed run must share with the interrupted one, besides the inputs
-    tokenizer_dir: Optional[Path] = None  # the model whose tokenizer a GGUF output embeds
-    side_files: Optional[Callable[[Path], None]] = None  # writes tokenizer files, card, ... into a directory
-    verify: Optional[Callable[[Path], None]] = None  # reads back a written hf directory
+    tokenizer_dir: Path | None = None  # the model whose tokenizer a GGUF output embeds
+    side_files: Callable[[Path], None] | None = None  # writes tokenizer files, card, ... into a directory
+    verify: Callable[[Path], None] | None = None  # reads back a written hf directory
 
 
 def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce) -> Path:
@@ -415,7 +420,7 @@ def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce)
 def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprint, single_file, resumable) -> Path:
     tmp = partial.path
     done: dict[str, str] = {}
-    digests: Optional[dict[str, str]] = None
+    digests: dict[str, str] | None = None
     if opts.resume and resumable:
         done, digests, why = _kept_shards(partial, fingerprint, job.input_files)
         if why:
@@ -588,7 +593,7 @@ def _remove_our_output(path: Path) -> None:
     if os.path.isfile(path) and not os.path.islink(path):
         os.unlink(path)  # one of our GGUF files (checked before it was moved)
         return
-    for name in (_manifest_files(path) or {}):
+    for name in _manifest_files(path) or {}:
         try:
             os.unlink(path / name)
         except OSError:
@@ -623,7 +628,7 @@ def _check_free_space(out: Path, job: OutputJob, opts: MergeOptions) -> None:
         )
 
 
-def _write_failure(e: BaseException, out: Path, job: OutputJob) -> Optional[OutputError]:
+def _write_failure(e: BaseException, out: Path, job: OutputJob) -> OutputError | None:
     """An OutputError for a failed write (disk full, no permission, I/O error), else None."""
     if isinstance(e, OSError):
         what = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
@@ -693,7 +698,7 @@ def verify_output(directory: Path, plan: Plan) -> None:
             )
 
 
-def _tokenizer_source_dir(plan: Plan) -> Optional[Path]:
+def _tokenizer_source_dir(plan: Plan) -> Path | None:
     if plan.tokenizer_model is None:
         return None
     return plan.models[plan.tokenizer_model].tokenizer_dir

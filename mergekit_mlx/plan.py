@@ -11,17 +11,17 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 
 from . import tokenizer
-from .errors import ModelError, RecipeError
-from .methods import Method, get_method
 from .dtypes import mlx_dtype, named, torch_dtype_name
+from .errors import ModelError, RecipeError
 from .formats import open_model
 from .formats.base import ModelSource, OutputTensor, strip_quantization
 from .formats.safetensors import plan_shards
+from .methods import Method, get_method
 from .names import LAYER_PATTERN, layer_index, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
 
@@ -42,7 +42,7 @@ class Source:
 class SliceSpec:
     sources: list[Source]
     num_layers: int
-    base: Optional[int]  # model index of this slice's base model
+    base: int | None  # model index of this slice's base model
     parameters: Parameters
     where: str
 
@@ -51,7 +51,7 @@ class SliceSpec:
 class TensorTask:
     out: OutputTensor
     inputs: list[tuple[int, str]]  # (model index, tensor name in that model)
-    base: Optional[int]  # position of the base model within `inputs`
+    base: int | None  # position of the base model within `inputs`
     shared: dict[str, Any]
     per_input: list[dict[str, Any]]
     in_bytes: int
@@ -64,13 +64,13 @@ class Plan:
     method: Method
     model_paths: list[str]
     models: list[ModelSource]
-    base: Optional[int]
+    base: int | None
     tasks: list[TensorTask]
     config: dict
-    out_dtype: Optional[mx.Dtype]
+    out_dtype: mx.Dtype | None
     out_layers: int
-    tokenizer_model: Optional[int]  # the model whose tokenizer is copied (None: a vocabulary plan builds one)
-    vocab: Optional[Any] = None  # tokenizer.VocabPlan when the recipe sets tokenizer_source or tokenizer
+    tokenizer_model: int | None  # the model whose tokenizer is copied (None: a vocabulary plan builds one)
+    vocab: Any | None = None  # tokenizer.VocabPlan when the recipe sets tokenizer_source or tokenizer
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -87,9 +87,7 @@ class Plan:
 
     def peak_estimate(self, shard_bytes: int, batch_bytes: int) -> int:
         """Bytes held at once: the largest task's inputs + float32 working copies, a batch, a shard."""
-        worst = max(
-            (t.in_bytes + (len(t.inputs) + 2) * 4 * math.prod(t.out.shape) for t in self.tasks), default=0
-        )
+        worst = max((t.in_bytes + (len(t.inputs) + 2) * 4 * math.prod(t.out.shape) for t in self.tasks), default=0)
         shard = max((sum(x.nbytes for x in s) for s in plan_shards(self.outputs, shard_bytes)), default=0)
         return worst + min(batch_bytes, self.bytes_written) + shard
 
@@ -124,7 +122,7 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def resolve_model_path(ref: str, where: str, recipe_dir: Optional[Path]) -> Path:
+def resolve_model_path(ref: str, where: str, recipe_dir: Path | None) -> Path:
     """A recipe's model reference as a local path: as written, relative to the recipe, or in the HF cache."""
     shown = short_path(ref)
     try:
@@ -162,9 +160,7 @@ def _slices(recipe: Recipe, index_of: dict[str, int], models: list[ModelSource])
     base = index_of.get(recipe.base_model) if recipe.base_model else None
     if recipe.models:
         _no_repeats([(index_of[m.model], m.model) for m in recipe.models], "models")
-        sources = [
-            Source(index_of[m.model], 0, m.parameters, f"models[{i}]") for i, m in enumerate(recipe.models)
-        ]
+        sources = [Source(index_of[m.model], 0, m.parameters, f"models[{i}]") for i, m in enumerate(recipe.models)]
         n = [models[s.model].num_layers for s in sources]
         if base is not None and base not in [s.model for s in sources]:
             sources.append(Source(base, 0, None, "base_model"))
@@ -217,9 +213,7 @@ def _no_repeats(models: list[tuple[int, str]], where: str) -> None:
             k = indices.index(i)
             first = models[k][1]
             same = "" if first == ref else f" ({short_path(first)!r}: the same model under another path)"
-            raise RecipeError(
-                f"{where}[{j}].model: {short_path(ref)!r} is already {where}[{k}]{same}; list each model once"
-            )
+            raise RecipeError(f"{where}[{j}].model: {short_path(ref)!r} is already {where}[{k}]{same}; list each model once")
 
 
 def _resolve_params(
@@ -316,9 +310,9 @@ def _check_architectures(models: list[ModelSource], paths: list[str], allow_crim
 def make_plan(
     recipe: Recipe,
     *,
-    recipe_dir: Optional[Path] = None,
+    recipe_dir: Path | None = None,
     allow_crimes: bool = False,
-    models: Optional[dict[str, ModelSource]] = None,
+    models: dict[str, ModelSource] | None = None,
 ) -> Plan:
     method = get_method(recipe.merge_method)
     _check_parameter_names(recipe, method)
@@ -386,9 +380,7 @@ def make_plan(
         odt = out_dtype if (out_dtype is not None and is_float) else st_dtype
         shared, per_input = _resolve_params(method, recipe, sl, inputs, out_name, t)
         base_pos = [m for m, _ in inputs].index(sl.base) if sl.base in [m for m, _ in inputs] else None
-        tasks.append(
-            TensorTask(OutputTensor(out_name, tuple(shape), odt), inputs, base_pos, shared, per_input, in_bytes, vocab)
-        )
+        tasks.append(TensorTask(OutputTensor(out_name, tuple(shape), odt), inputs, base_pos, shared, per_input, in_bytes, vocab))
 
     def reference(sl: SliceSpec) -> int:
         return sl.base if sl.base is not None else sl.sources[0].model
@@ -478,8 +470,15 @@ def _check_layer_count(model: ModelSource) -> None:
     if not decoder and len(over) < len(stacks):
         return
     highest, name = max(decoder or over.values())
-    key = next((f"{prefix}{k}" for cfg, prefix in ((model.config, ""), (text, "text_config.")) for k in LAYER_COUNT_KEYS
-                if cfg.get(k) == n), "its layer count")
+    key = next(
+        (
+            f"{prefix}{k}"
+            for cfg, prefix in ((model.config, ""), (text, "text_config."))
+            for k in LAYER_COUNT_KEYS
+            if cfg.get(k) == n
+        ),
+        "its layer count",
+    )
     raise ModelError(
         f"{short_path(where)}: {key} is {n}, but tensor {name!r} belongs to layer {highest}; the config must "
         f"count every layer ({key} = {highest + 1} or more), or the layers above {n - 1} would be left out"
@@ -512,7 +511,7 @@ def _set_layers(config: dict, n: int) -> None:
     config["num_hidden_layers"] = n
 
 
-def _tokenizer_model(recipe: Recipe, index_of: dict[str, int], base: Optional[int], first: int) -> Optional[int]:
+def _tokenizer_model(recipe: Recipe, index_of: dict[str, int], base: int | None, first: int) -> int | None:
     """The model whose tokenizer files are copied as they are; None when a vocabulary plan builds one."""
     src = recipe.tokenizer_source
     if recipe.tokenizer is None and src in (None, "base"):

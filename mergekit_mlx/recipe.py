@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import yaml
 from pydantic import (
@@ -28,7 +29,7 @@ from pydantic import (
 from .dtypes import FLOAT_NAMES
 from .errors import RecipeError
 
-Scalar = Union[bool, int, float, str]
+Scalar = Union[bool, int, float, str]  # noqa: UP007 (runtime aliases that pydantic reads)
 
 PATH_MAX = 4096  # Linux's limits on a path and on one of its parts (macOS: 1024 and 255)
 NAME_MAX = 255
@@ -57,12 +58,12 @@ MAX_PAD_MULTIPLE = 1024  # vocabularies are padded to multiples such as 8, 64 or
 
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: Union[Scalar, list[Scalar]]
-    filter: Optional[str] = None
+    value: Scalar | list[Scalar]
+    filter: str | None = None
 
 
-Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
-Parameters = Optional[dict[str, Setting]]
+Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]  # noqa: UP007
+Parameters = Optional[dict[str, Setting]]  # noqa: UP045
 
 
 class _Strict(BaseModel):
@@ -82,8 +83,8 @@ class InputSlice(_Strict):
 
 class OutputSlice(_Strict):
     sources: list[InputSlice]
-    base_model: Optional[ModelRef] = None
-    residual_weight: Optional[FiniteFloat] = None
+    base_model: ModelRef | None = None
+    residual_weight: FiniteFloat | None = None
     parameters: Parameters = None
 
     @field_validator("sources")
@@ -96,29 +97,29 @@ class OutputSlice(_Strict):
 
 class TokenSource(_Strict):
     # mergekit's per-token embedding sources: a model, a `kind: zero`, or a model + token
-    kind: Optional[str] = None
-    source: Optional[Any] = None
+    kind: str | None = None
+    source: Any | None = None
     force: bool = False
 
 
 class TokenizerConfig(_Strict):
-    source: Union[str, dict, None] = "union"
-    tokens: Optional[dict[str, Any]] = None
-    pad_to_multiple_of: Optional[Annotated[StrictInt, Field(ge=1, le=MAX_PAD_MULTIPLE)]] = None
+    source: str | dict | None = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: Annotated[StrictInt, Field(ge=1, le=MAX_PAD_MULTIPLE)] | None = None
 
 
 class Recipe(_Strict):
     merge_method: str
-    models: Optional[list[InputModel]] = None
-    slices: Optional[list[OutputSlice]] = None
-    base_model: Optional[ModelRef] = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: ModelRef | None = None
     parameters: Parameters = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
-    tokenizer_source: Optional[ModelRef] = None  # 'union', 'base' or a model
-    tokenizer: Optional[TokenizerConfig] = None
-    chat_template: Optional[str] = None
-    name: Optional[str] = None  # mergekit-moe/-evolve share the file format; kept for the model card
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: ModelRef | None = None  # 'union', 'base' or a model
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None  # mergekit-moe/-evolve share the file format; kept for the model card
 
     @model_validator(mode="after")
     def _one_of_models_or_slices(self):
@@ -141,9 +142,12 @@ class Recipe(_Strict):
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, base first, each once, in order of appearance."""
         seen: list[str] = []
-        for m in [self.base_model] + [m.model for m in self.models or []] + [
-            s.model for sl in self.slices or [] for s in sl.sources
-        ] + [sl.base_model for sl in self.slices or []]:
+        for m in (
+            [self.base_model]
+            + [m.model for m in self.models or []]
+            + [s.model for sl in self.slices or [] for s in sl.sources]
+            + [sl.base_model for sl in self.slices or []]
+        ):
             if m and m not in seen:
                 seen.append(m)
         return seen
@@ -220,9 +224,20 @@ def format_location(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after[_nonempty(), list[InputSlice]]",) or "[" in str(part) or part in (
-            "bool", "int", "float", "str", "list[bool]", "Conditional", "list[Conditional]",
-            "list[union[bool,int,float,str]]",
+        elif (
+            part in ("function-after[_nonempty(), list[InputSlice]]",)
+            or "[" in str(part)
+            or part
+            in (
+                "bool",
+                "int",
+                "float",
+                "str",
+                "list[bool]",
+                "Conditional",
+                "list[Conditional]",
+                "list[union[bool,int,float,str]]",
+            )
         ):
             continue  # pydantic's union-branch labels are noise for a YAML user
         else:
@@ -246,7 +261,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         raise RecipeError(f"{where}: invalid recipe\n" + "\n".join(dict.fromkeys(lines))) from None
 
 
-def load_recipe(recipe: Union[str, Path, dict, Recipe]) -> Recipe:
+def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
     """A Recipe from a YAML file path, a YAML string, a dict, or a Recipe."""
     if isinstance(recipe, Recipe):
         return recipe
@@ -258,11 +273,11 @@ def load_recipe(recipe: Union[str, Path, dict, Recipe]) -> Recipe:
     return recipe_from_dict(parse_yaml(str(recipe)))
 
 
-def short_path(path: Union[str, Path], limit: int = 200) -> str:
+def short_path(path: str | Path, limit: int = 200) -> str:
     """A path for a message: whole when short, else its start and end (a 5000-character path is not
     a useful message)."""
     text = str(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]} ({len(text)} characters)"
 
 
 def read_recipe_file(path: Path) -> str:
@@ -280,9 +295,7 @@ def read_recipe_file(path: Path) -> str:
             kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
             raise RecipeError(f"{where}: cannot read the recipe ({kind}); give the path of a YAML file")
         if info.st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(
-                f"{where}: the recipe is {info.st_size} bytes; a merge recipe is at most {MAX_RECIPE_BYTES} bytes"
-            )
+            raise RecipeError(f"{where}: the recipe is {info.st_size} bytes; a merge recipe is at most {MAX_RECIPE_BYTES} bytes")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:

@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from .arguments import Parser, add_common_arguments, add_output_arguments, parse_size
 from .errors import RecipeError
@@ -20,20 +19,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", help="output directory (or .gguf file for gguf formats)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE/DELLA masks (default 0)")
-    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the tokenizer into the output (default on)")
+    p.add_argument(
+        "--copy-tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the tokenizer into the output (default on)",
+    )
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge although an input holds NaN or Inf")
     p.add_argument("--no-kernels", action="store_true", help="use the plain MLX path instead of custom kernels")
-    p.add_argument("--batch-size", type=parse_size, default=None,
-                   help="bytes of tensors in flight (default 512M on the CPU, 2G on a GPU)")
+    p.add_argument(
+        "--batch-size", type=parse_size, default=None, help="bytes of tensors in flight (default 512M on the CPU, 2G on a GPU)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge, keeping its finished shards")
     add_output_arguments(p)
     add_common_arguments(p)
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from .merge import merge
     from .options import MergeOptions
     from .plan import make_plan

@@ -21,9 +21,10 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -104,7 +105,7 @@ CHAT_TEMPLATES = {
 }
 
 
-def resolve_chat_template(chat_template: Optional[str], sources: Sequence[Any] = ()) -> Optional[str]:
+def resolve_chat_template(chat_template: str | None, sources: Sequence[Any] = ()) -> str | None:
     """The template text a recipe's `chat_template` asks for (None: leave the tokenizer's own).
 
     "auto" takes the template most of the input models share (the first seen on a tie); a short
@@ -131,7 +132,7 @@ def resolve_chat_template(chat_template: Optional[str], sources: Sequence[Any] =
     return chat_template
 
 
-def read_chat_template(tokenizer_dir: Optional[Path]) -> Optional[str]:
+def read_chat_template(tokenizer_dir: Path | None) -> str | None:
     """A tokenizer directory's default chat template (stripped), from whichever file holds it.
 
     The directory is an input's: each file is read through `models.read_model_file` (a regular
@@ -167,7 +168,7 @@ def read_chat_template(tokenizer_dir: Optional[Path]) -> Optional[str]:
     return template.strip() if isinstance(template, str) and template.strip() else None
 
 
-def check_chat_templates(chat_template: Optional[str], sources: Sequence[Any], tokenizer_model: Optional[int]) -> None:
+def check_chat_templates(chat_template: str | None, sources: Sequence[Any], tokenizer_model: int | None) -> None:
     """At plan time, read every chat template the output will take, so a bad one stops the run
     before anything is written: the recipe's (with `auto`, every input's) and, when the tokenizer is
     copied from one model, that model's own."""
@@ -176,7 +177,7 @@ def check_chat_templates(chat_template: Optional[str], sources: Sequence[Any], t
         read_chat_template(sources[tokenizer_model].tokenizer_dir)
 
 
-def apply_chat_template(out_dir: Path, chat_template: Optional[str], sources: Sequence[Any] = ()) -> None:
+def apply_chat_template(out_dir: Path, chat_template: str | None, sources: Sequence[Any] = ()) -> None:
     """Set the chat template of the tokenizer written in out_dir (as chat_template.jinja)."""
     template = resolve_chat_template(chat_template, sources)
     if template is None:
@@ -206,7 +207,7 @@ def _read_output_json(path: Path) -> Any:
 # ---- vocabulary sizes without a tokenizer setting --------------------------------------------
 
 
-def rectify_embeddings(name: str, tensors: list[mx.array], base: Optional[int], truncate: bool = False) -> list[mx.array]:
+def rectify_embeddings(name: str, tensors: list[mx.array], base: int | None, truncate: bool = False) -> list[mx.array]:
     """Vocabulary tensors of different sizes with no tokenizer setting: mergekit 0.1.5 refuses them.
 
     With truncate (mergekit's --unsafe-truncate-embeddings) every tensor keeps the first rows they
@@ -236,13 +237,13 @@ class TokenSource:
     """Where a token's default row comes from (mergekit's TokenEmbeddingConfig)."""
 
     kind: str  # "model" (that model's row of this token), "model_token" (a given row), "zero", "auto"
-    model: Optional[int] = None  # index into the sources
-    token_id: Optional[int] = None
-    token: Optional[str] = None
+    model: int | None = None  # index into the sources
+    token_id: int | None = None
+    token: str | None = None
     force: bool = False  # use the default row even for models that have the token
 
 
-def _parse_token_sources(tokens: Optional[dict], model_index) -> dict[str, TokenSource]:
+def _parse_token_sources(tokens: dict | None, model_index) -> dict[str, TokenSource]:
     out: dict[str, TokenSource] = {}
     for tok, cfg in (tokens or {}).items():
         where = f"tokenizer.tokens[{tok!r}]"
@@ -279,8 +280,11 @@ def _parse_token_sources(tokens: Optional[dict], model_index) -> dict[str, Token
             if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
                 raise RecipeError(f"{where}.source.token_id: must be a non-negative integer, got {tid!r}")
             out[tok] = TokenSource(
-                "model_token", model=model_index(src["model"], f"{where}.source.model"), token_id=tid,
-                token=src.get("token"), force=force,
+                "model_token",
+                model=model_index(src["model"], f"{where}.source.model"),
+                token_id=tid,
+                token=src.get("token"),
+                force=force,
             )
         else:
             raise RecipeError(
@@ -292,7 +296,7 @@ def _parse_token_sources(tokens: Optional[dict], model_index) -> dict[str, Token
 # ---- building the output tokenizer -----------------------------------------------------------
 
 
-def config_vocab_size(config: dict) -> Optional[int]:
+def config_vocab_size(config: dict) -> int | None:
     for cfg in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
         for key in ("vocab_size", "padded_vocab_size", "n_vocab"):
             if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
@@ -320,7 +324,7 @@ def _load_tokenizer(path: Path, where: str):
             raise ModelError(f"{path}: cannot load the tokenizer for {where} ({type(e).__name__}: {e})") from None
 
 
-def _stripped_tokenizer(path: Path, vocab_size: Optional[int]):
+def _stripped_tokenizer(path: Path, vocab_size: int | None):
     """The tokenizer without tokens whose id is >= the model's vocab_size (BPE only, as mergekit)."""
     import tokenizers
 
@@ -352,7 +356,7 @@ def _stripped_tokenizer(path: Path, vocab_size: Optional[int]):
     return tok
 
 
-def _union_tokenizer(base_tok, toks: list[tuple[Any, Optional[int]]]):
+def _union_tokenizer(base_tok, toks: list[tuple[Any, int | None]]):
     """base_tok plus the tokens of every (tokenizer, vocab_size) in order, as added tokens."""
     import tempfile
 
@@ -391,10 +395,10 @@ class VocabPlan:
     tokenizer: Any  # the output tokenizer (a transformers tokenizer)
     vocab: dict[str, int]  # output token -> output id
     permutations: list[np.ndarray]  # per source: output id -> that model's row, -1 where it lacks the token
-    original_vocabs: list[Optional[dict[str, int]]]  # per source: its own token -> id
+    original_vocabs: list[dict[str, int] | None]  # per source: its own token -> id
     token_sources: dict[str, TokenSource]
-    base: Optional[int]
-    chat_template: Optional[str] = None
+    base: int | None
+    chat_template: str | None = None
     sources: Sequence[Any] = field(default_factory=list)
 
     def is_vocab_tensor(self, name: str) -> bool:
@@ -483,7 +487,9 @@ class VocabPlan:
                 if row is None:
                     vocab = self.original_vocabs[src.model] or {}
                     if src.token not in vocab:
-                        raise RecipeError(f"tokenizer.tokens[{tok!r}].source.token: {src.token!r} is not in {self._label(src.model)}")
+                        raise RecipeError(
+                            f"tokenizer.tokens[{tok!r}].source.token: {src.token!r} is not in {self._label(src.model)}"
+                        )
                     row = vocab[src.token]
                 if not 0 <= row < tensors[j].shape[0]:
                     raise RecipeError(
@@ -522,7 +528,7 @@ class VocabPlan:
             out.append(aligned)
         return out
 
-    def _label(self, model: Optional[int]) -> str:
+    def _label(self, model: int | None) -> str:
         if model is not None and model < len(self.sources):
             return f"model {self.sources[model].path}"
         return f"model #{model}"
@@ -533,7 +539,7 @@ class VocabPlan:
 _CACHE: dict[tuple, VocabPlan] = {}
 
 
-def plan_vocab(recipe, sources: list, base: Optional[int]) -> Optional[VocabPlan]:
+def plan_vocab(recipe, sources: list, base: int | None) -> VocabPlan | None:
     """The output vocabulary for a recipe, or None when it sets no tokenizer_source / tokenizer block."""
     block = recipe.tokenizer
     if block is None and recipe.tokenizer_source is None:
@@ -546,7 +552,7 @@ def plan_vocab(recipe, sources: list, base: Optional[int]) -> Optional[VocabPlan
     return _CACHE[key]
 
 
-def _build(recipe, sources: list, base: Optional[int]) -> VocabPlan:
+def _build(recipe, sources: list, base: int | None) -> VocabPlan:
     block = recipe.tokenizer
     if block is not None:
         source = getattr(block, "source", None) if not isinstance(block, dict) else block.get("source")
@@ -570,7 +576,7 @@ def _build(recipe, sources: list, base: Optional[int]) -> VocabPlan:
         raise ModelError(f"{sources[base_index].path}: has no tokenizer files, which {where} needs")
     base_tok = _stripped_tokenizer(base_dir, sizes[base_index])
 
-    toks: list[Optional[Any]] = []
+    toks: list[Any | None] = []
     for i, s in enumerate(sources):
         if i == base_index:
             toks.append(base_tok)
@@ -599,7 +605,9 @@ def _build(recipe, sources: list, base: Optional[int]) -> VocabPlan:
         else:
             path = Path(source).expanduser()
             if not path.is_dir():
-                raise RecipeError(f"{where}: {source!r} is not 'base', 'union', one of the recipe's models, or a tokenizer directory")
+                raise RecipeError(
+                    f"{where}: {source!r} is not 'base', 'union', one of the recipe's models, or a tokenizer directory"
+                )
             out_tok = _load_tokenizer(path, where)
     else:
         raise RecipeError(f"{where}: must be 'base', 'union' or a model, got {source!r}")
@@ -656,7 +664,7 @@ def _model_indexer(refs: list[str], sources: list):
             raise RecipeError(f"{where}: {ref!r} is not one of the recipe's models ({', '.join(refs)})")
         return i
 
-    def _lookup(ref: Any) -> Optional[int]:
+    def _lookup(ref: Any) -> int | None:
         if isinstance(ref, dict):
             ref = ref.get("model") or ref.get("path")
         if not isinstance(ref, str):
@@ -673,5 +681,5 @@ def _model_indexer(refs: list[str], sources: list):
     return index
 
 
-def _try_index(model_index, ref: str) -> Optional[int]:
+def _try_index(model_index, ref: str) -> int | None:
     return model_index.lookup(ref)

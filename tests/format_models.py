@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -76,14 +75,14 @@ def llama_shapes(hidden: int, layers: int, heads: int, kv_heads: int, inter: int
 def tiny_model(
     path: Path,
     seed: int = 0,
-    weights: Optional[dict[str, np.ndarray]] = None,
+    weights: dict[str, np.ndarray] | None = None,
     hidden: int = 256,
     layers: int = 2,
     heads: int = 4,
     kv_heads: int = 2,
     inter: int = 512,
     vocab: int = 320,
-    extra_config: Optional[dict] = None,
+    extra_config: dict | None = None,
 ) -> TinyModel:
     """Write config.json, model.safetensors (float32) and the tokenizer; return what was written."""
     path = Path(path)
@@ -95,7 +94,11 @@ def tiny_model(
             for n, s in llama_shapes(hidden, layers, heads, kv_heads, inter, vocab).items()
         }
     weights = {k: v.astype(np.float32).astype(np.float64) for k, v in weights.items()}
-    mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()}, metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(path / "model.safetensors"),
+        {k: mx.array(v.astype(np.float32)) for k, v in weights.items()},
+        metadata={"format": "pt"},
+    )
     (path / "tokenizer.json").write_text(bpe_tokenizer_json(vocab))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})

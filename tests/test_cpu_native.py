@@ -10,7 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mergekit_mlx import errors, kernels as K
+from mergekit_mlx import errors
+from mergekit_mlx import kernels as K
 from mergekit_mlx.kernels import cpu_native, task_merge_cpu
 
 DEFINES = (("T", "uint16_t"), ("KM", "2"), ("MODES", "2,3"), ("CONSENSUS", "1"), ("NORMALIZE", "1"))
@@ -30,19 +31,29 @@ def fresh(monkeypatch, tmp_path):
 def merged(seed=3):
     rng = np.random.default_rng(seed)
     base = mx.array(rng.standard_normal(40_000) * 0.02).astype(mx.bfloat16)
-    others = [(base.astype(mx.float32) + mx.array(rng.standard_normal(40_000) * 0.003)).astype(mx.bfloat16)
-              for _ in range(2)]
+    others = [(base.astype(mx.float32) + mx.array(rng.standard_normal(40_000) * 0.003)).astype(mx.bfloat16) for _ in range(2)]
     with mx.stream(mx.cpu):
-        out = K.fused_task_merge(base, others, [0.6, 0.4], sparsify="random", densities=[0.5, 0.7], rescale=True,
-                                 consensus="sum", normalize=True, lam=1.0, seed=11)
+        out = K.fused_task_merge(
+            base,
+            others,
+            [0.6, 0.4],
+            sparsify="random",
+            densities=[0.5, 0.7],
+            rescale=True,
+            consensus="sum",
+            normalize=True,
+            lam=1.0,
+            seed=11,
+        )
         return np.array(out.view(mx.uint16))
 
 
 def failing_compiler(path) -> str:
     """A 'C++ compiler' that answers --version and fails every build."""
     script = path / "fake-c++"
-    script.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake 1.0"; exit 0; fi\n'
-                      "echo 'error: no such target' >&2\nexit 1\n")
+    script.write_text(
+        '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake 1.0"; exit 0; fi\necho \'error: no such target\' >&2\nexit 1\n'
+    )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -37,8 +36,15 @@ def test_shipped_models_are_hugging_face_llama_directories():
             keys = set(f.keys())
             assert {"model.embed_tokens.weight", "model.norm.weight"} <= keys
             for i in range(config["num_hidden_layers"]):
-                for part in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
+                for part in [
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                ]:
                     assert f"model.layers.{i}.{part}.weight" in keys
             assert all(f.get_tensor(k).dtype == np.float16 for k in keys)
         assert ("lm_head.weight" in keys) != config["tie_word_embeddings"]
@@ -170,8 +176,26 @@ def test_a_short_training_run_writes_loadable_models(tmp_path):
         import train
     finally:
         sys.path.pop(0)
-    args = ["--out", str(tmp_path), "--hidden", "32", "--layers", "1", "--intermediate", "64", "--heads", "2",
-            "--batch", "8", "--base-steps", "6", "--ft-steps", "3", "--eval-n", "0"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--intermediate",
+        "64",
+        "--heads",
+        "2",
+        "--batch",
+        "8",
+        "--base-steps",
+        "6",
+        "--ft-steps",
+        "3",
+        "--eval-n",
+        "0",
+    ]
     assert train.main(args) == 0
     for name in NAMES:
         model, tok = load(str(tmp_path / name))

@@ -20,14 +20,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from format_models import f64, tiny_model  # noqa: E402
 
-from mergekit_mlx.kernels.bitlinear import pack_ternary, unpack_ternary  # noqa: E402
+from mergekit_mlx.convert import convert  # noqa: E402
+from mergekit_mlx.convert import main as convert_main
+from mergekit_mlx.errors import ModelError, RecipeError  # noqa: E402
 from mergekit_mlx.formats import open_model  # noqa: E402
 from mergekit_mlx.formats.base import OutputTensor, WriteOptions  # noqa: E402
 from mergekit_mlx.formats.bitdelta import pack_signs, unpack_signs  # noqa: E402
 from mergekit_mlx.formats.bitnet import BitNetModel, BitNetWriter  # noqa: E402
 from mergekit_mlx.formats.mlx_quant import MLXQuantizedModel, QuantizedWriter  # noqa: E402
-from mergekit_mlx.convert import convert, main as convert_main  # noqa: E402
-from mergekit_mlx.errors import ModelError, RecipeError  # noqa: E402
+from mergekit_mlx.kernels.bitlinear import pack_ternary, unpack_ternary  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,10 @@ def test_mlx_quantized_config_is_mlx_lm_style(model, tmp_path):
     raw = mx.load(str(tmp_path / "q" / "model.safetensors"))
     w = raw["model.layers.0.mlp.up_proj.weight"]
     assert w.dtype == mx.uint32 and w.shape == (model.config["intermediate_size"], model.config["hidden_size"] * 4 // 32)
-    assert raw["model.layers.0.mlp.up_proj.scales"].shape == (model.config["intermediate_size"], model.config["hidden_size"] // 32)
+    assert raw["model.layers.0.mlp.up_proj.scales"].shape == (
+        model.config["intermediate_size"],
+        model.config["hidden_size"] // 32,
+    )
     assert "model.norm.scales" not in raw and raw["model.norm.weight"].dtype == mx.float32
 
 
@@ -122,7 +126,15 @@ def test_mlx_quantized_output_loads_and_generates_in_mlx_lm(model, tmp_path):
 
 @pytest.mark.parametrize(
     "mode,bits,group",
-    [("affine", 2, 32), ("affine", 3, 64), ("affine", 5, 64), ("affine", 6, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)],
+    [
+        ("affine", 2, 32),
+        ("affine", 3, 64),
+        ("affine", 5, 64),
+        ("affine", 6, 128),
+        ("mxfp4", 4, 32),
+        ("mxfp8", 8, 32),
+        ("nvfp4", 4, 16),
+    ],
 )
 def test_mlx_quantized_reader_reads_every_mode(tmp_path, mode, bits, group):
     rng = np.random.default_rng(1)
@@ -193,7 +205,11 @@ def test_bitnet_reader_applies_weight_scale_by_linear_class(tmp_path, linear_cla
         },
         metadata={"format": "pt"},
     )
-    cfg = {"model_type": "bitnet", "num_hidden_layers": 1, "quantization_config": {"quant_method": "bitnet", "linear_class": linear_class}}
+    cfg = {
+        "model_type": "bitnet",
+        "num_hidden_layers": 1,
+        "quantization_config": {"quant_method": "bitnet", "linear_class": linear_class},
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m = open_model(tmp_path)
     assert isinstance(m, BitNetModel)
@@ -276,7 +292,10 @@ def test_bitdelta_stores_signs_and_one_scale_and_reads_back(model, tmp_path):
     out = convert(ft.path, tmp_path / "delta", bitdelta_base=model.path)
     raw = mx.load(str(out / "model.safetensors"))
     name = "model.layers.0.mlp.gate_proj.weight"
-    assert raw[name + ".sign"].dtype == mx.uint8 and raw[name + ".sign"].shape == (ft_weights[name].shape[0], ft_weights[name].shape[1] // 8)
+    assert raw[name + ".sign"].dtype == mx.uint8 and raw[name + ".sign"].shape == (
+        ft_weights[name].shape[0],
+        ft_weights[name].shape[1] // 8,
+    )
     assert raw[name + ".delta_scale"].shape == (1,)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitdelta"

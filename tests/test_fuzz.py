@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergekit_mlx.errors import ModelError
 from mergekit_mlx import dtypes
+from mergekit_mlx.errors import ModelError
 from mergekit_mlx.formats import open_model
 from mergekit_mlx.formats.files import read_config
 from mergekit_mlx.formats.safetensors import read_safetensors_header, safetensors_files
@@ -107,14 +107,21 @@ def check_safetensors_file(path: Path) -> None:
 
 
 numbers = st.one_of(
-    st.integers(-4, 64), st.integers(-(2**70), 2**70), st.sampled_from([2**63, 2**64 - 1, 2**64]),
-    st.floats(allow_nan=True), st.booleans(), st.none(), st.text(max_size=3),
+    st.integers(-4, 64),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([2**63, 2**64 - 1, 2**64]),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
 )
 entries = st.fixed_dictionaries(
     {
         "dtype": st.one_of(st.sampled_from(list(dtypes.BY_CODE)), st.sampled_from(["F33", "", "f32"]), numbers),
         "shape": st.one_of(st.lists(numbers, max_size=4), st.lists(st.integers(0, 8), max_size=3), numbers),
-        "data_offsets": st.one_of(st.lists(numbers, max_size=3), st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list), numbers),
+        "data_offsets": st.one_of(
+            st.lists(numbers, max_size=3), st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list), numbers
+        ),
     },
     optional={"extra": numbers},
 )
@@ -141,19 +148,22 @@ def mutate(blob: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
     for kind, at, payload in edits:
         at %= len(blob) + 1
         if kind == "overwrite":
-            blob = blob[:at] + payload + blob[at + len(payload):]
+            blob = blob[:at] + payload + blob[at + len(payload) :]
         elif kind == "insert":
             blob = blob[:at] + payload + blob[at:]
         elif kind == "truncate":
             blob = blob[:at]
         elif kind == "flip" and at < len(blob):
-            blob = blob[:at] + bytes([blob[at] ^ (payload[0] if payload else 0xFF)]) + blob[at + 1:]
+            blob = blob[:at] + bytes([blob[at] ^ (payload[0] if payload else 0xFF)]) + blob[at + 1 :]
     return blob
 
 
 edit_lists = st.lists(
-    st.tuples(st.sampled_from(["overwrite", "insert", "truncate", "flip"]), st.integers(0, 400), st.binary(min_size=1, max_size=8)),
-    min_size=1, max_size=4,
+    st.tuples(
+        st.sampled_from(["overwrite", "insert", "truncate", "flip"]), st.integers(0, 400), st.binary(min_size=1, max_size=8)
+    ),
+    min_size=1,
+    max_size=4,
 )
 
 
@@ -203,15 +213,34 @@ def indexed(work) -> Path:
 
 
 file_names = st.one_of(
-    st.sampled_from([
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "link.safetensors", "missing.safetensors",
-        "../outside.safetensors", "sub/x.safetensors", "sub", "/etc/passwd", "", ".", "..", "x\0y", "\\x", "a" * 300,
-    ]),
-    st.text(max_size=12), st.integers(), st.none(), st.lists(st.text(max_size=3), max_size=2),
+    st.sampled_from(
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "link.safetensors",
+            "missing.safetensors",
+            "../outside.safetensors",
+            "sub/x.safetensors",
+            "sub",
+            "/etc/passwd",
+            "",
+            ".",
+            "..",
+            "x\0y",
+            "\\x",
+            "a" * 300,
+        ]
+    ),
+    st.text(max_size=12),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=3), max_size=2),
 )
 indexes = st.one_of(
-    st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=8), file_names, max_size=5)},
-                          optional={"metadata": st.dictionaries(st.text(max_size=4), numbers, max_size=2)}),
+    st.fixed_dictionaries(
+        {"weight_map": st.dictionaries(st.text(max_size=8), file_names, max_size=5)},
+        optional={"metadata": st.dictionaries(st.text(max_size=4), numbers, max_size=2)},
+    ),
     st.fixed_dictionaries({"weight_map": st.one_of(numbers, st.lists(file_names, max_size=3))}),
     st.lists(numbers, max_size=3),
     numbers,
@@ -306,7 +335,7 @@ def check_gguf_file(path: Path) -> None:
         return
     assert isinstance(model.config, dict)
     try:
-        model.tokenizer_dir  # rebuilt from the metadata when the GGUF is a tokenizer source
+        model.tokenizer_dir  # noqa: B018 - rebuilt from the metadata when the GGUF is a tokenizer source
     except ModelError:
         pass
     for name in model.tensor_names():
@@ -319,12 +348,21 @@ def check_gguf_file(path: Path) -> None:
 
 
 @FUZZ
-@given(edits=st.lists(
-    st.tuples(st.sampled_from(["overwrite", "insert", "truncate", "flip"]), st.integers(0, 1200),
-              st.one_of(st.binary(min_size=1, max_size=8), st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n)),
-                        st.integers(0, 2**32 - 1).map(lambda n: struct.pack("<I", n)))),
-    min_size=1, max_size=3,
-))
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["overwrite", "insert", "truncate", "flip"]),
+            st.integers(0, 1200),
+            st.one_of(
+                st.binary(min_size=1, max_size=8),
+                st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n)),
+                st.integers(0, 2**32 - 1).map(lambda n: struct.pack("<I", n)),
+            ),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_fuzz_mutated_gguf_files(work, gguf_blob, edits):
     path = work / "mutated.gguf"
     path.write_bytes(mutate(gguf_blob, edits))
@@ -340,21 +378,37 @@ gguf_scalars = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12])
 gguf_values = st.one_of(
     st.tuples(gguf_scalars, st.binary(min_size=0, max_size=8)).map(lambda t: struct.pack("<I", t[0]) + t[1]),
     st.binary(max_size=12).map(lambda b: struct.pack("<I", 8) + gguf_string(b)),
-    st.tuples(st.sampled_from([0, 4, 8, 9, 99]), st.one_of(st.integers(0, 8), st.integers(0, 2**64 - 1)), st.binary(max_size=24)).map(
-        lambda t: struct.pack("<IIQ", 9, t[0], t[1]) + t[2]
-    ),
+    st.tuples(
+        st.sampled_from([0, 4, 8, 9, 99]), st.one_of(st.integers(0, 8), st.integers(0, 2**64 - 1)), st.binary(max_size=24)
+    ).map(lambda t: struct.pack("<IIQ", 9, t[0], t[1]) + t[2]),
     st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=8)).map(lambda t: struct.pack("<I", t[0]) + t[1]),
 )
-gguf_keys = st.one_of(st.sampled_from([b"general.architecture", b"llama.block_count", b"llama.embedding_length",
-                                       b"llama.attention.head_count", b"general.alignment", b"tokenizer.ggml.tokens"]),
-                      st.binary(max_size=6))
+gguf_keys = st.one_of(
+    st.sampled_from(
+        [
+            b"general.architecture",
+            b"llama.block_count",
+            b"llama.embedding_length",
+            b"llama.attention.head_count",
+            b"general.alignment",
+            b"tokenizer.ggml.tokens",
+        ]
+    ),
+    st.binary(max_size=6),
+)
 gguf_tensor_infos = st.tuples(
     st.sampled_from([b"token_embd.weight", b"output_norm.weight", b"blk.0.attn_q.weight", b"x"]),
     st.one_of(st.lists(st.integers(0, 64), max_size=4), st.lists(st.integers(0, 2**64 - 1), max_size=5)),
     st.one_of(st.sampled_from([0, 1, 8, 30]), st.integers(0, 2**32 - 1)),
     st.one_of(st.integers(0, 256), st.integers(0, 2**64 - 1)),
-).map(lambda t: gguf_string(t[0]) + struct.pack("<I", len(t[1])) + b"".join(struct.pack("<Q", d) for d in t[1])
-      + struct.pack("<IQ", t[2], t[3]))
+).map(
+    lambda t: (
+        gguf_string(t[0])
+        + struct.pack("<I", len(t[1]))
+        + b"".join(struct.pack("<Q", d) for d in t[1])
+        + struct.pack("<IQ", t[2], t[3])
+    )
+)
 
 
 @FUZZ
@@ -362,7 +416,11 @@ gguf_tensor_infos = st.tuples(
     version=st.sampled_from([2, 3, 3, 3, 1, 2**24]),
     kvs=st.lists(st.tuples(gguf_keys, gguf_values), max_size=5),
     infos=st.lists(gguf_tensor_infos, max_size=3),
-    counts=st.one_of(st.none(), st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), st.tuples(st.integers(0, 6), st.integers(0, 8))),
+    counts=st.one_of(
+        st.none(),
+        st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+        st.tuples(st.integers(0, 6), st.integers(0, 8)),
+    ),
     data=st.binary(max_size=300),
 )
 def test_fuzz_structured_gguf_headers(work, version, kvs, infos, counts, data):
@@ -387,18 +445,41 @@ def refused(path: Path, reader, match: str) -> None:
     "header, match",
     [
         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # was RecursionError
-        (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', "not valid JSON"),  # int too long: ValueError
+        (
+            b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}',
+            "not valid JSON",
+        ),  # int too long: ValueError
         (b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', "unknown dtype"),  # unhashable list: TypeError
-        (b'{"__metadata__": {"n": 1}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "__metadata__"),  # MLX load failed
-        (b'{"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "__metadata__"),  # accepted as empty
+        (
+            b'{"__metadata__": {"n": 1}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            "__metadata__",
+        ),  # MLX load failed
+        (
+            b'{"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            "__metadata__",
+        ),  # accepted as empty
         (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": Infinity}}', "not valid JSON"),  # MLX load failed
         ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'.encode("utf-16"), "not valid JSON"),  # read as UTF-16
-        (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
-         "appears twice"),  # the last entry silently won
-        (b'{"a": {"dtype": "F32", "shape": [' + b",".join([b"1000000000"] * 200_000) + b'], "data_offsets": [0, 4]}}',
-         "more bytes than the file holds"),  # quadratic big-integer product
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            "appears twice",
+        ),  # the last entry silently won
+        (
+            b'{"a": {"dtype": "F32", "shape": [' + b",".join([b"1000000000"] * 200_000) + b'], "data_offsets": [0, 4]}}',
+            "more bytes than the file holds",
+        ),  # quadratic big-integer product
     ],
-    ids=["deep-json", "long-int", "dtype-list", "metadata-int", "metadata-list", "infinity", "utf-16", "duplicate-key", "many-dims"],
+    ids=[
+        "deep-json",
+        "long-int",
+        "dtype-list",
+        "metadata-int",
+        "metadata-list",
+        "infinity",
+        "utf-16",
+        "duplicate-key",
+        "many-dims",
+    ],
 )
 def test_regression_safetensors_header(work, header, match):
     path = work / "regression.safetensors"
@@ -442,8 +523,10 @@ def gguf_kv(key: str, vtype: int, payload: bytes) -> bytes:
 
 
 ARCH = gguf_kv("general.architecture", 8, gguf_string(b"llama"))
-LLAMA = ARCH + b"".join(gguf_kv(f"llama.{k}", 4, struct.pack("<I", v))
-                        for k, v in [("block_count", 1), ("embedding_length", 8), ("attention.head_count", 2)])
+LLAMA = ARCH + b"".join(
+    gguf_kv(f"llama.{k}", 4, struct.pack("<I", v))
+    for k, v in [("block_count", 1), ("embedding_length", 8), ("attention.head_count", 2)]
+)
 
 
 def test_regression_gguf_array_count_past_the_end_of_the_file(work):
@@ -455,8 +538,14 @@ def test_regression_gguf_array_count_past_the_end_of_the_file(work):
 @pytest.mark.parametrize(
     "arch, match",
     [
-        (gguf_kv("general.architecture", 9, struct.pack("<IQII", 4, 2, 1, 2)), "architecture \\[1, 2\\] is not supported"),  # TypeError
-        (gguf_kv("general.architecture", 8, gguf_string(b"\xff\xfe")), "'general.architecture' cannot be read"),  # UnicodeDecodeError
+        (
+            gguf_kv("general.architecture", 9, struct.pack("<IQII", 4, 2, 1, 2)),
+            "architecture \\[1, 2\\] is not supported",
+        ),  # TypeError
+        (
+            gguf_kv("general.architecture", 8, gguf_string(b"\xff\xfe")),
+            "'general.architecture' cannot be read",
+        ),  # UnicodeDecodeError
     ],
     ids=["array", "not-utf8"],
 )
@@ -477,8 +566,10 @@ def test_regression_gguf_overlapping_tensors(work):
 
 def test_regression_gguf_heads_that_do_not_divide_the_q_rows(work):
     # the rotary un-permutation on load raised ValueError from a reshape (found by a one-bit flip)
-    kvs = ARCH + b"".join(gguf_kv(f"llama.{k}", 4, struct.pack("<I", v))
-                          for k, v in [("block_count", 1), ("embedding_length", 8), ("attention.head_count", 3)])
+    kvs = ARCH + b"".join(
+        gguf_kv(f"llama.{k}", 4, struct.pack("<I", v))
+        for k, v in [("block_count", 1), ("embedding_length", 8), ("attention.head_count", 3)]
+    )
     info = gguf_string(b"blk.0.attn_q.weight") + struct.pack("<IQQIQ", 2, 8, 8, 0, 0)
     path = gguf_file(work, kvs, 4, info, 1, b"\0" * 256)
     refused(path, open_model, "'model.layers.0.self_attn.q_proj.weight' has 8 rows, which 3 heads")

@@ -98,7 +98,14 @@ def error_bound(qtype: Q, w: np.ndarray) -> np.ndarray:
 
 # the type every tensor of the tiny model must have, per format (llama.cpp's converter rules)
 def expected_type(fmt: str, gguf_tensor: str) -> Q:
-    target = {"gguf-f16": Q.F16, "gguf-bf16": Q.BF16, "gguf-q8_0": Q.Q8_0, "gguf-q4_0": Q.Q4_0, "gguf-tq1_0": Q.TQ1_0, "gguf-tq2_0": Q.TQ2_0}[fmt]
+    target = {
+        "gguf-f16": Q.F16,
+        "gguf-bf16": Q.BF16,
+        "gguf-q8_0": Q.Q8_0,
+        "gguf-q4_0": Q.Q4_0,
+        "gguf-tq1_0": Q.TQ1_0,
+        "gguf-tq2_0": Q.TQ2_0,
+    }[fmt]
     if gguf_tensor.endswith("_norm.weight"):
         return Q.F32
     if gguf_tensor in ("token_embd.weight", "output.weight") and target in (Q.TQ1_0, Q.TQ2_0):
@@ -195,7 +202,13 @@ def test_tied_embeddings_have_no_output_tensor(tmp_path):
 
 
 def test_llama3_rope_scaling_goes_out_as_rope_freqs_and_comes_back(tmp_path):
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     m = tiny_model(tmp_path / "m", seed=4, extra_config={"rope_scaling": rope, "rope_theta": 500000.0})
     path = write_gguf(m.path, tmp_path / "g", "gguf-f16")
     freqs = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight")
@@ -244,13 +257,40 @@ def test_reader_undoes_the_llama_cpp_rope_permutation(tmp_path):
     assert m.config["num_key_value_heads"] == 2 and m.config["rms_norm_eps"] == pytest.approx(1e-6)
 
 
-DECODABLE = [t for t in Q if t not in (Q.F32, Q.F16) and t in gguf.GGML_QUANT_SIZES and 256 % gguf.GGML_QUANT_SIZES[t][0] == 0 and can_dequantize(t)]
+DECODABLE = [
+    t
+    for t in Q
+    if t not in (Q.F32, Q.F16) and t in gguf.GGML_QUANT_SIZES and 256 % gguf.GGML_QUANT_SIZES[t][0] == 0 and can_dequantize(t)
+]
 
 
 def test_the_installed_gguf_package_decodes_the_types_the_issue_names():
     names = {t.name for t in DECODABLE}
-    wanted = {"BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-              "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
+    wanted = {
+        "BF16",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ2_S",
+        "IQ3_XXS",
+        "IQ3_S",
+        "IQ1_S",
+        "IQ1_M",
+        "IQ4_NL",
+        "IQ4_XS",
+        "TQ1_0",
+        "TQ2_0",
+        "MXFP4",
+    }
     assert wanted <= names
 
 
@@ -263,8 +303,15 @@ def test_reader_loads_every_type_as_the_gguf_package_decodes_it(tmp_path, qtype)
         # keep f16 block scales finite and small: random bytes would often spell NaN or Inf
         raw = raw & np.uint8(0x3B)
     else:
-        raw = np.frombuffer(rng.normal(size=(4, 256)).astype(np.float32).tobytes(), np.uint16)[1::2].reshape(4, 256).copy().view(np.uint8)
-    llama_cpp_style_file(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": (raw, qtype), "blk.0.attn_k.weight": (np.tile(raw, (32, 1)), qtype)})
+        raw = (
+            np.frombuffer(rng.normal(size=(4, 256)).astype(np.float32).tobytes(), np.uint16)[1::2]
+            .reshape(4, 256)
+            .copy()
+            .view(np.uint8)
+        )
+    llama_cpp_style_file(
+        tmp_path / "m.gguf", {"blk.0.ffn_up.weight": (raw, qtype), "blk.0.attn_k.weight": (np.tile(raw, (32, 1)), qtype)}
+    )
     m = GGUFModel(tmp_path / "m.gguf")
     expected = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     assert m.info("model.layers.0.mlp.up_proj.weight").shape == (4, 256)
@@ -323,13 +370,14 @@ def test_byte_level_tokenizer_rebuilt_from_vocabulary_keys(model, tmp_path):
 
 def sentencepiece_style_tokenizer(path: Path) -> None:
     """A Llama-2-style tokenizer.json: BPE with byte fallback, spaces as U+2581, a prepended space."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-
     from format_models import WORDS
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
     rng = np.random.default_rng(1)
@@ -369,7 +417,9 @@ def test_character_tokenizer_goes_out_as_llama_vocabulary_without_prefix_space(t
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
-    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    )
     path = vocab_only_gguf(tmp_path / "v.gguf", tmp_path / "tok", 0)
     r = gguf.GGUFReader(path)
     assert r.get_field("tokenizer.ggml.model").contents() == "llama"
@@ -396,8 +446,14 @@ def test_merge_writes_gguf_output_and_convert_reads_it(model, tmp_path):
 
     rng = np.random.default_rng(6)
     other = tiny_model(tmp_path / "other", weights={k: v + rng.normal(0, 0.01, v.shape) for k, v in model.weights.items()})
-    recipe = {"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": str(model.path), "parameters": {"weight": 0.5}}, {"model": str(other.path), "parameters": {"weight": 0.5}}]}
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": str(model.path), "parameters": {"weight": 0.5}},
+            {"model": str(other.path), "parameters": {"weight": 0.5}},
+        ],
+    }
     result = merge(recipe, tmp_path / "out", out_format="gguf-q8_0")
     files = sorted(p.name for p in Path(result.path).glob("*.gguf"))
     assert files == ["model.gguf"]

@@ -11,14 +11,14 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-
 import tiny
+
 from mergekit_mlx import merge
+from mergekit_mlx.dtypes import mlx_dtype
+from mergekit_mlx.formats import open_model
 from mergekit_mlx.kernels import cuda_compile as cuda_jit
 from mergekit_mlx.kernels import gpu_reads
 from mergekit_mlx.kernels.sources import kernel_source
-from mergekit_mlx.dtypes import mlx_dtype
-from mergekit_mlx.formats import open_model
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
 
@@ -44,7 +44,7 @@ def test_file_span_points_at_each_tensors_bytes(tmp_path):
         assert path == d / "model.safetensors"
         assert nbytes == a.nbytes
         want = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes()
-        assert raw[offset:offset + nbytes] == want, name
+        assert raw[offset : offset + nbytes] == want, name
 
 
 EMU = r"""
@@ -94,8 +94,9 @@ def test_the_copy_kernel_copies_every_byte(tmp_path):
     src = tmp_path / "copy.cpp"
     src.write_text(EMU + unit + "#define KERNEL mk_copy\n" + EMU_MAIN)
     exe = tmp_path / "copy"
-    res = subprocess.run([CLANG, "-x", "c++", "-std=c++17", "-O1", "-I", str(tmp_path), str(src), "-o", str(exe)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [CLANG, "-x", "c++", "-std=c++17", "-O1", "-I", str(tmp_path), str(src), "-o", str(exe)], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -142,14 +143,19 @@ class HostReader:
 
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_staged_inputs_merge_as_loaded_ones_and_go_back_once(family, tmp_path, monkeypatch, method):
-    pipeline = sys.modules["mergekit_mlx.pipeline"]
+    sys.modules["mergekit_mlx.pipeline"]
     base, *fts = family
     if method == "ties":
-        recipe = {"merge_method": "ties", "base_model": str(base), "models": [
-            {"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in fts]}
+        recipe = {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in fts],
+        }
     else:
-        recipe = {"merge_method": "linear", "models": [
-            {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+        recipe = {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])],
+        }
     merge(recipe, tmp_path / "loaded")
     reader = HostReader()
     monkeypatch.setattr(gpu_reads, "reader", lambda keep: reader)
@@ -178,7 +184,7 @@ def test_a_failed_read_hands_back_every_staged_input(family, tmp_path, monkeypat
     input already staged (waiting to be merged, or read for a task not complete) goes back."""
     from mergekit_mlx.errors import ModelError
 
-    pipeline = sys.modules["mergekit_mlx.pipeline"]
+    sys.modules["mergekit_mlx.pipeline"]
 
     class FailingReader(HostReader):
         def stage(self, model, name):
@@ -190,8 +196,10 @@ def test_a_failed_read_hands_back_every_staged_input(family, tmp_path, monkeypat
 
     reader = FailingReader()
     monkeypatch.setattr(gpu_reads, "reader", lambda keep: reader)
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])],
+    }
     with pytest.raises(ModelError, match="disk gone"):
         merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -214,8 +222,10 @@ def test_a_failed_merge_hands_back_its_staged_inputs(family, tmp_path, monkeypat
         return real(plan, task, *a, **k)
 
     monkeypatch.setattr(pipeline, "merge_task", failing)
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])],
+    }
     with pytest.raises(RuntimeError, match="the merge failed"):
         merge(recipe, tmp_path / "out")
     assert reader.staged and sorted(reader.released) == sorted(reader.staged)

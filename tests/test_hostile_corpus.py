@@ -166,6 +166,7 @@ class _Alarm(BaseException):
 @contextlib.contextmanager
 def watchdog(seconds: float):
     """Best effort against an in-process hang (works while Python code runs)."""
+
     def fire(*_):
         raise _Alarm(f"still running after {seconds} s (a hang)")
 
@@ -206,8 +207,15 @@ def run_inproc(argv: list[str], capsys, cwd: Path | None = None) -> Outcome:
 def run_sub(argv: list[str], env: dict, cwd: Path | None, timeout: float) -> Outcome:
     full_env = dict(os.environ, **{SECRET_ENV: SECRET}, **env)
     try:
-        proc = subprocess.run([sys.executable, "-m", "mergekit_mlx", *map(str, argv)], capture_output=True, text=True, check=False,
-                              timeout=timeout, cwd=cwd or REPO, env=full_env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mergekit_mlx", *map(str, argv)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            cwd=cwd or REPO,
+            env=full_env,
+        )
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         return Outcome(None, err, timeout=True)
@@ -295,8 +303,15 @@ def linear(models: list[Path], weights: list | None = None) -> dict:
     return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
 
 
-def method(c: Ctx, name: str, shared: dict | None = None, per: dict | None = None, models: list | None = None,
-           base: bool = True, base_in_models: bool = False) -> dict:
+def method(
+    c: Ctx,
+    name: str,
+    shared: dict | None = None,
+    per: dict | None = None,
+    models: list | None = None,
+    base: bool = True,
+    base_in_models: bool = False,
+) -> dict:
     models = [c.ft1, c.ft2] if models is None else models
     if base_in_models:
         models = [c.base] + models
@@ -367,31 +382,89 @@ case("recipe-is-a-directory", R, lambda c: run(c, (c.root / "dir.yml").mkdir() o
 case("recipe-missing", R, lambda c: run(c, c.root / "nope.yml"), culprit=r"nope\.yml")
 case("recipe-fifo", R, lambda c: run(c, fifo(c.root / "recipe.yml"), sub=True), culprit=r"recipe\.yml")
 case("recipe-symlink-to-dev-zero", R, lambda c: run(c, relink(c.root / "zero.yml", "/dev/zero"), sub=True), culprit=r"zero\.yml")
-case("recipe-no-merge-method", R, rec(lambda c: {k: v for k, v in _valid(c).items() if k != "merge_method"}), culprit="merge_method")
+case(
+    "recipe-no-merge-method",
+    R,
+    rec(lambda c: {k: v for k, v in _valid(c).items() if k != "merge_method"}),
+    culprit="merge_method",
+)
 case("recipe-merge-method-list", R, rec(lambda c: dict(_valid(c), merge_method=["ties"])), culprit="merge_method")
 case("recipe-merge-method-empty", R, rec(lambda c: dict(_valid(c), merge_method="")), culprit="merge_method")
-case("recipe-models-and-slices", R, rec(lambda c: dict(_valid(c), slices=[{"sources": [{"model": str(c.base), "layer_range": [0, 2]}]}])),
-     culprit="slices")
+case(
+    "recipe-models-and-slices",
+    R,
+    rec(lambda c: dict(_valid(c), slices=[{"sources": [{"model": str(c.base), "layer_range": [0, 2]}]}])),
+    culprit="slices",
+)
 case("recipe-models-empty", R, rec(lambda c: dict(_valid(c), models=[])), culprit="models")
 case("recipe-models-a-string", R, rec(lambda c: dict(_valid(c), models=str(c.base))), culprit="models")
-case("recipe-model-entries-bare-strings", R, rec(lambda c: dict(_valid(c), models=[str(c.base), str(c.ft1)])), culprit=r"models\[0\]")
-case("recipe-model-key-missing", R, rec(lambda c: dict(_valid(c), models=[{"parameters": {"weight": 1.0}}, {"model": str(c.ft1), "parameters": {"weight": 1.0}}])),
-     culprit=r"models\[0\]")
-case("recipe-model-null", R, rec(lambda c: dict(_valid(c), models=[{"model": None, "parameters": {"weight": 1.0}}, {"model": str(c.ft1), "parameters": {"weight": 1.0}}])),
-     culprit=r"models\[0\]\.model")
-case("recipe-model-a-number", R, rec(lambda c: dict(_valid(c), models=[{"model": 42, "parameters": {"weight": 1.0}}, {"model": str(c.ft1), "parameters": {"weight": 1.0}}])),
-     culprit=r"models\[0\]\.model")
+case(
+    "recipe-model-entries-bare-strings",
+    R,
+    rec(lambda c: dict(_valid(c), models=[str(c.base), str(c.ft1)])),
+    culprit=r"models\[0\]",
+)
+case(
+    "recipe-model-key-missing",
+    R,
+    rec(
+        lambda c: dict(_valid(c), models=[{"parameters": {"weight": 1.0}}, {"model": str(c.ft1), "parameters": {"weight": 1.0}}])
+    ),
+    culprit=r"models\[0\]",
+)
+case(
+    "recipe-model-null",
+    R,
+    rec(
+        lambda c: dict(
+            _valid(c),
+            models=[{"model": None, "parameters": {"weight": 1.0}}, {"model": str(c.ft1), "parameters": {"weight": 1.0}}],
+        )
+    ),
+    culprit=r"models\[0\]\.model",
+)
+case(
+    "recipe-model-a-number",
+    R,
+    rec(
+        lambda c: dict(
+            _valid(c), models=[{"model": 42, "parameters": {"weight": 1.0}}, {"model": str(c.ft1), "parameters": {"weight": 1.0}}]
+        )
+    ),
+    culprit=r"models\[0\]\.model",
+)
 case("recipe-top-parameters-a-list", R, rec(lambda c: dict(_valid(c), parameters=[1, 2])), culprit="parameters")
 case("recipe-dtype-unknown", R, rec(lambda c: dict(_valid(c), dtype="float8")), culprit="dtype")
 case("recipe-out-dtype-unknown", R, rec(lambda c: dict(_valid(c), out_dtype="int4")), culprit="out_dtype")
-case("recipe-nested-misspelt-key", R, rec(lambda c: dict(_valid(c), models=[{"model": str(c.base), "paramters": {"weight": 0.5}},
-                                                                           {"model": str(c.ft1), "parameters": {"weight": 0.5}}])),
-     culprit="paramters")
-case("recipe-nested-duplicate-key", R, rec(lambda c: (
-    f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters:\n      weight: 0.5\n      weight: 0.9\n"
-    f"  - model: {c.ft1}\n    parameters:\n      weight: 0.5\n")), culprit="weight")
+case(
+    "recipe-nested-misspelt-key",
+    R,
+    rec(
+        lambda c: dict(
+            _valid(c),
+            models=[{"model": str(c.base), "paramters": {"weight": 0.5}}, {"model": str(c.ft1), "parameters": {"weight": 0.5}}],
+        )
+    ),
+    culprit="paramters",
+)
+case(
+    "recipe-nested-duplicate-key",
+    R,
+    rec(
+        lambda c: (
+            f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters:\n      weight: 0.5\n      weight: 0.9\n"
+            f"  - model: {c.ft1}\n    parameters:\n      weight: 0.5\n"
+        )
+    ),
+    culprit="weight",
+)
 case("recipe-slices-empty", R, rec(lambda c: {"merge_method": "passthrough", "slices": []}), culprit="slices")
-case("recipe-slice-without-sources", R, rec(lambda c: {"merge_method": "passthrough", "slices": [{"sources": []}]}), culprit=r"slices\[0\]")
+case(
+    "recipe-slice-without-sources",
+    R,
+    rec(lambda c: {"merge_method": "passthrough", "slices": [{"sources": []}]}),
+    culprit=r"slices\[0\]",
+)
 
 
 def _passthrough(c: Ctx, layer_range) -> dict:
@@ -401,19 +474,67 @@ def _passthrough(c: Ctx, layer_range) -> dict:
 case("recipe-layer-range-floats", R, rec(lambda c: _passthrough(c, [0.5, 1.5])), culprit="layer_range")
 case("recipe-layer-range-three-numbers", R, rec(lambda c: _passthrough(c, [0, 1, 2])), culprit="layer_range")
 case("recipe-layer-range-strings", R, rec(lambda c: _passthrough(c, ["a", "b"])), culprit="layer_range")
-case("recipe-tokenizer-source-unknown", R, rec(lambda c: dict(_valid(c), tokenizer_source="no-such-model-anywhere")), culprit="tokenizer_source")
-case("recipe-chat-template-broken-jinja", R, rec(lambda c: dict(_valid(c), chat_template="{% if %}{{ messages ")), culprit="chat_template")
-case("recipe-filter-not-a-string", R, rec(lambda c: linear([c.base, c.ft1], [[{"filter": 3, "value": 0.5}], 0.5])), culprit="weight|filter")
+case(
+    "recipe-tokenizer-source-unknown",
+    R,
+    rec(lambda c: dict(_valid(c), tokenizer_source="no-such-model-anywhere")),
+    culprit="tokenizer_source",
+)
+case(
+    "recipe-chat-template-broken-jinja",
+    R,
+    rec(lambda c: dict(_valid(c), chat_template="{% if %}{{ messages ")),
+    culprit="chat_template",
+)
+case(
+    "recipe-filter-not-a-string",
+    R,
+    rec(lambda c: linear([c.base, c.ft1], [[{"filter": 3, "value": 0.5}], 0.5])),
+    culprit="weight|filter",
+)
 case("recipe-filter-without-value", R, rec(lambda c: linear([c.base, c.ft1], [[{"filter": "mlp"}], 0.5])), culprit="weight|value")
 case("recipe-gradient-empty-list", R, rec(lambda c: linear([c.base, c.ft1], [[], 0.5])), culprit="weight")
-case("recipe-yaml-dot-nan-weight", R, rec(lambda c: f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters: {{weight: .nan}}\n"
-                                         f"  - model: {c.ft1}\n    parameters: {{weight: 0.5}}\n"), culprit="weight")
-case("recipe-weight-1e999-string", R, rec(lambda c: f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters: {{weight: 1e999}}\n"
-                                          f"  - model: {c.ft1}\n    parameters: {{weight: 0.5}}\n"), culprit="weight")
-case("recipe-weight-yes", R, rec(lambda c: f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters: {{weight: yes}}\n"
-                                   f"  - model: {c.ft1}\n    parameters: {{weight: 0.5}}\n"), culprit="weight")
+case(
+    "recipe-yaml-dot-nan-weight",
+    R,
+    rec(
+        lambda c: (
+            f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters: {{weight: .nan}}\n"
+            f"  - model: {c.ft1}\n    parameters: {{weight: 0.5}}\n"
+        )
+    ),
+    culprit="weight",
+)
+case(
+    "recipe-weight-1e999-string",
+    R,
+    rec(
+        lambda c: (
+            f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters: {{weight: 1e999}}\n"
+            f"  - model: {c.ft1}\n    parameters: {{weight: 0.5}}\n"
+        )
+    ),
+    culprit="weight",
+)
+case(
+    "recipe-weight-yes",
+    R,
+    rec(
+        lambda c: (
+            f"merge_method: linear\nmodels:\n  - model: {c.base}\n    parameters: {{weight: yes}}\n"
+            f"  - model: {c.ft1}\n    parameters: {{weight: 0.5}}\n"
+        )
+    ),
+    culprit="weight",
+)
 case("recipe-valid-control", R, rec(_valid), expect=0, check=out_is_model)
-case("recipe-mergekit-yaml-form-control", R, lambda c: Cli([str(c.recipe(_valid(c))), str(c.out), "--no-progress"]), expect=0, check=out_is_model)
+case(
+    "recipe-mergekit-yaml-form-control",
+    R,
+    lambda c: Cli([str(c.recipe(_valid(c))), str(c.out), "--no-progress"]),
+    expect=0,
+    check=out_is_model,
+)
 
 # ================================================================ parameters and ranges per method
 
@@ -432,43 +553,103 @@ case("sce-select_topk-1.5", P, m("sce", shared={"select_topk": 1.5}), culprit="s
 case("slerp-t-2", P, rec(lambda c: method(c, "slerp", {"t": 2.0}, models=[c.base, c.ft1])), culprit=r"\bt\b")
 case("slerp-t-nan", P, rec(lambda c: method(c, "slerp", {"t": float("nan")}, models=[c.base, c.ft1])), culprit=r"\bt\b")
 case("slerp-t-missing", P, rec(lambda c: method(c, "slerp", None, models=[c.base, c.ft1])), culprit=r"\bt\b")
-case("della_linear-epsilon-negative", P, m("della_linear", per={"weight": 1.0, "density": 0.5, "epsilon": -0.1}), culprit="epsilon")
+case(
+    "della_linear-epsilon-negative", P, m("della_linear", per={"weight": 1.0, "density": 0.5, "epsilon": -0.1}), culprit="epsilon"
+)
 case("breadcrumbs-gamma-negative", P, m("breadcrumbs", per={"weight": 1.0, "density": 0.8, "gamma": -0.1}), culprit="gamma")
-case("breadcrumbs-density-plus-gamma-above-1", P, m("breadcrumbs", per={"weight": 1.0, "density": 0.9, "gamma": 0.5}), culprit="gamma|density")
+case(
+    "breadcrumbs-density-plus-gamma-above-1",
+    P,
+    m("breadcrumbs", per={"weight": 1.0, "density": 0.9, "gamma": 0.5}),
+    culprit="gamma|density",
+)
 case("ties-lambda-inf", P, m("ties", shared={"lambda": float("inf")}, per={"weight": 1.0, "density": 0.5}), culprit="lambda")
 case("karcher-max_iter-0", P, m("karcher", shared={"max_iter": 0}, base=False), culprit="max_iter")
 case("karcher-max_iter-negative", P, m("karcher", shared={"max_iter": -5}, base=False), culprit="max_iter")
 case("karcher-max_iter-2.5", P, m("karcher", shared={"max_iter": 2.5}, base=False), culprit="max_iter")
-case("karcher-absurd-iterations-negative-tol", P,
-     lambda c: run(c, c.recipe(method(c, "karcher", {"max_iter": 1_000_000_000, "tol": -1}, base=False)), sub=True), culprit="tol|max_iter")
+case(
+    "karcher-absurd-iterations-negative-tol",
+    P,
+    lambda c: run(c, c.recipe(method(c, "karcher", {"max_iter": 1_000_000_000, "tol": -1}, base=False)), sub=True),
+    culprit="tol|max_iter",
+)
 case("karcher-tol-nan", P, m("karcher", shared={"tol": float("nan")}, base=False), culprit="tol")
 case("ramplus_tl-r-negative", P, m("ramplus_tl", shared={"r": -0.1}), culprit=r"\br\b")
 case("ramplus_tl-alpha-negative", P, m("ramplus_tl", shared={"alpha": -1.0}), culprit="alpha")
 case("ram-epsilon-negative", P, m("ram", shared={"epsilon": -1.0}), culprit="epsilon")
 case("multislerp-eps-negative", P, m("multislerp", shared={"eps": -1.0}, per={"weight": 0.5}), culprit="eps")
-case("multislerp-weight-negative", P, rec(lambda c: dict(method(c, "multislerp"), models=[
-    {"model": str(c.ft1), "parameters": {"weight": -1.0}}, {"model": str(c.ft2), "parameters": {"weight": 0.5}}])), culprit="weight")
+case(
+    "multislerp-weight-negative",
+    P,
+    rec(
+        lambda c: dict(
+            method(c, "multislerp"),
+            models=[{"model": str(c.ft1), "parameters": {"weight": -1.0}}, {"model": str(c.ft2), "parameters": {"weight": 0.5}}],
+        )
+    ),
+    culprit="weight",
+)
 case("linear-weights-all-zero", P, rec(lambda c: linear([c.base, c.ft1], [0.0, 0.0])), culprit="weight")
 case("linear-weights-sum-to-zero", P, rec(lambda c: linear([c.base, c.ft1], [1.0, -1.0])), culprit="weight")
 case("nuslerp-weights-both-zero", P, m("nuslerp", per={"weight": 0.0}), culprit="weight")
-case("slerp-three-models", P, rec(lambda c: method(c, "slerp", {"t": 0.5}, models=[c.base, c.ft1, c.ft2])), culprit="models|slerp")
-case("slerp-without-base", P, rec(lambda c: method(c, "slerp", {"t": 0.5}, models=[c.ft1, c.ft2], base=False)), culprit="base_model")
+case(
+    "slerp-three-models", P, rec(lambda c: method(c, "slerp", {"t": 0.5}, models=[c.base, c.ft1, c.ft2])), culprit="models|slerp"
+)
+case(
+    "slerp-without-base",
+    P,
+    rec(lambda c: method(c, "slerp", {"t": 0.5}, models=[c.ft1, c.ft2], base=False)),
+    culprit="base_model",
+)
 case("ties-without-base", P, m("ties", per={"weight": 1.0, "density": 0.5}, base=False), culprit="base_model")
 case("model_stock-too-few-models", P, rec(lambda c: method(c, "model_stock", models=[c.ft1])), culprit="models|model_stock")
-case("passthrough-two-sources-in-a-slice", P, rec(lambda c: {"merge_method": "passthrough", "slices": [{"sources": [
-    {"model": str(c.base), "layer_range": [0, 2]}, {"model": str(c.ft1), "layer_range": [0, 2]}]}]}), culprit="sources|passthrough")
-case("arcee_fusion-three-models", P, rec(lambda c: method(c, "arcee_fusion", models=[c.ft1, c.ft2])), culprit="models|arcee_fusion")
-case("nuslerp-one-model-besides-base", P, rec(lambda c: method(c, "nuslerp", per={"weight": 0.5}, models=[c.ft1])), culprit="models|nuslerp")
-case("slerp-with-density", P, rec(lambda c: method(c, "slerp", {"t": 0.5, "density": 0.5}, models=[c.base, c.ft1])), culprit="density")
+case(
+    "passthrough-two-sources-in-a-slice",
+    P,
+    rec(
+        lambda c: {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(c.base), "layer_range": [0, 2]}, {"model": str(c.ft1), "layer_range": [0, 2]}]}
+            ],
+        }
+    ),
+    culprit="sources|passthrough",
+)
+case(
+    "arcee_fusion-three-models", P, rec(lambda c: method(c, "arcee_fusion", models=[c.ft1, c.ft2])), culprit="models|arcee_fusion"
+)
+case(
+    "nuslerp-one-model-besides-base",
+    P,
+    rec(lambda c: method(c, "nuslerp", per={"weight": 0.5}, models=[c.ft1])),
+    culprit="models|nuslerp",
+)
+case(
+    "slerp-with-density",
+    P,
+    rec(lambda c: method(c, "slerp", {"t": 0.5, "density": 0.5}, models=[c.base, c.ft1])),
+    culprit="density",
+)
 case("linear-gradient-with-nan", P, rec(lambda c: linear([c.base, c.ft1], [[0.5, float("nan")], 0.5])), culprit="weight")
-case("ties-int8_mask-maybe", P, m("ties", shared={"int8_mask": "maybe"}, per={"weight": 1.0, "density": 0.5}), culprit="int8_mask")
+case(
+    "ties-int8_mask-maybe", P, m("ties", shared={"int8_mask": "maybe"}, per={"weight": 1.0, "density": 0.5}), culprit="int8_mask"
+)
 case("model_stock-filter_wise-3", P, m("model_stock", shared={"filter_wise": 3}), culprit="filter_wise")
 case("ties-density-gradient-out-of-range", P, m("ties", per={"weight": 1.0, "density": [0.5, 3.0]}), culprit="density")
-case("ties-filtered-density-out-of-range", P, m("ties", per={"weight": 1.0, "density": [{"filter": "mlp", "value": 5.0}, {"value": 0.5}]}),
-     culprit="density")
+case(
+    "ties-filtered-density-out-of-range",
+    P,
+    m("ties", per={"weight": 1.0, "density": [{"filter": "mlp", "value": 5.0}, {"value": 0.5}]}),
+    culprit="density",
+)
 case("nearswap-t-negative", P, rec(lambda c: method(c, "nearswap", {"t": -0.5}, models=[c.ft1])), culprit=r"\bt\b")
-case("linear-weight-missing", P, rec(lambda c: {"merge_method": "linear", "models": [{"model": str(c.base)}, {"model": str(c.ft1)}]}),
-     culprit="weight")
+case(
+    "linear-weight-missing",
+    P,
+    rec(lambda c: {"merge_method": "linear", "models": [{"model": str(c.base)}, {"model": str(c.ft1)}]}),
+    culprit="weight",
+)
 case("ties-weight-true", P, m("ties", per={"weight": True, "density": 0.5}), culprit="weight")
 case("ties-control", P, m("ties", per={"weight": 1.0, "density": 0.5}), expect=0, check=out_is_model)
 case("della-control", P, m("della", per={"weight": 1.0, "density": 0.6, "epsilon": 0.15}), expect=0, check=out_is_model)
@@ -497,21 +678,37 @@ def hf_cache(c: Ctx, hub: Path, repo_id: str, src: Path) -> Path:
 def _hf_repo_id(c: Ctx) -> Cli:
     hub = c.root / "hf" / "hub"
     hf_cache(c, hub, "org/tiny-ft", c.ft1)
-    recipe = c.recipe({"merge_method": "linear", "models": [{"model": str(c.base), "parameters": {"weight": 0.5}},
-                                                            {"model": "org/tiny-ft", "parameters": {"weight": 0.5}}]})
+    recipe = c.recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(c.base), "parameters": {"weight": 0.5}},
+                {"model": "org/tiny-ft", "parameters": {"weight": 0.5}},
+            ],
+        }
+    )
     return run(c, recipe, sub=True, env={"HF_HOME": str(c.root / "hf"), "HF_HUB_CACHE": str(hub)})
 
 
 def _hf_missing(c: Ctx) -> Cli:
     (c.root / "hf" / "hub").mkdir(parents=True)
-    recipe = c.recipe({"merge_method": "linear", "models": [{"model": str(c.base), "parameters": {"weight": 0.5}},
-                                                            {"model": "org-x/not-cached", "parameters": {"weight": 0.5}}]})
+    recipe = c.recipe(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(c.base), "parameters": {"weight": 0.5}},
+                {"model": "org-x/not-cached", "parameters": {"weight": 0.5}},
+            ],
+        }
+    )
     return run(c, recipe, sub=True, env={"HF_HOME": str(c.root / "hf"), "HF_HUB_CACHE": str(c.root / "hf" / "hub")}, timeout=40)
 
 
 def _recipe_relative(c: Ctx) -> Cli:
-    r = {"merge_method": "linear", "models": [{"model": "../base", "parameters": {"weight": 0.5}},
-                                              {"model": "../ft1", "parameters": {"weight": 0.5}}]}
+    r = {
+        "merge_method": "linear",
+        "models": [{"model": "../base", "parameters": {"weight": 0.5}}, {"model": "../ft1", "parameters": {"weight": 0.5}}],
+    }
     (c.secret_dir / "deeper").mkdir()  # ../base from here does not exist: only the recipe's folder resolves it
     return run(c, c.recipe(r, "recipes/relative.yml"), cwd=c.secret_dir / "deeper")
 
@@ -525,22 +722,48 @@ case("model-missing", M, rec(lambda c: linear([c.base, c.root / "no-such-model"]
 case("same-model-trailing-slash", M, rec(lambda c: linear([c.ft1, str(c.ft1) + "/"])), culprit=r"models\[1\]")
 case("same-model-via-symlink", M, rec(lambda c: linear([c.ft1, relink(c.root / "alias", c.ft1)])), culprit=r"models\[1\]")
 case("same-model-via-dotdot", M, rec(lambda c: linear([c.ft1, f"{c.root}/ft2/../ft1"])), culprit=r"models\[1\]")
-case("same-model-twice-besides-base", M, rec(lambda c: method(c, "ties", per={"weight": 1.0, "density": 0.5}, models=[c.ft1, f"{c.ft1}/"])),
-     culprit=r"models\[1\]")
+case(
+    "same-model-twice-besides-base",
+    M,
+    rec(lambda c: method(c, "ties", per={"weight": 1.0, "density": 0.5}, models=[c.ft1, f"{c.ft1}/"])),
+    culprit=r"models\[1\]",
+)
 case("models-relative-to-the-recipe-control", M, _recipe_relative, expect=0, check=out_is_model)
 case("base-not-listed-in-models-control", M, m("ties", per={"weight": 1.0, "density": 0.5}), expect=0, check=out_is_model)
-case("model-is-a-plain-file", M, rec(lambda c: linear([c.base, c.secret("notes.txt", "hello")])), culprit=r"models\[1\]|notes\.txt")
-case("model-is-an-empty-dir", M, rec(lambda c: linear([c.base, (c.root / "empty").mkdir() or c.root / "empty"])), culprit=r"models\[1\]|empty")
+case(
+    "model-is-a-plain-file", M, rec(lambda c: linear([c.base, c.secret("notes.txt", "hello")])), culprit=r"models\[1\]|notes\.txt"
+)
+case(
+    "model-is-an-empty-dir",
+    M,
+    rec(lambda c: linear([c.base, (c.root / "empty").mkdir() or c.root / "empty"])),
+    culprit=r"models\[1\]|empty",
+)
 case("model-hf-id-not-in-cache", M, _hf_missing, culprit="org-x/not-cached")
-case("model-hf-cache-snapshot-path-control", M, rec(lambda c: linear([c.base, hf_cache(c, c.root / "hub", "org/tiny", c.ft1)])),
-     expect=0, check=out_is_model)
+case(
+    "model-hf-cache-snapshot-path-control",
+    M,
+    rec(lambda c: linear([c.base, hf_cache(c, c.root / "hub", "org/tiny", c.ft1)])),
+    expect=0,
+    check=out_is_model,
+)
 case("model-hf-cache-repo-id-control", M, _hf_repo_id, expect=0, check=out_is_model)
 case("model-path-with-spaces-and-unicode-control", M, _unicode_path, expect=0, check=out_is_model)
-case("tokenizer-source-path-missing", M, rec(lambda c: dict(linear([c.base, c.ft1]), tokenizer_source=str(c.root / "gone"))), culprit="tokenizer_source")
-case("base-model-missing", M, rec(lambda c: dict(method(c, "ties", per={"weight": 1.0, "density": 0.5}), base_model=str(c.root / "gone"))),
-     culprit="base_model")
+case(
+    "tokenizer-source-path-missing",
+    M,
+    rec(lambda c: dict(linear([c.base, c.ft1]), tokenizer_source=str(c.root / "gone"))),
+    culprit="tokenizer_source",
+)
+case(
+    "base-model-missing",
+    M,
+    rec(lambda c: dict(method(c, "ties", per={"weight": 1.0, "density": 0.5}), base_model=str(c.root / "gone"))),
+    culprit="base_model",
+)
 case("model-symlink-loop", M, rec(lambda c: linear([c.base, relink(c.root / "loop", c.root / "loop")])), culprit=r"models\[1\]")
 case("model-empty-string", M, rec(lambda c: linear([c.base, ""])), culprit=r"models\[1\]")
+
 
 def _same_base_other_spelling(c: Ctx) -> Cli:
     consistent = method(c, "ties", per={"weight": 1.0, "density": 0.5}, models=[c.base, c.ft1, c.ft2])
@@ -562,11 +785,27 @@ def _same_base_other_spelling(c: Ctx) -> Cli:
 
 
 case("base-listed-in-models-under-another-spelling-control", M, _same_base_other_spelling, expect=0, check=out_is_model)
-case("model-dir-is-a-symlink-control", M, rec(lambda c: linear([c.base, relink(c.root / "alias", c.ft1)])), expect=0, check=out_is_model)
-case("chat-template-names-proc-environ", M, rec(lambda c: dict(_valid(c), chat_template="/proc/self/environ"), sub=True),
-     expect=(0, 2), culprit="chat_template")
-case("chat-template-names-a-file-outside", M, rec(lambda c: dict(_valid(c), chat_template=str(c.secret("tmpl.jinja", "{{ '" + SECRET + "' }}")))),
-     expect=(0, 2), culprit="chat_template")
+case(
+    "model-dir-is-a-symlink-control",
+    M,
+    rec(lambda c: linear([c.base, relink(c.root / "alias", c.ft1)])),
+    expect=0,
+    check=out_is_model,
+)
+case(
+    "chat-template-names-proc-environ",
+    M,
+    rec(lambda c: dict(_valid(c), chat_template="/proc/self/environ"), sub=True),
+    expect=(0, 2),
+    culprit="chat_template",
+)
+case(
+    "chat-template-names-a-file-outside",
+    M,
+    rec(lambda c: dict(_valid(c), chat_template=str(c.secret("tmpl.jinja", "{{ '" + SECRET + "' }}")))),
+    expect=(0, 2),
+    culprit="chat_template",
+)
 
 # ================================================================ input model directories and files
 
@@ -575,9 +814,11 @@ I = "inputs"
 
 def inp(change: Callable[[Ctx], Any], build: Callable[[Ctx], dict] | None = None, sub: bool = False):
     """Change the inputs, then merge base and ft1 linearly (or as build(c) says)."""
+
     def setup(c: Ctx) -> Cli:
         change(c)
         return run(c, c.recipe((build or _valid)(c)), sub=sub)
+
     return setup
 
 
@@ -633,8 +874,12 @@ def _same_tensor_twice(c: Ctx):
     w = {k: mx.array(v.astype(np.float32)) for k, v in tiny.load_np(c.ft1).items()}
     names = sorted(w)
     (c.ft1 / "model.safetensors").unlink()
-    mx.save_safetensors(str(c.ft1 / "part-a.safetensors"), {k: w[k] for k in names[: len(names) // 2] + ["model.embed_tokens.weight"]})
-    mx.save_safetensors(str(c.ft1 / "part-b.safetensors"), {k: w[k] for k in names[len(names) // 2:] + ["model.embed_tokens.weight"]})
+    mx.save_safetensors(
+        str(c.ft1 / "part-a.safetensors"), {k: w[k] for k in names[: len(names) // 2] + ["model.embed_tokens.weight"]}
+    )
+    mx.save_safetensors(
+        str(c.ft1 / "part-b.safetensors"), {k: w[k] for k in names[len(names) // 2 :] + ["model.embed_tokens.weight"]}
+    )
 
 
 def _raw_header(c: Ctx, header: bytes, data: bytes = b""):
@@ -654,8 +899,17 @@ def _weights_link_inside(c: Ctx):
     relink(c.ft1 / "model.safetensors", "store/weights.bin.safetensors")
 
 
-SIDE_FILES = ["tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "chat_template.jinja", "added_tokens.json"]
+SIDE_FILES = [
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+]
 
 
 def side_content(c: Ctx, name: str) -> str | bytes:
@@ -688,6 +942,7 @@ def _side_out(name: str, model: str = "base"):
     def change(c: Ctx):
         target = c.secret(name, side_content(c, name))
         relink(getattr(c, model) / name, target)
+
     return change
 
 
@@ -740,12 +995,14 @@ def _quant(block=None, scales_bad=False):
             w["model.layers.0.self_attn.q_proj.scales"] = w["model.layers.0.self_attn.q_proj.scales"][:16]
             mx.save_safetensors(str(q / "model.safetensors"), w)
         return linear([c.base, q])
+
     return build
 
 
 def _quant_block_on_plain(block: dict):
     def change(c: Ctx):
         edit_json(c.ft1 / "config.json", lambda cfg: cfg.update(quantization=block))
+
     return change
 
 
@@ -754,6 +1011,7 @@ def _gguf_file(content: bytes):
         path = c.root / "bad.gguf"
         path.write_bytes(content)
         return linear([c.base, path])
+
     return build
 
 
@@ -797,26 +1055,57 @@ case("config-num-layers-below-tensors", I, inp(lambda c: _layers(c, 1)), culprit
 case("config-num-layers-below-tensors-everywhere", I, inp(lambda c: _layers(c, 1, [c.base, c.ft1])), culprit="num_hidden_layers")
 case("config-num-layers-a-string", I, inp(lambda c: _layers(c, "two")), culprit="num_hidden_layers")
 case("config-num-layers-negative", I, inp(lambda c: _layers(c, -2)), culprit="num_hidden_layers")
-case("config-hidden-size-lies", I, inp(lambda c: edit_json(c.ft1 / "config.json", lambda cfg: cfg.update(hidden_size=64))),
-     culprit="hidden_size|config\\.json")
+case(
+    "config-hidden-size-lies",
+    I,
+    inp(lambda c: edit_json(c.ft1 / "config.json", lambda cfg: cfg.update(hidden_size=64))),
+    culprit="hidden_size|config\\.json",
+)
 case("config-fifo", I, inp(lambda c: fifo(c.ft1 / "config.json"), sub=True), culprit=r"config\.json")
-case("config-symlink-to-proc-environ", I, inp(lambda c: relink(c.ft1 / "config.json", "/proc/self/environ"), sub=True), culprit=r"config\.json")
+case(
+    "config-symlink-to-proc-environ",
+    I,
+    inp(lambda c: relink(c.ft1 / "config.json", "/proc/self/environ"), sub=True),
+    culprit=r"config\.json",
+)
 case("config-nested-200000-deep", I, inp(_deep_json), culprit=r"config\.json")
-case("config-is-a-directory", I, inp(lambda c: ((c.ft1 / "config.json").unlink(), (c.ft1 / "config.json").mkdir())), culprit=r"config\.json")
+case(
+    "config-is-a-directory",
+    I,
+    inp(lambda c: ((c.ft1 / "config.json").unlink(), (c.ft1 / "config.json").mkdir())),
+    culprit=r"config\.json",
+)
 case("config-symlink-out-of-the-model", I, inp(_outside_config), culprit=r"config\.json")
 case("base-config-symlink-out-of-the-model", I, inp(_base_outside_config), culprit=r"config\.json")
 case("index-names-a-missing-shard", I, inp(_index_missing_shard), culprit=r"model-00002-of-00002|index")
 case("index-weight-map-empty", I, inp(lambda c: _index(c, lambda idx: idx.update(weight_map={}))), culprit=r"index\.json")
 case("index-lists-an-absent-tensor", I, inp(lambda c: _index(c, _index_extra_tensor)), culprit=r"model\.fake\.weight")
-case("index-not-json", I, inp(lambda c: (shard(c.ft1), (c.ft1 / "model.safetensors.index.json").write_text("{oops"))), culprit=r"index\.json")
-case("index-fifo", I, inp(lambda c: (shard(c.ft1), fifo(c.ft1 / "model.safetensors.index.json")), sub=True), culprit=r"index\.json")
+case(
+    "index-not-json",
+    I,
+    inp(lambda c: (shard(c.ft1), (c.ft1 / "model.safetensors.index.json").write_text("{oops"))),
+    culprit=r"index\.json",
+)
+case(
+    "index-fifo", I, inp(lambda c: (shard(c.ft1), fifo(c.ft1 / "model.safetensors.index.json")), sub=True), culprit=r"index\.json"
+)
 case("shard-fifo", I, inp(_shard_fifo, sub=True), culprit=r"model-00002-of-00002\.safetensors")
 case("weights-fifo", I, inp(lambda c: fifo(c.ft1 / "model.safetensors"), sub=True), culprit=r"model\.safetensors")
-case("weights-symlink-to-dev-zero", I, inp(lambda c: relink(c.ft1 / "model.safetensors", "/dev/zero"), sub=True), culprit=r"model\.safetensors")
+case(
+    "weights-symlink-to-dev-zero",
+    I,
+    inp(lambda c: relink(c.ft1 / "model.safetensors", "/dev/zero"), sub=True),
+    culprit=r"model\.safetensors",
+)
 case("two-files-define-the-same-tensor", I, inp(_same_tensor_twice), culprit=r"model\.embed_tokens\.weight")
 case("header-empty-object", I, inp(lambda c: _raw_header(c, b"{}")), culprit=r"model\.safetensors|models\[1\]")
 case("weights-zero-bytes", I, inp(lambda c: (c.ft1 / "model.safetensors").write_bytes(b"")), culprit=r"model\.safetensors")
-case("header-metadata-only", I, inp(lambda c: _raw_header(c, b'{"__metadata__": {"format": "pt"}}')), culprit=r"model\.safetensors|models\[1\]")
+case(
+    "header-metadata-only",
+    I,
+    inp(lambda c: _raw_header(c, b'{"__metadata__": {"format": "pt"}}')),
+    culprit=r"model\.safetensors|models\[1\]",
+)
 case("bf16-beside-f32-control", I, inp(_bf16), expect=0, check=out_is_model)
 case("weights-symlink-inside-the-model-control", I, inp(_weights_link_inside), expect=0, check=out_is_model)
 for _name in SIDE_FILES:
@@ -825,14 +1114,29 @@ for _name in ["tokenizer.model", "generation_config.json", "chat_template.jinja"
     case(f"side-{_name}-symlink-to-proc-environ", I, inp(_side_environ(_name), sub=True), culprit=_name.replace(".", r"\."))
 for _name in ["tokenizer.json", "special_tokens_map.json"]:
     case(f"side-{_name}-fifo", I, inp(_side_fifo(_name), sub=True), culprit=_name.replace(".", r"\."))
-case("side-symlink-in-a-fine-tune-with-union-tokenizer", I, inp(_side_out("special_tokens_map.json", "ft1"),
-                                                                lambda c: dict(_valid(c), tokenizer_source="union")),
-     culprit=r"special_tokens_map\.json")
-case("side-symlink-inside-the-model-control", I, inp(_side_inside), expect=0,
-     check=lambda c: out_is_model(c) + ([] if (c.out / "tokenizer_config.json").is_file() else ["tokenizer_config.json was not copied"]))
+case(
+    "side-symlink-in-a-fine-tune-with-union-tokenizer",
+    I,
+    inp(_side_out("special_tokens_map.json", "ft1"), lambda c: dict(_valid(c), tokenizer_source="union")),
+    culprit=r"special_tokens_map\.json",
+)
+case(
+    "side-symlink-inside-the-model-control",
+    I,
+    inp(_side_inside),
+    expect=0,
+    check=lambda c: (
+        out_is_model(c) + ([] if (c.out / "tokenizer_config.json").is_file() else ["tokenizer_config.json was not copied"])
+    ),
+)
 case("side-tokenizer.json-is-a-directory", I, inp(_side_dir), culprit=r"tokenizer\.json")
 case("quantization-block-bits-99", I, inp(_quant_block_on_plain({"group_size": 32, "bits": 99})), culprit="bits|quantization")
-case("quantization-block-group-size-0", I, inp(_quant_block_on_plain({"group_size": 0, "bits": 4})), culprit="group_size|quantization")
+case(
+    "quantization-block-group-size-0",
+    I,
+    inp(_quant_block_on_plain({"group_size": 0, "bits": 4})),
+    culprit="group_size|quantization",
+)
 case("quantized-scales-wrong-shape", I, rec(_quant(scales_bad=True)), culprit=r"q_proj")
 case("quantized-block-lies-about-bits", I, rec(_quant(block={"group_size": 32, "bits": 8})), culprit="bits|quantization")
 case("quantized-input-control", I, rec(_quant()), expect=0, check=out_is_model)
@@ -842,6 +1146,7 @@ case("gguf-version-99", I, rec(_gguf_file(b"GGUF" + struct.pack("<IQQ", 99, 0, 0
 case("gguf-fifo", I, lambda c: run(c, c.recipe(linear([c.base, fifo(c.root / "pipe.gguf")])), sub=True), culprit=r"pipe\.gguf")
 case("gguf-input-control", I, _gguf_control, expect=0, check=out_is_model)
 case("pickle-beside-safetensors-control", I, inp(_bin_beside_safetensors), expect=0, check=out_is_model)
+
 
 def _two_hop(c: Ctx):
     target = c.secret("tokenizer.model", side_content(c, "tokenizer.model"))
@@ -858,9 +1163,16 @@ def _dir_link_out(c: Ctx):
 
 case("side-two-hop-symlink-out-of-the-model", I, inp(_two_hop), culprit=r"tokenizer\.model|hop\.model")
 case("side-symlink-through-a-linked-folder", I, inp(_dir_link_out), culprit=r"special_tokens_map\.json")
-case("side-symlink-to-another-models-file", I, inp(lambda c: relink(c.base / "generation_config.json", c.secret("generation_config.json",
-                                                                                                         side_content(c, "generation_config.json")))),
-     culprit=r"generation_config\.json")
+case(
+    "side-symlink-to-another-models-file",
+    I,
+    inp(
+        lambda c: relink(
+            c.base / "generation_config.json", c.secret("generation_config.json", side_content(c, "generation_config.json"))
+        )
+    ),
+    culprit=r"generation_config\.json",
+)
 
 # ================================================================ output locations and --force
 
@@ -889,6 +1201,7 @@ def out_case(id, prepare, *flags, out=None, expect=2, culprit=r"\bout\b", sub=Fa
         if isinstance(target, Path):
             c.out = target
         return run(c, c.recipe(_valid(c)), *flags, out=target, sub=sub)
+
     case(id, O, setup, expect=expect, culprit=culprit, check=check)
 
 
@@ -898,28 +1211,64 @@ out_case("out-user-folder-with-config-json-force", lambda c: _user_folder(c, "co
 out_case("out-user-folder-with-gguf-force", lambda c: _user_folder(c, "my-model.gguf", "notes.txt"), "--force")
 out_case("out-user-folder-only-config-json-force", lambda c: _user_folder(c, "config.json"), "--force")
 out_case("out-previous-output-force-control", _prev_output, "--force", expect=0, check=out_is_model)
-out_case("out-previous-output-plus-user-file-force", lambda c: (_prev_output(c), (c.out / "notes.txt").write_text("mine\n")), "--force")
+out_case(
+    "out-previous-output-plus-user-file-force", lambda c: (_prev_output(c), (c.out / "notes.txt").write_text("mine\n")), "--force"
+)
 out_case("out-is-an-input-force", lambda c: None, "--force", out=lambda c: c.ft1, culprit="ft1")
-out_case("out-symlink-to-an-input-force", lambda c: relink(c.root / "link", c.ft1), "--force", out=lambda c: c.root / "link",
-         culprit="ft1|link")
+out_case(
+    "out-symlink-to-an-input-force",
+    lambda c: relink(c.root / "link", c.ft1),
+    "--force",
+    out=lambda c: c.root / "link",
+    culprit="ft1|link",
+)
 out_case("out-contains-an-input-force", lambda c: None, "--force", out=lambda c: c.root, culprit="ft1|base|input")
 out_case("out-inside-an-input", lambda c: None, out=lambda c: c.ft1 / "merged", culprit="ft1")
-out_case("out-parent-is-a-plain-file", lambda c: c.secret("file.txt", "x"), out=lambda c: c.secret_dir / "file.txt" / "out",
-         culprit=r"file\.txt")
+out_case(
+    "out-parent-is-a-plain-file",
+    lambda c: c.secret("file.txt", "x"),
+    out=lambda c: c.secret_dir / "file.txt" / "out",
+    culprit=r"file\.txt",
+)
 out_case("out-parent-is-a-fifo", lambda c: fifo(c.root / "pipe"), out=lambda c: c.root / "pipe" / "out", culprit="pipe", sub=True)
 out_case("out-is-a-fifo-force", lambda c: fifo(c.out), "--force", sub=True)
-out_case("out-symlink-to-user-folder-force", lambda c: (_user_folder(c, "config.json", "notes.txt"), c.out.rename(c.root / "mine"),
-                                                        relink(c.out, c.root / "mine")), "--force")
+out_case(
+    "out-symlink-to-user-folder-force",
+    lambda c: (_user_folder(c, "config.json", "notes.txt"), c.out.rename(c.root / "mine"), relink(c.out, c.root / "mine")),
+    "--force",
+)
 out_case("out-dangling-symlink", lambda c: relink(c.out, c.root / "nowhere"))
-out_case("out-stale-partial-holding-user-files", lambda c: ((c.root / ".out.partial").mkdir(), (c.root / ".out.partial" / "notes.txt").write_text("mine")),
-         culprit=r"\.out\.partial")
-out_case("out-user-gguf-file-force", lambda c: c.secret("user.gguf", b"GGUF" + b"\x03\x00\x00\x00" + b"my own model bytes" * 10),
-         "--force", "--out-format", "gguf-f16", out=lambda c: c.secret_dir / "user.gguf", culprit=r"user\.gguf")
-out_case("out-previous-gguf-output-force-control", lambda c: _prev_output(c, c.root / "prev.gguf", "--out-format", "gguf-f16"),
-         "--force", "--out-format", "gguf-f16", out=lambda c: c.root / "prev.gguf", expect=0,
-         check=lambda c: [] if (c.root / "prev.gguf").is_file() else ["prev.gguf is missing"])
-out_case("out-deep-new-parents-control", lambda c: None, out=lambda c: c.root / "a" / "b" / "c" / "out", expect=0,
-         check=lambda c: loads_as_model(c.root / "a" / "b" / "c" / "out"))
+out_case(
+    "out-stale-partial-holding-user-files",
+    lambda c: ((c.root / ".out.partial").mkdir(), (c.root / ".out.partial" / "notes.txt").write_text("mine")),
+    culprit=r"\.out\.partial",
+)
+out_case(
+    "out-user-gguf-file-force",
+    lambda c: c.secret("user.gguf", b"GGUF" + b"\x03\x00\x00\x00" + b"my own model bytes" * 10),
+    "--force",
+    "--out-format",
+    "gguf-f16",
+    out=lambda c: c.secret_dir / "user.gguf",
+    culprit=r"user\.gguf",
+)
+out_case(
+    "out-previous-gguf-output-force-control",
+    lambda c: _prev_output(c, c.root / "prev.gguf", "--out-format", "gguf-f16"),
+    "--force",
+    "--out-format",
+    "gguf-f16",
+    out=lambda c: c.root / "prev.gguf",
+    expect=0,
+    check=lambda c: [] if (c.root / "prev.gguf").is_file() else ["prev.gguf is missing"],
+)
+out_case(
+    "out-deep-new-parents-control",
+    lambda c: None,
+    out=lambda c: c.root / "a" / "b" / "c" / "out",
+    expect=0,
+    check=lambda c: loads_as_model(c.root / "a" / "b" / "c" / "out"),
+)
 out_case("out-is-the-recipe-file-force", lambda c: None, "--force", out=lambda c: c.root / "recipe.yml", culprit=r"recipe\.yml")
 out_case("out-empty-string", lambda c: None, out=lambda c: "", culprit=r"output|OUT|\bout\b")
 
@@ -942,31 +1291,99 @@ def conv(c: Ctx, src: Path, out: Path, *flags: str, sub: bool = False) -> Cli:
 
 
 case("convert-out-is-the-input-force", V, lambda c: conv(c, c.ft1, c.ft1, "--force"), culprit="ft1")
-case("convert-out-symlink-to-the-input-force", V, lambda c: conv(c, c.ft1, relink(c.root / "link", c.ft1), "--force"), culprit="ft1|link")
+case(
+    "convert-out-symlink-to-the-input-force",
+    V,
+    lambda c: conv(c, c.ft1, relink(c.root / "link", c.ft1), "--force"),
+    culprit="ft1|link",
+)
 case("convert-out-contains-the-input-force", V, lambda c: conv(c, c.ft1, c.root, "--force"), culprit="ft1|input")
 case("convert-out-inside-the-input", V, lambda c: conv(c, c.ft1, c.ft1 / "q"), culprit="ft1")
-case("convert-out-user-folder-force", V, lambda c: conv(c, c.ft1, _user_folder(c, "config.json", "notes.txt"), "--force"), culprit=r"\bout\b")
-case("convert-out-plain-file-force", V, lambda c: (c.out.write_text("mine\n"), conv(c, c.ft1, c.out, "--force"))[1], culprit=r"\bout\b")
-case("convert-out-user-gguf-force", V, lambda c: conv(c, c.ft1, c.secret("user.gguf", b"GGUF\x03\x00\x00\x00mine" * 8), "--out-format", "gguf-f16", "--force"),
-     culprit=r"user\.gguf")
+case(
+    "convert-out-user-folder-force",
+    V,
+    lambda c: conv(c, c.ft1, _user_folder(c, "config.json", "notes.txt"), "--force"),
+    culprit=r"\bout\b",
+)
+case(
+    "convert-out-plain-file-force",
+    V,
+    lambda c: (c.out.write_text("mine\n"), conv(c, c.ft1, c.out, "--force"))[1],
+    culprit=r"\bout\b",
+)
+case(
+    "convert-out-user-gguf-force",
+    V,
+    lambda c: conv(c, c.ft1, c.secret("user.gguf", b"GGUF\x03\x00\x00\x00mine" * 8), "--out-format", "gguf-f16", "--force"),
+    culprit=r"user\.gguf",
+)
 case("convert-existing-out-without-force", V, lambda c: conv(c, c.ft1, _user_folder(c, "notes.txt")), culprit=r"\bout\b")
 case("convert-input-missing", V, lambda c: conv(c, c.root / "gone", c.out), culprit="gone")
 case("convert-input-gguf-fifo", V, lambda c: conv(c, fifo(c.root / "pipe.gguf"), c.out, sub=True), culprit=r"pipe\.gguf")
 case("convert-unknown-format", V, lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q3"), culprit="--out-format")
-case("convert-side-symlink-out-of-the-model", V, lambda c: (_side_out("tokenizer.model", "ft1")(c), conv(c, c.ft1, c.out))[1],
-     culprit=r"tokenizer\.model")
-case("convert-side-symlink-to-proc-environ", V, lambda c: (relink(c.ft1 / "generation_config.json", "/proc/self/environ"),
-                                                           conv(c, c.ft1, c.out, sub=True))[1], culprit=r"generation_config\.json")
-case("convert-group-size-0", V, lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q4", "--group-size", "0"), culprit="--group-size")
-case("convert-group-size-7", V, lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q4", "--group-size", "7"), culprit="--group-size")
-case("convert-bitdelta-base-missing", V, lambda c: conv(c, c.ft1, c.out, "--bitdelta-base", str(c.root / "gone")), culprit="--bitdelta-base|gone")
-case("convert-stale-partial-holding-user-files", V, lambda c: ((c.root / ".out.partial").mkdir(), (c.root / ".out.partial" / "notes.txt").write_text("mine"),
-                                                               conv(c, c.ft1, c.out))[-1], culprit=r"\.out\.partial")
-case("convert-truncated-input", V, lambda c: ((c.ft1 / "model.safetensors").write_bytes((c.ft1 / "model.safetensors").read_bytes()[:-100]),
-                                              conv(c, c.ft1, c.out))[1], culprit=r"model\.safetensors")
-case("convert-to-mlx-q4-control", V, lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q4", "--group-size", "32"), expect=0, check=out_is_model)
-case("convert-previous-output-force-control", V, lambda c: (run_inproc_quiet(["convert", str(c.ft1), str(c.out)]),
-                                                            conv(c, c.ft1, c.out, "--force"))[1], expect=0, check=out_is_model)
+case(
+    "convert-side-symlink-out-of-the-model",
+    V,
+    lambda c: (_side_out("tokenizer.model", "ft1")(c), conv(c, c.ft1, c.out))[1],
+    culprit=r"tokenizer\.model",
+)
+case(
+    "convert-side-symlink-to-proc-environ",
+    V,
+    lambda c: (relink(c.ft1 / "generation_config.json", "/proc/self/environ"), conv(c, c.ft1, c.out, sub=True))[1],
+    culprit=r"generation_config\.json",
+)
+case(
+    "convert-group-size-0",
+    V,
+    lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q4", "--group-size", "0"),
+    culprit="--group-size",
+)
+case(
+    "convert-group-size-7",
+    V,
+    lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q4", "--group-size", "7"),
+    culprit="--group-size",
+)
+case(
+    "convert-bitdelta-base-missing",
+    V,
+    lambda c: conv(c, c.ft1, c.out, "--bitdelta-base", str(c.root / "gone")),
+    culprit="--bitdelta-base|gone",
+)
+case(
+    "convert-stale-partial-holding-user-files",
+    V,
+    lambda c: (
+        (c.root / ".out.partial").mkdir(),
+        (c.root / ".out.partial" / "notes.txt").write_text("mine"),
+        conv(c, c.ft1, c.out),
+    )[-1],
+    culprit=r"\.out\.partial",
+)
+case(
+    "convert-truncated-input",
+    V,
+    lambda c: (
+        (c.ft1 / "model.safetensors").write_bytes((c.ft1 / "model.safetensors").read_bytes()[:-100]),
+        conv(c, c.ft1, c.out),
+    )[1],
+    culprit=r"model\.safetensors",
+)
+case(
+    "convert-to-mlx-q4-control",
+    V,
+    lambda c: conv(c, c.ft1, c.out, "--out-format", "mlx-q4", "--group-size", "32"),
+    expect=0,
+    check=out_is_model,
+)
+case(
+    "convert-previous-output-force-control",
+    V,
+    lambda c: (run_inproc_quiet(["convert", str(c.ft1), str(c.out)]), conv(c, c.ft1, c.out, "--force"))[1],
+    expect=0,
+    check=out_is_model,
+)
 
 # ================================================================ the Python API
 
@@ -988,6 +1405,7 @@ def _save_twice(c: Ctx):
         r = _mem(c)
         r.save(c.out)
         r.save(c.out, force=True)
+
     return go
 
 
@@ -997,6 +1415,7 @@ def _saved_on_disk(c: Ctx):
     def go():
         r = merge(_valid(c), c.root / "written")
         r.save(c.out)
+
     return go
 
 
@@ -1004,6 +1423,7 @@ def _to_mlx_lm(c: Ctx):
     def go():
         _model, tok = _mem(c).to_mlx_lm()
         assert tok.encode("hello world")
+
     return go
 
 
@@ -1014,28 +1434,78 @@ def _merge_to(c: Ctx, recipe: dict, out: Path, **kw):
 
 
 case("api-save-force-over-an-input", A, api(lambda c: lambda: _mem(c).save(c.ft1, force=True)), culprit="ft1")
-case("api-save-force-over-a-user-folder", A, api(lambda c: (_user_folder(c, "notes.txt"), lambda: _mem(c).save(c.out, force=True))[1]),
-     culprit=r"\bout\b")
-case("api-save-force-over-a-user-folder-with-config", A, api(lambda c: (_user_folder(c, "config.json", "notes.txt"),
-                                                                       lambda: _mem(c).save(c.out, force=True))[1]), culprit=r"\bout\b")
-case("api-save-force-over-a-plain-file", A, api(lambda c: (c.out.write_text("mine\n"), lambda: _mem(c).save(c.out, force=True))[1]),
-     culprit=r"\bout\b")
-case("api-save-force-over-the-parent-of-an-input", A, api(lambda c: lambda: _mem(c).save(c.root, force=True)), culprit="ft1|base|input")
-case("api-save-force-over-a-symlink-to-an-input", A, api(lambda c: (relink(c.root / "link", c.ft1),
-                                                                    lambda: _mem(c).save(c.root / "link", force=True))[1]), culprit="ft1|link")
-case("api-save-stale-partial-holding-user-files", A, api(lambda c: ((c.root / ".out.partial").mkdir(), (c.root / ".out.partial" / "notes.txt").write_text("mine"),
-                                                                    lambda: _mem(c).save(c.out))[-1]), culprit=r"\.out\.partial")
-case("api-save-with-a-side-file-symlink-out", A, api(lambda c: (_side_out("tokenizer.model")(c), lambda: _mem(c).save(c.out))[1]),
-     culprit=r"tokenizer\.model")
+case(
+    "api-save-force-over-a-user-folder",
+    A,
+    api(lambda c: (_user_folder(c, "notes.txt"), lambda: _mem(c).save(c.out, force=True))[1]),
+    culprit=r"\bout\b",
+)
+case(
+    "api-save-force-over-a-user-folder-with-config",
+    A,
+    api(lambda c: (_user_folder(c, "config.json", "notes.txt"), lambda: _mem(c).save(c.out, force=True))[1]),
+    culprit=r"\bout\b",
+)
+case(
+    "api-save-force-over-a-plain-file",
+    A,
+    api(lambda c: (c.out.write_text("mine\n"), lambda: _mem(c).save(c.out, force=True))[1]),
+    culprit=r"\bout\b",
+)
+case(
+    "api-save-force-over-the-parent-of-an-input",
+    A,
+    api(lambda c: lambda: _mem(c).save(c.root, force=True)),
+    culprit="ft1|base|input",
+)
+case(
+    "api-save-force-over-a-symlink-to-an-input",
+    A,
+    api(lambda c: (relink(c.root / "link", c.ft1), lambda: _mem(c).save(c.root / "link", force=True))[1]),
+    culprit="ft1|link",
+)
+case(
+    "api-save-stale-partial-holding-user-files",
+    A,
+    api(
+        lambda c: (
+            (c.root / ".out.partial").mkdir(),
+            (c.root / ".out.partial" / "notes.txt").write_text("mine"),
+            lambda: _mem(c).save(c.out),
+        )[-1]
+    ),
+    culprit=r"\.out\.partial",
+)
+case(
+    "api-save-with-a-side-file-symlink-out",
+    A,
+    api(lambda c: (_side_out("tokenizer.model")(c), lambda: _mem(c).save(c.out))[1]),
+    culprit=r"tokenizer\.model",
+)
 case("api-save-twice-control", A, api(_save_twice), expect=0, check=out_is_model)
 case("api-save-after-a-disk-merge", A, api(_saved_on_disk), culprit="written|disk|already")
 case("api-to-mlx-lm-control", A, api(_to_mlx_lm), expect=0)
-case("api-merge-method-a-number", A, api(lambda c: lambda: _merge_to(c, dict(_valid(c), merge_method=3), c.out)()), culprit="merge_method")
-case("api-merge-nan-weight", A, api(lambda c: _merge_to(c, linear([c.base, c.ft1], [0.5, float("nan")]), c.out)), culprit="weight")
+case(
+    "api-merge-method-a-number",
+    A,
+    api(lambda c: lambda: _merge_to(c, dict(_valid(c), merge_method=3), c.out)()),
+    culprit="merge_method",
+)
+case(
+    "api-merge-nan-weight", A, api(lambda c: _merge_to(c, linear([c.base, c.ft1], [0.5, float("nan")]), c.out)), culprit="weight"
+)
 case("api-merge-out-path-is-an-input-force", A, api(lambda c: _merge_to(c, _valid(c), c.ft1, force=True)), culprit="ft1")
 case("api-merge-out-shard-size-0", A, api(lambda c: _merge_to(c, _valid(c), c.out, out_shard_size=0)), culprit="out_shard_size")
-case("api-merge-over-a-user-gguf-force", A, api(lambda c: _merge_to(c, _valid(c), c.secret("user.gguf", b"GGUF\x03\x00\x00\x00mine" * 8),
-                                                                    force=True, out_format="gguf-f16")), culprit=r"user\.gguf")
+case(
+    "api-merge-over-a-user-gguf-force",
+    A,
+    api(
+        lambda c: _merge_to(
+            c, _valid(c), c.secret("user.gguf", b"GGUF\x03\x00\x00\x00mine" * 8), force=True, out_format="gguf-f16"
+        )
+    ),
+    culprit=r"user\.gguf",
+)
 
 # ================================================================ CLI flags and their values
 
@@ -1059,20 +1529,39 @@ case("out-shard-size-1-byte-control", F, flags("--out-shard-size", "1"), expect=
 case("batch-size-0", F, flags("--batch-size", "0", sub=True), culprit="--batch-size")
 case("batch-size-nan", F, flags("--batch-size", "nan"), culprit="--batch-size")
 case("batch-size-1-byte-control", F, flags("--batch-size", "1", sub=True), expect=0, check=out_is_model)
-case("random-seed-2-to-the-80", F, flags("--random-seed", str(2**80), build=lambda c: method(c, "dare_ties", per={"weight": 1.0, "density": 0.5})),
-     expect=(0, 2), culprit="--random-seed")
+case(
+    "random-seed-2-to-the-80",
+    F,
+    flags("--random-seed", str(2**80), build=lambda c: method(c, "dare_ties", per={"weight": 1.0, "density": 0.5})),
+    expect=(0, 2),
+    culprit="--random-seed",
+)
 case("random-seed-not-a-number", F, flags("--random-seed", "abc"), culprit="--random-seed")
 case("device-tpu", F, flags("--device", "tpu"), culprit="--device")
 case("out-format-unknown", F, flags("--out-format", "safetensors-q2"), culprit="--out-format")
 case("unknown-flag", F, flags("--frce"), culprit="--frce")
 case("no-out-given", F, lambda c: Cli(["run", str(c.recipe(_valid(c))), "--no-progress"]), culprit=r"output|OUT|\bout\b")
 case("resume-with-nothing-to-resume", F, flags("--resume"), expect=(0, 2), culprit="--resume|partial")
-case("dry-run-with-a-missing-model", F, lambda c: Cli(["run", str(c.recipe(linear([c.base, c.root / "gone"]))), "--dry-run"]),
-     culprit=r"models\[1\]")
-case("dry-run-control", F, lambda c: Cli(["run", str(c.recipe(_valid(c))), str(c.out), "--dry-run"]), expect=0,
-     check=lambda c: [f"--dry-run wrote {c.out}"] if c.out.exists() else [])
-case("base-without-tokenizer-control", F, lambda c: ([(c.base / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
-                                                     run(c, c.recipe(_valid(c))))[1], expect=0, check=out_is_model)
+case(
+    "dry-run-with-a-missing-model",
+    F,
+    lambda c: Cli(["run", str(c.recipe(linear([c.base, c.root / "gone"]))), "--dry-run"]),
+    culprit=r"models\[1\]",
+)
+case(
+    "dry-run-control",
+    F,
+    lambda c: Cli(["run", str(c.recipe(_valid(c))), str(c.out), "--dry-run"]),
+    expect=0,
+    check=lambda c: [f"--dry-run wrote {c.out}"] if c.out.exists() else [],
+)
+case(
+    "base-without-tokenizer-control",
+    F,
+    lambda c: ([(c.base / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], run(c, c.recipe(_valid(c))))[1],
+    expect=0,
+    check=out_is_model,
+)
 case("eval-missing-model", F, lambda c: Cli(["eval", str(c.root / "gone")]), culprit="gone")
 case("eval-n-negative", F, lambda c: Cli(["eval", str(c.ft1), "--n", "-5"]), culprit="--n")
 
@@ -1087,8 +1576,12 @@ def _medium_recipe(c: Ctx) -> tuple[Path, list[Path]]:
 
 
 def _start(c: Ctx, recipe: Path, out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *MEDIUM_SHARDS],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *MEDIUM_SHARDS],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     def stop():
         if proc.poll() is None:
@@ -1135,7 +1628,12 @@ def _same_as_fresh(recipe: Path) -> Callable[[Ctx, Outcome], list[str]]:
         got = {str(p.relative_to(c.out)): sha(p) for p in c.out.rglob("*") if p.is_file()}
         want = {str(p.relative_to(ref)): sha(p) for p in ref.rglob("*") if p.is_file()}
         bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-        return [f"the resumed output differs from a fresh merge of the current inputs in {bad[:5]} (old and new data mixed)"] if bad else []
+        return (
+            [f"the resumed output differs from a fresh merge of the current inputs in {bad[:5]} (old and new data mixed)"]
+            if bad
+            else []
+        )
+
     return check
 
 
@@ -1150,7 +1648,7 @@ def _swap_same_size_old_mtime(c: Ctx) -> Cli:
     st = os.stat(f)
     data = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
-    values = np.frombuffer(bytes(data[8 + n:]), dtype=np.float32) * np.float32(1.5)
+    values = np.frombuffer(bytes(data[8 + n :]), dtype=np.float32) * np.float32(1.5)
     with open(f, "r+b") as fh:  # same inode, same size, other bytes
         fh.seek(8 + n)
         fh.write(values.tobytes())
@@ -1197,11 +1695,22 @@ def _second_run(c: Ctx) -> Cli:
 
 
 case("second-run-on-the-same-out-while-the-first-runs", S, _second_run, culprit="{pid}")
-case("resume-after-an-input-changed-same-size-old-mtime", S, _swap_same_size_old_mtime, expect=(0, 2), culprit="ft1|changed|model\\.safetensors")
+case(
+    "resume-after-an-input-changed-same-size-old-mtime",
+    S,
+    _swap_same_size_old_mtime,
+    expect=(0, 2),
+    culprit="ft1|changed|model\\.safetensors",
+)
 case("resume-with-a-corrupt-state-file", S, _corrupt_state, expect=(0, 2), culprit=r"state|partial")
 case("resume-with-a-truncated-finished-shard", S, _truncate_a_shard, expect=(0, 2), culprit=r"safetensors|partial")
 case("resume-after-sigkill-control", S, lambda c: _resume(c, _interrupted(c)[0]), expect=0, check=out_is_model)
-case("resume-on-a-finished-out", S, lambda c: (_prev_output(c), run(c, c.recipe(_valid(c)), "--resume"))[1], culprit="already exists")
+case(
+    "resume-on-a-finished-out",
+    S,
+    lambda c: (_prev_output(c), run(c, c.recipe(_valid(c)), "--resume"))[1],
+    culprit="already exists",
+)
 
 # ================================================================ disk faults
 
@@ -1230,6 +1739,7 @@ def disk(size: str, *fl: str, medium: bool = False, convert: bool = False, ro: b
         if convert:
             return Cli(["convert", str(fam[1]), str(c.out), *fl])
         return run(c, recipe, *fl)
+
     return setup
 
 
@@ -1237,10 +1747,14 @@ DISK_CULPRIT = r"space|full|out"
 case("disk-200k-tmpfs-medium-merge", D, disk("200k", medium=True), culprit=DISK_CULPRIT)
 case("disk-80k-tmpfs-small-shards", D, disk("80k", "--out-shard-size", "10K", "--batch-size", "10K"), culprit=DISK_CULPRIT)
 case("disk-64k-tmpfs-one-shard", D, disk("64k"), culprit=DISK_CULPRIT)
-case("disk-96k-tmpfs-tight", D, disk("96k"), expect=(0, 2), culprit=DISK_CULPRIT,
-     check=lambda c: loads_as_model(c.out))
+case("disk-96k-tmpfs-tight", D, disk("96k"), expect=(0, 2), culprit=DISK_CULPRIT, check=lambda c: loads_as_model(c.out))
 case("disk-200k-tmpfs-convert", D, disk("200k", medium=True, convert=True), culprit=DISK_CULPRIT)
-case("disk-200k-tmpfs-gguf-file", D, disk("200k", "--out-format", "gguf-f16", medium=True, gguf_file=True), culprit=DISK_CULPRIT + r"|out\.gguf")
+case(
+    "disk-200k-tmpfs-gguf-file",
+    D,
+    disk("200k", "--out-format", "gguf-f16", medium=True, gguf_file=True),
+    culprit=DISK_CULPRIT + r"|out\.gguf",
+)
 case("disk-200k-tmpfs-mlx-q8", D, disk("200k", "--out-format", "mlx-q8", medium=True), culprit=DISK_CULPRIT)
 case("disk-read-only-filesystem", D, disk("1m", ro=True), culprit=r"out|read-only")
 
@@ -1261,7 +1775,7 @@ def _paragraph_problems(err: str, culprit: str | None) -> list[str]:
     else:
         if len(starts) > 1:
             problems.append("more than one error printed")
-        rest = lines[starts[0]:]
+        rest = lines[starts[0] :]
         if any(not line.strip() for line in rest):
             problems.append("the error is more than one paragraph")
         if starts[0] != 0 and any("usage:" in line for line in lines[: starts[0]]):
@@ -1352,8 +1866,12 @@ def test_hostile(spec: Case, family, medium_family, tmp_path, capsys, monkeypatc
             fh.write(json.dumps(record) + "\n")
     if problems:
         detail = outcome.exc or outcome.err
-        pytest.fail(f"[{spec.cls}] {spec.id}: OBSERVED {outcome.observed()}\n  - " + "\n  - ".join(problems)
-                    + f"\n--- output ---\n{detail.strip()[-2500:]}", pytrace=False)
+        pytest.fail(
+            f"[{spec.cls}] {spec.id}: OBSERVED {outcome.observed()}\n  - "
+            + "\n  - ".join(problems)
+            + f"\n--- output ---\n{detail.strip()[-2500:]}",
+            pytrace=False,
+        )
 
 
 def test_the_corpus_is_large_enough():

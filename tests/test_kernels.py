@@ -6,10 +6,9 @@ References are written from the documented rules, not from the code under test:
 - merges: mergekit 0.1.5's generalized task arithmetic in float64.
 """
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from mergekit_mlx import kernels as K
 
@@ -237,9 +236,17 @@ def run_both(base, others, weights, densities, method, lam=1.0, seed=11, dtype=N
     resc = resc if rescale is None else rescale
     streams = [K.stream_id("t", i) for i in range(len(others))]
     got = K.fused_task_merge(
-        to_mx(base, dtype), [to_mx(o, dtype) for o in others], weights,
-        sparsify=sp, densities=densities, rescale=resc, consensus=cons, normalize=norm,
-        lam=lam, seed=seed, streams=streams,
+        to_mx(base, dtype),
+        [to_mx(o, dtype) for o in others],
+        weights,
+        sparsify=sp,
+        densities=densities,
+        rescale=resc,
+        consensus=cons,
+        normalize=norm,
+        lam=lam,
+        seed=seed,
+        streams=streams,
     )
     ref = np_gta(base, others, weights, sp, densities, resc, cons, norm, lam, seed, streams)
     return got, ref
@@ -306,11 +313,20 @@ def test_fused_merge_kernels_on_and_off_bit_identical():
             for method in METHODS:
                 sp, cons, norm, resc = METHODS[method]
                 results.append(
-                    np.array(K.fused_task_merge(
-                        to_mx(base, mx.bfloat16), [to_mx(o, mx.bfloat16) for o in others], [1.0, 0.5, 0.25],
-                        sparsify=sp, densities=[0.3, 0.6, 0.9], rescale=resc, consensus=cons,
-                        normalize=norm, lam=1.0, seed=5,
-                    ).astype(mx.float32))
+                    np.array(
+                        K.fused_task_merge(
+                            to_mx(base, mx.bfloat16),
+                            [to_mx(o, mx.bfloat16) for o in others],
+                            [1.0, 0.5, 0.25],
+                            sparsify=sp,
+                            densities=[0.3, 0.6, 0.9],
+                            rescale=resc,
+                            consensus=cons,
+                            normalize=norm,
+                            lam=1.0,
+                            seed=5,
+                        ).astype(mx.float32)
+                    )
                 )
     half = len(results) // 2
     for a, b in zip(results[:half], results[half:]):
@@ -333,11 +349,13 @@ def test_fused_merge_same_seed_same_result_other_seed_differs():
 def test_fused_merge_rejects_unknown_options():
     base = mx.zeros((4,))
     with pytest.raises(ValueError):
-        K.fused_task_merge(base, [base], [1.0], sparsify="outliers", densities=[1.0], rescale=False,
-                           consensus=None, normalize=False, lam=1.0)
+        K.fused_task_merge(
+            base, [base], [1.0], sparsify="outliers", densities=[1.0], rescale=False, consensus=None, normalize=False, lam=1.0
+        )
     with pytest.raises(ValueError):
-        K.fused_task_merge(base, [base], [1.0], sparsify=None, densities=[1.0], rescale=False,
-                           consensus="count", normalize=False, lam=1.0)
+        K.fused_task_merge(
+            base, [base], [1.0], sparsify=None, densities=[1.0], rescale=False, consensus="count", normalize=False, lam=1.0
+        )
 
 
 # ----------------------------------------------------------------------------- BitNet b1.58
@@ -454,6 +472,7 @@ def _cpu_path_on_the_cpu(request):
     finally:
         mx.set_default_device(previous)
 
+
 BRACKETED = selection_cpu.SMALL + 12_345  # above the size that partitions everything: the sampled bracket runs
 
 
@@ -556,8 +575,16 @@ def test_cpu_merge_is_bit_identical_to_the_compiled_graph(monkeypatch, dtype, me
     sp, cons, norm, resc = METHODS[method]
     cases = [([0.6, 0.4, 0.3], [0.5, 0.3, 0.8], 1.0, resc), ([1.0, -0.5, 0.7], [0.0, 1.0, 0.1], 0.8, not resc)]
     for weights, densities, lam, rescale in cases:
-        kw = dict(sparsify=sp, densities=densities, rescale=rescale, consensus=cons, normalize=norm, lam=lam,
-                  seed=3, streams=[11, 12, 13])
+        kw = dict(
+            sparsify=sp,
+            densities=densities,
+            rescale=rescale,
+            consensus=cons,
+            normalize=norm,
+            lam=lam,
+            seed=3,
+            streams=[11, 12, 13],
+        )
         got = K.fused_task_merge(b, os_, weights, **kw)
         want = graph_merge(monkeypatch, b, os_, weights, **kw)
         assert got.dtype == dtype and got.shape == b.shape
@@ -609,8 +636,10 @@ def test_cpu_native_loops_are_built_where_a_compiler_runs(cpu_code):
 
 
 def test_cpu_bf16_rounding_is_mlx_rounding():
-    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-40, 3.4e38, 0.0, -0.0, 1.00390625,
-                         1.01171875, 1.0 + 2**-8 + 2**-20], dtype=np.float32)
+    specials = np.array(
+        [np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-40, 3.4e38, 0.0, -0.0, 1.00390625, 1.01171875, 1.0 + 2**-8 + 2**-20],
+        dtype=np.float32,
+    )
     payloads = np.array([0x7F800001, 0xFF800001, 0x7FC00001, 0x7F7FFFFF, 0x7F7F8000], dtype=np.uint32).view(np.float32)
     x = np.concatenate([specials, payloads, np.random.default_rng(15).standard_normal(10_000).astype(np.float32)])
     out = np.empty(x.size, dtype=np.uint16)
@@ -637,9 +666,14 @@ def test_cpu_paths_split_over_two_threads_give_the_same_bits(monkeypatch):
     runs = []
     for split in (host.SPLIT, 2 * host.CHUNK):  # the second run hands the upper half to the helper thread
         monkeypatch.setattr(host, "SPLIT", split)
-        out = [bits_of(K.fused_task_merge(b, os_, [0.6, 0.4], sparsify=sp, densities=[0.4, 0.6], rescale=resc,
-                                          consensus="sum", normalize=True, lam=1.0))
-               for sp, resc in (("magnitude", False), ("random", True))]
+        out = [
+            bits_of(
+                K.fused_task_merge(
+                    b, os_, [0.6, 0.4], sparsify=sp, densities=[0.4, 0.6], rescale=resc, consensus="sum", normalize=True, lam=1.0
+                )
+            )
+            for sp, resc in (("magnitude", False), ("random", True))
+        ]
         out.append(np.array(K.topk_mask(os_[0], n // 3)))
         out.append(selection_of(os_[1], b, n // 2))
         runs.append(out)

@@ -146,7 +146,9 @@ def test_every_import_points_down_the_flow():
             if a == b:
                 continue  # within one package (cycles are the other test's business)
             if LAYERS.get(b, -1) >= LAYERS.get(a, 99):
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {me} (layer {LAYERS.get(a)}) imports {target} (layer {LAYERS.get(b)})")
+                wrong.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {me} (layer {LAYERS.get(a)}) imports {target} (layer {LAYERS.get(b)})"
+                )
     assert not wrong, "imports against the flow:\n" + "\n".join(wrong)
 
 

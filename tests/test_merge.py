@@ -7,8 +7,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-
 import tiny
+
 from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
 from mergekit_mlx.errors import ModelError, OutputError, RecipeError
@@ -24,8 +24,10 @@ def ties_recipe(paths, density=0.5):
 
 
 def test_linear_merge_writes_the_weighted_average_of_every_tensor(family, tmp_path):
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])],
+    }
     merge(recipe, tmp_path / "out")
     got = tiny.load_np(tmp_path / "out")
     ins = [tiny.load_np(p) for p in family]
@@ -54,8 +56,14 @@ def test_tasks_evaluated_together_write_the_same_merge(family, tmp_path, monkeyp
     """A GPU merge thread evaluates several loaded tasks at once; the output is the same as one by one."""
     from mergekit_mlx import pipeline as merge_mod
 
-    recipe = ties_recipe(family) if method == "ties" else {"merge_method": "linear", "models": [
-        {"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])]}
+    recipe = (
+        ties_recipe(family)
+        if method == "ties"
+        else {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(family, [0.5, 0.25, 0.25])],
+        }
+    )
     merge(recipe, tmp_path / "one")
     monkeypatch.setattr(merge_mod, "CPU_TASKS_PER_EVAL", 5)
     monkeypatch.setattr(merge_mod, "_worker_count", lambda: 1)
@@ -144,10 +152,14 @@ def test_sharded_input_with_index_is_read(family4, tmp_path):
 
 def test_passthrough_slices_stack_layer_ranges_by_identity(family4, tmp_path):
     base, ft1 = family4[0], family4[1]
-    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
-        {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
-        {"sources": [{"model": str(ft1), "layer_range": [1, 4]}]},
-    ]}
+    recipe = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(ft1), "layer_range": [1, 4]}]},
+        ],
+    }
     out = tmp_path / "frank"
     merge(recipe, out)
     got, a, b = tiny.load_np(out), tiny.load_np(base), tiny.load_np(ft1)
@@ -172,9 +184,13 @@ def test_passthrough_slices_stack_layer_ranges_by_identity(family4, tmp_path):
 
 def test_gradient_parameter_is_interpolated_across_layers(family4, tmp_path):
     base, ft1 = family4[0], family4[1]
-    recipe = {"merge_method": "slerp", "base_model": str(base), "dtype": "float32",
-              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]}, {"model": str(ft1), "layer_range": [0, 4]}]}],
-              "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.0}]}}
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(base),
+        "dtype": "float32",
+        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]}, {"model": str(ft1), "layer_range": [0, 4]}]}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.0}]},
+    }
     merge(recipe, tmp_path / "out")
     got, a, b = tiny.load_np(tmp_path / "out"), tiny.load_np(base), tiny.load_np(ft1)
     for layer in range(4):
@@ -194,9 +210,14 @@ def test_gradient_parameter_is_interpolated_across_layers(family4, tmp_path):
 
 def test_per_model_filter_applies_to_that_model_only(family, tmp_path):
     base, ft1, ft2 = family
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [
-        {"model": str(ft1), "parameters": {"weight": [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]}},
-        {"model": str(ft2), "parameters": {"weight": 0.5}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]}},
+            {"model": str(ft2), "parameters": {"weight": 0.5}},
+        ],
+    }
     merge(recipe, tmp_path / "out")
     got, a, b, c = (tiny.load_np(p) for p in (tmp_path / "out", base, ft1, ft2))
     for name in got:
@@ -224,6 +245,7 @@ def test_same_seed_reproduces_dare(family, tmp_path):
 
 
 # ---------------- validation before any tensor is read ----------------
+
 
 def test_missing_model_names_the_yaml_key(family, tmp_path):
     recipe = ties_recipe(family)
@@ -281,6 +303,7 @@ def test_output_inside_an_input_model_is_refused(family):
 
 # ---------------- command line ----------------
 
+
 def write_recipe(path, recipe):
     import yaml
 
@@ -298,8 +321,9 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(family, tmp_path, capsys
 
 def test_cli_bad_recipe_exits_2_with_one_message(family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", dict(ties_recipe(family), merge_method="nope"))
-    proc = subprocess.run([sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(tmp_path / "out")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "merge_method: 'nope' is not a known method" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -310,8 +334,9 @@ def test_the_console_command_exits_at_once_after_a_merge_and_normally_otherwise(
     (os._exit with main's code); other commands and failures exit through sys.exit."""
     from mergekit_mlx import cli
 
-    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
-        {"model": str(family[0]), "parameters": {"weight": 1.0}}]})
+    recipe = write_recipe(
+        tmp_path / "r.yml", {"merge_method": "linear", "models": [{"model": str(family[0]), "parameters": {"weight": 1.0}}]}
+    )
     exits = []
 
     def fake_exit(code):
@@ -350,8 +375,10 @@ def test_model_saved_by_mlx_without_metadata_is_read(family, tmp_path):
     shutil.copytree(family[1], src)
     arrays = mx.load(str(src / "model.safetensors"))
     mx.save_safetensors(str(src / "model.safetensors"), arrays)  # header gets "__metadata__": null
-    recipe = {"merge_method": "linear", "models": [{"model": str(family[0]), "parameters": {"weight": 1.0}},
-                                                   {"model": str(src), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(family[0]), "parameters": {"weight": 1.0}}, {"model": str(src), "parameters": {"weight": 1.0}}],
+    }
     merge(recipe, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists()
 
@@ -384,16 +411,24 @@ def test_density_outside_zero_one_is_refused(family, key, value):
 
 
 def test_linear_weights_summing_to_zero_are_refused_before_merging(family, tmp_path):
-    recipe = {"merge_method": "linear", "models": [{"model": str(family[0]), "parameters": {"weight": 1.0}},
-                                                   {"model": str(family[1]), "parameters": {"weight": -1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(family[0]), "parameters": {"weight": 1.0}},
+            {"model": str(family[1]), "parameters": {"weight": -1.0}},
+        ],
+    }
     with pytest.raises(RecipeError, match="parameters: the weights sum to 0"):
         merge(recipe, tmp_path / "out")
     assert not list(tmp_path.iterdir())
 
 
 def test_nuslerp_with_one_model_besides_the_base_is_refused_at_plan_time(family4):
-    recipe = {"merge_method": "nuslerp", "base_model": str(family4[0]),
-              "models": [{"model": str(family4[1]), "parameters": {"weight": 1.0}}]}
+    recipe = {
+        "merge_method": "nuslerp",
+        "base_model": str(family4[0]),
+        "models": [{"model": str(family4[1]), "parameters": {"weight": 1.0}}],
+    }
     with pytest.raises(RecipeError, match="exactly two models besides the base model, got 1"):
         from mergekit_mlx.plan import make_plan
         from mergekit_mlx.recipe import load_recipe
@@ -431,8 +466,11 @@ def test_shards_written_around_the_page_cache_read_back_exactly(tmp_path, monkey
     monkeypatch.setattr(W, "_DIRECT", direct)
     monkeypatch.setattr(W, "_STAGE", 3 * W._BLOCK)
     rng = np.random.default_rng(0)
-    arrays = {"a": rng.standard_normal((37, 129)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
-              "c": rng.standard_normal((3, 4099)).astype(np.float32)}
+    arrays = {
+        "a": rng.standard_normal((37, 129)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32),
+        "c": rng.standard_normal((3, 4099)).astype(np.float32),
+    }
     specs = [W.OutputTensor(k, v.shape, mx.float32) for k, v in arrays.items()]
     w = W.SafetensorsWriter(tmp_path, specs, {"model_type": "llama"}, "hf", W.WriteOptions(max_shard_bytes=60_000))
     for k, v in arrays.items():

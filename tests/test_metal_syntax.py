@@ -18,7 +18,6 @@ CI needs clang: `apt-get install clang` (Debian/Ubuntu). Without it these tests 
 
 import shutil
 import subprocess
-from importlib.resources import files
 
 import pytest
 
@@ -99,14 +98,34 @@ KERNELS = {
         (3, True, [("up", U32)], [("hist", U32)], [("KM", 3), ("SHIFT", 20), ("BITS", 11)], True),
         (1, False, [("up", U32)], [("hist", U32)], [("KM", 1), ("SHIFT", 0), ("BITS", 9)], True),
     ],
-    "l1_sums": [(2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)],
+    "l1_sums": [
+        (2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("part", F32)], [("KM", 2), ("TG", 256)], False)
+    ],
     "task_merge": [
-        (3, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 0), ("UNIFORM", False)], False),
-        (2, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 2), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 2), ("UNIFORM", True)], False),
-        (1, True, [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)], [("out", "T")],
-         [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False), ("SPARSE", 3), ("UNIFORM", True)], False),
+        (
+            3,
+            True,
+            [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)],
+            [("out", "T")],
+            [("T", "T"), ("KM", 3), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 0), ("UNIFORM", False)],
+            False,
+        ),
+        (
+            2,
+            True,
+            [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)],
+            [("out", "T")],
+            [("T", "T"), ("KM", 2), ("CONSENSUS", True), ("NORMALIZE", True), ("SPARSE", 2), ("UNIFORM", True)],
+            False,
+        ),
+        (
+            1,
+            True,
+            [("up", U32), ("sel", U32), ("scl", F32), ("gate", U32)],
+            [("out", "T")],
+            [("T", "T"), ("KM", 1), ("CONSENSUS", False), ("NORMALIZE", False), ("SPARSE", 3), ("UNIFORM", True)],
+            False,
+        ),
     ],
     "select_sample": [
         (3, True, [("up", U32)], [("smp", U32)], [("KM", 3)], False),
@@ -118,10 +137,22 @@ KERNELS = {
     ],
     "select_sum": [(0, False, [("tab", U32), ("up", U32)], [("tot", U32)], [("R", 16)], True)],
     "select_resolve": [
-        (3, True, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
-         [("res", U32), ("tc", U32)], [("KM", 3), ("G", 256), ("TG", 256)], False),
-        (1, False, [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
-         [("res", U32), ("tc", U32)], [("KM", 1), ("G", 256), ("TG", 256)], False),
+        (
+            3,
+            True,
+            [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
+            [("res", U32), ("tc", U32)],
+            [("KM", 3), ("G", 256), ("TG", 256)],
+            False,
+        ),
+        (
+            1,
+            False,
+            [("srt", U32), ("up", U32), ("tab", U32), ("tot", U32)],
+            [("res", U32), ("tc", U32)],
+            [("KM", 1), ("G", 256), ("TG", 256)],
+            False,
+        ),
     ],
     "select_collect": [
         (2, True, [("up", U32), ("tab", U32)], [("kb", U32), ("ki", U32)], [("KM", 2)], False),
@@ -132,15 +163,27 @@ KERNELS = {
         (1, False, [("up", U32)], [("counts", U32)], [("KM", 1), ("CHUNK", 4096)], False),
     ],
     "bitnet_matmul": [
-        (0, False, [("x", "T"), ("w", U8), ("scale", "T")], [("out", "T")],
-         [("T", "T"), ("IN", 64), ("OUT", 30), ("R", 8), ("ROWS", 2), ("INVERT", True)], False),
+        (
+            0,
+            False,
+            [("x", "T"), ("w", U8), ("scale", "T")],
+            [("out", "T")],
+            [("T", "T"), ("IN", 64), ("OUT", 30), ("R", 8), ("ROWS", 2), ("INVERT", True)],
+            False,
+        ),
     ],
 }
 
 METAL_TYPES = {U32: "uint32_t", F32: "float", U8: "uint8_t", "T": "bfloat16_t"}
 CUDA_TYPES = {U32: "uint32_t", F32: "float", U8: "uint8_t", "T": "__nv_bfloat16"}
-METAL_ATTRS = ["thread_position_in_grid", "threads_per_grid", "thread_position_in_threadgroup",
-               "threads_per_threadgroup", "threadgroup_position_in_grid", "threadgroups_per_grid"]
+METAL_ATTRS = [
+    "thread_position_in_grid",
+    "threads_per_grid",
+    "thread_position_in_threadgroup",
+    "threads_per_threadgroup",
+    "threadgroup_position_in_grid",
+    "threadgroups_per_grid",
+]
 
 
 def _names(km, has_base, inputs):
@@ -180,9 +223,14 @@ def cuda_unit(name, inst):
     header, body = kernel_source(name, "cuda")
     if km:
         body = model_macros(km, has_base) + body
-    return wrap_source(f"mk_{name}", header, body, [(n, dtypes[t]) for n, t in _names(km, has_base, inputs)],
-                       [(n, dtypes[t]) for n, t in outputs],
-                       [(k, mx.bfloat16 if v == "T" else v) for k, v in templates])
+    return wrap_source(
+        f"mk_{name}",
+        header,
+        body,
+        [(n, dtypes[t]) for n, t in _names(km, has_base, inputs)],
+        [(n, dtypes[t]) for n, t in outputs],
+        [(k, mx.bfloat16 if v == "T" else v) for k, v in templates],
+    )
 
 
 def _compile(tmp_path, shim_name, shim, unit, include_dir_file=None):
@@ -191,8 +239,18 @@ def _compile(tmp_path, shim_name, shim, unit, include_dir_file=None):
         (tmp_path / include_dir_file).write_text(f'#include "{shim_name}"\n')
     src = tmp_path / "unit.cpp"
     src.write_text(f'#include "{shim_name}"\n' + unit)
-    cmd = [CLANG, "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wno-unknown-attributes",
-           "-Wno-unused", "-I", str(tmp_path), str(src)]
+    cmd = [
+        CLANG,
+        "-x",
+        "c++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-Wno-unknown-attributes",
+        "-Wno-unused",
+        "-I",
+        str(tmp_path),
+        str(src),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr + "\n--- source ---\n" + unit
 
@@ -357,8 +415,14 @@ extern "C" int mk_emu_main(int argc, char** argv, void (*kernel)(void**), int n_
 }
 """
 
-EMU_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "uint8": "uint8_t",
-             "int32": "int32_t", "bool": "bool"}
+EMU_TYPES = {
+    "float32": "float",
+    "bfloat16": "__nv_bfloat16",
+    "uint32": "uint32_t",
+    "uint8": "uint8_t",
+    "int32": "int32_t",
+    "bool": "bool",
+}
 
 
 def _dtype_name(dt):
@@ -392,10 +456,21 @@ class EmulatedKernel:
         n_in, n_out = len(in_types), len(out_types)
         args = [f"({t}*)ptrs[{i}]" for i, t in enumerate(in_types)]
         args += [f"({t}*)ptrs[{n_in + j}]" for j, t in enumerate(out_types)]
-        main = (f"static void launch(void** ptrs) {{ mk_kernel({', '.join(args)}); }}\n"
-                f"int main(int argc, char** argv) {{ return mk_emu_main(argc, argv, launch, {n_in}, {n_out}); }}\n")
-        src = ('#include "emu_shim.h"\n' + header + "\n__global__ void mk_kernel(\n  " + ",\n  ".join(params)
-               + ") {\n" + consts + body + "\n}\n" + main)
+        main = (
+            f"static void launch(void** ptrs) {{ mk_kernel({', '.join(args)}); }}\n"
+            f"int main(int argc, char** argv) {{ return mk_emu_main(argc, argv, launch, {n_in}, {n_out}); }}\n"
+        )
+        src = (
+            '#include "emu_shim.h"\n'
+            + header
+            + "\n__global__ void mk_kernel(\n  "
+            + ",\n  ".join(params)
+            + ") {\n"
+            + consts
+            + body
+            + "\n}\n"
+            + main
+        )
         exe = self.root / ("k" + hashlib.sha1(src.encode()).hexdigest()[:16])
         import os
 
@@ -405,23 +480,58 @@ class EmulatedKernel:
         if not harness.exists():
             (self.root / "emu_shim.h").write_text(EMU_SHIM)
             (self.root / "harness.cpp").write_text(EMU_HARNESS)
-            res = subprocess.run([CLANG, "-x", "c++", "-std=c++20", "-O1", "-pthread", *sanitize, "-c",
-                                  str(self.root / "harness.cpp"), "-o", str(harness)], capture_output=True, text=True)
+            res = subprocess.run(
+                [
+                    CLANG,
+                    "-x",
+                    "c++",
+                    "-std=c++20",
+                    "-O1",
+                    "-pthread",
+                    *sanitize,
+                    "-c",
+                    str(self.root / "harness.cpp"),
+                    "-o",
+                    str(harness),
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert res.returncode == 0, res.stderr[-4000:]
         if not exe.exists():
             cpp = exe.with_suffix(".cpp")
             cpp.write_text(src)
-            res = subprocess.run([CLANG, "-x", "c++", "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unused",
-                                  *sanitize, "-I", str(self.root), str(cpp), "-x", "none", str(harness), "-pthread",
-                                  "-o", str(exe)], capture_output=True, text=True)
+            res = subprocess.run(
+                [
+                    CLANG,
+                    "-x",
+                    "c++",
+                    "-std=c++17",
+                    "-O1",
+                    "-ffp-contract=off",
+                    "-Wno-unused",
+                    *sanitize,
+                    "-I",
+                    str(self.root),
+                    str(cpp),
+                    "-x",
+                    "none",
+                    str(harness),
+                    "-pthread",
+                    "-o",
+                    str(exe),
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert res.returncode == 0, res.stderr[-4000:]
         return exe
 
-    def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None,
-                 **_):
+    def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None, **_):
+        import tempfile
+
         import mlx.core as mx
         import numpy as np
-        import tempfile
 
         arrays = [mx.array(a) if not isinstance(a, mx.array) else a for a in inputs]
         in_types = [EMU_TYPES[_dtype_name(a.dtype)] for a in arrays]
@@ -442,8 +552,7 @@ class EmulatedKernel:
                 sizes.append(count)
             tx, gx = threadgroup[0], grid[0]
             blocks = -(-gx // tx)
-            res = subprocess.run([str(exe), d, str(blocks), str(min(tx, gx)), str(self.misalign)],
-                                 capture_output=True, text=True)
+            res = subprocess.run([str(exe), d, str(blocks), str(min(tx, gx)), str(self.misalign)], capture_output=True, text=True)
             assert res.returncode == 0, res.stderr
             outs = []
             for j, (shape, dt) in enumerate(zip(output_shapes, output_dtypes)):
@@ -509,8 +618,6 @@ def test_emulated_selection_paths_are_exact(emulated_cuda, override, tg, monkeyp
     import mlx.core as mx
     import numpy as np
 
-    from mergekit_mlx import kernels as K
-
     from mergekit_mlx.kernels import gpu, selection_gpu
 
     monkeypatch.setattr(gpu, "TG", tg)
@@ -533,8 +640,6 @@ def test_emulated_count_totals_add_every_row_and_column(emulated_cuda):
     the last of each partial, mostly nonzero counts: the column sums."""
     import mlx.core as mx
     import numpy as np
-
-    from mergekit_mlx import kernels as K
 
     rng = np.random.default_rng(5)
     rows, w = 37, 600
@@ -586,8 +691,18 @@ def test_emulated_fused_merges_equal_the_fallback(emulated_cuda, misalign):
         results = []
         for on in (True, False):
             emulated_cuda["on"] = on
-            out = K.fused_task_merge(base, others, [0.5, 0.3, -0.2], sparsify=sp, densities=[0.3, 0.5, 0.9],
-                                     rescale=resc, consensus=cons, normalize=norm, lam=0.9, seed=3)
+            out = K.fused_task_merge(
+                base,
+                others,
+                [0.5, 0.3, -0.2],
+                sparsify=sp,
+                densities=[0.3, 0.5, 0.9],
+                rescale=resc,
+                consensus=cons,
+                normalize=norm,
+                lam=0.9,
+                seed=3,
+            )
             results.append(np.array(out.astype(mx.float32)))
         emulated_cuda["on"] = True
         got, ref = results
@@ -619,9 +734,17 @@ def test_emulated_ties_with_five_models(emulated_cuda):
     results = []
     for on in (True, False):
         emulated_cuda["on"] = on
-        out = K.fused_task_merge(base, others, [0.3, 0.2, 0.2, 0.2, 0.1], sparsify="magnitude",
-                                 densities=[0.2, 0.4, 0.5, 0.6, 0.8], rescale=False, consensus="sum",
-                                 normalize=True, lam=1.0)
+        out = K.fused_task_merge(
+            base,
+            others,
+            [0.3, 0.2, 0.2, 0.2, 0.1],
+            sparsify="magnitude",
+            densities=[0.2, 0.4, 0.5, 0.6, 0.8],
+            rescale=False,
+            consensus="sum",
+            normalize=True,
+            lam=1.0,
+        )
         results.append(np.array(out.astype(mx.float32)))
     emulated_cuda["on"] = True
     np.testing.assert_array_equal(*results)
@@ -636,7 +759,6 @@ def test_emulated_ties_launched_together_equal_one_at_a_time(emulated_cuda, over
     import numpy as np
 
     from mergekit_mlx import kernels as K
-
     from mergekit_mlx.kernels import selection_gpu, task_merge, task_merge_gpu
     from mergekit_mlx.kernels.task_plan import Keep, TaskMerge
 
@@ -654,11 +776,12 @@ def test_emulated_ties_launched_together_equal_one_at_a_time(emulated_cuda, over
         mx.eval([s[1] for s in started], [s[2] for s in started])
         words = mx.concatenate([s[2] for s in started]).tolist()
         w = len(words) // len(started)
-        got = [task_merge_gpu.ties_finish(*a, o, words[j * w:(j + 1) * w], g) for j, (a, o, _, g) in enumerate(started)]
+        got = [task_merge_gpu.ties_finish(*a, o, words[j * w : (j + 1) * w], g) for j, (a, o, _, g) in enumerate(started)]
     emulated_cuda["on"] = False
     for (base, others), out in zip(fams, got):
-        want = K.fused_task_merge(base, others, weights, sparsify="magnitude", densities=dens, rescale=False,
-                                  consensus="sum", normalize=True, lam=1.0)
+        want = K.fused_task_merge(
+            base, others, weights, sparsify="magnitude", densities=dens, rescale=False, consensus="sum", normalize=True, lam=1.0
+        )
         np.testing.assert_array_equal(np.array(out.astype(mx.float32)), np.array(want.astype(mx.float32)))
     emulated_cuda["on"] = True
 
@@ -673,12 +796,10 @@ def test_emulated_ties_with_deferred_gate_checks(emulated_cuda, override, monkey
     import numpy as np
 
     from mergekit_mlx import kernels as K
-
     from mergekit_mlx.kernels import selection_gpu, task_merge_gpu
 
     base, others = emu_family()
-    kw = dict(sparsify="magnitude", densities=[0.3, 1.0, 0.6], rescale=False, consensus="sum", normalize=True,
-              lam=1.0)
+    kw = dict(sparsify="magnitude", densities=[0.3, 1.0, 0.6], rescale=False, consensus="sum", normalize=True, lam=1.0)
     with selection_gpu.force_path(override):
         with task_merge_gpu.deferred_gate_checks() as gates:
             out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], **kw)
@@ -707,7 +828,6 @@ def test_emulated_ties_when_the_counting_pass_does_not_settle(emulated_cuda, ove
     import numpy as np
 
     from mergekit_mlx import kernels as K
-
     from mergekit_mlx.kernels import selection_gpu
 
     base, others = emu_family()
@@ -715,8 +835,17 @@ def test_emulated_ties_when_the_counting_pass_does_not_settle(emulated_cuda, ove
     for on in (True, False):
         emulated_cuda["on"] = on
         with selection_gpu.force_path(override):
-            out = K.fused_task_merge(base, others, [0.5, 0.3, 0.2], sparsify="magnitude", densities=[0.3, 1.0, 0.6],
-                                 rescale=False, consensus="sum", normalize=True, lam=1.0)
+            out = K.fused_task_merge(
+                base,
+                others,
+                [0.5, 0.3, 0.2],
+                sparsify="magnitude",
+                densities=[0.3, 1.0, 0.6],
+                rescale=False,
+                consensus="sum",
+                normalize=True,
+                lam=1.0,
+            )
         results.append(np.array(out.astype(mx.float32)))
     emulated_cuda["on"] = True
     np.testing.assert_array_equal(*results)
@@ -733,17 +862,31 @@ def test_emulated_tiny_tensors(emulated_cuda, n):
 
     rng = np.random.default_rng(n)
     x = mx.array(rng.standard_normal(n).astype(np.float32))
-    base, others = (mx.array(rng.standard_normal(n).astype(np.float32)).astype(mx.bfloat16),
-                    [mx.array(rng.standard_normal(n).astype(np.float32)).astype(mx.bfloat16) for _ in range(2)])
+    base, others = (
+        mx.array(rng.standard_normal(n).astype(np.float32)).astype(mx.bfloat16),
+        [mx.array(rng.standard_normal(n).astype(np.float32)).astype(mx.bfloat16) for _ in range(2)],
+    )
     got, want = [], []
     for on, out in ((True, got), (False, want)):
         emulated_cuda["on"] = on
         for k in sorted({1, max(1, n // 2), n}):
             out.append(K.magnitude_threshold(x, k).item())
             out.append(np.array(K.topk_mask(x, k)).tolist())
-        out.append(np.array(K.fused_task_merge(base, others, [0.6, 0.4], sparsify="magnitude", densities=[0.5, 0.7],
-                                               rescale=False, consensus="sum", normalize=True, lam=1.0)
-                            .astype(mx.float32)).tolist())
+        out.append(
+            np.array(
+                K.fused_task_merge(
+                    base,
+                    others,
+                    [0.6, 0.4],
+                    sparsify="magnitude",
+                    densities=[0.5, 0.7],
+                    rescale=False,
+                    consensus="sum",
+                    normalize=True,
+                    lam=1.0,
+                ).astype(mx.float32)
+            ).tolist()
+        )
     emulated_cuda["on"] = True
     assert got == want
 
@@ -792,8 +935,6 @@ def test_kernel_parameter_arrays_cached_by_one_thread_work_in_another():
     be lazy arrays tied to the thread that made them (MLX: "no Stream in current thread")."""
     import threading
 
-    import mlx.core as mx
-
     from mergekit_mlx.kernels import gpu
 
     gpu.ones_f32.cache_clear()
@@ -818,12 +959,19 @@ def test_cuda_kernels_fall_back_to_mlx_jit_when_nvrtc_cannot_compile(monkeypatch
 
     monkeypatch.setattr(cuda_jit, "compiler", no_compiler)
     calls = []
-    kern = cuda_jit.CachedKernel("mk_probe", ["x"], ["out"], "", "out[0] = x[0];",
-                                 fallback=lambda **kw: calls.append(kw) or ["from MLX's JIT"])
+    kern = cuda_jit.CachedKernel(
+        "mk_probe", ["x"], ["out"], "", "out[0] = x[0];", fallback=lambda **kw: calls.append(kw) or ["from MLX's JIT"]
+    )
     x = mx.array([1.0])
     for _ in range(2):
-        got = kern(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
-                   threadgroup=(1, 1, 1), template=[("T", mx.float32)])
+        got = kern(
+            inputs=[x],
+            output_shapes=[(1,)],
+            output_dtypes=[mx.float32],
+            grid=(1, 1, 1),
+            threadgroup=(1, 1, 1),
+            template=[("T", mx.float32)],
+        )
         assert got == ["from MLX's JIT"]
     assert len(calls) == 2 and calls[0]["template"] == [("T", mx.float32)] and calls[0]["inputs"] == [x]
     assert kern.failed and "NVRTC" in kern.failed
@@ -834,9 +982,14 @@ def test_cuda_translation_unit_has_the_custom_kernel_signature():
 
     from mergekit_mlx.kernels.cuda_compile import wrap_source
 
-    src = wrap_source("mk_k", "// header\n", "out[0] = x[0];", [("x", mx.bfloat16), ("up", mx.uint32)],
-                      [("out", mx.float32)], [("KM", 3), ("ON", True), ("T", mx.bfloat16)])
+    src = wrap_source(
+        "mk_k",
+        "// header\n",
+        "out[0] = x[0];",
+        [("x", mx.bfloat16), ("up", mx.uint32)],
+        [("out", mx.float32)],
+        [("KM", 3), ("ON", True), ("T", mx.bfloat16)],
+    )
     assert "#include <cuda_bf16.h>" in src and "mlx/backend" not in src
-    assert ('extern "C" __global__ void mk_k(\n    const __nv_bfloat16* x,\n    const uint32_t* up,\n'
-            '    float* out) {') in src
+    assert ('extern "C" __global__ void mk_k(\n    const __nv_bfloat16* x,\n    const uint32_t* up,\n    float* out) {') in src
     assert "constexpr int KM = 3;" in src and "constexpr bool ON = true;" in src and "using T = __nv_bfloat16;" in src

@@ -38,8 +38,13 @@ def run(method, arrays, shared=None, per_input=None, base=0, seed=0):
             if p.scope != "shared" and p.name not in d:
                 d[p.name] = p.default
     inputs = MergeInputs(
-        tensors=[mx.array(a) for a in arrays], base=base, shared=shared, per_input=per_input,
-        name=NAME, seed=seed, input_ids=list(range(len(arrays))),
+        tensors=[mx.array(a) for a in arrays],
+        base=base,
+        shared=shared,
+        per_input=per_input,
+        name=NAME,
+        seed=seed,
+        input_ids=list(range(len(arrays))),
     )
     return np.array(m.merge(inputs)).astype(np.float64)
 
@@ -49,6 +54,7 @@ def f64(arrays):
 
 
 # ---------------- references ----------------
+
 
 def topk_ref(x, k):
     a = np.abs(x).ravel()
@@ -93,6 +99,7 @@ def random_mask(model_index, p, seed=0):
 
 
 # ---------------- linear / passthrough / slerp ----------------
+
 
 def test_linear_is_the_normalised_weighted_average():
     a = make_inputs()
@@ -174,7 +181,7 @@ def test_slerp_sums_are_the_norms_and_dot_of_the_uncompiled_graph(dtype):
 # slerp's CPU path: the norms and the dot product from one numpy pass over chunks
 # (mergekit_mlx.kernels.slerp, CHUNK = 2**17 elements), the combination a compiled MLX graph
 
-BF16_STEP = 2.0 ** -8  # a bf16 rounding moves a value by at most this much of itself
+BF16_STEP = 2.0**-8  # a bf16 rounding moves a value by at most this much of itself
 
 
 @pytest.fixture
@@ -286,8 +293,11 @@ def test_slerp_sums_are_float64_accurate():
     parts in a million (float32 dot products of 2**17 elements, added in float64)."""
     from mergekit_mlx import kernels
 
-    for dtypes, n in [((mx.bfloat16, mx.bfloat16), 300001), ((mx.bfloat16, mx.float32), 300000),
-                      ((mx.float32, mx.float32), 300001)]:
+    for dtypes, n in [
+        ((mx.bfloat16, mx.bfloat16), 300001),
+        ((mx.bfloat16, mx.float32), 300000),
+        ((mx.float32, mx.float32), 300001),
+    ]:
         v0, _, (a, _) = slerp_pair((n,), dtypes[0], seed=18)
         _, v1, (_, b) = slerp_pair((n,), dtypes[1], seed=19)
         np.testing.assert_allclose(kernels.slerp_sums(v0, v1), [a @ a, b @ b, a @ b], rtol=1e-5)
@@ -323,6 +333,7 @@ def test_slerp_of_empty_tensors_is_empty():
 
 
 # ---------------- task-arithmetic family ----------------
+
 
 def test_task_arithmetic_adds_weighted_task_vectors_times_lambda():
     a = make_inputs()
@@ -406,7 +417,7 @@ def test_breadcrumbs_drops_the_smallest_and_the_largest():
     n_bot = max(0, n - target - n_top)
     order = np.argsort(np.abs(d).ravel(), kind="stable")
     mask = np.zeros(n, bool)
-    mask[order[n_bot:n_bot + target]] = True
+    mask[order[n_bot : n_bot + target]] = True
     np.testing.assert_allclose(got, gta_ref(a, [1.0], [mask.reshape(SHAPE)], False, False), rtol=1e-5, atol=1e-6)
 
 
@@ -440,8 +451,15 @@ def test_bf16_inputs_compute_in_float32_and_round_once():
     a = make_inputs(3)
     w = [0.3, 0.3]
     arrays = [mx.array(x).astype(mx.bfloat16) for x in a]
-    inputs = MergeInputs(arrays, 0, {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False},
-                         [{}, {"weight": w[0], "density": 1.0}, {"weight": w[1], "density": 1.0}], NAME, 0, [0, 1, 2])
+    inputs = MergeInputs(
+        arrays,
+        0,
+        {"normalize": False, "rescale": False, "lambda": 1.0, "int8_mask": False},
+        [{}, {"weight": w[0], "density": 1.0}, {"weight": w[1], "density": 1.0}],
+        NAME,
+        0,
+        [0, 1, 2],
+    )
     got = get_method("task_arithmetic").merge(inputs)
     assert got.dtype == mx.bfloat16
     exact = [np.array(x.astype(mx.float32)).astype(np.float64) for x in arrays]

@@ -305,8 +305,11 @@ def test_karcher_of_two_is_the_geodesic_midpoint():
     x, y = x.astype(np.float64), y.astype(np.float64)
     ux, uy = x / np.linalg.norm(x), y / np.linalg.norm(y)
     mid = (ux + uy) / np.linalg.norm(ux + uy)
-    close(run("karcher", [x.astype(np.float32), y.astype(np.float32)], base=None),
-          (np.linalg.norm(x) + np.linalg.norm(y)) / 2 * mid, 1e-5)
+    close(
+        run("karcher", [x.astype(np.float32), y.astype(np.float32)], base=None),
+        (np.linalg.norm(x) + np.linalg.norm(y)) / 2 * mid,
+        1e-5,
+    )
 
 
 def test_karcher_all_zero_inputs_give_zero():
@@ -469,15 +472,18 @@ def test_arcee_fusion_large_tensor_is_repeatable_per_seed():
 # ---------------- dtypes ----------------
 
 
-@pytest.mark.parametrize("method,shared,per", [
-    ("nuslerp", {}, weights(0, 0.4, 0.6)),
-    ("multislerp", {}, weights(0, 0.4, 0.6)),
-    ("karcher", {}, None),
-    ("model_stock", {}, None),
-    ("sce", {"select_topk": 0.5}, None),
-    ("ram", {}, None),
-    ("ramplus_tl", {}, None),
-])
+@pytest.mark.parametrize(
+    "method,shared,per",
+    [
+        ("nuslerp", {}, weights(0, 0.4, 0.6)),
+        ("multislerp", {}, weights(0, 0.4, 0.6)),
+        ("karcher", {}, None),
+        ("model_stock", {}, None),
+        ("sce", {"select_topk": 0.5}, None),
+        ("ram", {}, None),
+        ("ramplus_tl", {}, None),
+    ],
+)
 def test_bfloat16_inputs_give_bfloat16_within_rounding(method, shared, per):
     xs = make(3, seed=31)
     rounded = run(method, xs, shared, per, dtype=mx.bfloat16)

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import tiny
 import yaml
 
-import tiny
 from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
 from mergekit_mlx.errors import OutputError
@@ -150,7 +150,11 @@ def _fifo(out: Path) -> None:
 NOT_OURS = {
     "folder-with-a-config": (_user_folder_with_config, False, "without a valid .mergekit-mlx-output.json"),
     "folder-with-a-gguf": (_user_folder_with_gguf, False, "without a valid .mergekit-mlx-output.json"),
-    "our-output-plus-a-user-file": (_our_output_plus_a_user_file, True, r"holds files that mergekit-mlx did not write there \(notes.txt\)"),
+    "our-output-plus-a-user-file": (
+        _our_output_plus_a_user_file,
+        True,
+        r"holds files that mergekit-mlx did not write there \(notes.txt\)",
+    ),
     "our-output-with-a-changed-file": (_our_output_with_a_changed_file, True, "README.md, which was changed"),
     "our-output-with-a-subfolder": (_our_output_with_a_subfolder, True, r"did not write there \(eval\)"),
     "plain-file": (_plain_file, False, "is a file that mergekit-mlx did not write"),
@@ -327,8 +331,12 @@ def larger_family(tmp_path_factory) -> list[Path]:
 def _killed_halfway(recipe: Path, out: Path, shards: list[str]) -> dict:
     """Start a merge, SIGKILL it once its state records finished shards and the inputs' hashes."""
     state = partial_of(out) / STATE_FILE
-    proc = subprocess.Popen([sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *shards],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *shards],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     recorded: dict = {}
     while proc.poll() is None and time.monotonic() < deadline:
@@ -370,9 +378,6 @@ def test_resume_merges_everything_again_when_an_input_was_replaced_by_same_size_
     assert "not resuming" in err and "has changed since the interrupted run" in err
     rc, err = run(capsys, "run", recipe, tmp_path / "reference", *shards)
     assert rc == 0, err
-    assert snapshot(out)["out/model-00001-of-%05d.safetensors" % len(list(out.glob("model-*")))] == snapshot(
-        tmp_path / "reference"
-    )["reference/model-00001-of-%05d.safetensors" % len(list(out.glob("model-*")))]
     ours = {k.split("/", 1)[1]: v for k, v in snapshot(out).items() if "/" in k}
     reference = {k.split("/", 1)[1]: v for k, v in snapshot(tmp_path / "reference").items() if "/" in k}
     assert ours == reference

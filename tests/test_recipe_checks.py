@@ -84,10 +84,14 @@ def test_recipe_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys):
     assert_refused(rc, err, tmp_path / "out", re.escape(str(recipe)), "not UTF-8", "0xe9 on line 3")
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: d / ("a" * 5000 + ".yml"),  # longer than PATH_MAX
-    lambda d: d / ("b" * 300 + ".yml"),  # one name longer than NAME_MAX
-], ids=["5000-char-path", "300-char-name"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: d / ("a" * 5000 + ".yml"),  # longer than PATH_MAX
+        lambda d: d / ("b" * 300 + ".yml"),  # one name longer than NAME_MAX
+    ],
+    ids=["5000-char-path", "300-char-name"],
+)
 def test_recipe_path_too_long_for_the_file_system_is_a_short_clean_error(tmp_path, capsys, make):
     rc, err = run(capsys, make(tmp_path), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", "cannot read the recipe", "File name too long")
@@ -108,7 +112,10 @@ def test_recipe_that_is_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp
     os.mkfifo(fifo)
     proc = subprocess.run(
         [sys.executable, "-m", "mergekit_mlx", "run", str(fifo), str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert_refused(proc.returncode, proc.stderr, tmp_path / "out", re.escape(str(fifo)), "not a regular file")
 
@@ -122,16 +129,19 @@ def test_integer_too_long_for_python_is_refused_naming_its_line(tmp_path, capsys
     assert_refused(rc, err, tmp_path / "out", "line 5: an integer of 5001 digits")
 
 
-@pytest.mark.parametrize("yaml_value, problem", [
-    ("1e999", "must be a finite number, got inf"),
-    ("-.inf", "must be a finite number, got -inf"),
-    (".nan", "must be a finite number, got nan"),
-    ("'nan'", "must be a finite number, got nan"),
-    ("'1e999'", "must be a finite number, got inf"),
-    ("true", "must be a number, got True"),
-    ("half", "must be a number, got 'half'"),
-    ("{a: 1}", r"is not a recipe key|Input should be"),
-])
+@pytest.mark.parametrize(
+    "yaml_value, problem",
+    [
+        ("1e999", "must be a finite number, got inf"),
+        ("-.inf", "must be a finite number, got -inf"),
+        (".nan", "must be a finite number, got nan"),
+        ("'nan'", "must be a finite number, got nan"),
+        ("'1e999'", "must be a finite number, got inf"),
+        ("true", "must be a number, got True"),
+        ("half", "must be a number, got 'half'"),
+        ("{a: 1}", r"is not a recipe key|Input should be"),
+    ],
+)
 def test_density_that_is_not_a_finite_number_is_refused_naming_the_key(tmp_path, capsys, yaml_value, problem):
     text = f"merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters: {{weight: 1, density: {yaml_value}}}\n"
     rc, err = run(capsys, write(tmp_path, text), tmp_path / "out")
@@ -145,12 +155,16 @@ def test_boolean_parameter_takes_only_true_or_false(tmp_path, capsys, yaml_value
     assert_refused(rc, err, tmp_path / "out", r"parameters\.normalize: must be true or false")
 
 
-@pytest.mark.parametrize("setting, key", [
-    ([0.5, 1.5], r"density\[1\]"),
-    ([0.5, NAN, 0.5], r"density\[1\]"),
-    ([{"filter": "mlp", "value": 0.5}, {"value": -0.5}], r"density\[1\]\.value"),
-    ([{"filter": "mlp", "value": [0.2, INF]}], r"density\[0\]\.value\[1\]"),
-], ids=["gradient-point", "gradient-nan", "filter-value", "filter-gradient"])
+@pytest.mark.parametrize(
+    "setting, key",
+    [
+        ([0.5, 1.5], r"density\[1\]"),
+        ([0.5, NAN, 0.5], r"density\[1\]"),
+        ([{"filter": "mlp", "value": 0.5}, {"value": -0.5}], r"density\[1\]\.value"),
+        ([{"filter": "mlp", "value": [0.2, INF]}], r"density\[0\]\.value\[1\]"),
+    ],
+    ids=["gradient-point", "gradient-nan", "filter-value", "filter-gradient"],
+)
 def test_every_point_of_a_gradient_and_every_filter_value_is_checked(tmp_path, capsys, setting, key):
     recipe = ties("b", "m")
     recipe["models"][0]["parameters"]["density"] = setting
@@ -180,13 +194,17 @@ def test_pad_to_multiple_of_is_a_small_positive_integer(tmp_path, capsys, pad):
 # ---------------- model references ----------------
 
 
-@pytest.mark.parametrize("ref, problem", [
-    ("", "must name a model"),
-    ("   ", "must name a model"),
-    ("x" * 5000, "is 5000 characters long"),
-    ("models/" + "y" * 300, "each part between slashes at most 255"),
-    ("a\0b", "NUL"),
-], ids=["empty", "blank", "5000-chars", "300-char-part", "nul"])
+@pytest.mark.parametrize(
+    "ref, problem",
+    [
+        ("", "must name a model"),
+        ("   ", "must name a model"),
+        ("x" * 5000, "is 5000 characters long"),
+        ("models/" + "y" * 300, "each part between slashes at most 255"),
+        ("a\0b", "NUL"),
+    ],
+    ids=["empty", "blank", "5000-chars", "300-char-part", "nul"],
+)
 @pytest.mark.parametrize("key", ["models[1].model", "base_model"])
 def test_model_reference_that_cannot_name_a_model_is_refused(tmp_path, capsys, ref, problem, key):
     recipe = ties("b", "m1", "m2")
@@ -206,13 +224,46 @@ def test_model_reference_that_cannot_name_a_model_is_refused(tmp_path, capsys, r
 # a density is a fraction kept (0 would keep nothing; mergekit fails on it), select_topk 0 would
 # keep nothing and silently return the base, karcher's tol must be > 0 or its loop never ends, ...
 RANGES = {
-    **{(m, "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 2.5]) for m in (
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-        "della_linear", "della")},
-    **{(m, "density"): ([0.0, -0.01, 1.01, NAN], [1e-3, 0.3, 1.0]) for m in (
-        "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear", "della")},
-    **{(m, "lambda"): ([INF, NAN], [-1.0, 0.0, 1.5]) for m in (
-        "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della_linear", "della")},
+    **{
+        (m, "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 2.5])
+        for m in (
+            "linear",
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della_linear",
+            "della",
+        )
+    },
+    **{
+        (m, "density"): ([0.0, -0.01, 1.01, NAN], [1e-3, 0.3, 1.0])
+        for m in (
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della_linear",
+            "della",
+        )
+    },
+    **{
+        (m, "lambda"): ([INF, NAN], [-1.0, 0.0, 1.5])
+        for m in (
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della_linear",
+            "della",
+        )
+    },
     **{(m, "gamma"): ([-0.01, 1.01], [0.0, 0.01, 1.0]) for m in ("breadcrumbs", "breadcrumbs_ties")},
     **{(m, "epsilon"): ([-0.01, 0.5, 0.6], [0.0, 0.15, 0.49]) for m in ("della_linear", "della")},
     ("passthrough", "scale"): ([INF, NAN], [-1.0, 0.0, 2.0]),
@@ -292,16 +343,25 @@ def test_in_range_parameter_is_accepted(family4, method, name, value):
 
 
 def test_karcher_with_a_negative_tol_and_a_huge_max_iter_is_refused_at_once(tmp_path, capsys):
-    recipe = {"merge_method": "karcher", "parameters": {"tol": -1, "max_iter": 10**9},
-              "models": [{"model": "a"}, {"model": "b"}]}
+    recipe = {"merge_method": "karcher", "parameters": {"tol": -1, "max_iter": 10**9}, "models": [{"model": "a"}, {"model": "b"}]}
     rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", r"parameters\.(tol|max_iter): must be in")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda r: r["models"][0]["parameters"].update(density=0.9, gamma=0.5), r"models\[0\]\.parameters: density \+ gamma must be at most 1"),
-    (lambda r: r["models"][0]["parameters"].update(density=0.2, epsilon=0.3), r"models\[0\]\.parameters: density \+/- epsilon must lie in \(0, 1\)"),
-], ids=["breadcrumbs-density-plus-gamma", "della-density-minus-epsilon"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda r: r["models"][0]["parameters"].update(density=0.9, gamma=0.5),
+            r"models\[0\]\.parameters: density \+ gamma must be at most 1",
+        ),
+        (
+            lambda r: r["models"][0]["parameters"].update(density=0.2, epsilon=0.3),
+            r"models\[0\]\.parameters: density \+/- epsilon must lie in \(0, 1\)",
+        ),
+    ],
+    ids=["breadcrumbs-density-plus-gamma", "della-density-minus-epsilon"],
+)
 def test_parameters_that_cannot_work_together_are_refused_naming_the_model(family, tmp_path, capsys, change, message):
     recipe = ties(*family)
     recipe["merge_method"] = "breadcrumbs" if "gamma" in message else "della"
@@ -318,16 +378,20 @@ def test_a_parameter_this_method_does_not_take_is_refused(tmp_path, capsys):
 
 def test_nuslerp_weights_that_are_both_zero_are_refused_before_reading(family, tmp_path, capsys):
     base, a, b = family
-    recipe = {"merge_method": "nuslerp", "models": [{"model": str(a), "parameters": {"weight": 0}},
-                                                    {"model": str(b), "parameters": {"weight": 0}}]}
+    recipe = {
+        "merge_method": "nuslerp",
+        "models": [{"model": str(a), "parameters": {"weight": 0}}, {"model": str(b), "parameters": {"weight": 0}}],
+    }
     rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", r"parameters: the two weights sum to 0")
 
 
 def test_multislerp_weights_that_are_all_zero_are_refused_before_reading(family, tmp_path, capsys):
     base, a, b = family
-    recipe = {"merge_method": "multislerp", "models": [{"model": str(a), "parameters": {"weight": 0}},
-                                                       {"model": str(b), "parameters": {"weight": 0}}]}
+    recipe = {
+        "merge_method": "multislerp",
+        "models": [{"model": str(a), "parameters": {"weight": 0}}, {"model": str(b), "parameters": {"weight": 0}}],
+    }
     rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", r"parameters: the weights sum to 0")
 
@@ -358,20 +422,30 @@ def test_the_same_model_twice_in_models_is_refused_under_any_spelling(family, tm
 @pytest.mark.parametrize("spelling", ["trailing-slash", "symlink"])
 def test_the_same_model_twice_in_one_slice_is_refused(family, tmp_path, capsys, spelling):
     first, second = spellings(family[1], tmp_path)[spelling]
-    recipe = {"merge_method": "linear", "slices": [{"sources": [
-        {"model": first, "layer_range": [0, 2], "parameters": {"weight": 1}},
-        {"model": second, "layer_range": [0, 2], "parameters": {"weight": 1}},
-    ]}]}
+    recipe = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": first, "layer_range": [0, 2], "parameters": {"weight": 1}},
+                    {"model": second, "layer_range": [0, 2], "parameters": {"weight": 1}},
+                ]
+            }
+        ],
+    }
     rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", r"slices\[0\]\.sources\[1\]\.model: .* is already slices\[0\]\.sources\[0\]")
 
 
 def test_the_same_model_in_different_slices_is_a_frankenmerge_and_accepted(family, tmp_path):
     first, second = spellings(family[1], tmp_path)["symlink"]
-    recipe = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": first, "layer_range": [0, 2]}]},
-        {"sources": [{"model": second, "layer_range": [0, 2]}]},
-    ]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": first, "layer_range": [0, 2]}]},
+            {"sources": [{"model": second, "layer_range": [0, 2]}]},
+        ],
+    }
     assert make_plan(load_recipe(recipe), recipe_dir=tmp_path).out_layers == 4
 
 
@@ -402,27 +476,43 @@ def test_config_counting_fewer_layers_than_the_tensors_hold_is_refused(family, t
     (short / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
     recipe = {"merge_method": "linear", "models": [{"model": str(short), "parameters": {"weight": 1.0}}]}
     rc, err = run(capsys, write(tmp_path, recipe), tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", re.escape(str(short / "config.json")), "num_hidden_layers is 1",
-                   "belongs to layer 1")
+    assert_refused(
+        rc, err, tmp_path / "out", re.escape(str(short / "config.json")), "num_hidden_layers is 1", "belongs to layer 1"
+    )
 
 
 # ---------------- run options ----------------
 
 
-@pytest.mark.parametrize("options, flag", [
-    ({"out_format": "mlx-q4", "group_size": 0}, "--group-size"),  # silently 64 before; mx.quantize(0) kills the process
-    ({"out_format": "mlx-q4", "group_size": 48}, "--group-size"),
-    ({"out_format": "mlx-mxfp4", "group_size": 64}, "--group-size"),
-    ({"group_size": 64}, "--group-size"),  # hf output: no groups to size
-    ({"out_shard_size": 0}, "--out-shard-size"),
-    ({"batch_bytes": 0}, "--batch-size"),
-    ({"random_seed": -1}, "--random-seed"),
-    ({"random_seed": 2**64}, "--random-seed"),
-    ({"random_seed": True}, "--random-seed"),
-    ({"device": "tpu"}, "--device"),
-    ({"out_format": "onnx"}, "--out-format"),
-], ids=["group-0", "group-48", "mxfp4-group-64", "group-on-hf", "shard-0", "batch-0", "seed-negative", "seed-2**64",
-        "seed-bool", "device", "format"])
+@pytest.mark.parametrize(
+    "options, flag",
+    [
+        ({"out_format": "mlx-q4", "group_size": 0}, "--group-size"),  # silently 64 before; mx.quantize(0) kills the process
+        ({"out_format": "mlx-q4", "group_size": 48}, "--group-size"),
+        ({"out_format": "mlx-mxfp4", "group_size": 64}, "--group-size"),
+        ({"group_size": 64}, "--group-size"),  # hf output: no groups to size
+        ({"out_shard_size": 0}, "--out-shard-size"),
+        ({"batch_bytes": 0}, "--batch-size"),
+        ({"random_seed": -1}, "--random-seed"),
+        ({"random_seed": 2**64}, "--random-seed"),
+        ({"random_seed": True}, "--random-seed"),
+        ({"device": "tpu"}, "--device"),
+        ({"out_format": "onnx"}, "--out-format"),
+    ],
+    ids=[
+        "group-0",
+        "group-48",
+        "mxfp4-group-64",
+        "group-on-hf",
+        "shard-0",
+        "batch-0",
+        "seed-negative",
+        "seed-2**64",
+        "seed-bool",
+        "device",
+        "format",
+    ],
+)
 def test_run_option_that_cannot_work_is_refused_naming_the_flag_before_reading(family, tmp_path, options, flag):
     recipe = write(tmp_path, ties(*family))
     with pytest.raises(RecipeError, match=re.escape(flag)):

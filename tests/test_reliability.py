@@ -31,15 +31,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import tiny
 import yaml
 
-import tiny
 from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
-from mergekit_mlx.errors import MergeKitError
-from mergekit_mlx.methods import all_methods
 from mergekit_mlx.formats import open_model
 from mergekit_mlx.formats.safetensors import SafetensorsWriter
+from mergekit_mlx.methods import all_methods
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +76,10 @@ def cli_subprocess(*argv: str, timeout: float = 60) -> tuple[int, str]:
     """Run `python -m mergekit_mlx run ...` as a user would."""
     proc = subprocess.run(
         [sys.executable, "-m", "mergekit_mlx", "run", *map(str, argv), "--no-progress"],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
     return proc.returncode, proc.stderr
 
@@ -141,7 +143,9 @@ def test_missing_tensor_names_the_tensor_and_the_model(family, tmp_path, capsys)
     ft = rewrite(clone(family[1], tmp_path / "ft-missing"), lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
     recipe = write_recipe(tmp_path, linear_recipe([family[0], ft]))
     rc, err = cli(capsys, recipe, tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", re.escape(str(ft)), r"models\[1\]", "has no tensor 'model.layers.1.mlp.up_proj.weight'")
+    assert_refused(
+        rc, err, tmp_path / "out", re.escape(str(ft)), r"models\[1\]", "has no tensor 'model.layers.1.mlp.up_proj.weight'"
+    )
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(family, tmp_path, capsys):
@@ -151,7 +155,9 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(family, tmp_path, capsy
     ft = rewrite(clone(family[1], tmp_path / "ft-shape"), shrink)
     recipe = write_recipe(tmp_path, linear_recipe([family[0], ft]))
     rc, err = cli(capsys, recipe, tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", "tensor model.layers.0.mlp.up_proj.weight: shapes differ", r"\[48, 32\]", r"\[40, 32\]")
+    assert_refused(
+        rc, err, tmp_path / "out", "tensor model.layers.0.mlp.up_proj.weight: shapes differ", r"\[48, 32\]", r"\[40, 32\]"
+    )
 
 
 def test_different_architectures_are_refused_unless_allow_crimes(family, tmp_path, capsys):
@@ -160,7 +166,9 @@ def test_different_architectures_are_refused_unless_allow_crimes(family, tmp_pat
     (other / "config.json").write_text(json.dumps(dict(cfg, architectures=["MistralForCausalLM"], model_type="mistral")))
     recipe = write_recipe(tmp_path, linear_recipe([family[0], other]))
     rc, err = cli(capsys, recipe, tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", "different architectures", "LlamaForCausalLM", "MistralForCausalLM", "--allow-crimes")
+    assert_refused(
+        rc, err, tmp_path / "out", "different architectures", "LlamaForCausalLM", "MistralForCausalLM", "--allow-crimes"
+    )
     rc, err = cli(capsys, recipe, tmp_path / "out", "--allow-crimes")
     assert rc == 0, err
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -169,12 +177,29 @@ def test_different_architectures_are_refused_unless_allow_crimes(family, tmp_pat
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda r: r["models"][0]["parameters"].update(weight="heavy"), r"models\[0\]\.parameters\.weight: must be a number, got 'heavy'"),
-        (lambda r: r["models"][1]["parameters"].update(weight=float("nan")), r"models\[1\]\.parameters\.weight: must be a finite number, got nan"),
-        (lambda r: r["models"][1]["parameters"].update(density=float("inf")), r"models\[1\]\.parameters\.density: must be a finite number, got inf"),
+        (
+            lambda r: r["models"][0]["parameters"].update(weight="heavy"),
+            r"models\[0\]\.parameters\.weight: must be a number, got 'heavy'",
+        ),
+        (
+            lambda r: r["models"][1]["parameters"].update(weight=float("nan")),
+            r"models\[1\]\.parameters\.weight: must be a finite number, got nan",
+        ),
+        (
+            lambda r: r["models"][1]["parameters"].update(density=float("inf")),
+            r"models\[1\]\.parameters\.density: must be a finite number, got inf",
+        ),
         (lambda r: r.update(parameters={"normalize": "sometimes"}), r"parameters\.normalize: must be true or false"),
-        (lambda r: r.update(merge_method="della", parameters={"epsilon": 0.3}) or r["models"][0]["parameters"].update(density=0.2), r"models\[0\]\.parameters: density \+/- epsilon must lie in \(0, 1\)"),
-        (lambda r: r["models"][0]["parameters"].update(densty=0.3), r"models\[0\]\.parameters\.densty: not a parameter of ties; did you mean 'density'\?"),
+        (
+            lambda r: (
+                r.update(merge_method="della", parameters={"epsilon": 0.3}) or r["models"][0]["parameters"].update(density=0.2)
+            ),
+            r"models\[0\]\.parameters: density \+/- epsilon must lie in \(0, 1\)",
+        ),
+        (
+            lambda r: r["models"][0]["parameters"].update(densty=0.3),
+            r"models\[0\]\.parameters\.densty: not a parameter of ties; did you mean 'density'\?",
+        ),
         (lambda r: r["models"].append(dict(r["models"][0])), r"models\[2\]\.model: .* is already models\[0\]"),
     ],
     ids=["not-a-number", "nan-weight", "inf-density", "not-a-boolean", "clashing-pair", "misspelt-name", "model-twice"],
@@ -194,10 +219,13 @@ def test_unknown_method_lists_the_known_ones(family, tmp_path):
 
 @pytest.mark.parametrize("layer_range", [[0, 5], [-1, 1], [1, 1], [2, 1]])
 def test_layer_range_out_of_bounds_names_the_slice(family, tmp_path, capsys, layer_range):
-    recipe = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(family[0]), "layer_range": [0, 2]}]},
-        {"sources": [{"model": str(family[1]), "layer_range": layer_range}]},
-    ]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(family[0]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(family[1]), "layer_range": layer_range}]},
+        ],
+    }
     rc, err = cli(capsys, write_recipe(tmp_path, recipe), tmp_path / "out")
     assert_refused(rc, err, tmp_path / "out", re.escape(f"slices[1].sources[0].layer_range: {layer_range}"), "which has 2 layers")
 
@@ -256,8 +284,17 @@ def test_pytorch_bin_only_model_is_refused_with_the_conversion_hint(family, tmp_
 
     (model / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
     rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe([family[0], model])), tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", re.escape(str(model)), "pytorch_model.bin", "pickle", "never loaded",
-                   "convert them to safetensors", "safe_serialization=True")
+    assert_refused(
+        rc,
+        err,
+        tmp_path / "out",
+        re.escape(str(model)),
+        "pytorch_model.bin",
+        "pickle",
+        "never loaded",
+        "convert them to safetensors",
+        "safe_serialization=True",
+    )
     assert not marker.exists()
 
 
@@ -330,19 +367,47 @@ def _valid_bytes(family) -> bytes:
 F32_4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
 LYING_HEADERS = {
     "offsets-past-the-end": ({"w": F32_4}, b"\0" * 8, None, "point outside the file's 8 data bytes"),
-    "overlapping": ({"a": F32_4, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24, None, "'a' and 'b' overlap"),
-    "absurd-shape": ({"w": {"dtype": "F32", "shape": [2**40, 2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16, None,
-                     "needs more bytes than the file holds"),
-    "size-not-matching-shape": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16, None, "needs 12 bytes"),
+    "overlapping": (
+        {"a": F32_4, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
+        b"\0" * 24,
+        None,
+        "'a' and 'b' overlap",
+    ),
+    "absurd-shape": (
+        {"w": {"dtype": "F32", "shape": [2**40, 2**40, 2**40], "data_offsets": [0, 16]}},
+        b"\0" * 16,
+        None,
+        "needs more bytes than the file holds",
+    ),
+    "size-not-matching-shape": (
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}},
+        b"\0" * 16,
+        None,
+        "needs 12 bytes",
+    ),
     "bad-dtype": ({"w": {"dtype": "F33", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "unknown dtype 'F33'"),
     "negative-dim": ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "non-negative integers"),
     "header-length-past-the-file": ({"w": F32_4}, b"\0" * 16, 10**6, "header claims 1000000 bytes but the file has"),
     "absurd-header-length": ({"w": F32_4}, b"\0" * 16, 2**63, "header claims .* bytes but the file has"),
     "header-not-json": (b"\x89PNG\r\n\x1a\n garbage", b"", None, "header is not valid JSON"),
-    "duplicate-tensor-name": (b'{"w": ' + json.dumps(F32_4).encode() + b', "w": ' + json.dumps(F32_4).encode() + b"}", b"\0" * 16, None,
-                              "key 'w' appears twice"),
-    "nan-in-header": (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "x": NaN}}', b"\0" * 16, None, "NaN is not JSON"),
-    "metadata-not-strings": ({"__metadata__": {"format": 1}, "w": F32_4}, b"\0" * 16, None, "__metadata__ must be an object of strings"),
+    "duplicate-tensor-name": (
+        b'{"w": ' + json.dumps(F32_4).encode() + b', "w": ' + json.dumps(F32_4).encode() + b"}",
+        b"\0" * 16,
+        None,
+        "key 'w' appears twice",
+    ),
+    "nan-in-header": (
+        b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "x": NaN}}',
+        b"\0" * 16,
+        None,
+        "NaN is not JSON",
+    ),
+    "metadata-not-strings": (
+        {"__metadata__": {"format": 1}, "w": F32_4},
+        b"\0" * 16,
+        None,
+        "__metadata__ must be an object of strings",
+    ),
 }
 
 
@@ -363,7 +428,9 @@ def test_truncated_safetensors_file_is_refused(family, tmp_path, capsys, cut):
     keep = {"in-the-data": len(data) - 100, "in-the-header": 8 + header_len // 2, "in-the-length": 5}[cut]
     (model / "model.safetensors").write_bytes(data[:keep])
     rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe([family[0], model])), tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", re.escape(str(model / "model.safetensors")), "truncated|outside the file|not a safetensors")
+    assert_refused(
+        rc, err, tmp_path / "out", re.escape(str(model / "model.safetensors")), "truncated|outside the file|not a safetensors"
+    )
 
 
 def test_lying_header_is_refused_from_the_command_line(family, tmp_path):
@@ -380,7 +447,9 @@ def test_lying_header_is_refused_from_the_command_line(family, tmp_path):
 def sharded(family, tmp_path) -> Path:
     """A copy of a fine-tune stored as two shards with an index, as large models are."""
     model = tmp_path / "sharded"
-    tiny.save_model(model, json.loads((family[1] / "config.json").read_text()), tiny.load_np(family[1]), shards=2, tokenizer=False)
+    tiny.save_model(
+        model, json.loads((family[1] / "config.json").read_text()), tiny.load_np(family[1]), shards=2, tokenizer=False
+    )
     return model
 
 
@@ -398,8 +467,13 @@ def test_index_entry_outside_the_model_directory_is_refused(family, sharded, tmp
     target = {"parent": "../outside.safetensors", "absolute": str(outside), "subdirectory": "sub/model.safetensors"}[where]
     point_index(sharded, target)
     rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe([family[0], sharded])), tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", re.escape(str(sharded / "model.safetensors.index.json")),
-                   "must be a file name inside the model directory")
+    assert_refused(
+        rc,
+        err,
+        tmp_path / "out",
+        re.escape(str(sharded / "model.safetensors.index.json")),
+        "must be a file name inside the model directory",
+    )
 
 
 def test_index_entry_that_is_a_symlink_out_of_the_model_is_refused(family, sharded, tmp_path, capsys):
@@ -407,8 +481,13 @@ def test_index_entry_that_is_a_symlink_out_of_the_model_is_refused(family, shard
     (sharded / "innocent.safetensors").symlink_to(outside)
     point_index(sharded, "innocent.safetensors")
     rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe([family[0], sharded])), tmp_path / "out")
-    assert_refused(rc, err, tmp_path / "out", re.escape(str(sharded / "model.safetensors.index.json")),
-                   "innocent.safetensors' resolves to .*outside.safetensors, outside the model directory")
+    assert_refused(
+        rc,
+        err,
+        tmp_path / "out",
+        re.escape(str(sharded / "model.safetensors.index.json")),
+        "innocent.safetensors' resolves to .*outside.safetensors, outside the model directory",
+    )
 
 
 def test_weight_file_that_is_a_symlink_out_of_the_model_is_refused(family, tmp_path, capsys):
@@ -457,8 +536,10 @@ def gguf_tensor(name: str, dims: tuple[int, ...], offset: int) -> bytes:  # an F
 def hostile_gguf(path: Path, case: str) -> Path:
     """A llama GGUF with two F32 tensors, and one lie in it."""
     kvs = [gguf_kv("general.architecture", 8, gguf_string(b"llama"))]
-    kvs += [gguf_kv(f"llama.{k}", 4, struct.pack("<I", v)) for k, v in [("block_count", 1), ("embedding_length", 8),
-                                                                          ("attention.head_count", 2)]]
+    kvs += [
+        gguf_kv(f"llama.{k}", 4, struct.pack("<I", v))
+        for k, v in [("block_count", 1), ("embedding_length", 8), ("attention.head_count", 2)]
+    ]
     infos = [gguf_tensor("token_embd.weight", (8, 4), 0), gguf_tensor("output_norm.weight", (8,), 128)]
     n_tensors, n_kv, data = len(infos), len(kvs), b"\0" * 160
     if case == "more-tensors-than-listed":
@@ -528,8 +609,13 @@ def test_nonfinite_input_stops_the_merge_naming_tensor_and_model(family, tmp_pat
     recipe = write_recipe(tmp_path, linear_recipe([family[0], bad]))
     # small shards: some are finished when the bad tensor is met, and must be cleaned up
     rc, err = cli(capsys, recipe, tmp_path / "out", "--out-shard-size", "10K", "--batch-size", "10K")
-    assert_refused(rc, err, tmp_path / "out", f"tensor {BAD_TENSOR}: NaN or Inf in the input {re.escape(str(bad))} \\({BAD_TENSOR}\\)",
-                   "--allow-nonfinite")
+    assert_refused(
+        rc,
+        err,
+        tmp_path / "out",
+        f"tensor {BAD_TENSOR}: NaN or Inf in the input {re.escape(str(bad))} \\({BAD_TENSOR}\\)",
+        "--allow-nonfinite",
+    )
 
 
 def test_nonfinite_input_from_the_command_line(family, tmp_path):
@@ -568,8 +654,16 @@ def test_a_merge_producing_nan_from_finite_inputs_is_stopped_even_with_allow_non
         return out, ok
 
     monkeypatch.setattr(executor, "merge_task", faulty)
-    rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe(family)), tmp_path / "out", "--allow-nonfinite",
-                  "--out-shard-size", "10K", "--batch-size", "10K")
+    rc, err = cli(
+        capsys,
+        write_recipe(tmp_path, linear_recipe(family)),
+        tmp_path / "out",
+        "--allow-nonfinite",
+        "--out-shard-size",
+        "10K",
+        "--batch-size",
+        "10K",
+    )
     assert_refused(rc, err, tmp_path / "out", f"tensor {BAD_TENSOR}: the merge produced NaN or Inf although no input has any")
 
 
@@ -584,8 +678,12 @@ def degenerate(tmp_path_factory) -> dict[str, Path]:
     return {name: tiny.save_model(root / name, cfg, weights, tokenizer=False) for name, weights in variants.items()}
 
 
-DEGENERATE_CASES = {"identical": ["a", "a2", "a3"], "zero-task-vectors": ["z", "z2", "z3"], "zero-base": ["z", "a", "a2"],
-                    "opposite": ["a", "neg", "a2"]}
+DEGENERATE_CASES = {
+    "identical": ["a", "a2", "a3"],
+    "zero-task-vectors": ["z", "z2", "z3"],
+    "zero-base": ["z", "a", "a2"],
+    "opposite": ["a", "neg", "a2"],
+}
 
 
 @pytest.mark.parametrize("case", list(DEGENERATE_CASES))
@@ -600,8 +698,7 @@ def test_no_method_writes_nan_from_finite_degenerate_inputs(degenerate, method, 
         if p.required or p.name == "density":
             value = {"weight": 1.0, "density": 0.5}.get(p.name, {bool: True, int: 1}.get(p.kind, 0.5))
             (shared if p.scope == "shared" else per_model)[p.name] = value
-    recipe = {"merge_method": method, "models": [{"model": str(p), "parameters": per_model} for p in paths],
-              "parameters": shared}
+    recipe = {"merge_method": method, "models": [{"model": str(p), "parameters": per_model} for p in paths], "parameters": shared}
     if m.base != "none":
         recipe["base_model"] = str(paths[0])
     result = merge(recipe)
@@ -626,7 +723,9 @@ def test_output_is_verified_before_it_is_renamed_into_place(family, tmp_path, ca
 
     monkeypatch.setattr(SafetensorsWriter, "_write", loses_a_tensor)
     rc, err = cli(capsys, write_recipe(tmp_path, linear_recipe(family)), tmp_path / "out", "--out-shard-size", "10K")
-    assert_refused(rc, err, tmp_path / "out", f"verifying .* failed: tensor {BAD_TENSOR} should be \\[32, 48\\] F32, found missing")
+    assert_refused(
+        rc, err, tmp_path / "out", f"verifying .* failed: tensor {BAD_TENSOR} should be \\[32, 48\\] F32, found missing"
+    )
 
 
 # ---------------- a full disk ----------------
@@ -754,8 +853,12 @@ def test_sigkill_mid_merge_then_resume_gives_the_same_bytes(larger_family, tmp_p
 
     out = tmp_path / "out"
     state = partial_of(out) / ".mergekit-mlx-state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *shards],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *shards],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     recorded = {}
     while proc.poll() is None and time.monotonic() < deadline:

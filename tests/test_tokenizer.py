@@ -6,7 +6,6 @@ worked out here token by token from the rules mergekit 0.1.5 follows, in float64
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -28,8 +27,9 @@ HIDDEN = 4
 WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "merge", "model", "fast"]
 
 
-def write_model(path: Path, tokens: list[str], rows: Optional[int] = None, specials=(), seed=0, chat_template=None,
-                config_vocab=None) -> tuple[Path, np.ndarray]:
+def write_model(
+    path: Path, tokens: list[str], rows: int | None = None, specials=(), seed=0, chat_template=None, config_vocab=None
+) -> tuple[Path, np.ndarray]:
     """A model directory whose embedding row i belongs to token id i; returns (path, embedding)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
@@ -44,19 +44,32 @@ def write_model(path: Path, tokens: list[str], rows: Optional[int] = None, speci
         cfg["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     rows = rows or len(tokens) + len(specials)
-    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                                  "num_hidden_layers": 1, "vocab_size": config_vocab or rows}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "num_hidden_layers": 1,
+                "vocab_size": config_vocab or rows,
+            }
+        )
+    )
     emb = np.random.default_rng(seed).normal(0, 1, (rows, HIDDEN)).astype(np.float32)
-    mx.save_safetensors(str(path / "model.safetensors"),
-                        {"model.embed_tokens.weight": mx.array(emb), "lm_head.weight": mx.array(emb * 2),
-                         "model.layers.0.input_layernorm.weight": mx.ones((HIDDEN,))}, metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(path / "model.safetensors"),
+        {
+            "model.embed_tokens.weight": mx.array(emb),
+            "lm_head.weight": mx.array(emb * 2),
+            "model.layers.0.input_layernorm.weight": mx.ones((HIDDEN,)),
+        },
+        metadata={"format": "pt"},
+    )
     return path, emb.astype(np.float64)
 
 
 def setup(tmp_path, recipe_extra, models):
     """Recipe + sources in recipe order (base first), as the planner hands them over."""
-    recipe = recipe_from_dict({"merge_method": "linear", "models": [{"model": str(p)} for p in models],
-                               **recipe_extra})
+    recipe = recipe_from_dict({"merge_method": "linear", "models": [{"model": str(p)} for p in models], **recipe_extra})
     sources = [open_model(r) for r in recipe.referenced_models()]
     base = 0 if recipe.base_model else None
     return recipe, sources, base
@@ -80,13 +93,23 @@ def family(tmp_path):
 # ---------------- which tensors, and when ----------------
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("model.embed_tokens.weight", True), ("lm_head.weight", True), ("transformer.wte.weight", True),
-    ("gpt_neox.embed_in.weight", True), ("embed_out.weight", True), ("output.weight", True),
-    ("model.language_model.embed_tokens.weight", True), ("lm_head.bias", True),
-    ("transformer.wpe.weight", False), ("model.layers.0.mlp.up_proj.weight", False),
-    ("bert.embeddings.position_embeddings.weight", False), ("model.norm.weight", False),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("model.embed_tokens.weight", True),
+        ("lm_head.weight", True),
+        ("transformer.wte.weight", True),
+        ("gpt_neox.embed_in.weight", True),
+        ("embed_out.weight", True),
+        ("output.weight", True),
+        ("model.language_model.embed_tokens.weight", True),
+        ("lm_head.bias", True),
+        ("transformer.wpe.weight", False),
+        ("model.layers.0.mlp.up_proj.weight", False),
+        ("bert.embeddings.position_embeddings.weight", False),
+        ("model.norm.weight", False),
+    ],
+)
 def test_vocab_tensor_names(name, expected):
     assert is_vocab_tensor(name) is expected
 
@@ -161,7 +184,7 @@ def test_base_source_moves_rows_by_token_and_drops_other_tokens(tmp_path, family
 
 
 def test_same_vocabulary_everywhere_returns_the_inputs_unchanged(tmp_path, family):
-    (b, _), = [family["base"]]
+    ((b, _),) = [family["base"]]
     b2, _ = write_model(tmp_path / "b2", WORDS, seed=7)
     recipe, sources, base = setup(tmp_path, {"base_model": str(b), "tokenizer_source": "base"}, [b, b2])
     plan = plan_vocab(recipe, sources, base)
@@ -178,7 +201,7 @@ def test_model_source_takes_that_models_tokenizer(tmp_path, family):
     out_base, out_ext = aligned(plan, sources, [0, 1], "lm_head.weight")
     np.testing.assert_array_equal(out_ext, 2 * ee)
     np.testing.assert_array_equal(out_base[: len(WORDS)], 2 * eb)
-    np.testing.assert_array_equal(out_base[len(WORDS):], 2 * ee[len(WORDS):])
+    np.testing.assert_array_equal(out_base[len(WORDS) :], 2 * ee[len(WORDS) :])
 
 
 def test_base_tokenizer_is_stripped_of_ids_past_vocab_size(tmp_path):
@@ -191,7 +214,9 @@ def test_base_tokenizer_is_stripped_of_ids_past_vocab_size(tmp_path):
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "vocab_size": 5}))
-    mx.save_safetensors(str(d / "model.safetensors"), {"model.embed_tokens.weight": mx.zeros((6, HIDDEN))}, metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(d / "model.safetensors"), {"model.embed_tokens.weight": mx.zeros((6, HIDDEN))}, metadata={"format": "pt"}
+    )
     recipe, sources, base = setup(tmp_path, {"base_model": str(d), "tokenizer_source": "base"}, [d])
     plan = plan_vocab(recipe, sources, base)
     assert plan.vocab == {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4}
@@ -203,12 +228,15 @@ def test_base_tokenizer_is_stripped_of_ids_past_vocab_size(tmp_path):
 
 def test_token_sources_zero_model_token_and_force(tmp_path, family):
     (b, eb), (e, ee) = family["base"], family["ext"]
-    block = {"source": "union", "tokens": {
-        "<|im_end|>": {"source": {"kind": "zero"}},  # in ext only, but configured: zero for the base
-        "fast": {"source": {"kind": "model_token", "model": str(e), "token": "hello"}, "force": True},
-        "<new>": {"source": {"kind": "model_token", "model": str(b), "token_id": 2}},
-        "<none>": {},  # in no model, no source: zero
-    }}
+    block = {
+        "source": "union",
+        "tokens": {
+            "<|im_end|>": {"source": {"kind": "zero"}},  # in ext only, but configured: zero for the base
+            "fast": {"source": {"kind": "model_token", "model": str(e), "token": "hello"}, "force": True},
+            "<new>": {"source": {"kind": "model_token", "model": str(b), "token_id": 2}},
+            "<none>": {},  # in no model, no source: zero
+        },
+    }
     recipe, sources, base = setup(tmp_path, {"base_model": str(b), "tokenizer": block}, [b, e])
     plan = plan_vocab(recipe, sources, base)
     out_base, out_ext = aligned(plan, sources, [0, 1])
@@ -223,12 +251,14 @@ def test_token_sources_zero_model_token_and_force(tmp_path, family):
 
 def test_pad_to_multiple_of_fills_with_each_models_mean_row(tmp_path, family):
     (b, eb), (e, ee) = family["base"], family["ext"]
-    recipe, sources, base = setup(tmp_path, {"base_model": str(b), "tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, [b, e])
+    recipe, sources, base = setup(
+        tmp_path, {"base_model": str(b), "tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, [b, e]
+    )
     plan = plan_vocab(recipe, sources, base)
     assert plan.vocab_size == 16 and plan.token_rows == len(WORDS)
     out_base, out_ext = aligned(plan, sources, [0, 1])
-    np.testing.assert_allclose(out_base[len(WORDS):], np.tile(eb.mean(0), (8, 1)), rtol=1e-6)
-    np.testing.assert_allclose(out_ext[len(WORDS):], np.tile(ee[: len(WORDS)].mean(0), (8, 1)), rtol=1e-6)
+    np.testing.assert_allclose(out_base[len(WORDS) :], np.tile(eb.mean(0), (8, 1)), rtol=1e-6)
+    np.testing.assert_allclose(out_ext[len(WORDS) :], np.tile(ee[: len(WORDS)].mean(0), (8, 1)), rtol=1e-6)
     config = {"vocab_size": 8}
     plan.update_config(config)
     assert config["vocab_size"] == 16
@@ -255,7 +285,9 @@ def test_save_writes_a_loadable_tokenizer_with_the_template(tmp_path, family):
     from transformers import AutoTokenizer
 
     (b, _), (e, _) = family["base"], family["ext"]
-    recipe, sources, base = setup(tmp_path, {"base_model": str(b), "tokenizer_source": "union", "chat_template": "chatml"}, [b, e])
+    recipe, sources, base = setup(
+        tmp_path, {"base_model": str(b), "tokenizer_source": "union", "chat_template": "chatml"}, [b, e]
+    )
     plan = plan_vocab(recipe, sources, base)
     plan.save(tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
@@ -277,16 +309,29 @@ def render(template, messages, **kw):
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("chatml", ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>assistant\n")),
-    ("llama3", ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        (
+            "chatml",
+            (
+                "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>assistant\n"
+            ),
+        ),
+        (
+            "llama3",
+            (
+                "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
                 "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n")),
-    ("mistral", "<s> [INST] Be brief.\n\nHi [/INST] Hello</s>"),
-    ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello"),
-    ("exaone", "[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n[|assistant|]Hello[|endofturn|]\n[|assistant|]"),
-])
+                "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            ),
+        ),
+        ("mistral", "<s> [INST] Be brief.\n\nHi [/INST] Hello</s>"),
+        ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello"),
+        ("exaone", "[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n[|assistant|]Hello[|endofturn|]\n[|assistant|]"),
+    ],
+)
 def test_builtin_templates_render_their_format(name, expected):
     assert render(resolve_chat_template(name), CHAT, add_generation_prompt=True) == expected
 
@@ -355,8 +400,13 @@ def test_union_merge_end_to_end(tmp_path, family):
     from mergekit_mlx import merge
 
     (b, eb), (e, ee) = family["base"], family["ext"]
-    recipe = {"merge_method": "linear", "base_model": str(b), "tokenizer_source": "union", "dtype": "float32",
-              "models": [{"model": str(b), "parameters": {"weight": 0.25}}, {"model": str(e), "parameters": {"weight": 0.75}}]}
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(b),
+        "tokenizer_source": "union",
+        "dtype": "float32",
+        "models": [{"model": str(b), "parameters": {"weight": 0.25}}, {"model": str(e), "parameters": {"weight": 0.75}}],
+    }
     result = merge(recipe)
     out = np.array(result.weights["model.embed_tokens.weight"]).astype(np.float64)
     n = len(WORDS)

@@ -29,9 +29,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import tiny
 import yaml
 
-import tiny
 from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
 from mergekit_mlx.errors import ModelError
@@ -218,7 +218,10 @@ def test_a_side_file_that_is_a_fifo_does_not_hang(family, tmp_path, name):
     recipe = write_recipe(tmp_path, linear_recipe([model, family[1]]))
     proc = subprocess.run(
         [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert_refused(proc.returncode, proc.stderr, tmp_path / "out", re.escape(str(model / name)), r"not a regular file")
 
@@ -362,7 +365,9 @@ def test_an_index_that_lists_a_tensor_no_shard_holds_is_refused(family, tmp_path
     names = list(mx.load(str(model / "model.safetensors")))
     weight_map = {n: "model.safetensors" for n in names + ["model.fake.weight"]}
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(ModelError, match=r"index.json: lists tensor 'model.fake.weight' in model.safetensors, which does not hold it"):
+    with pytest.raises(
+        ModelError, match=r"index.json: lists tensor 'model.fake.weight' in model.safetensors, which does not hold it"
+    ):
         open_model(model)
 
 
@@ -464,7 +469,10 @@ def test_a_well_formed_quantization_block_opens(quantized):
         ({"group_size": 0, "bits": 4}, r"quantization\.group_size: 0 is not valid for mode 'affine'; valid: 32, 64, 128"),
         ({"group_size": -32, "bits": 4}, r"quantization\.group_size: -32 is not valid"),
         ({"group_size": 32.0, "bits": 4}, r"quantization\.group_size: 32\.0 is not valid"),
-        ({"group_size": 32, "bits": 4, "mode": ["affine"]}, r"quantization\.mode: \['affine'\] is not a quantization mode; valid: affine, mxfp4"),
+        (
+            {"group_size": 32, "bits": 4, "mode": ["affine"]},
+            r"quantization\.mode: \['affine'\] is not a quantization mode; valid: affine, mxfp4",
+        ),
         ({"group_size": 32, "bits": 4, "mode": "fp3"}, r"quantization\.mode: 'fp3' is not a quantization mode"),
         ({"group_size": 32, "bits": 8, "mode": "mxfp4"}, r"quantization\.bits: 8 is not valid for mode 'mxfp4'; valid: 4"),
         ([32, 4], r"'quantization' must be an object like"),
@@ -493,7 +501,9 @@ def test_a_malformed_per_layer_quantization_entry_names_the_layer(quantized, tmp
 
 
 def test_a_per_layer_entry_that_matches_its_tensors_is_read(quantized, tmp_path):
-    model = with_quantization(quantized, tmp_path, {"group_size": 32, "bits": 4, "model.layers.0.mlp.up_proj": {"group_size": 32, "bits": 4}})
+    model = with_quantization(
+        quantized, tmp_path, {"group_size": 32, "bits": 4, "model.layers.0.mlp.up_proj": {"group_size": 32, "bits": 4}}
+    )
     name = "model.layers.0.mlp.up_proj.weight"
     original = tiny.load_np(quantized.parent / "src" / "base")[name]
     loaded = np.array(open_model(model).load(name).astype(mx.float32))

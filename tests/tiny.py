@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import mlx.core as mx
+import numpy as np
 
 WORDS = ["hello", "world", "merge", "model", "the", "a", "is", "good", "mlx", "fast"]
 
 
-def llama_config(layers: int = 2, hidden: int = 32, vocab: int = 64, inter: int = 48, heads: int = 4,
-                 kv_heads: int = 2, tie: bool = False, dtype: str = "float32") -> dict:
+def llama_config(
+    layers: int = 2,
+    hidden: int = 32,
+    vocab: int = 64,
+    inter: int = 48,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = False,
+    dtype: str = "float32",
+) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -63,15 +70,22 @@ def write_tokenizer(path: Path, vocab: int) -> None:
     tok = Tokenizer(models.WordLevel({t: k for k, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": 128,
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "model_max_length": 128,
+            }
+        )
+    )
 
 
-def save_model(path: Path, cfg: dict, weights: dict[str, np.ndarray], dtype: str = "float32",
-               shards: int = 1, tokenizer: bool = True) -> Path:
+def save_model(
+    path: Path, cfg: dict, weights: dict[str, np.ndarray], dtype: str = "float32", shards: int = 1, tokenizer: bool = True
+) -> Path:
     """Write config, weights (optionally in several shards with an index) and a tokenizer."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = dict(cfg, torch_dtype=dtype)
@@ -95,8 +109,15 @@ def save_model(path: Path, cfg: dict, weights: dict[str, np.ndarray], dtype: str
     return path
 
 
-def make_family(root: Path, n_finetunes: int = 2, seed: int = 0, dtype: str = "float32", scale: float = 0.05,
-                cfg: Optional[dict] = None, **cfg_kw) -> list[Path]:
+def make_family(
+    root: Path,
+    n_finetunes: int = 2,
+    seed: int = 0,
+    dtype: str = "float32",
+    scale: float = 0.05,
+    cfg: dict | None = None,
+    **cfg_kw,
+) -> list[Path]:
     """A base model and fine-tunes of it (base + small random task vectors); returns their paths."""
     rng = np.random.default_rng(seed)
     cfg = cfg or llama_config(**cfg_kw)

@@ -48,7 +48,9 @@ def open_model(path: str | Path) -> ModelSource:
         raise ModelError(f"{p}: no such file or directory")
     if not p.is_dir() and not p.is_file():
         # a file named by the user: any path will do, but it must be a regular file (a FIFO would hang)
-        raise ModelError(f"{p}: not a regular file or a directory; a model must be a directory with config.json and safetensors, or a .gguf file")
+        raise ModelError(
+            f"{p}: not a regular file or a directory; a model must be a directory with config.json and safetensors, or a .gguf file"
+        )
     config = read_config(p) if p.is_dir() and os.path.lexists(p / "config.json") else None
     for reader in READERS:
         if reader.recognises(p, config):

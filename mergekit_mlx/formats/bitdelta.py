@@ -91,8 +91,12 @@ class BitDeltaModel(ModelSource):
                     raise ModelError(f"{path}: {name!r} needs {logical + SCALE_SUFFIX!r} and a base tensor {logical!r}")
                 b = self.base.info(logical)
                 if self._raw.info(name).shape != (*b.shape[:-1], (b.shape[-1] + 7) // 8):
-                    raise ModelError(f"{path}: {name!r} has shape {list(self._raw.info(name).shape)}, which does not fit base shape {list(b.shape)}")
-                infos[logical] = TensorInfo(logical, b.shape, b.dtype if b.dtype in dtypes.WEIGHT_CODES else "F32", self._raw.info(name).file)
+                    raise ModelError(
+                        f"{path}: {name!r} has shape {list(self._raw.info(name).shape)}, which does not fit base shape {list(b.shape)}"
+                    )
+                infos[logical] = TensorInfo(
+                    logical, b.shape, b.dtype if b.dtype in dtypes.WEIGHT_CODES else "F32", self._raw.info(name).file
+                )
                 self._compressed.add(logical)
             else:
                 infos[name] = self._raw.info(name)

@@ -47,7 +47,9 @@ class BitNetModel(ModelSource):
         qc = config.get("quantization_config") or {}
         linear_class = qc.get("linear_class", "bitlinear")
         if linear_class not in ("bitlinear", "autobitlinear"):
-            raise ModelError(f"{raw.path}/config.json: quantization_config.linear_class {linear_class!r} is not 'bitlinear' or 'autobitlinear'")
+            raise ModelError(
+                f"{raw.path}/config.json: quantization_config.linear_class {linear_class!r} is not 'bitlinear' or 'autobitlinear'"
+            )
         self.multiply = linear_class == "autobitlinear"
         self._raw = raw
         default = dtypes.declared_weight_code(config)
@@ -64,7 +66,9 @@ class BitNetModel(ModelSource):
                     raise ModelError(f"{info.file}: packed ternary tensor {name!r} has no {scale_name!r}")
                 scale = raw.info(scale_name)
                 if len(info.shape) != 2 or scale.shape not in ((), (1,)):
-                    raise ModelError(f"{info.file}: {name!r} must be 2-D uint8 with a one-element {scale_name!r}, got {list(info.shape)} and {list(scale.shape)}")
+                    raise ModelError(
+                        f"{info.file}: {name!r} must be 2-D uint8 with a one-element {scale_name!r}, got {list(info.shape)} and {list(scale.shape)}"
+                    )
                 dtype = scale.dtype if scale.dtype in dtypes.WEIGHT_CODES else default
                 infos[name] = TensorInfo(name, (4 * info.shape[0], info.shape[1]), dtype, info.file)
                 self._packed.add(name)
@@ -101,7 +105,10 @@ def bitnet_linear_layers(tensors: list[OutputTensor], config: dict) -> tuple[set
         linears = {
             t.name[: -len(".weight")]
             for t in tensors
-            if t.name.endswith(".weight") and len(t.shape) == 2 and "embed" not in t.name and "norm" not in t.name.rsplit(".", 2)[-2]
+            if t.name.endswith(".weight")
+            and len(t.shape) == 2
+            and "embed" not in t.name
+            and "norm" not in t.name.rsplit(".", 2)[-2]
         }
     chosen = {f"{p}.weight" for p in linears if layer_index(p + ".weight") is not None and f"{p}.weight" in names}
     return chosen, sorted(p for p in linears if f"{p}.weight" not in chosen)

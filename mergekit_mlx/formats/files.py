@@ -90,7 +90,9 @@ def open_model_file(directory: Path, name: str, what: str, max_bytes: int = MAX_
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
         os.close(fd)
-        raise ModelError(f"{directory / name}: {what} changed while it was read; it must be a regular file inside the model directory")
+        raise ModelError(
+            f"{directory / name}: {what} changed while it was read; it must be a regular file inside the model directory"
+        )
     return os.fdopen(fd, "rb")
 
 

@@ -127,7 +127,9 @@ class MLXQuantizedModel(ModelSource):
                 scales = raw.info(f"{layer}.scales")
                 cols = info.shape[-1] * 32
                 if info.dtype != "U32" or cols % params["bits"]:
-                    raise ModelError(f"{info.file}: quantized tensor {name!r} must be uint32 with packed columns, got {info.dtype} {list(info.shape)}")
+                    raise ModelError(
+                        f"{info.file}: quantized tensor {name!r} must be uint32 with packed columns, got {info.dtype} {list(info.shape)}"
+                    )
                 in_dims = cols // params["bits"]
                 if in_dims % params["group_size"] or scales.shape[-1] != in_dims // params["group_size"]:
                     raise ModelError(
@@ -142,7 +144,9 @@ class MLXQuantizedModel(ModelSource):
                             f"{list(info.shape)} (one row of groups per weight row)"
                         )
                 if len(parts) == 2 and parts[1].shape != scales.shape:
-                    raise ModelError(f"{parts[1].file}: {parts[1].name!r} has shape {list(parts[1].shape)}, {scales.name!r} {list(scales.shape)}; they must match")
+                    raise ModelError(
+                        f"{parts[1].file}: {parts[1].name!r} has shape {list(parts[1].shape)}, {scales.name!r} {list(scales.shape)}; they must match"
+                    )
                 params["biases"] = f"{layer}.biases" in raw_names
                 params["global_scale"] = f"{layer}.global_scale" in raw_names
                 if params["mode"] == "affine" and not params["biases"]:
@@ -250,8 +254,12 @@ class QuantizedWriter(SafetensorsWriter):
             )
         config = strip_quantization(config)
         modules = quantizable_modules(config)
-        self.quantized = {t.name for t in tensors if dtypes.is_weight(t.dtype) and is_quantizable(t.name, t.shape, self.group_size, modules)}
-        self.parts_of = {t.name: quantized_parts(t, self.mode, self.bits, self.group_size) for t in tensors if t.name in self.quantized}
+        self.quantized = {
+            t.name for t in tensors if dtypes.is_weight(t.dtype) and is_quantizable(t.name, t.shape, self.group_size, modules)
+        }
+        self.parts_of = {
+            t.name: quantized_parts(t, self.mode, self.bits, self.group_size) for t in tensors if t.name in self.quantized
+        }
         parts = [p for t in tensors for p in self.parts_of.get(t.name, [t])]
         block = {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
         config["quantization"] = dict(block)
@@ -259,7 +267,9 @@ class QuantizedWriter(SafetensorsWriter):
         super().__init__(out_dir, parts, config, out_format, options)
 
     def wants(self, name: str) -> bool:
-        return any(super(QuantizedWriter, self).wants(p.name) for p in self.parts_of.get(name, [OutputTensor(name, (), mx.float32)]))
+        return any(
+            super(QuantizedWriter, self).wants(p.name) for p in self.parts_of.get(name, [OutputTensor(name, (), mx.float32)])
+        )
 
     def add(self, name: str, array: mx.array) -> None:
         parts = self.parts_of.get(name)

@@ -129,9 +129,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise ModelError(f"{where}: header entry must be an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in dtypes.BY_CODE:
-            raise ModelError(
-                f"{where}: unknown dtype {short_repr(dtype)} (known: {', '.join(dtypes.BY_CODE)})"
-            )
+            raise ModelError(f"{where}: unknown dtype {short_repr(dtype)} (known: {', '.join(dtypes.BY_CODE)})")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ModelError(f"{where}: shape must be a list of non-negative integers, got {short_repr(shape)}")
         if (
@@ -142,15 +140,11 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise ModelError(f"{where}: data_offsets must be two integers, got {short_repr(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_size:
-            raise ModelError(
-                f"{where}: data_offsets {short_repr(offsets)} point outside the file's {data_size} data bytes"
-            )
+            raise ModelError(f"{where}: data_offsets {short_repr(offsets)} point outside the file's {data_size} data bytes")
         nbytes = _nbytes_within(shape, dtypes.itemsize(dtype), data_size)
         if end - begin != nbytes:
             need = "more bytes than the file holds" if nbytes is None else f"{nbytes} bytes"
-            raise ModelError(
-                f"{where}: shape {short_repr(shape)} of {dtype} needs {need}, data_offsets give {end - begin}"
-            )
+            raise ModelError(f"{where}: shape {short_repr(shape)} of {dtype} needs {need}, data_offsets give {end - begin}")
         spans.append((begin, end, name))
         infos[name] = TensorInfo(name, tuple(shape), dtype, path, 8 + n + begin)
     spans.sort()
@@ -201,7 +195,7 @@ def safetensors_files(path: Path) -> list[Path]:
             raise ModelError(
                 f"{path}: has only PyTorch pickle checkpoints ({', '.join(pickles[:3])}), which are never loaded "
                 "because unpickling can run code; convert them to safetensors first, e.g. with "
-                "`python -c \"from transformers import AutoModelForCausalLM as M; "
+                '`python -c "from transformers import AutoModelForCausalLM as M; '
                 "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"`"
             )
         raise ModelError(f"{path}: no .safetensors weight files found")
@@ -517,7 +511,7 @@ class _DirectWriter:
         done = 0
         while done < src.size:
             k = min(src.size - done, _STAGE - self.filled)
-            np.copyto(self.buf[self.filled:self.filled + k], src[done:done + k])  # releases the GIL
+            np.copyto(self.buf[self.filled : self.filled + k], src[done : done + k])  # releases the GIL
             self.filled += k
             done += k
             if self.filled == _STAGE:
@@ -547,7 +541,7 @@ class _DirectWriter:
         try:
             if self.filled:
                 tail = _round_up(self.filled, _BLOCK)
-                self.buf[self.filled:tail] = 0
+                self.buf[self.filled : tail] = 0
                 self._flush(tail)
         finally:
             os.close(self.fd)
@@ -570,8 +564,7 @@ def _write_all(f, data) -> None:
     start = f.tell()
     per = -(-len(data) // _WRITE_THREADS)
     step = -(-per // (1 << 20)) * (1 << 20)  # whole MiB slices
-    jobs = [_write_pool().submit(_pwrite_all, f.fileno(), data[o:o + step], start + o)
-            for o in range(0, len(data), step)]
+    jobs = [_write_pool().submit(_pwrite_all, f.fileno(), data[o : o + step], start + o) for o in range(0, len(data), step)]
     for j in jobs:
         j.result()
     f.seek(start + len(data))
@@ -585,8 +578,9 @@ class _BackgroundHash:
         self.h = new_digest()
         self.q: queue.Queue[object | None] = queue.Queue()
         self.room = threading.Semaphore(max(1, limit >> 20))  # in MiB
-        self.t = threading.Thread(target=_BackgroundHash._run, args=(self.h, self.q, self.room),
-                                  name="mergekit-mlx-hash", daemon=True)
+        self.t = threading.Thread(
+            target=_BackgroundHash._run, args=(self.h, self.q, self.room), name="mergekit-mlx-hash", daemon=True
+        )
         self.t.start()
         weakref.finalize(self, self.q.put, None)  # an abandoned shard (a failed merge) ends the thread
 

@@ -7,8 +7,9 @@ output tensor (filters, gradients, defaults) and hands the method a `MergeInputs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import mlx.core as mx
 
@@ -54,7 +55,7 @@ class Param:
     scope: Scope
     default: Any = REQUIRED
     # the valid values of a numeric parameter; every numeric parameter has one (a test holds it)
-    valid: Optional[Range] = None
+    valid: Range | None = None
     why: str = ""  # one line: why the range is what it is (shown in errors)
 
     @property
@@ -65,7 +66,7 @@ class Param:
     def numeric(self) -> bool:
         return self.kind is not bool
 
-    def problem(self, value: Any) -> Optional[str]:
+    def problem(self, value: Any) -> str | None:
         """Why `value` cannot be this parameter's value, or None. Booleans only where a boolean is
         meant; numbers (or numeric strings, as mergekit's YAML allows) finite and in `valid`."""
         if not self.numeric:
@@ -103,7 +104,7 @@ class MergeInputs:
     """Everything a method gets for one output tensor."""
 
     tensors: list[mx.array]  # one per input, base included, all the same shape
-    base: Optional[int]  # index of the base model in `tensors`, None when there is none
+    base: int | None  # index of the base model in `tensors`, None when there is none
     shared: dict[str, Any]  # resolved shared parameters
     per_input: list[dict[str, Any]]  # resolved per-input parameters, aligned with `tensors`
     name: str = ""  # output tensor name (for messages and random streams)
@@ -125,17 +126,17 @@ class Method:
     params: tuple[Param, ...] = ()
     base: Literal["required", "optional", "none"] = "optional"
     min_inputs: int = 1
-    max_inputs: Optional[int] = None
+    max_inputs: int | None = None
     random: bool = False  # uses the run's seed
     # every input element reaches the output arithmetically, so a NaN/Inf input shows in the output
     propagates_nonfinite: bool = False
     # tensor-sized float32 copies the merge holds besides its inputs and output (fused or chunked
     # implementations: 0); None: assume an unfused graph, one per input plus two
-    working_copies: Optional[int] = None
+    working_copies: int | None = None
     doc: str = ""
     # check(shared, per_input, base) -> (input position or None for shared, message) when the resolved
     # parameters of one tensor cannot work together; the planner calls it before any tensor is read
-    check: Optional[Callable[[dict[str, Any], list[dict[str, Any]], Optional[int]], Optional[tuple[Optional[int], str]]]] = None
+    check: Callable[[dict[str, Any], list[dict[str, Any]], int | None], tuple[int | None, str] | None] | None = None
     # GPU kernel groups (kernels.GPU_GROUPS) the merge may call: their first-use checks run before
     # the merge threads start (a check computes its CPU reference under mx.stream(mx.cpu), which
     # switches MLX's process-wide default device)

@@ -37,7 +37,7 @@ def passthrough(inputs: MergeInputs) -> mx.array:
     return x if scale is None else (float32(x) * scale).astype(x.dtype)
 
 
-def check_linear(shared: dict, per_input: list[dict], base) -> Optional[tuple[None, str]]:
+def check_linear(shared: dict, per_input: list[dict], base) -> tuple[None, str] | None:
     total = sum(p["weight"] for p in per_input)
     if shared["normalize"] and abs(total) < 1e-8:
         return None, f"the weights sum to {total:g}, so normalize: true would divide by zero; change them or set normalize: false"
@@ -61,7 +61,7 @@ METHODS = [
     Method(
         "passthrough",
         passthrough,
-        params=(Param("scale", Optional[float], "input", default=None, valid=FINITE),),
+        params=(Param("scale", Optional[float], "input", default=None, valid=FINITE),),  # noqa: UP045 (a runtime kind)
         base="optional",
         max_inputs=1,
         propagates_nonfinite=True,

@@ -20,7 +20,15 @@ METHODS = [
     Method(
         "nearswap",
         nearswap,
-        params=(Param("t", float, "shared", valid=Range(0, lo_open=True), why="t is the distance below which the other model's value is taken; 0 or less keeps the base"),),
+        params=(
+            Param(
+                "t",
+                float,
+                "shared",
+                valid=Range(0, lo_open=True),
+                why="t is the distance below which the other model's value is taken; 0 or less keeps the base",
+            ),
+        ),
         base="required",
         min_inputs=2,
         max_inputs=2,

@@ -66,7 +66,14 @@ METHODS = [
         "ramplus_tl",
         ramplus_tl,
         params=(
-            Param("r", float, "shared", default=0.1, valid=Range(0, 10), why="unique deltas are scaled by 1 + r * clip(rho, 0, alpha)"),
+            Param(
+                "r",
+                float,
+                "shared",
+                default=0.1,
+                valid=Range(0, 10),
+                why="unique deltas are scaled by 1 + r * clip(rho, 0, alpha)",
+            ),
             Param("alpha", float, "shared", default=0.2, valid=Range(0, 10), why="the cap of rho in 1 + r * clip(rho, 0, alpha)"),
             # also the floor of the unique count rho divides by: 0 would divide by zero
             Param("epsilon", float, "shared", default=1e-5, valid=Range(0, 1, lo_open=True, hi_open=True), why=CHANGED),

@@ -60,8 +60,14 @@ METHODS = [
         "sce",
         sce,
         params=(
-            Param("select_topk", float, "shared", default=1.0, valid=Range(0, 1, lo_open=True),
-                  why="the fraction of elements kept; 0 or less would keep none and return the base"),
+            Param(
+                "select_topk",
+                float,
+                "shared",
+                default=1.0,
+                valid=Range(0, 1, lo_open=True),
+                why="the fraction of elements kept; 0 or less would keep none and return the base",
+            ),
             Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
         ),
         base="required",

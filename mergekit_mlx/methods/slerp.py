@@ -76,7 +76,7 @@ def chained_sum(fn, *args: mx.array) -> mx.array:
     n = max(a.size for a in flat)
     total = None
     for s in range(0, n, SUM_CHUNK):
-        part = fn(*[a[s:s + SUM_CHUNK] if a.ndim else a for a in flat])
+        part = fn(*[a[s : s + SUM_CHUNK] if a.ndim else a for a in flat])
         total = mx.sum(part if total is None else mx.concatenate([total.reshape(1), part]))
     return total if total is not None else mx.sum(fn(*flat))  # an empty tensor: 0
 

@@ -7,8 +7,6 @@ multislerp describes, not what its code returns: see `multislerp`'s doc.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import mlx.core as mx
 
 from ..errors import RecipeError
@@ -53,7 +51,7 @@ def nuslerp_tensors(t: float, v0: mx.array, v1: mx.array, row_wise: bool, flatte
     return out.reshape(shape)
 
 
-def check_nuslerp(shared: dict, per_input: list[dict], base: Optional[int]) -> Optional[tuple[None, str]]:
+def check_nuslerp(shared: dict, per_input: list[dict], base: int | None) -> tuple[None, str] | None:
     others = len(per_input) - (base is not None)
     if others != 2:
         return None, f"nuslerp merges exactly two models besides the base model, got {others}"
@@ -62,7 +60,7 @@ def check_nuslerp(shared: dict, per_input: list[dict], base: Optional[int]) -> O
     return None
 
 
-def check_multislerp(shared: dict, per_input: list[dict], base: Optional[int]) -> Optional[tuple[None, str]]:
+def check_multislerp(shared: dict, per_input: list[dict], base: int | None) -> tuple[None, str] | None:
     total = sum(p["weight"] for i, p in enumerate(per_input) if i != base)
     if len(per_input) - (base is not None) > 1 and total <= 0:
         return None, "the weights sum to 0, so multislerp has no barycentre; give at least one model a positive weight"
@@ -72,9 +70,7 @@ def check_multislerp(shared: dict, per_input: list[dict], base: Optional[int]) -
 def nuslerp(inputs: MergeInputs) -> mx.array:
     others = inputs.non_base
     if len(others) != 2:
-        raise RecipeError(
-            f"nuslerp merges exactly two models besides the base model, got {len(others)} for {inputs.name}"
-        )
+        raise RecipeError(f"nuslerp merges exactly two models besides the base model, got {len(others)} for {inputs.name}")
     w0, w1 = (inputs.per_input[i]["weight"] for i in others)
     total = w0 + w1
     t = 0.5 if abs(total) < 1e-6 else w1 / total
@@ -132,8 +128,7 @@ def multislerp(inputs: MergeInputs) -> mx.array:
     total = float(mx.sum(w).item())
     if abs(total) < 1e-12:
         raise RecipeError(
-            f"parameters.weight: the weights for {inputs.name} sum to zero, so multislerp has no barycentre; "
-            "change the weights"
+            f"parameters.weight: the weights for {inputs.name} sum to zero, so multislerp has no barycentre; change the weights"
         )
     bary = w / total  # barycentric coordinates of the direction; `w` itself sets the magnitude
     norms = mx.linalg.norm(flat, axis=1)
@@ -235,8 +230,14 @@ METHODS = [
         params=(
             Param("weight", float, "non_base", valid=SHARE, why="the weights are barycentric coordinates on the sphere"),
             Param("normalize_weights", bool, "shared", default=True),
-            Param("eps", float, "shared", default=1e-8, valid=Range(0, 1e-2, lo_open=True),
-                  why="added to each norm before dividing; a unit vector's norm is 1"),
+            Param(
+                "eps",
+                float,
+                "shared",
+                default=1e-8,
+                valid=Range(0, 1e-2, lo_open=True),
+                why="added to each norm before dividing; a unit vector's norm is 1",
+            ),
         ),
         check=check_multislerp,
         base="optional",
@@ -257,9 +258,17 @@ METHODS = [
         "karcher",
         karcher,
         params=(
-            Param("max_iter", int, "shared", default=10, valid=Range(1, MAX_ITER), why="the iteration converges in tens of steps"),
-            Param("tol", float, "shared", default=1e-5, valid=Range(0, 1e-2, lo_open=True),
-                  why="the step (radians) that ends the iteration, and the norm below which an input is left out"),
+            Param(
+                "max_iter", int, "shared", default=10, valid=Range(1, MAX_ITER), why="the iteration converges in tens of steps"
+            ),
+            Param(
+                "tol",
+                float,
+                "shared",
+                default=1e-5,
+                valid=Range(0, 1e-2, lo_open=True),
+                why="the step (radians) that ends the iteration, and the norm below which an input is left out",
+            ),
         ),
         base="optional",
         min_inputs=1,

@@ -20,7 +20,6 @@ every backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import mlx.core as mx
 
@@ -34,8 +33,8 @@ RESCALE_EPS = 1e-7
 @dataclass(frozen=True)
 class Family:
     name: str
-    sparsify: Optional[str]  # None, "magnitude", "random", "magnitude_outliers", "della"
-    consensus: Optional[str]  # None or "sum"
+    sparsify: str | None  # None, "magnitude", "random", "magnitude_outliers", "della"
+    consensus: str | None  # None or "sum"
     normalize: bool
     rescale: bool
     doc: str
@@ -124,7 +123,9 @@ def task_merge(inputs: MergeInputs, family: Family) -> mx.array:
         )
     b = float32(base)
     deltas = [
-        sparsify(float32(inputs.tensors[i]) - b, family.sparsify, inputs.per_input[i], s["rescale"], inputs.seed, _stream(inputs, i))
+        sparsify(
+            float32(inputs.tensors[i]) - b, family.sparsify, inputs.per_input[i], s["rescale"], inputs.seed, _stream(inputs, i)
+        )
         * w
         for i, w in zip(others, weights)
     ]
@@ -154,24 +155,40 @@ def _make(f: Family) -> Method:
     params = [
         Param("weight", float, "non_base", valid=FINITE),
         # 0 would keep nothing: mergekit's magnitude cut asserts k > 0 and its DARE rescale divides by it
-        Param("density", float, "non_base", default=1.0, valid=Range(0, 1, lo_open=True),
-              why="the fraction of the task vector kept; to leave a model out, remove it"),
+        Param(
+            "density",
+            float,
+            "non_base",
+            default=1.0,
+            valid=Range(0, 1, lo_open=True),
+            why="the fraction of the task vector kept; to leave a model out, remove it",
+        ),
         Param("normalize", bool, "shared", default=f.normalize),
         Param("rescale", bool, "shared", default=f.rescale),
         Param("lambda", float, "shared", default=1.0, valid=FINITE),
         Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
     ]
     if f.sparsify == "magnitude_outliers":
-        params.append(Param("gamma", float, "non_base", default=0.01, valid=FRACTION, why="the fraction of largest magnitudes dropped"))
+        params.append(
+            Param("gamma", float, "non_base", default=0.01, valid=FRACTION, why="the fraction of largest magnitudes dropped")
+        )
     if f.sparsify == "della":
         # keep probabilities run from density - epsilon to density + epsilon, which must stay inside (0, 1)
-        params.append(Param("epsilon", float, "non_base", default=0.15, valid=Range(0, 0.5, hi_open=True),
-                            why="keep probabilities run from density - epsilon to density + epsilon, inside (0, 1)"))
+        params.append(
+            Param(
+                "epsilon",
+                float,
+                "non_base",
+                default=0.15,
+                valid=Range(0, 0.5, hi_open=True),
+                why="keep probabilities run from density - epsilon to density + epsilon, inside (0, 1)",
+            )
+        )
 
     def merge(inputs: MergeInputs) -> mx.array:
         return task_merge(inputs, f)
 
-    def check(shared: dict, per_input: list[dict], base: Optional[int]):
+    def check(shared: dict, per_input: list[dict], base: int | None):
         for i, p in enumerate(per_input):
             if i == base or p["density"] >= 1:
                 continue  # density 1 keeps the whole task vector: gamma and epsilon do not apply

@@ -90,7 +90,6 @@ def permuted_heads(hf: str, config: dict) -> int | None:
     return None
 
 
-
 def read_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
     if f is None or not f.types:
@@ -117,8 +116,9 @@ def llama3_rope_scaling(stored: np.ndarray, head_dim: int, theta: float) -> dict
     """Llama 3 rope_scaling parameters that reproduce a stored rope_freqs tensor, if the usual ones do."""
     factor = float(stored.max())
     d = LLAMA3_DEFAULTS
-    expected = llama3_rope_factors(head_dim, theta, factor, d["low_freq_factor"], d["high_freq_factor"], d["original_max_position_embeddings"])
+    expected = llama3_rope_factors(
+        head_dim, theta, factor, d["low_freq_factor"], d["high_freq_factor"], d["original_max_position_embeddings"]
+    )
     if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-4):
         return None
     return {"rope_type": "llama3", "factor": factor, **d}
-

@@ -63,4 +63,3 @@ def tensor_type(gguf_tensor: str, shape: tuple[int, ...], target: Q) -> Q:
 def tensor_nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape) // block * size
-

@@ -97,7 +97,9 @@ def _walk_gguf(path: Path, view: mmap.mmap, size: int) -> None:
         elif vtype == 9 and depth < 2:
             itype, count = take("IQ", what)
             if count > MAX_GGUF_ARRAY:
-                raise ModelError(f"{path}: GGUF header: {what} claims an array of {count} items (at most {MAX_GGUF_ARRAY} are read)")
+                raise ModelError(
+                    f"{path}: GGUF header: {what} claims an array of {count} items (at most {MAX_GGUF_ARRAY} are read)"
+                )
             if itype in GGUF_SCALAR_BYTES:
                 skip(count * GGUF_SCALAR_BYTES[itype], what)
             else:
@@ -151,7 +153,9 @@ def _walk_gguf(path: Path, view: mmap.mmap, size: int) -> None:
             if elements > 8 * size:  # no tensor type stores more than 8 values a byte
                 raise ModelError(f"{path}: GGUF tensor {name!r} claims shape {list(dims)}, larger than the file")
         if dims and dims[0] % block:
-            raise ModelError(f"{path}: GGUF tensor {name!r} of type {qtype.name} has a row of {dims[0]}, not a multiple of {block}")
+            raise ModelError(
+                f"{path}: GGUF tensor {name!r} of type {qtype.name} has a row of {dims[0]}, not a multiple of {block}"
+            )
         spans.append((offset, elements // block * type_size, name))
     data_start = pos + (-pos) % alignment
     for offset, nbytes, name in spans:
@@ -182,9 +186,7 @@ class GGUFModel(ModelSource):
         self.reader = reader
         arch = read_field(reader, "general.architecture")
         if not isinstance(arch, str) or arch not in GGUF_ARCHS:
-            raise ModelError(
-                f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}"
-            )
+            raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
         self.arch = arch
         size = path.stat().st_size
         infos: dict[str, TensorInfo] = {}

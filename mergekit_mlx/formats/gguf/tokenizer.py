@@ -96,7 +96,10 @@ def rebuild_tokenizer(reader: gguf.GGUFReader, where: Path):
         split = PRE_SPLITS.get(pre)
         tok.pre_tokenizer = (
             pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(split), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+                [
+                    pre_tokenizers.Split(Regex(split), "isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
             )
             if split
             else pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,8 +122,12 @@ def rebuild_tokenizer(reader: gguf.GGUFReader, where: Path):
         tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if add_prefix else []) + space)
         tail = [decoders.Strip(" ", 1, 0)] if add_prefix else []
         tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()] + tail)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.USER_DEFINED]
+    )
 
     def special(name: str) -> str | None:
         tid = read_field(reader, f"tokenizer.ggml.{name}_token_id")
@@ -206,11 +213,14 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int, shown: Pa
         else:
             tokens, types = _byte_level_vocab(tj, respell=True)
             model, pre = "gpt2", "default"
-            w.add_token_merges([" ".join(_respell(p) for p in (m.split(" ", 1) if isinstance(m, str) else m)) for m in tj["model"]["merges"]])
+            w.add_token_merges(
+                [" ".join(_respell(p) for p in (m.split(" ", 1) if isinstance(m, str) else m)) for m in tj["model"]["merges"]]
+            )
     elif tj is not None:
         log.warning(
             "%s: a %s tokenizer has no llama.cpp vocabulary type; the GGUF keeps its tokenizer.json only",
-            shown / tj_path.name, tj.get("model", {}).get("type"),
+            shown / tj_path.name,
+            tj.get("model", {}).get("type"),
         )
         w.add_tokenizer_model("none")
         gguf.SpecialVocab(tok_dir, n_vocab=vocab_size or None).add_to_gguf(w, quiet=True)

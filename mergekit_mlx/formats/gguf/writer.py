@@ -82,7 +82,9 @@ class GGUFWriter(Writer):
                 continue
             name = gguf_name(t.name)
             if name is None:
-                raise RecipeError(f"--out-format {out_format}: tensor {t.name!r} has no llama.cpp ({arch}) name; GGUF cannot hold it")
+                raise RecipeError(
+                    f"--out-format {out_format}: tensor {t.name!r} has no llama.cpp ({arch}) name; GGUF cannot hold it"
+                )
             qtype = tensor_type(name, t.shape, target)
             nbytes = tensor_nbytes(t.shape, qtype)
             heads = permuted_heads(t.name, config) if permute else None
