@@ -26,14 +26,14 @@ import resource, sys, time, json
 from pathlib import Path
 mode, model, out, fmt = sys.argv[1:5]
 import gguf, mlx.core as mx, numpy as np
-from mergekit_mlx.models import open_model
+from mergekit_mlx.formats import open_model
 from mergekit_mlx.convert import convert
 src = open_model(model)
 t = time.perf_counter()
 if mode == "streaming":
     convert(model, out, fmt)
 elif mode == "naive":
-    from mergekit_mlx.gguf import OUT_TYPES, gguf_name, permuted_heads, rope_permutation, tensor_type
+    from mergekit_mlx.formats.gguf import OUT_TYPES, gguf_name, permuted_heads, rope_permutation, tensor_type
     target = OUT_TYPES[fmt][0]
     w = gguf.GGUFWriter(out, "llama")
     for name in src.tensor_names():

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mergekit_mlx import bitnet, kernels  # noqa: E402
+from mergekit_mlx import kernels  # noqa: E402
+from mergekit_mlx.kernels import bitlinear, gpu, selection, selection_gpu  # noqa: E402
 
 
 def on(device, fn):
@@ -64,20 +65,20 @@ def main() -> int:
 
     # the selection's other paths on purpose: k-th strictly between splitters (a collecting pass),
     # and a bracket that misses (the radix fallback)
-    gpu = kernels._gpu_backend()
+    backend = gpu.backend()
     for override in ("between", "outside"):
-        g = kernels._gpu_select(gpu, others, base, [n // 100, n // 2, n - 7], override)[0]
+        g = selection_gpu.select(backend, others, base, [n // 100, n // 2, n - 7], override)[0]
         with mx.stream(mx.cpu):
             b32 = base.astype(mx.float32)
-            c = [kernels._select_fallback(kernels._delta_bits(o, b32), k)
+            c = [selection.select_fallback(selection.delta_bits(o, b32), k)
                  for o, k in zip(others, [n // 100, n // 2, n - 7])]
             same = all(int(a.t.item()) == int(b.t.item()) and int(a.cut.item()) == int(b.cut.item())
                        for a, b in zip(g, c))
         record(f"selection forced '{override}', 3 task vectors", same, "t and cut per model")
 
     for p in (0.1, 0.5, 0.9):
-        g = on(mx.gpu, lambda: kernels.keep_mask(42, kernels.stream_id("w", 1), (n,), p))
-        c = on(mx.cpu, lambda: kernels.keep_mask(42, kernels.stream_id("w", 1), (n,), p))
+        g = on(mx.gpu, lambda: kernels.random_mask(42, kernels.stream_id("w", 1), (n,), p))
+        c = on(mx.cpu, lambda: kernels.random_mask(42, kernels.stream_id("w", 1), (n,), p))
         record(f"DARE keep_mask p={p}", mx.array_equal(g, c).item(), f"{g.mean().item():.4f} kept")
 
     configs = {
@@ -101,11 +102,11 @@ def main() -> int:
         record(f"fused {name} (bf16)", bool(np.all(diff <= allowed)),
                f"{differ:.2e} of elements differ, by at most one bf16 rounding")
 
-    t, s = bitnet.quantize_absmean(mx.random.normal((1000, 512), key=ks[5]))
-    packed = bitnet.pack_ternary(t)
+    t, s = bitlinear.quantize_absmean(mx.random.normal((1000, 512), key=ks[5]))
+    packed = bitlinear.pack_ternary(t)
     xv = mx.random.normal((2, 512), key=ks[0])
-    g = on(mx.gpu, lambda: bitnet.bitnet_matmul(xv, packed, s, 1000))
-    c = on(mx.cpu, lambda: bitnet.bitnet_matmul(xv, packed, s, 1000))
+    g = on(mx.gpu, lambda: bitlinear.bitnet_matmul(xv, packed, s, 1000))
+    c = on(mx.cpu, lambda: bitlinear.bitnet_matmul(xv, packed, s, 1000))
     record("bitnet matvec fp32", mx.allclose(g, c, rtol=1e-4, atol=1e-4).item(),
            f"max |diff| {mx.abs(g - c).max().item():.2e}")
 

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 from ties_profile import family, ties_batch  # noqa: E402
 
-from mergekit_mlx import bitnet, kernel_sources, kernels  # noqa: E402
+from mergekit_mlx import kernels  # noqa: E402
+from mergekit_mlx.kernels import bitlinear, gpu, selection_gpu, sources, task_merge, task_merge_gpu  # noqa: E402
+from mergekit_mlx.kernels.task_plan import Sparsify, TaskMerge, plain_divisor  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
@@ -36,11 +38,8 @@ def timed(fn, reps: int) -> float:
 
 def with_kernels(flag: bool, fn):
     def run():
-        kernels.set_kernels_enabled(flag)
-        try:
+        with kernels.use_kernels(flag):
             return fn()
-        finally:
-            kernels.set_kernels_enabled(True)
 
     return run
 
@@ -87,8 +86,8 @@ def main() -> None:
         sort_s, 4 * n, "mx.sort")
     row("topk_mask bf16", timed(lambda: kernels.topk_mask(others[0], k), reps),
         timed(with_kernels(False, lambda: kernels.topk_mask(others[0], k)), reps), 2 * n + n)
-    row("keep_mask", timed(lambda: kernels.keep_mask(1, 2, (n,), 0.3), reps),
-        timed(with_kernels(False, lambda: kernels.keep_mask(1, 2, (n,), 0.3)), reps), n)
+    row("keep_mask", timed(lambda: kernels.random_mask(1, 2, (n,), 0.3), reps),
+        timed(with_kernels(False, lambda: kernels.random_mask(1, 2, (n,), 0.3)), reps), n)
 
     merge_bytes = 2 * n * (K + 2)  # read base + K models, write one, bf16
     configs = {
@@ -105,21 +104,23 @@ def main() -> None:
 
     def select(gpu_flag):
         def run():
-            gpu = kernels._gpu_backend() if gpu_flag else None
-            plans, _ = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+            backend = gpu.backend() if gpu_flag else None
+            plans, _ = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)),
+                                              backend)
             return [a for p in plans for a in (p.t, p.cut)]
         return run
 
     row(f"ties selection only ({K} models)", timed(select(True), reps), timed(select(False), reps), 2 * n * (K + 1))
 
-    gpu = kernels._gpu_backend()
-    if gpu is not None:  # the merge pass alone, on a selection made beforehand
-        plans, sel_rows = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+    backend = gpu.backend()
+    if backend is not None:  # the merge pass alone, on a selection made beforehand
+        plans, sel_rows = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)),
+                                                 backend)
         mx.eval(sel_rows)
-        div = kernels._plain_divisor([1.0 / K] * K)
+        job = TaskMerge(base, tuple(others), (1.0 / K,) * K, True, True, 1.0, plain_divisor([1.0 / K] * K))
 
         def merge_pass():
-            return kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, sel_rows)
+            return task_merge_gpu.merge(backend, job, plans, sel_rows)
 
         plain_merge = timed(lambda: kernels.fused_task_merge(
             base, others, [1.0 / K] * K, densities=[1.0] * K, lam=1.0, sparsify=None, consensus="sum",
@@ -138,15 +139,15 @@ def main() -> None:
             "one tensor per evaluation")
 
     out_f, in_f = 14336, 4096
-    t, s = bitnet.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))
-    packed = bitnet.pack_ternary(t)
+    t, s = bitlinear.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))
+    packed = bitlinear.pack_ternary(t)
     xv = mx.random.normal((1, in_f), key=ks[1]).astype(mx.bfloat16)
     s = s.astype(mx.bfloat16)
     mx.eval(packed, xv, s)
-    row(f"bitnet matvec {out_f}x{in_f}", timed(lambda: bitnet.bitnet_matmul(xv, packed, s, out_f), reps),
-        timed(with_kernels(False, lambda: bitnet.bitnet_matmul(xv, packed, s, out_f)), reps), packed.size)
+    row(f"bitnet matvec {out_f}x{in_f}", timed(lambda: bitlinear.bitnet_matmul(xv, packed, s, out_f), reps),
+        timed(with_kernels(False, lambda: bitlinear.bitnet_matmul(xv, packed, s, out_f)), reps), packed.size)
 
-    if args.stages and kernels._gpu_backend() is not None:
+    if args.stages and gpu.backend() is not None:
         stages(base, others, x32, n, reps, bw)
 
     print("| operation | kernels (ms) | plain MLX (ms) | speed-up | floor (ms) | x floor |")
@@ -160,7 +161,7 @@ def main() -> None:
 def stages(base, others, x32, n, reps, bw):
     """Where the time of a selection and a merge goes, stage by stage (each stage evaluated alone;
     'x8' rows launch eight and evaluate once, so they show the GPU time without the sync)."""
-    gpu = kernels._gpu_backend()
+    backend = gpu.backend()
     ms = lambda fn: timed(fn, reps) * 1e3  # noqa: E731
     print("stage timings (ms):")
     cases = {"3 bf16 task vectors": (base, others), "bf16 tensor": (None, [others[0]]), "fp32 tensor": (None, [x32])}
@@ -168,48 +169,52 @@ def stages(base, others, x32, n, reps, bw):
         flats = [a.reshape(-1) for a in ([b] if b is not None else []) + xs]
         hb = b is not None
         ks = [n // 2] * len(xs)
-        s, chunks, up = kernels._select_params(n, ks)
-        srt = kernels._select_sample(gpu, flats, hb, s, up)
+        s, chunks, up = selection_gpu.select_params(n, ks)
+        srt = selection_gpu.select_sample(backend, flats, hb, s, up)
         mx.eval(srt)
-        counts = kernels._select_count(gpu, flats, hb, chunks, srt, up)
+        counts = selection_gpu.select_count(backend, flats, hb, chunks, srt, up)
         mx.eval(counts)
-        res, _ = kernels._select_resolve(gpu, flats, hb, srt, up, counts)
+        res, _ = selection_gpu.select_resolve(backend, flats, hb, srt, up, counts)
         mx.eval(res)
         status = [res.tolist()[8 * m: 8 * m + 8] for m in range(len(xs))]
-        t_sample = ms(lambda: kernels._select_sample(gpu, flats, hb, s, up))
-        t_pass = ms(lambda: kernels._select_count(gpu, flats, hb, chunks, srt, up)[1])
-        t_pass8 = ms(lambda: [kernels._select_count(gpu, flats, hb, chunks, srt, up)[1] for _ in range(8)]) / 8
-        t_res = ms(lambda: kernels._select_resolve(gpu, flats, hb, srt, up, counts)[0])
-        t_launch = ms(lambda: kernels._select_launch(gpu, flats, hb, ks)[0])
+        t_sample = ms(lambda: selection_gpu.select_sample(backend, flats, hb, s, up))
+        t_pass = ms(lambda: selection_gpu.select_count(backend, flats, hb, chunks, srt, up)[1])
+        t_pass8 = ms(lambda: [selection_gpu.select_count(backend, flats, hb, chunks, srt, up)[1]
+                              for _ in range(8)]) / 8
+        t_res = ms(lambda: selection_gpu.select_resolve(backend, flats, hb, srt, up, counts)[0])
+        t_launch = ms(lambda: selection_gpu.select_launch(backend, flats, hb, ks)[0])
 
         def readback():
-            r = kernels._select_launch(gpu, flats, hb, ks)[0]
+            r = selection_gpu.select_launch(backend, flats, hb, ks)[0]
             mx.eval(r)
             r.tolist()
             return r
 
         t_read = ms(readback)
-        t_all = ms(lambda: [a for sel in kernels._gpu_select(gpu, xs, b, ks)[0] for a in (sel.t, sel.cut)])
+        t_all = ms(lambda: [a for sel in selection_gpu.select(backend, xs, b, ks)[0] for a in (sel.t, sel.cut)])
         print(f"  {name}: status/t/cut/lo/hi/count/rank {status}")
         print(f"    sample+sort {t_sample:.3f} | pass {t_pass:.3f} (x8: {t_pass8:.3f} each, "
               f"{2 * len(flats) * n / t_pass8 / 1e6:.0f} GB/s if bf16) | resolve {t_res:.3f} | "
               f"stages 1-3 {t_launch:.3f} | + readback {t_read:.3f} | whole selection {t_all:.3f}")
     K = len(others)
-    plans, sel_rows = kernels._plan_models(base, others, "magnitude", [0.5] * K, False, 1, list(range(K)), gpu)
+    plans, sel_rows = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)),
+                                             backend)
     mx.eval(sel_rows)
-    div = kernels._plain_divisor([1.0 / K] * K)
+    job = TaskMerge(base, tuple(others), (1.0 / K,) * K, True, True, 1.0, plain_divisor([1.0 / K] * K))
     merge_bytes = 2 * n * (K + 2)
-    for g in (1, 2, 4, 8):
-        kernels._MERGE_GROUPS = g
-        one = ms(lambda: kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, sel_rows))
-        eight = ms(lambda: [kernels._gpu_merge(gpu, base, others, [1.0 / K] * K, plans, True, True, 1.0, div, sel_rows)
-                            for _ in range(8)]) / 8
-        print(f"  merge, {g} groups of 8 per thread: {one:.3f} per call, {eight:.3f} each of 8 "
-              f"({merge_bytes / eight / 1e6:.0f} GB/s)")
-    kernels._MERGE_GROUPS = 2
-    header, _ = kernel_sources.kernel_source("task_merge", gpu)
-    indices = kernel_sources.kernel_root().joinpath("cuda_indices.inc").read_text()
-    body = kernel_sources.model_macros(K, True) + indices + """
+    groups_before = task_merge_gpu.MERGE_GROUPS
+    try:
+        for g in (1, 2, 4, 8):
+            task_merge_gpu.MERGE_GROUPS = g  # read at each launch (the grid); the kernel is the same
+            one = ms(lambda: task_merge_gpu.merge(backend, job, plans, sel_rows))
+            eight = ms(lambda: [task_merge_gpu.merge(backend, job, plans, sel_rows) for _ in range(8)]) / 8
+            print(f"  merge, {g} groups of 8 per thread: {one:.3f} per call, {eight:.3f} each of 8 "
+                  f"({merge_bytes / eight / 1e6:.0f} GB/s)")
+    finally:
+        task_merge_gpu.MERGE_GROUPS = groups_before
+    header, _ = sources.kernel_source("task_merge", backend)
+    indices = sources.kernel_root().joinpath("cuda_indices.inc").read_text()
+    body = sources.model_macros(K, True) + indices + """
   const uint32_t n = up[0];
   const uint32_t groups = n / 8u;
   for (uint32_t g = GID; g < groups; g += NTHREADS) {
@@ -226,7 +231,7 @@ def stages(base, others, x32, n, reps, bw):
     MK_STORE8(out, 8u * g, r);
   }
 """
-    if gpu != "cuda":
+    if backend != "cuda":
         return
     kern = mx.fast.cuda_kernel(name="mk_bw_probe", input_names=["base"] + [f"x{m}" for m in range(K)] + ["up"],
                                output_names=["out"], source=body, header=header)
@@ -234,7 +239,7 @@ def stages(base, others, x32, n, reps, bw):
     for g in (1, 4):
         def probe(g=g):
             return kern(inputs=[base] + others + [up], template=[("T", mx.bfloat16), ("KM", K)],
-                        grid=(kernels._stride_grid(n // 8, g), 1, 1), threadgroup=(256, 1, 1),
+                        grid=(gpu.stride_grid(n // 8, g), 1, 1), threadgroup=(256, 1, 1),
                         output_shapes=[(n,)], output_dtypes=[mx.bfloat16])[0]
 
         eight = ms(lambda: [probe() for _ in range(8)]) / 8
@@ -253,7 +258,7 @@ def stages(base, others, x32, n, reps, bw):
     up16 = mx.array([n16], dtype=mx.uint32)
     for per in (1, 4):
         def copy_call(per=per):
-            return copy(inputs=[big, up16], grid=(kernels._stride_grid(n16, per), 1, 1), threadgroup=(256, 1, 1),
+            return copy(inputs=[big, up16], grid=(gpu.stride_grid(n16, per), 1, 1), threadgroup=(256, 1, 1),
                         output_shapes=[(big.size,)], output_dtypes=[mx.bfloat16])[0]
 
         each = ms(lambda: [copy_call() for _ in range(8)]) / 8

@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx
 
 from mergekit_mlx import kernels
+from mergekit_mlx.kernels import gpu, selection_gpu, task_merge, task_merge_gpu
+from mergekit_mlx.kernels.task_plan import Keep, TaskMerge, plain_divisor
 
 
 def family(n: int = 1 << 26, k: int = 3, seed: int = 0) -> tuple[mx.array, list[mx.array]]:
@@ -56,26 +58,29 @@ def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8, pipelined
     many of the tensors were final at the first evaluation (the rest were merged again)."""
     fams = [(base, others)] + ([second] if second is not None else [])
     k, n = len(others), base.size
-    gpu = kernels._gpu_backend()
-    div = kernels._plain_divisor([1.0 / k] * k)
+    backend = gpu.backend()
+    weights = (1.0 / k,) * k
+    div = plain_divisor(list(weights))
+    mag, ks = list(range(k)), [n // 2] * k
     started, host = [], 0.0
     for j in range(batch):
         base, others = fams[j % len(fams)]
         h0 = time.perf_counter()
-        plans, _ = kernels._plan_models(base, others, None, [0.5] * k, False, 1, list(range(k)), None)
+        plans, _ = task_merge.plan_models(base, others, None, [0.5] * k, False, 1, list(range(k)), None)
         for p in plans:
-            p.mode = kernels._MAGNITUDE
-        args = (gpu, base, others, [1.0 / k] * k, plans, list(range(k)), [n // 2] * k, True, True, 1.0, div)
+            p.mode = Keep.MAGNITUDE
+        job = TaskMerge(base, tuple(others), weights, True, True, 1.0, div)
         with mx.stream(_streams(streams)[j % streams]):
-            started.append((args, *kernels._gpu_ties_start(*args)))
+            started.append((job, plans, *task_merge_gpu.ties_start(backend, job, plans, mag, ks)))
             if pipelined:
-                mx.async_eval(started[-1][1], started[-1][2])
+                mx.async_eval(started[-1][2], started[-1][3])
         host += time.perf_counter() - h0
-    mx.eval([s[1] for s in started], [s[2] for s in started])
-    words = mx.concatenate([s[2] for s in started]).tolist()
+    mx.eval([s[2] for s in started], [s[3] for s in started])
+    words = mx.concatenate([s[3] for s in started]).tolist()
     w = len(words) // batch
-    outs = [kernels._gpu_ties_finish(*a, o, words[j * w:(j + 1) * w], gr) for j, (a, o, _, gr) in enumerate(started)]
-    return outs, host, sum(kernels._final(words[j * w:(j + 1) * w]) for j in range(batch))
+    outs = [task_merge_gpu.ties_finish(backend, job, plans, mag, ks, o, words[j * w:(j + 1) * w], gr)
+            for j, (job, plans, o, _, gr) in enumerate(started)]
+    return outs, host, sum(selection_gpu.final(words[j * w:(j + 1) * w]) for j in range(batch))
 
 
 def main() -> None:
