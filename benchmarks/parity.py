@@ -337,7 +337,7 @@ def vocab_of(path: str) -> dict[str, int]:
 
 
 def compare(case: Case, ours: str, theirs: str, base: dict[str, np.ndarray]) -> dict:
-    from mergekit_mlx.tokenizer import is_vocab_tensor
+    from mergekit_mlx.vocab import is_vocab_tensor
 
     a, b = load(ours), load(theirs)
     row = {"tensors": len(b)}

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .chat_template import apply_chat_template
 from .digest import file_digest
 from .dtypes import safetensors_code
 from .errors import MergeKitError, OutputError, warn_once
@@ -713,9 +714,7 @@ def write_tokenizer(plan: Plan, out_dir: Path) -> None:
     if src is not None:
         copy_side_files(src, out_dir)
     if plan.recipe.chat_template:
-        from . import tokenizer
-
-        tokenizer.apply_chat_template(out_dir, plan.recipe.chat_template, plan.models)
+        apply_chat_template(out_dir, plan.recipe.chat_template, plan.models)
 
 
 def model_card(plan: Plan) -> str:

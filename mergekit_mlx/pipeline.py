@@ -392,9 +392,9 @@ def merge_task(
         if vocab is not None:
             tensors = vocab.align(task.out.name, tensors, ids)
         elif len({t.shape for t in tensors}) > 1:
-            from . import tokenizer
+            from .vocab import rectify_embeddings
 
-            tensors = tokenizer.rectify_embeddings(task.out.name, tensors, task.base)
+            tensors = rectify_embeddings(task.out.name, tensors, task.base)
     inputs = MergeInputs(
         tensors=tensors,
         base=task.base,

@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import tokenizer
+from .chat_template import check_chat_templates
 from .dtypes import mlx_dtype, named, torch_dtype_name
 from .errors import ModelError, RecipeError
 from .formats import open_model
@@ -24,6 +24,7 @@ from .formats.safetensors import plan_shards
 from .methods import Method, get_method
 from .names import LAYER_PATTERN, layer_index, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
+from .vocab import is_vocab_tensor, plan_vocab
 
 PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
@@ -70,7 +71,7 @@ class Plan:
     out_dtype: mx.Dtype | None
     out_layers: int
     tokenizer_model: int | None  # the model whose tokenizer is copied (None: a vocabulary plan builds one)
-    vocab: Any | None = None  # tokenizer.VocabPlan when the recipe sets tokenizer_source or tokenizer
+    vocab: Any | None = None  # vocab.VocabPlan when the recipe sets tokenizer_source or tokenizer
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -321,7 +322,7 @@ def make_plan(
     where_of = _first_locations(recipe)
     sources: list[ModelSource] = []
     # every spelling of one model maps to the index of its first: `sources` stays aligned with `refs`
-    # (tokenizer.plan_vocab relies on it), and a model opened once is shared
+    # (plan_vocab relies on it), and a model opened once is shared
     first_of: dict[tuple, int] = {}
     index_of: dict[str, int] = {}
     for i, ref in enumerate(refs):
@@ -431,14 +432,14 @@ def make_plan(
 
     vocab = None
     if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
-        vocab = tokenizer.plan_vocab(recipe, sources, base)
+        vocab = plan_vocab(recipe, sources, base)
     if vocab is not None:
         vocab.update_config(config)
         for task in tasks:
             if task.vocab:
                 task.out = OutputTensor(task.out.name, (vocab.vocab_size, *task.out.shape[1:]), task.out.dtype)
     tokenizer_model = _tokenizer_model(recipe, index_of, base, reference(slices[0]))
-    tokenizer.check_chat_templates(recipe.chat_template, sources, tokenizer_model)  # a bad template stops the run now
+    check_chat_templates(recipe.chat_template, sources, tokenizer_model)  # a bad template stops the run now
     plan = Plan(recipe, method, refs, sources, base, tasks, config, out_dtype, out_layer, tokenizer_model, vocab)
     return plan
 
@@ -539,4 +540,4 @@ def _is_pre(name: str) -> bool:
 
 def _is_vocab(name: str) -> bool:
     """Tensors whose rows are vocabulary entries: token embeddings and the output head."""
-    return tokenizer.is_vocab_tensor(name)
+    return is_vocab_tensor(name)

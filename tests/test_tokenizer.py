@@ -11,17 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mergekit_mlx.chat_template import CHAT_TEMPLATES, apply_chat_template, resolve_chat_template
 from mergekit_mlx.errors import ModelError, RecipeError
 from mergekit_mlx.formats import open_model
 from mergekit_mlx.recipe import recipe_from_dict
-from mergekit_mlx.tokenizer import (
-    CHAT_TEMPLATES,
-    apply_chat_template,
-    is_vocab_tensor,
-    plan_vocab,
-    rectify_embeddings,
-    resolve_chat_template,
-)
+from mergekit_mlx.vocab import is_vocab_tensor, plan_vocab, rectify_embeddings
 
 HIDDEN = 4
 WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "merge", "model", "fast"]

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .chat_template import apply_chat_template, read_chat_template
 from .errors import ModelError, RecipeError
-from .formats.files import TOKENIZER_FILES, copy_side_files, read_model_file
+from .formats.files import TOKENIZER_FILES, copy_side_files
 
 LOG = logging.getLogger(__name__)
 
@@ -48,160 +47,6 @@ def is_vocab_tensor(name: str) -> bool:
     if _NOT_VOCAB.search(name):
         return False
     return bool(_VOCAB_NAME.search(name))
-
-
-# ---- built-in chat templates -----------------------------------------------------------------
-
-# The names mergekit 0.1.5 ships. These render each format exactly (checked through transformers):
-# chatml and mistral as mergekit's do; llama3 without the newline mergekit's leaves between turns,
-# alpaca without its leading blank lines, exaone without the indentation its template leaks.
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    ),
-    "llama3": (
-        "{%- for message in messages %}"
-        "{%- if loop.first %}{{- bos_token }}{%- endif %}"
-        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-    ),
-    "alpaca": (
-        "{%- set system = messages | selectattr('role', 'equalto', 'system') | list %}"
-        "{%- if system %}{{- system[-1]['content'] | trim + '\\n\\n' }}{%- endif %}"
-        "{%- set headers = {'user': '### Instruction:', 'user_context': '### Input:', 'assistant': '### Response:'} %}"
-        "{%- for message in messages if message['role'] in headers %}"
-        "{%- if not loop.first %}{{- '\\n\\n' }}{%- endif %}"
-        "{{- headers[message['role']] + '\\n' + message['content'] | trim }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '\\n\\n### Response:\\n' }}{%- endif %}"
-    ),
-    "mistral": (
-        "{%- if messages and messages[0]['role'] == 'system' %}"
-        "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
-        "{%- else %}{%- set system = none %}{%- set turns = messages %}{%- endif %}"
-        "{{- bos_token }}"
-        "{%- for message in turns %}"
-        "{%- if (message['role'] == 'user') != loop.index0 is even %}"
-        "{{- raise_exception('after an optional system message, roles must alternate user, assistant, user, ...') }}"
-        "{%- endif %}"
-        "{%- if message['role'] == 'user' %}"
-        "{%- if loop.first and system is not none %}{{- ' [INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
-        "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
-        "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
-        "{%- endfor %}"
-    ),
-    "exaone": (
-        "{%- for message in messages %}"
-        "{%- if loop.first and message['role'] != 'system' %}{{- '[|system|][|endofturn|]\\n' }}{%- endif %}"
-        "{{- '[|' + message['role'] + '|]' + message['content'] }}"
-        "{%- if message['role'] == 'user' %}{{- '\\n' }}{%- else %}{{- '[|endofturn|]\\n' }}{%- endif %}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '[|assistant|]' }}{%- endif %}"
-    ),
-}
-
-
-def resolve_chat_template(chat_template: str | None, sources: Sequence[Any] = ()) -> str | None:
-    """The template text a recipe's `chat_template` asks for (None: leave the tokenizer's own).
-
-    "auto" takes the template most of the input models share (the first seen on a tie); a short
-    name without braces must be a built-in; anything else must be a Jinja template.
-    """
-    if not chat_template:
-        return None
-    if chat_template == "auto":
-        found = [t for t in (read_chat_template(s.tokenizer_dir) for s in sources if s.tokenizer_dir) if t]
-        return Counter(found).most_common(1)[0][0] if found else None
-    if chat_template in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[chat_template]
-    if len(chat_template) < 20 or "{" not in chat_template:
-        raise RecipeError(
-            f"chat_template: {chat_template!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}), "
-            "'auto', nor a Jinja template"
-        )
-    import jinja2
-
-    try:
-        jinja2.Environment().parse(chat_template)
-    except jinja2.TemplateSyntaxError as e:
-        raise RecipeError(f"chat_template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
-    return chat_template
-
-
-def read_chat_template(tokenizer_dir: Path | None) -> str | None:
-    """A tokenizer directory's default chat template (stripped), from whichever file holds it.
-
-    The directory is an input's: each file is read through `models.read_model_file` (a regular
-    file inside it), and a template that is not UTF-8 text, or a file that is not JSON, is a
-    ModelError naming the file.
-    """
-    if tokenizer_dir is None:
-        return None
-    d = Path(tokenizer_dir)
-    template: Any = None
-    if os.path.lexists(d / "chat_template.jinja"):
-        raw = read_model_file(d, "chat_template.jinja", "chat template")
-        try:
-            template = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ModelError(f"{d / 'chat_template.jinja'}: the chat template is not UTF-8 text ({e})") from None
-    else:
-        for fname in ("chat_template.json", "tokenizer_config.json"):
-            if not os.path.lexists(d / fname):
-                continue
-            raw = read_model_file(d, fname, "tokenizer file")
-            try:
-                data = json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                raise ModelError(f"{d / fname}: not UTF-8 JSON, so its chat template cannot be read ({e})") from None
-            if isinstance(data, dict) and data.get("chat_template"):
-                template = data["chat_template"]
-                break
-    if isinstance(template, list):  # named templates: mergekit takes "default"
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    return template.strip() if isinstance(template, str) and template.strip() else None
-
-
-def check_chat_templates(chat_template: str | None, sources: Sequence[Any], tokenizer_model: int | None) -> None:
-    """At plan time, read every chat template the output will take, so a bad one stops the run
-    before anything is written: the recipe's (with `auto`, every input's) and, when the tokenizer is
-    copied from one model, that model's own."""
-    resolve_chat_template(chat_template, sources)
-    if tokenizer_model is not None:
-        read_chat_template(sources[tokenizer_model].tokenizer_dir)
-
-
-def apply_chat_template(out_dir: Path, chat_template: str | None, sources: Sequence[Any] = ()) -> None:
-    """Set the chat template of the tokenizer written in out_dir (as chat_template.jinja)."""
-    template = resolve_chat_template(chat_template, sources)
-    if template is None:
-        return
-    out_dir = Path(out_dir)
-    config_path = out_dir / "tokenizer_config.json"
-    if not config_path.is_file() and not (out_dir / "tokenizer.json").is_file():
-        LOG.warning("chat_template is set but %s holds no tokenizer; the template is not saved", out_dir)
-        return
-    # one place for the template: transformers reads chat_template.jinja before the others
-    (out_dir / "chat_template.jinja").write_text(template)
-    data = _read_output_json(config_path)
-    if isinstance(data, dict) and "chat_template" in data:
-        del data["chat_template"]
-        config_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "chat_template.json").unlink(missing_ok=True)
-
-
-def _read_output_json(path: Path) -> Any:
-    """A JSON file this tool has just written (never an input's)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ---- vocabulary sizes without a tokenizer setting --------------------------------------------
@@ -233,7 +78,7 @@ def rectify_embeddings(name: str, tensors: list[mx.array], base: int | None, tru
 
 
 @dataclass(frozen=True)
-class TokenSource:
+class RowSource:
     """Where a token's default row comes from (mergekit's TokenEmbeddingConfig)."""
 
     kind: str  # "model" (that model's row of this token), "model_token" (a given row), "zero", "auto"
@@ -243,8 +88,8 @@ class TokenSource:
     force: bool = False  # use the default row even for models that have the token
 
 
-def _parse_token_sources(tokens: dict | None, model_index) -> dict[str, TokenSource]:
-    out: dict[str, TokenSource] = {}
+def _parse_token_sources(tokens: dict | None, model_index) -> dict[str, RowSource]:
+    out: dict[str, RowSource] = {}
     for tok, cfg in (tokens or {}).items():
         where = f"tokenizer.tokens[{tok!r}]"
         if cfg is None:
@@ -261,13 +106,13 @@ def _parse_token_sources(tokens: dict | None, model_index) -> dict[str, TokenSou
             raise RecipeError(f"{where}.force: must be true or false, got {force!r}")
         src = cfg.get("source")
         if src is None:
-            out[tok] = TokenSource("auto", force=force)
+            out[tok] = RowSource("auto", force=force)
         elif isinstance(src, str):
-            out[tok] = TokenSource("model", model=model_index(src, f"{where}.source"), force=force)
+            out[tok] = RowSource("model", model=model_index(src, f"{where}.source"), force=force)
         elif isinstance(src, dict) and src.get("kind") == "zero":
             if set(src) != {"kind"}:
                 raise RecipeError(f"{where}.source: a 'kind: zero' source takes no other keys")
-            out[tok] = TokenSource("zero", force=force)
+            out[tok] = RowSource("zero", force=force)
         elif isinstance(src, dict) and src.get("kind") == "model_token":
             unknown = set(src) - {"kind", "model", "token_id", "token"}
             if unknown:
@@ -279,7 +124,7 @@ def _parse_token_sources(tokens: dict | None, model_index) -> dict[str, TokenSou
             tid = src.get("token_id")
             if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
                 raise RecipeError(f"{where}.source.token_id: must be a non-negative integer, got {tid!r}")
-            out[tok] = TokenSource(
+            out[tok] = RowSource(
                 "model_token",
                 model=model_index(src["model"], f"{where}.source.model"),
                 token_id=tid,
@@ -396,7 +241,7 @@ class VocabPlan:
     vocab: dict[str, int]  # output token -> output id
     permutations: list[np.ndarray]  # per source: output id -> that model's row, -1 where it lacks the token
     original_vocabs: list[dict[str, int] | None]  # per source: its own token -> id
-    token_sources: dict[str, TokenSource]
+    token_sources: dict[str, RowSource]
     base: int | None
     chat_template: str | None = None
     sources: Sequence[Any] = field(default_factory=list)
@@ -460,12 +305,12 @@ class VocabPlan:
             have = np.nonzero(present[:, i])[0]
             if src is None or src.kind == "auto":
                 if len(have) == 1:
-                    src = TokenSource("model", model=input_ids[have[0]])
+                    src = RowSource("model", model=input_ids[have[0]])
                 elif len(have) == 0:
                     LOG.warning("token %r is in no model; its %s row is zero", tok, name)
-                    src = TokenSource("zero")
+                    src = RowSource("zero")
                 elif base_pos is not None and present[base_pos, i]:
-                    src = TokenSource("model", model=self.base)
+                    src = RowSource("model", model=self.base)
                 else:
                     coef[have, d] = 1.0 / len(have)
                     rows[have, d] = perms[have, i]
