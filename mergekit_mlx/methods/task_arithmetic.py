@@ -20,6 +20,7 @@ every backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import mlx.core as mx
 
@@ -30,11 +31,25 @@ from .base import FINITE, FRACTION, MergeInputs, Method, Param, Range, float32
 RESCALE_EPS = 1e-7
 
 
+class Sparsification(str, Enum):
+    """How each task vector is sparsified (mergekit's SparsificationMethod). The first two run inside
+    the fused merge (kernels.Sparsify has the same values); the others are passes of their own here."""
+
+    MAGNITUDE = "magnitude"  # TIES: the top-density magnitudes
+    RANDOM = "random"  # DARE: kept with probability density
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the smallest and the gamma largest
+    DELLA = "della"  # DELLA: keep probability rising with magnitude rank
+
+
+FUSED = (None, Sparsification.MAGNITUDE, Sparsification.RANDOM)
+SUM = kernels.Consensus.SUM  # TIES' sign election
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
-    sparsify: str | None  # None, "magnitude", "random", "magnitude_outliers", "della"
-    consensus: str | None  # None or "sum"
+    sparsify: Sparsification | None  # None: the whole task vector
+    consensus: kernels.Consensus | None  # None: no sign election
     normalize: bool
     rescale: bool
     doc: str
@@ -42,13 +57,13 @@ class Family:
 
 FAMILY = (
     Family("task_arithmetic", None, None, False, False, "Adds the weighted task vectors to the base."),
-    Family("ties", "magnitude", "sum", True, False, "TIES: top-density magnitudes, sign election, disjoint mean."),
-    Family("dare_linear", "random", None, False, True, "DARE: random drop with probability 1-density, L1 rescale."),
-    Family("dare_ties", "random", "sum", False, True, "DARE drop + TIES sign election."),
-    Family("breadcrumbs", "magnitude_outliers", None, False, False, "Drops the smallest and the gamma largest."),
-    Family("breadcrumbs_ties", "magnitude_outliers", "sum", False, False, "Breadcrumbs + TIES sign election."),
-    Family("della_linear", "della", None, False, True, "DELLA: keep probability rises with magnitude rank."),
-    Family("della", "della", "sum", True, True, "DELLA + TIES sign election."),
+    Family("ties", Sparsification.MAGNITUDE, SUM, True, False, "TIES: top-density magnitudes, sign election, disjoint mean."),
+    Family("dare_linear", Sparsification.RANDOM, None, False, True, "DARE: random drop with probability 1-density, L1 rescale."),
+    Family("dare_ties", Sparsification.RANDOM, SUM, False, True, "DARE drop + TIES sign election."),
+    Family("breadcrumbs", Sparsification.MAGNITUDE_OUTLIERS, None, False, False, "Drops the smallest and the gamma largest."),
+    Family("breadcrumbs_ties", Sparsification.MAGNITUDE_OUTLIERS, SUM, False, False, "Breadcrumbs + TIES sign election."),
+    Family("della_linear", Sparsification.DELLA, None, False, True, "DELLA: keep probability rises with magnitude rank."),
+    Family("della", Sparsification.DELLA, SUM, True, True, "DELLA + TIES sign election."),
 )
 
 
@@ -71,20 +86,20 @@ def della_probabilities(delta: mx.array, density: float, epsilon: float) -> mx.a
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
 
 
-def sparsify(delta: mx.array, how: str, p: dict, rescale: bool, seed: int, stream: int) -> mx.array:
+def sparsify(delta: mx.array, how: Sparsification, p: dict, rescale: bool, seed: int, stream: int) -> mx.array:
     """Breadcrumbs' and DELLA's sparsifiers (rescaled to keep the L1 norm when `rescale`)."""
     density = p["density"]
     if density >= 1:
         return delta
     n = delta.size
     # plain magnitude and random sparsification run inside kernels.fused_task_merge
-    if how == "magnitude_outliers":
+    if how is Sparsification.MAGNITUDE_OUTLIERS:
         target = int(density * n)
         n_top = int(p["gamma"] * n)
         n_bot = max(0, n - target - n_top)
         # ascending ranks [n_bot, n_bot + target): the top (n - n_bot) minus the top (n - n_bot - target)
         mask = kernels.topk_mask(delta, n - n_bot) & ~kernels.topk_mask(delta, n - n_bot - target)
-    elif how == "della":
+    elif how is Sparsification.DELLA:
         if density <= 0:
             return mx.zeros_like(delta)
         eps = p["epsilon"]
@@ -106,13 +121,13 @@ def task_merge(inputs: MergeInputs, family: Family) -> mx.array:
         return base
     s = inputs.shared
     weights = [inputs.per_input[i]["weight"] for i in others]
-    if family.sparsify in (None, "magnitude", "random"):
+    if family.sparsify in FUSED:
         # one fused pass over all inputs: a custom kernel on a GPU, a compiled graph on the CPU
         return kernels.fused_task_merge(
             base,
             [inputs.tensors[i] for i in others],
             weights,
-            sparsify=family.sparsify,
+            sparsify=family.sparsify and kernels.Sparsify(family.sparsify.value),
             densities=[inputs.per_input[i]["density"] for i in others],
             rescale=s["rescale"],
             consensus=family.consensus,
@@ -129,7 +144,7 @@ def task_merge(inputs: MergeInputs, family: Family) -> mx.array:
         * w
         for i, w in zip(others, weights)
     ]
-    if family.consensus == "sum":
+    if family.consensus is SUM:
         majority = mx.where(sum(deltas) >= 0, 1.0, -1.0)
         masks = [mx.sign(d) == majority for d in deltas]
         mixed = sum(mx.where(m, d, 0.0) for m, d in zip(masks, deltas))
@@ -168,11 +183,11 @@ def _make(f: Family) -> Method:
         Param("lambda", float, "shared", default=1.0, valid=FINITE),
         Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekit; masks here are never stored
     ]
-    if f.sparsify == "magnitude_outliers":
+    if f.sparsify is Sparsification.MAGNITUDE_OUTLIERS:
         params.append(
             Param("gamma", float, "non_base", default=0.01, valid=FRACTION, why="the fraction of largest magnitudes dropped")
         )
-    if f.sparsify == "della":
+    if f.sparsify is Sparsification.DELLA:
         # keep probabilities run from density - epsilon to density + epsilon, which must stay inside (0, 1)
         params.append(
             Param(
@@ -192,9 +207,9 @@ def _make(f: Family) -> Method:
         for i, p in enumerate(per_input):
             if i == base or p["density"] >= 1:
                 continue  # density 1 keeps the whole task vector: gamma and epsilon do not apply
-            if f.sparsify == "della" and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
+            if f.sparsify is Sparsification.DELLA and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
                 return i, f"density +/- epsilon must lie in (0, 1); got density {p['density']:g}, epsilon {p['epsilon']:g}"
-            if f.sparsify == "magnitude_outliers" and p["density"] + p["gamma"] > 1:
+            if f.sparsify is Sparsification.MAGNITUDE_OUTLIERS and p["density"] + p["gamma"] > 1:
                 return i, (
                     f"density + gamma must be at most 1 (keep the density fraction below the gamma fraction of largest "
                     f"magnitudes); got density {p['density']:g}, gamma {p['gamma']:g}"
@@ -206,7 +221,7 @@ def _make(f: Family) -> Method:
         merge,
         params=tuple(params),
         base="required",
-        random=f.sparsify in ("random", "della"),
+        random=f.sparsify in (Sparsification.RANDOM, Sparsification.DELLA),
         propagates_nonfinite=f.sparsify is None and f.consensus is None,
         working_copies=0 if f.sparsify is None else None,  # task_arithmetic: one compiled loop
         doc=f.doc,
