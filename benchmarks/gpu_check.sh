@@ -12,7 +12,7 @@ status=0
 step() { echo "== $1" | tee -a "$log"; shift; "$@" 2>&1 | tee -a "$log"; [[ ${PIPESTATUS[0]} == 0 ]] || status=1; }
 step "hardware" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step "MLX" python3 -c 'import mlx.core as mx; print("MLX", mx.__version__, "default device", mx.default_device())'
-step "kernel tests on the GPU (default device)" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step "kernel tests on the GPU (default device)" python3 -m pytest -q -p no:cacheprovider -m gpu tests
 step "CPU vs GPU agreement" python3 benchmarks/gpu_agreement.py
 step "a whole merge on the GPU against the CPU (CLI)" python3 benchmarks/gpu_merge_check.py
 step "timings" python3 benchmarks/kernels_bench.py --elements "${1:-67108864}" --reps 5 --stages

@@ -12,6 +12,9 @@ import pytest
 
 from mergekit_mlx import kernels as K
 
+# the kernels on the default device: on a GPU host (benchmarks/gpu_check.sh runs -m gpu) the GPU ones
+pytestmark = pytest.mark.gpu
+
 M32 = np.uint64(0xFFFFFFFF)
 
 
