@@ -27,9 +27,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_family import Shape, add_shape_arguments, shape_from_args  # noqa: E402
@@ -113,10 +110,16 @@ def machine_description(device: str) -> str:
     cpu = f"{os.cpu_count()}-core {platform.machine()} CPU, {mem:.0f} GiB"
     if device == "gpu":
         try:
-            gpu = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30,
-            ).stdout.strip().splitlines()[0]
+            gpu = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
             return f"{gpu} GPU; host: {cpu}"
         except (OSError, IndexError, subprocess.SubprocessError):
             return f"GPU (nvidia-smi unavailable); host: {cpu}"
@@ -125,8 +128,10 @@ def machine_description(device: str) -> str:
 
 def build_family_in_child(root: Path, shape: Shape) -> None:
     """Build (or find) the family in a child process: this one must stay small (see copy_bandwidth)."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import make_family as f; "
-            f"f.build_family(__import__('pathlib').Path({str(root)!r}), f.Shape(**{shape.__dict__!r}))")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import make_family as f; "
+        f"f.build_family(__import__('pathlib').Path({str(root)!r}), f.Shape(**{shape.__dict__!r}))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -137,13 +142,13 @@ def build_family_in_child(root: Path, shape: Shape) -> None:
 class Run:
     method: str
     tool: str
-    wall: Optional[float] = None
-    rss: Optional[int] = None  # bytes
-    cpu: Optional[float] = None  # user + system seconds of the child
+    wall: float | None = None
+    rss: int | None = None  # bytes
+    cpu: float | None = None  # user + system seconds of the child
     note: str = ""
 
 
-def run_child(cmd: list[str], log: Path, env: Optional[dict] = None) -> tuple[float, int, float, int]:
+def run_child(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int, float, int]:
     """Run cmd; returns (wall seconds, peak RSS bytes, CPU seconds of the child, exit code)."""
     with open(log, "w") as out:
         start = time.perf_counter()
@@ -154,19 +159,32 @@ def run_child(cmd: list[str], log: Path, env: Optional[dict] = None) -> tuple[fl
     return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, proc.returncode
 
 
-def find_mergekit(explicit: Optional[str]) -> Optional[str]:
+def find_mergekit(explicit: str | None) -> str | None:
     for c in (explicit, "/tmp/mkvenv/bin/mergekit-yaml", shutil.which("mergekit-yaml")):
         if c and Path(c).exists():
             return c
     return None
 
 
-def tool_command(tool: str, recipe_path: Path, out: Path, args: argparse.Namespace, mergekit: Optional[str]) -> list[str]:
+def tool_command(tool: str, recipe_path: Path, out: Path, args: argparse.Namespace, mergekit: str | None) -> list[str]:
     if tool == "mergekit":
         cmd = [mergekit, str(recipe_path), str(out), "--no-copy-tokenizer", "--random-seed", "0", "--quiet"]
         return cmd + (["--cuda"] if args.device == "gpu" else [])
-    cmd = [sys.executable, "-m", "mergekit_mlx", "run", str(recipe_path), str(out), "--force", "--no-progress",
-           "--no-copy-tokenizer", "--random-seed", "0", "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergekit_mlx",
+        "run",
+        str(recipe_path),
+        str(out),
+        "--force",
+        "--no-progress",
+        "--no-copy-tokenizer",
+        "--random-seed",
+        "0",
+        "--device",
+        args.device,
+    ]
     return cmd + args.mlx_arg
 
 
@@ -201,8 +219,12 @@ def output_difference(a: str, b: str, limit: int = 8) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-mlx-bench"),
-                   help="family cache, recipes, outputs and logs (default /tmp/mergekit-mlx-bench)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/mergekit-mlx-bench"),
+        help="family cache, recipes, outputs and logs (default /tmp/mergekit-mlx-bench)",
+    )
     p.add_argument("--family", type=Path, help="an existing family directory (base/, ft1/, ft2/) to use")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--tools", default="mergekit,mlx", help="comma-separated: mergekit, mlx")
@@ -221,9 +243,7 @@ def main() -> None:
         if m not in METHODS:
             p.error(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
 
-    root = args.family or args.workdir / (
-        f"family-h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}"
-    )
+    root = args.family or args.workdir / (f"family-h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}")
     print(f"family: {root} ({shape.parameters / 1e9:.2f}B parameters per model)", flush=True)
     if not args.family:
         build_family_in_child(root, shape)
@@ -269,8 +289,11 @@ def main() -> None:
                 if i >= int(args.warmup) and (r.wall is None or wall < r.wall):
                     r.wall, r.rss, r.cpu = wall, rss, cpu
             every = f"  (runs: {' '.join(f'{w:.2f}' for w in walls)})" if len(walls) > 1 else ""
-            print(f"  {method:16s} {tool:9s} " + (f"{r.wall:7.2f} s  {r.rss / 1e9:5.2f} GB  cpu {r.cpu:6.2f} s{every}"
-                                                  if r.wall else r.note), flush=True)
+            print(
+                f"  {method:16s} {tool:9s} "
+                + (f"{r.wall:7.2f} s  {r.rss / 1e9:5.2f} GB  cpu {r.cpu:6.2f} s{every}" if r.wall else r.note),
+                flush=True,
+            )
             runs.append(r)
             outs[tool] = out
         if args.compare and len(outs) == 2 and all(r.wall for r in runs[-2:]):
@@ -280,8 +303,10 @@ def main() -> None:
 
     print()
     print(f"Machine: {machine_description(args.device)}; MLX device: {args.device}")
-    print(f"Family: {shape.parameters / 1e9:.2f}B parameters per model (hidden {shape.hidden}, {shape.layers} layers, "
-          f"intermediate {shape.intermediate}, vocab {shape.vocab}), bf16, inputs in the page cache")
+    print(
+        f"Family: {shape.parameters / 1e9:.2f}B parameters per model (hidden {shape.hidden}, {shape.layers} layers, "
+        f"intermediate {shape.intermediate}, vocab {shape.vocab}), bf16, inputs in the page cache"
+    )
     print(f"Copy bandwidth: {bw / 1e9:.1f} GB/s (floor = (bytes read + bytes written) / copy bandwidth)")
     for n in notes:
         print(f"Note: {n}")
@@ -300,8 +325,10 @@ def main() -> None:
         speed = f"{mk.wall / r.wall:.1f}x" if mk else "-"
         rss = f"{100 * r.rss / mk.rss:.0f}%" if mk else "-"
         name = "mergekit 0.1.5" if r.tool == "mergekit" else "mergekit-mlx"
-        print(f"| {r.method} | {name} | {r.wall:.2f} | {r.cpu:.1f} | {r.rss / 1e9:.2f} | {moved / r.wall / 1e9:.2f} | "
-              f"{floor / r.wall:.2f} | {speed} | {rss} | {r.note} |")
+        print(
+            f"| {r.method} | {name} | {r.wall:.2f} | {r.cpu:.1f} | {r.rss / 1e9:.2f} | {moved / r.wall / 1e9:.2f} | "
+            f"{floor / r.wall:.2f} | {speed} | {rss} | {r.note} |"
+        )
 
 
 if __name__ == "__main__":

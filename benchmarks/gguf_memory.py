@@ -69,18 +69,34 @@ def build_model(path: Path, hidden: int, layers: int, inter: int, vocab: int, he
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden), p + "mlp.down_proj.weight": (hidden, inter),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (heads * hd, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * hd, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * hd),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
     arrays = {n: (mx.random.normal(s) * 0.02).astype(mx.bfloat16) for n, s in shapes.items()}
     mx.save_safetensors(str(path / "model.safetensors"), arrays, metadata={"format": "pt"})
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": inter, "vocab_size": vocab,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
     (path / "config.json").write_text(json.dumps(config))
@@ -115,14 +131,18 @@ def main() -> None:
             rows.append(("naive", measure("naive", root / "model", root / "naive.gguf", args.format)))
         out_size = (root / "streaming.gguf").stat().st_size
         gb = 1e9
-        print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {total / gb:.2f} GB bf16, "
-              f"largest tensor {largest / gb:.3f} GB (bf16), {2 * largest / gb:.3f} GB as float32; "
-              f"{args.format} file {out_size / gb:.2f} GB")
+        print(
+            f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {total / gb:.2f} GB bf16, "
+            f"largest tensor {largest / gb:.3f} GB (bf16), {2 * largest / gb:.3f} GB as float32; "
+            f"{args.format} file {out_size / gb:.2f} GB"
+        )
         floor = rows[0][1]["peak_rss"]
         print(f"{'run':<10} {'peak RSS':>10} {'above imports':>14} {'x largest f32':>14} {'seconds':>8}")
         for name, r in rows:
             above = r["peak_rss"] - floor
-            print(f"{name:<10} {r['peak_rss'] / gb:>8.2f} GB {above / gb:>11.2f} GB {above / (2 * largest):>14.2f} {r['seconds']:>8.1f}")
+            print(
+                f"{name:<10} {r['peak_rss'] / gb:>8.2f} GB {above / gb:>11.2f} GB {above / (2 * largest):>14.2f} {r['seconds']:>8.1f}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

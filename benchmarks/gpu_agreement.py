@@ -49,8 +49,7 @@ def main() -> int:
     key = mx.random.key(7)
     ks = mx.random.split(key, 6)
     base = mx.random.normal((n,), key=ks[0]).astype(mx.bfloat16)
-    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=ks[1 + i])).astype(mx.bfloat16)
-              for i in range(3)]
+    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=ks[1 + i])).astype(mx.bfloat16) for i in range(3)]
     x32 = mx.random.normal((n,), key=ks[4])
     mx.eval(base, *others, x32)
 
@@ -70,10 +69,8 @@ def main() -> int:
         g = selection_gpu.select(backend, others, base, [n // 100, n // 2, n - 7], override)[0]
         with mx.stream(mx.cpu):
             b32 = base.astype(mx.float32)
-            c = [selection.select_fallback(selection.delta_bits(o, b32), k)
-                 for o, k in zip(others, [n // 100, n // 2, n - 7])]
-            same = all(int(a.t.item()) == int(b.t.item()) and int(a.cut.item()) == int(b.cut.item())
-                       for a, b in zip(g, c))
+            c = [selection.select_fallback(selection.delta_bits(o, b32), k) for o, k in zip(others, [n // 100, n // 2, n - 7])]
+            same = all(int(a.t.item()) == int(b.t.item()) and int(a.cut.item()) == int(b.cut.item()) for a, b in zip(g, c))
         record(f"selection forced '{override}', 3 task vectors", same, "t and cut per model")
 
     for p in (0.1, 0.5, 0.9):
@@ -89,9 +86,9 @@ def main() -> int:
         "dare_linear": dict(sparsify="random", consensus=None, normalize=False, rescale=True),
     }
     for name, cfg in configs.items():
+
         def merge(cfg=cfg):
-            return kernels.fused_task_merge(base, others, [0.5, 0.3, -0.2], densities=[0.3, 0.5, 1.0],
-                                            lam=1.0, seed=3, **cfg)
+            return kernels.fused_task_merge(base, others, [0.5, 0.3, -0.2], densities=[0.3, 0.5, 1.0], lam=1.0, seed=3, **cfg)
 
         g, c = as_np(on(mx.gpu, merge)), as_np(on(mx.cpu, merge))
         diff = np.abs(g.astype(np.float64) - c)
@@ -99,16 +96,18 @@ def main() -> int:
         # rounding of the delta (|base| * 2^-20 at most, from the order of the L1 sums) is visible
         allowed = np.maximum(np.abs(g), np.abs(c)) * 2.0**-7 + np.abs(as_np(base)) * 2.0**-20
         differ = float((g != c).mean())
-        record(f"fused {name} (bf16)", bool(np.all(diff <= allowed)),
-               f"{differ:.2e} of elements differ, by at most one bf16 rounding")
+        record(
+            f"fused {name} (bf16)",
+            bool(np.all(diff <= allowed)),
+            f"{differ:.2e} of elements differ, by at most one bf16 rounding",
+        )
 
     t, s = bitlinear.quantize_absmean(mx.random.normal((1000, 512), key=ks[5]))
     packed = bitlinear.pack_ternary(t)
     xv = mx.random.normal((2, 512), key=ks[0])
     g = on(mx.gpu, lambda: bitlinear.bitnet_matmul(xv, packed, s, 1000))
     c = on(mx.cpu, lambda: bitlinear.bitnet_matmul(xv, packed, s, 1000))
-    record("bitnet matvec fp32", mx.allclose(g, c, rtol=1e-4, atol=1e-4).item(),
-           f"max |diff| {mx.abs(g - c).max().item():.2e}")
+    record("bitnet matvec fp32", mx.allclose(g, c, rtol=1e-4, atol=1e-4).item(), f"max |diff| {mx.abs(g - c).max().item():.2e}")
 
     print("| check | result | detail |")
     print("|---|---|---|")

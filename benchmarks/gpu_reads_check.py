@@ -6,6 +6,7 @@ alternating, `--repeat` times each, inputs in the page cache; then compares the 
 by tensor (they must be bit-identical: the same bytes reach the same merge) and prints a table.
 Usage: python benchmarks/gpu_reads_check.py FAMILY_DIR [--methods linear,ties] [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def tensors(d: Path) -> dict[str, tuple[str, bytes]]:
     for f in sorted(d.glob("*.safetensors")):
         raw = f.read_bytes()
         for k, info in read_safetensors_header(f)[0].items():
-            out[k] = (info.dtype, raw[info.offset:info.offset + info.nbytes])
+            out[k] = (info.dtype, raw[info.offset : info.offset + info.nbytes])
     return out
 
 
@@ -61,7 +62,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"mlx load": [], "direct": []}
         rss: dict[str, int] = {}
         outs = {}
-        for i in range(a.repeat):
+        for _ in range(a.repeat):
             for way in times:
                 env = dict(os.environ)
                 if way == "mlx load":
@@ -79,16 +80,19 @@ def main() -> None:
                 times[way].append(wall)
                 rss[way] = max(rss.get(way, 0), peak)
         # compared in a child: a child forked from a large parent would report the parent's RSS
-        same = subprocess.run([sys.executable, __file__, "--compare", str(outs["mlx load"]), str(outs["direct"])],
-                              capture_output=True, text=True).stdout.strip()
+        same = subprocess.run(
+            [sys.executable, __file__, "--compare", str(outs["mlx load"]), str(outs["direct"])], capture_output=True, text=True
+        ).stdout.strip()
         rows.append((method, times, rss, same))
         print(method, json.dumps({k: [round(t, 2) for t in v] for k, v in times.items()}), same, flush=True)
     print("\n| method | MLX's load: wall s | direct reads: wall s | peak RSS GB (load / direct) | outputs |")
     print("|---|---:|---:|---:|---|")
     for method, times, rss, same in rows:
         fmt = lambda v: f"{min(v):.2f}-{max(v):.2f}"  # noqa: E731
-        print(f"| {method} | {fmt(times['mlx load'])} | {fmt(times['direct'])} | "
-              f"{rss['mlx load'] / 1e9:.2f} / {rss['direct'] / 1e9:.2f} | {same} |")
+        print(
+            f"| {method} | {fmt(times['mlx load'])} | {fmt(times['direct'])} | "
+            f"{rss['mlx load'] / 1e9:.2f} / {rss['direct'] / 1e9:.2f} | {same} |"
+        )
 
 
 if __name__ == "__main__":

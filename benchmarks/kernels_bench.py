@@ -61,8 +61,7 @@ def main() -> None:
     ks = mx.random.split(key, K + 2)
     x32 = mx.random.normal((n,), key=ks[0])
     base = mx.random.normal((n,), key=ks[1]).astype(mx.bfloat16)
-    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=ks[2 + i])).astype(mx.bfloat16)
-              for i in range(K)]
+    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=ks[2 + i])).astype(mx.bfloat16) for i in range(K)]
     mx.eval(x32, base, *others)
 
     # one copy, and eight per evaluation (so one sync does not hide a GPU's bandwidth): the faster
@@ -82,12 +81,25 @@ def main() -> None:
     k = n // 2
     sort_s = float("nan") if args.skip_sort else timed(lambda: mx.sort(mx.abs(x32))[n - k], max(1, reps // 2))
     row("magnitude_threshold fp32", timed(lambda: kernels.magnitude_threshold(x32, k), reps), sort_s, 4 * n, "mx.sort")
-    row("magnitude_threshold fp32 (fallback)", timed(with_kernels(False, lambda: kernels.magnitude_threshold(x32, k)), reps),
-        sort_s, 4 * n, "mx.sort")
-    row("topk_mask bf16", timed(lambda: kernels.topk_mask(others[0], k), reps),
-        timed(with_kernels(False, lambda: kernels.topk_mask(others[0], k)), reps), 2 * n + n)
-    row("keep_mask", timed(lambda: kernels.random_mask(1, 2, (n,), 0.3), reps),
-        timed(with_kernels(False, lambda: kernels.random_mask(1, 2, (n,), 0.3)), reps), n)
+    row(
+        "magnitude_threshold fp32 (fallback)",
+        timed(with_kernels(False, lambda: kernels.magnitude_threshold(x32, k)), reps),
+        sort_s,
+        4 * n,
+        "mx.sort",
+    )
+    row(
+        "topk_mask bf16",
+        timed(lambda: kernels.topk_mask(others[0], k), reps),
+        timed(with_kernels(False, lambda: kernels.topk_mask(others[0], k)), reps),
+        2 * n + n,
+    )
+    row(
+        "keep_mask",
+        timed(lambda: kernels.random_mask(1, 2, (n,), 0.3), reps),
+        timed(with_kernels(False, lambda: kernels.random_mask(1, 2, (n,), 0.3)), reps),
+        n,
+    )
 
     merge_bytes = 2 * n * (K + 2)  # read base + K models, write one, bf16
     configs = {
@@ -97,6 +109,7 @@ def main() -> None:
         "dare_linear (density 0.5)": dict(sparsify="random", consensus=None, normalize=False, rescale=True),
     }
     for name, cfg in configs.items():
+
         def merge(cfg=cfg):
             return kernels.fused_task_merge(base, others, [1.0 / K] * K, densities=[0.5] * K, lam=1.0, seed=1, **cfg)
 
@@ -105,38 +118,65 @@ def main() -> None:
     def select(gpu_flag):
         def run():
             backend = gpu.backend() if gpu_flag else None
-            plans, _ = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)),
-                                              backend)
+            plans, _ = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)), backend)
             return [a for p in plans for a in (p.t, p.cut)]
+
         return run
 
     row(f"ties selection only ({K} models)", timed(select(True), reps), timed(select(False), reps), 2 * n * (K + 1))
 
     backend = gpu.backend()
     if backend is not None:  # the merge pass alone, on a selection made beforehand
-        plans, sel_rows = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)),
-                                                 backend)
+        plans, sel_rows = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)), backend)
         mx.eval(sel_rows)
         job = TaskMerge(base, tuple(others), (1.0 / K,) * K, True, True, 1.0, plain_divisor([1.0 / K] * K))
 
         def merge_pass():
             return task_merge_gpu.merge(backend, job, plans, sel_rows)
 
-        plain_merge = timed(lambda: kernels.fused_task_merge(
-            base, others, [1.0 / K] * K, densities=[1.0] * K, lam=1.0, sparsify=None, consensus="sum",
-            normalize=True, rescale=False), reps)
-        row("ties merge pass only (selection done)", timed(merge_pass, reps), plain_merge, merge_bytes,
-            "compiled graph, no sparsification")
+        plain_merge = timed(
+            lambda: kernels.fused_task_merge(
+                base,
+                others,
+                [1.0 / K] * K,
+                densities=[1.0] * K,
+                lam=1.0,
+                sparsify=None,
+                consensus="sum",
+                normalize=True,
+                rescale=False,
+            ),
+            reps,
+        )
+        row(
+            "ties merge pass only (selection done)",
+            timed(merge_pass, reps),
+            plain_merge,
+            merge_bytes,
+            "compiled graph, no sparsification",
+        )
 
-        one = timed(lambda: kernels.fused_task_merge(base, others, [1.0 / K] * K, densities=[0.5] * K, lam=1.0,
-                                                      seed=1, **configs["ties (density 0.5)"]), reps)
+        one = timed(
+            lambda: kernels.fused_task_merge(
+                base, others, [1.0 / K] * K, densities=[0.5] * K, lam=1.0, seed=1, **configs["ties (density 0.5)"]
+            ),
+            reps,
+        )
         second = family(n, K, seed=1)  # the batches alternate between two families: nothing carried in L2
-        row("fused ties, 8 tensors per evaluation (per tensor)",
-            timed(lambda: ties_batch(base, others, second=second)[0], reps) / 8, one, merge_bytes,
-            "one tensor per evaluation")
-        row("fused ties, 8 tensors pipelined (per tensor)",
-            timed(lambda: ties_batch(base, others, pipelined=True, second=second)[0], reps) / 8, one, merge_bytes,
-            "one tensor per evaluation")
+        row(
+            "fused ties, 8 tensors per evaluation (per tensor)",
+            timed(lambda: ties_batch(base, others, second=second)[0], reps) / 8,
+            one,
+            merge_bytes,
+            "one tensor per evaluation",
+        )
+        row(
+            "fused ties, 8 tensors pipelined (per tensor)",
+            timed(lambda: ties_batch(base, others, pipelined=True, second=second)[0], reps) / 8,
+            one,
+            merge_bytes,
+            "one tensor per evaluation",
+        )
 
     out_f, in_f = 14336, 4096
     t, s = bitlinear.quantize_absmean(mx.random.normal((out_f, in_f), key=ks[0]))
@@ -144,8 +184,12 @@ def main() -> None:
     xv = mx.random.normal((1, in_f), key=ks[1]).astype(mx.bfloat16)
     s = s.astype(mx.bfloat16)
     mx.eval(packed, xv, s)
-    row(f"bitnet matvec {out_f}x{in_f}", timed(lambda: bitlinear.bitnet_matmul(xv, packed, s, out_f), reps),
-        timed(with_kernels(False, lambda: bitlinear.bitnet_matmul(xv, packed, s, out_f)), reps), packed.size)
+    row(
+        f"bitnet matvec {out_f}x{in_f}",
+        timed(lambda: bitlinear.bitnet_matmul(xv, packed, s, out_f), reps),
+        timed(with_kernels(False, lambda: bitlinear.bitnet_matmul(xv, packed, s, out_f)), reps),
+        packed.size,
+    )
 
     if args.stages and gpu.backend() is not None:
         stages(base, others, x32, n, reps, bw)
@@ -153,8 +197,10 @@ def main() -> None:
     print("| operation | kernels (ms) | plain MLX (ms) | speed-up | floor (ms) | x floor |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, fast, plain, plain_name, floor in rows:
-        print(f"| {name} | {fast * 1e3:.2f} | {plain * 1e3:.2f} ({plain_name}) | {plain / fast:.1f}x | "
-              f"{floor * 1e3:.3f} | {fast / floor:.1f} |")
+        print(
+            f"| {name} | {fast * 1e3:.2f} | {plain * 1e3:.2f} ({plain_name}) | {plain / fast:.1f}x | "
+            f"{floor * 1e3:.3f} | {fast / floor:.1f} |"
+        )
     print("\nkernel first-use checks:", kernels.kernel_status() or "none (CPU path)")
 
 
@@ -176,11 +222,10 @@ def stages(base, others, x32, n, reps, bw):
         mx.eval(counts)
         res, _ = selection_gpu.select_resolve(backend, flats, hb, srt, up, counts)
         mx.eval(res)
-        status = [res.tolist()[8 * m: 8 * m + 8] for m in range(len(xs))]
+        status = [res.tolist()[8 * m : 8 * m + 8] for m in range(len(xs))]
         t_sample = ms(lambda: selection_gpu.select_sample(backend, flats, hb, s, up))
         t_pass = ms(lambda: selection_gpu.select_count(backend, flats, hb, chunks, srt, up)[1])
-        t_pass8 = ms(lambda: [selection_gpu.select_count(backend, flats, hb, chunks, srt, up)[1]
-                              for _ in range(8)]) / 8
+        t_pass8 = ms(lambda: [selection_gpu.select_count(backend, flats, hb, chunks, srt, up)[1] for _ in range(8)]) / 8
         t_res = ms(lambda: selection_gpu.select_resolve(backend, flats, hb, srt, up, counts)[0])
         t_launch = ms(lambda: selection_gpu.select_launch(backend, flats, hb, ks)[0])
 
@@ -193,12 +238,13 @@ def stages(base, others, x32, n, reps, bw):
         t_read = ms(readback)
         t_all = ms(lambda: [a for sel in selection_gpu.select(backend, xs, b, ks)[0] for a in (sel.t, sel.cut)])
         print(f"  {name}: status/t/cut/lo/hi/count/rank {status}")
-        print(f"    sample+sort {t_sample:.3f} | pass {t_pass:.3f} (x8: {t_pass8:.3f} each, "
-              f"{2 * len(flats) * n / t_pass8 / 1e6:.0f} GB/s if bf16) | resolve {t_res:.3f} | "
-              f"stages 1-3 {t_launch:.3f} | + readback {t_read:.3f} | whole selection {t_all:.3f}")
+        print(
+            f"    sample+sort {t_sample:.3f} | pass {t_pass:.3f} (x8: {t_pass8:.3f} each, "
+            f"{2 * len(flats) * n / t_pass8 / 1e6:.0f} GB/s if bf16) | resolve {t_res:.3f} | "
+            f"stages 1-3 {t_launch:.3f} | + readback {t_read:.3f} | whole selection {t_all:.3f}"
+        )
     K = len(others)
-    plans, sel_rows = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)),
-                                             backend)
+    plans, sel_rows = task_merge.plan_models(base, others, Sparsify.MAGNITUDE, [0.5] * K, False, 1, list(range(K)), backend)
     mx.eval(sel_rows)
     job = TaskMerge(base, tuple(others), (1.0 / K,) * K, True, True, 1.0, plain_divisor([1.0 / K] * K))
     merge_bytes = 2 * n * (K + 2)
@@ -208,13 +254,18 @@ def stages(base, others, x32, n, reps, bw):
             task_merge_gpu.MERGE_GROUPS = g  # read at each launch (the grid); the kernel is the same
             one = ms(lambda: task_merge_gpu.merge(backend, job, plans, sel_rows))
             eight = ms(lambda: [task_merge_gpu.merge(backend, job, plans, sel_rows) for _ in range(8)]) / 8
-            print(f"  merge, {g} groups of 8 per thread: {one:.3f} per call, {eight:.3f} each of 8 "
-                  f"({merge_bytes / eight / 1e6:.0f} GB/s)")
+            print(
+                f"  merge, {g} groups of 8 per thread: {one:.3f} per call, {eight:.3f} each of 8 "
+                f"({merge_bytes / eight / 1e6:.0f} GB/s)"
+            )
     finally:
         task_merge_gpu.MERGE_GROUPS = groups_before
     header, _ = sources.kernel_source("task_merge", backend)
     indices = sources.kernel_root().joinpath("cuda_indices.inc").read_text()
-    body = sources.model_macros(K, True) + indices + """
+    body = (
+        sources.model_macros(K, True)
+        + indices
+        + """
   const uint32_t n = up[0];
   const uint32_t groups = n / 8u;
   for (uint32_t g = GID; g < groups; g += NTHREADS) {
@@ -231,41 +282,68 @@ def stages(base, others, x32, n, reps, bw):
     MK_STORE8(out, 8u * g, r);
   }
 """
+    )
     if backend != "cuda":
         return
-    kern = mx.fast.cuda_kernel(name="mk_bw_probe", input_names=["base"] + [f"x{m}" for m in range(K)] + ["up"],
-                               output_names=["out"], source=body, header=header)
+    kern = mx.fast.cuda_kernel(
+        name="mk_bw_probe",
+        input_names=["base"] + [f"x{m}" for m in range(K)] + ["up"],
+        output_names=["out"],
+        source=body,
+        header=header,
+    )
     up = mx.array([n], dtype=mx.uint32)
     for g in (1, 4):
+
         def probe(g=g):
-            return kern(inputs=[base] + others + [up], template=[("T", mx.bfloat16), ("KM", K)],
-                        grid=(gpu.stride_grid(n // 8, g), 1, 1), threadgroup=(256, 1, 1),
-                        output_shapes=[(n,)], output_dtypes=[mx.bfloat16])[0]
+            return kern(
+                inputs=[base] + others + [up],
+                template=[("T", mx.bfloat16), ("KM", K)],
+                grid=(gpu.stride_grid(n // 8, g), 1, 1),
+                threadgroup=(256, 1, 1),
+                output_shapes=[(n,)],
+                output_dtypes=[mx.bfloat16],
+            )[0]
 
         eight = ms(lambda: [probe() for _ in range(8)]) / 8
-        print(f"  bandwidth probe (4 bf16 in, 1 out, {g} groups/thread): {ms(probe):.3f} per call, {eight:.3f} each "
-              f"of 8 ({merge_bytes / eight / 1e6:.0f} GB/s)")
+        print(
+            f"  bandwidth probe (4 bf16 in, 1 out, {g} groups/thread): {ms(probe):.3f} per call, {eight:.3f} each "
+            f"of 8 ({merge_bytes / eight / 1e6:.0f} GB/s)"
+        )
     # the device's copy bandwidth: 16 bytes per thread and step, read once and written once
-    copy = mx.fast.cuda_kernel(name="mk_copy_probe", input_names=["src", "up"], output_names=["out"], source='''
+    copy = mx.fast.cuda_kernel(
+        name="mk_copy_probe",
+        input_names=["src", "up"],
+        output_names=["out"],
+        source="""
   const uint32_t n16 = up[0];
   const uint32_t gid = blockIdx.x * blockDim.x + threadIdx.x;
   for (uint32_t i = gid; i < n16; i += gridDim.x * blockDim.x) {
     reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(src)[i];
   }
-''')
+""",
+    )
     big = mx.concatenate([base, *others])  # (K + 1) n bf16
     n16 = big.size // 8
     up16 = mx.array([n16], dtype=mx.uint32)
     for per in (1, 4):
+
         def copy_call(per=per):
-            return copy(inputs=[big, up16], grid=(gpu.stride_grid(n16, per), 1, 1), threadgroup=(256, 1, 1),
-                        output_shapes=[(big.size,)], output_dtypes=[mx.bfloat16])[0]
+            return copy(
+                inputs=[big, up16],
+                grid=(gpu.stride_grid(n16, per), 1, 1),
+                threadgroup=(256, 1, 1),
+                output_shapes=[(big.size,)],
+                output_dtypes=[mx.bfloat16],
+            )[0]
 
         each = ms(lambda: [copy_call() for _ in range(8)]) / 8
         dev_bw = 4 * big.size / (each / 1e3)
-        print(f"  copy kernel (16 bytes a thread and step, {per} per thread): {each:.3f} ms each of 8 for "
-              f"{2 * big.size / 1e6:.0f} MB: {dev_bw / 1e9:.0f} GB/s read+write; the merge's floor at that "
-              f"bandwidth {merge_bytes / dev_bw * 1e3:.3f} ms")
+        print(
+            f"  copy kernel (16 bytes a thread and step, {per} per thread): {each:.3f} ms each of 8 for "
+            f"{2 * big.size / 1e6:.0f} MB: {dev_bw / 1e9:.0f} GB/s read+write; the merge's floor at that "
+            f"bandwidth {merge_bytes / dev_bw * 1e3:.3f} ms"
+        )
     print(f"  MLX copy floor for the merge: {merge_bytes / bw * 1e3:.3f} ms\n")
 
 

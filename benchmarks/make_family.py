@@ -112,9 +112,11 @@ def build_family(root: Path, shape: Shape = Shape(), quiet: bool = False) -> lis
             old.unlink()
         (d / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
     shards = _shards(shape)
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     key = mx.random.key(shape.seed)
     for si, (shard, fname) in enumerate(zip(shards, files)):
         arrays: list[dict[str, mx.array]] = [{} for _ in dirs]

@@ -28,7 +28,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -42,8 +41,12 @@ WORDS = ["hello", "world", "merge", "model", "the", "a", "is", "good", "mlx", "f
 EXTRA_WORD = "zeta"
 EXTRA_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 EXT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sum 2+2"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Sum 2+2"},
+]
 
 
 # ---- tiny models ---------------------------------------------------------------------------
@@ -51,10 +54,20 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 def llama_config(vocab: int, hidden=64, inter=128, layers=2, heads=4, kv_heads=2) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 128, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "torch_dtype": "float32",
     }
 
@@ -65,9 +78,15 @@ def llama_weights(cfg: dict, rng) -> dict[str, np.ndarray]:
     w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (v, h))}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        for name, shape in [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
-                            ("mlp.down_proj", (h, i))]:
+        for name, shape in [
+            ("self_attn.q_proj", (h, h)),
+            ("self_attn.k_proj", (kv, h)),
+            ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (i, h)),
+            ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
+        ]:
             w[p + name + ".weight"] = rng.normal(0, 0.2, shape)
         w[p + "input_layernorm.weight"] = 1 + rng.normal(0, 0.05, (h,))
         w[p + "post_attention_layernorm.weight"] = 1 + rng.normal(0, 0.05, (h,))
@@ -87,8 +106,9 @@ def shuffled_order() -> np.ndarray:
     return np.concatenate([np.arange(3), rest])
 
 
-def write_tokenizer(path: Path, vocab: int, extra: bool = False, shuffled: bool = False,
-                    chat_template: Optional[str] = None) -> None:
+def write_tokenizer(
+    path: Path, vocab: int, extra: bool = False, shuffled: bool = False, chat_template: str | None = None
+) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tokens = base_tokens()
@@ -103,8 +123,13 @@ def write_tokenizer(path: Path, vocab: int, extra: bool = False, shuffled: bool 
 
         tok.add_special_tokens([AddedToken(t, special=True) for t in EXTRA_SPECIALS])
     tok.save(str(path / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-           "unk_token": "<unk>", "model_max_length": 128}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 128,
+    }
     if chat_template:
         cfg["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -115,8 +140,11 @@ def save_model(path: Path, cfg: dict, weights: dict, **tok) -> str:
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    mx.save_safetensors(str(path / "model.safetensors"),
-                        {k: mx.array(v.astype(np.float32)) for k, v in weights.items()}, metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(path / "model.safetensors"),
+        {k: mx.array(v.astype(np.float32)) for k, v in weights.items()},
+        metadata={"format": "pt"},
+    )
     write_tokenizer(path, cfg["vocab_size"], **tok)
     return str(path)
 
@@ -135,8 +163,10 @@ def build_models(root: Path, seed: int = 0) -> dict[str, str]:
         sp = {n: np.where(rng.random(v.shape) < 0.4, v + rng.normal(0, 0.05, v.shape), v) for n, v in base.items()}
         paths[f"sp{k}"] = save_model(root / f"sp{k}", cfg, sp)
     ext_cfg = llama_config(64 + 1 + len(EXTRA_SPECIALS))
-    new_rows = {n: rng.normal(0, 0.5, (ext_cfg["vocab_size"] - 64, cfg["hidden_size"]))
-                for n in ("model.embed_tokens.weight", "lm_head.weight")}
+    new_rows = {
+        n: rng.normal(0, 0.5, (ext_cfg["vocab_size"] - 64, cfg["hidden_size"]))
+        for n in ("model.embed_tokens.weight", "lm_head.weight")
+    }
     for name in ("ext", "ext2"):
         ext = {}
         for n, v in base.items():
@@ -172,94 +202,297 @@ def cases(m: dict[str, str]) -> list[Case]:
         return [{"model": m[n], **({"parameters": per[n]} if n in per else {})} for n in names]
 
     f32 = {"dtype": "float32"}
-    ta = lambda method, params=None, per=None, **kw: {
-        "merge_method": method, "base_model": m["base"], "models": models("ft1", "ft2", "ft3", **(per or {})),
-        "parameters": params or {}, **f32, **kw}
+
+    def ta(method, params=None, per=None, **kw):
+        return {
+            "merge_method": method,
+            "base_model": m["base"],
+            "models": models("ft1", "ft2", "ft3", **(per or {})),
+            "parameters": params or {},
+            **f32,
+            **kw,
+        }
+
     w3 = {"ft1": {"weight": 0.5}, "ft2": {"weight": 0.3}, "ft3": {"weight": 0.2}}
     out = [
-        Case("linear", {"merge_method": "linear", "models": models("base", "ft1", "ft2", base={"weight": 0.5},
-             ft1={"weight": 0.3}, ft2={"weight": 0.2}), **f32}),
-        Case("linear, normalize: false", {"merge_method": "linear", "models": models("ft1", "ft2", ft1={"weight": 0.7},
-             ft2={"weight": 0.6}), "parameters": {"normalize": False}, **f32}),
-        Case("linear, bfloat16", {"merge_method": "linear", "models": models("base", "ft1", "ft2", base={"weight": 1},
-             ft1={"weight": 1}, ft2={"weight": 1}), "dtype": "bfloat16"}, note="bf16 math in mergekit"),
-        Case("task_arithmetic", ta("task_arithmetic", {"lambda": 0.8}, {"ft1": {"weight": 0.5}, "ft2": {"weight": 0.3},
-             "ft3": {"weight": -0.2}})),
+        Case(
+            "linear",
+            {
+                "merge_method": "linear",
+                "models": models("base", "ft1", "ft2", base={"weight": 0.5}, ft1={"weight": 0.3}, ft2={"weight": 0.2}),
+                **f32,
+            },
+        ),
+        Case(
+            "linear, normalize: false",
+            {
+                "merge_method": "linear",
+                "models": models("ft1", "ft2", ft1={"weight": 0.7}, ft2={"weight": 0.6}),
+                "parameters": {"normalize": False},
+                **f32,
+            },
+        ),
+        Case(
+            "linear, bfloat16",
+            {
+                "merge_method": "linear",
+                "models": models("base", "ft1", "ft2", base={"weight": 1}, ft1={"weight": 1}, ft2={"weight": 1}),
+                "dtype": "bfloat16",
+            },
+            note="bf16 math in mergekit",
+        ),
+        Case(
+            "task_arithmetic",
+            ta("task_arithmetic", {"lambda": 0.8}, {"ft1": {"weight": 0.5}, "ft2": {"weight": 0.3}, "ft3": {"weight": -0.2}}),
+        ),
         Case("ties", ta("ties", {"density": 0.5, "weight": 1.0})),
-        Case("ties, per-model density", ta("ties", {"normalize": False}, {"ft1": {"weight": 0.6, "density": 0.3},
-             "ft2": {"weight": 0.3, "density": 0.7}, "ft3": {"weight": 0.4, "density": 0.5}})),
-        Case("ties, bfloat16", ta("ties", {"density": 0.5, "weight": 1.0}, dtype="bfloat16"), "deviation",
-             "mergekit rounds task vectors to bf16 before top-k, so many magnitudes tie at the threshold"),
+        Case(
+            "ties, per-model density",
+            ta(
+                "ties",
+                {"normalize": False},
+                {
+                    "ft1": {"weight": 0.6, "density": 0.3},
+                    "ft2": {"weight": 0.3, "density": 0.7},
+                    "ft3": {"weight": 0.4, "density": 0.5},
+                },
+            ),
+        ),
+        Case(
+            "ties, bfloat16",
+            ta("ties", {"density": 0.5, "weight": 1.0}, dtype="bfloat16"),
+            "deviation",
+            "mergekit rounds task vectors to bf16 before top-k, so many magnitudes tie at the threshold",
+        ),
         Case("dare_ties", ta("dare_ties", {"density": 0.5, "weight": 0.5}), "random"),
         Case("dare_linear", ta("dare_linear", {"density": 0.3}, w3), "random"),
         Case("breadcrumbs", ta("breadcrumbs", {"density": 0.8, "gamma": 0.05}, w3)),
         Case("breadcrumbs_ties", ta("breadcrumbs_ties", {"density": 0.6, "gamma": 0.02, "weight": 0.5})),
         Case("della", ta("della", {"density": 0.5, "epsilon": 0.1, "weight": 1.0}), "random"),
         Case("della_linear", ta("della_linear", {"density": 0.6, "epsilon": 0.2}, w3), "random"),
-        Case("slerp", {"merge_method": "slerp", "base_model": m["base"], "models": models("base", "ft1"),
-             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]},
-                                  {"value": 0.3}]}, **f32}),
-        Case("passthrough (slices)", {"merge_method": "passthrough", "slices": [
-             {"sources": [{"model": m["ft1"], "layer_range": [0, 2]}]},
-             {"sources": [{"model": m["ft2"], "layer_range": [1, 2]}]}], **f32}),
-        Case("nuslerp", {"merge_method": "nuslerp", "base_model": m["base"],
-             "models": models("ft1", "ft2", ft1={"weight": 0.3}, ft2={"weight": 0.7}), **f32}),
-        Case("nuslerp, no base, per row", {"merge_method": "nuslerp", "models": models("ft1", "ft2",
-             ft1={"weight": 1.0}, ft2={"weight": 2.0}), "parameters": {"nuslerp_flatten": False}, **f32}),
-        Case("nuslerp, row_wise", {"merge_method": "nuslerp", "base_model": m["base"], "models": models("ft1", "ft2",
-             ft1={"weight": -0.5}, ft2={"weight": 1.5}), "parameters": {"nuslerp_flatten": False,
-             "nuslerp_row_wise": True}, **f32}),
-        Case("nuslerp, bfloat16", {"merge_method": "nuslerp", "base_model": m["base"],
-             "models": models("ft1", "ft2", ft1={"weight": 0.3}, ft2={"weight": 0.7}), "dtype": "bfloat16"},
-             note="bf16 math in mergekit"),
-        Case("multislerp, equal weights", {"merge_method": "multislerp", "base_model": m["base"],
-             "models": models("ft1", "ft2", ft1={"weight": 1.0}, ft2={"weight": 1.0}), **f32}),
-        Case("multislerp, unequal weights", {"merge_method": "multislerp", "base_model": m["base"],
-             "models": models("ft1", "ft2", "ft3", ft1={"weight": 0.6}, ft2={"weight": 0.3}, ft3={"weight": 0.1}), **f32},
-             "deviation", "mergekit's tangent sum is zero: it returns the chord mean"),
+        Case(
+            "slerp",
+            {
+                "merge_method": "slerp",
+                "base_model": m["base"],
+                "models": models("base", "ft1"),
+                "parameters": {
+                    "t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.3}]
+                },
+                **f32,
+            },
+        ),
+        Case(
+            "passthrough (slices)",
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {"sources": [{"model": m["ft1"], "layer_range": [0, 2]}]},
+                    {"sources": [{"model": m["ft2"], "layer_range": [1, 2]}]},
+                ],
+                **f32,
+            },
+        ),
+        Case(
+            "nuslerp",
+            {
+                "merge_method": "nuslerp",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2", ft1={"weight": 0.3}, ft2={"weight": 0.7}),
+                **f32,
+            },
+        ),
+        Case(
+            "nuslerp, no base, per row",
+            {
+                "merge_method": "nuslerp",
+                "models": models("ft1", "ft2", ft1={"weight": 1.0}, ft2={"weight": 2.0}),
+                "parameters": {"nuslerp_flatten": False},
+                **f32,
+            },
+        ),
+        Case(
+            "nuslerp, row_wise",
+            {
+                "merge_method": "nuslerp",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2", ft1={"weight": -0.5}, ft2={"weight": 1.5}),
+                "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                **f32,
+            },
+        ),
+        Case(
+            "nuslerp, bfloat16",
+            {
+                "merge_method": "nuslerp",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2", ft1={"weight": 0.3}, ft2={"weight": 0.7}),
+                "dtype": "bfloat16",
+            },
+            note="bf16 math in mergekit",
+        ),
+        Case(
+            "multislerp, equal weights",
+            {
+                "merge_method": "multislerp",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2", ft1={"weight": 1.0}, ft2={"weight": 1.0}),
+                **f32,
+            },
+        ),
+        Case(
+            "multislerp, unequal weights",
+            {
+                "merge_method": "multislerp",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2", "ft3", ft1={"weight": 0.6}, ft2={"weight": 0.3}, ft3={"weight": 0.1}),
+                **f32,
+            },
+            "deviation",
+            "mergekit's tangent sum is zero: it returns the chord mean",
+        ),
         Case("karcher", {"merge_method": "karcher", "models": models("ft1", "ft2", "ft3"), **f32}),
-        Case("karcher, base as input", {"merge_method": "karcher", "base_model": m["base"],
-             "models": models("ft1", "ft2"), "parameters": {"max_iter": 3, "tol": 1e-7}, **f32}),
-        Case("model_stock", {"merge_method": "model_stock", "base_model": m["base"],
-             "models": models("ft1", "ft2", "ft3"), **f32}),
-        Case("model_stock, filter_wise", {"merge_method": "model_stock", "base_model": m["base"],
-             "models": models("ft1", "ft2"), "parameters": {"filter_wise": True}, **f32}),
-        Case("nearswap", {"merge_method": "nearswap", "base_model": m["base"], "models": models("ft1"),
-             "parameters": {"t": 0.03}, **f32}),
+        Case(
+            "karcher, base as input",
+            {
+                "merge_method": "karcher",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2"),
+                "parameters": {"max_iter": 3, "tol": 1e-7},
+                **f32,
+            },
+        ),
+        Case(
+            "model_stock", {"merge_method": "model_stock", "base_model": m["base"], "models": models("ft1", "ft2", "ft3"), **f32}
+        ),
+        Case(
+            "model_stock, filter_wise",
+            {
+                "merge_method": "model_stock",
+                "base_model": m["base"],
+                "models": models("ft1", "ft2"),
+                "parameters": {"filter_wise": True},
+                **f32,
+            },
+        ),
+        Case(
+            "nearswap",
+            {"merge_method": "nearswap", "base_model": m["base"], "models": models("ft1"), "parameters": {"t": 0.03}, **f32},
+        ),
         Case("sce", {"merge_method": "sce", "base_model": m["base"], "models": models("ft1", "ft2", "ft3"), **f32}),
-        Case("sce, select_topk 0.3", {"merge_method": "sce", "base_model": m["base"],
-             "models": models("sp1", "sp2", "sp3"), "parameters": {"select_topk": 0.3}, **f32}),
+        Case(
+            "sce, select_topk 0.3",
+            {
+                "merge_method": "sce",
+                "base_model": m["base"],
+                "models": models("sp1", "sp2", "sp3"),
+                "parameters": {"select_topk": 0.3},
+                **f32,
+            },
+        ),
         Case("ram", {"merge_method": "ram", "base_model": m["base"], "models": models("sp1", "sp2", "sp3"), **f32}),
-        Case("ramplus_tl", {"merge_method": "ramplus_tl", "base_model": m["base"],
-             "models": models("sp1", "sp2", "sp3"), "parameters": {"r": 0.5, "alpha": 0.3}, **f32}),
-        Case("arcee_fusion", {"merge_method": "arcee_fusion", "base_model": m["base"], "models": models("ft1"), **f32},
-             "threshold", "mergekit's float32 KL loses ~1e-4 to cancellation, moving the threshold"),
+        Case(
+            "ramplus_tl",
+            {
+                "merge_method": "ramplus_tl",
+                "base_model": m["base"],
+                "models": models("sp1", "sp2", "sp3"),
+                "parameters": {"r": 0.5, "alpha": 0.3},
+                **f32,
+            },
+        ),
+        Case(
+            "arcee_fusion",
+            {"merge_method": "arcee_fusion", "base_model": m["base"], "models": models("ft1"), **f32},
+            "threshold",
+            "mergekit's float32 KL loses ~1e-4 to cancellation, moving the threshold",
+        ),
         # vocabularies: `ext` has one more word and two special tokens
-        Case("tokenizer_source: union", {"merge_method": "linear", "base_model": m["base"],
-             "models": models("base", "ext", "ft1", base={"weight": 0.4}, ext={"weight": 0.4}, ft1={"weight": 0.2}),
-             "tokenizer_source": "union", "chat_template": "chatml", **f32}, tokenizer=True),
-        Case("tokenizer_source: union, shared new tokens", {"merge_method": "ties", "base_model": m["base"],
-             "models": models("ext", "ext2", "shuf", ext={"weight": 1.0, "density": 0.5}, ext2={"weight": 0.5,
-             "density": 0.7}, shuf={"weight": 0.5, "density": 0.5}), "tokenizer_source": "union",
-             "chat_template": "auto", **f32}, tokenizer=True),
-        Case("tokenizer_source: base, shuffled ids", {"merge_method": "linear",
-             "models": models("base", "shuf", base={"weight": 0.5}, shuf={"weight": 0.5}),
-             "tokenizer_source": "base", **f32}, tokenizer=True),
-        Case("tokenizer_source: base", {"merge_method": "task_arithmetic", "base_model": m["base"],
-             "models": models("ext", "ft1", ext={"weight": 0.5}, ft1={"weight": 0.5}),
-             "tokenizer_source": "base", **f32}, tokenizer=True),
-        Case("tokenizer_source: <model>", {"merge_method": "slerp", "base_model": m["base"],
-             "models": models("base", "ext"), "parameters": {"t": 0.4}, "tokenizer_source": m["ext"], **f32},
-             tokenizer=True),
-        Case("tokenizer: tokens + pad", {"merge_method": "ties", "base_model": m["base"],
-             "models": models("ext", "ft1", ext={"weight": 1.0, "density": 0.6}, ft1={"weight": 1.0, "density": 0.6}),
-             "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
-                 "<|im_start|>": {"source": m["ext"]},
-                 "<|im_end|>": {"source": {"kind": "zero"}},
-                 "w7": {"source": {"kind": "model_token", "model": m["base"], "token": "hello"}, "force": True},
-                 "<tool>": {"source": {"kind": "model_token", "model": m["ext"], "token_id": 3}}}},
-             "chat_template": "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}",
-             **f32}, tokenizer=True),
+        Case(
+            "tokenizer_source: union",
+            {
+                "merge_method": "linear",
+                "base_model": m["base"],
+                "models": models("base", "ext", "ft1", base={"weight": 0.4}, ext={"weight": 0.4}, ft1={"weight": 0.2}),
+                "tokenizer_source": "union",
+                "chat_template": "chatml",
+                **f32,
+            },
+            tokenizer=True,
+        ),
+        Case(
+            "tokenizer_source: union, shared new tokens",
+            {
+                "merge_method": "ties",
+                "base_model": m["base"],
+                "models": models(
+                    "ext",
+                    "ext2",
+                    "shuf",
+                    ext={"weight": 1.0, "density": 0.5},
+                    ext2={"weight": 0.5, "density": 0.7},
+                    shuf={"weight": 0.5, "density": 0.5},
+                ),
+                "tokenizer_source": "union",
+                "chat_template": "auto",
+                **f32,
+            },
+            tokenizer=True,
+        ),
+        Case(
+            "tokenizer_source: base, shuffled ids",
+            {
+                "merge_method": "linear",
+                "models": models("base", "shuf", base={"weight": 0.5}, shuf={"weight": 0.5}),
+                "tokenizer_source": "base",
+                **f32,
+            },
+            tokenizer=True,
+        ),
+        Case(
+            "tokenizer_source: base",
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": m["base"],
+                "models": models("ext", "ft1", ext={"weight": 0.5}, ft1={"weight": 0.5}),
+                "tokenizer_source": "base",
+                **f32,
+            },
+            tokenizer=True,
+        ),
+        Case(
+            "tokenizer_source: <model>",
+            {
+                "merge_method": "slerp",
+                "base_model": m["base"],
+                "models": models("base", "ext"),
+                "parameters": {"t": 0.4},
+                "tokenizer_source": m["ext"],
+                **f32,
+            },
+            tokenizer=True,
+        ),
+        Case(
+            "tokenizer: tokens + pad",
+            {
+                "merge_method": "ties",
+                "base_model": m["base"],
+                "models": models("ext", "ft1", ext={"weight": 1.0, "density": 0.6}, ft1={"weight": 1.0, "density": 0.6}),
+                "tokenizer": {
+                    "source": "union",
+                    "pad_to_multiple_of": 16,
+                    "tokens": {
+                        "<|im_start|>": {"source": m["ext"]},
+                        "<|im_end|>": {"source": {"kind": "zero"}},
+                        "w7": {"source": {"kind": "model_token", "model": m["base"], "token": "hello"}, "force": True},
+                        "<tool>": {"source": {"kind": "model_token", "model": m["ext"], "token_id": 3}},
+                    },
+                },
+                "chat_template": "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}",
+                **f32,
+            },
+            tokenizer=True,
+        ),
     ]
     return out
 
@@ -291,7 +524,7 @@ def ensure_venv(venv: Path) -> Path:
     return py
 
 
-def run_mergekit(py: Path, jobs: list[tuple[str, str, int]], work: Path, cli: bool) -> dict[str, Optional[str]]:
+def run_mergekit(py: Path, jobs: list[tuple[str, str, int]], work: Path, cli: bool) -> dict[str, str | None]:
     if cli:
         status = {}
         exe = py.parent / "mergekit-yaml"
@@ -301,12 +534,13 @@ def run_mergekit(py: Path, jobs: list[tuple[str, str, int]], work: Path, cli: bo
         return status
     (work / "driver.py").write_text(DRIVER)
     (work / "jobs.json").write_text(json.dumps(jobs))
-    subprocess.run([str(py), str(work / "driver.py"), str(work / "jobs.json"), str(work / "status.json")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(py), str(work / "driver.py"), str(work / "jobs.json"), str(work / "status.json")], check=True, capture_output=True
+    )
     return json.loads((work / "status.json").read_text())
 
 
-def run_ours(yml: str, out: str, seed: int) -> Optional[str]:
+def run_ours(yml: str, out: str, seed: int) -> str | None:
     from mergekit_mlx import merge
     from mergekit_mlx.errors import MergeKitError
 
@@ -342,7 +576,9 @@ def compare(case: Case, ours: str, theirs: str, base: dict[str, np.ndarray]) -> 
     a, b = load(ours), load(theirs)
     row = {"tensors": len(b)}
     if set(a) != set(b):
-        row["problem"] = f"tensor names differ: only ours {sorted(set(a) - set(b))[:3]}, only mergekit {sorted(set(b) - set(a))[:3]}"
+        row["problem"] = (
+            f"tensor names differ: only ours {sorted(set(a) - set(b))[:3]}, only mergekit {sorted(set(b) - set(a))[:3]}"
+        )
         return row
     if case.tokenizer:
         va, vb = vocab_of(ours), vocab_of(theirs)
@@ -394,7 +630,7 @@ def compare(case: Case, ours: str, theirs: str, base: dict[str, np.ndarray]) -> 
     return row
 
 
-def _template(path: str) -> Optional[str]:
+def _template(path: str) -> str | None:
     """The output tokenizer's chat template, rendered on a fixed conversation (as transformers does)."""
     from transformers import AutoTokenizer
 
@@ -452,7 +688,7 @@ def markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="venv with torch + mergekit 0.1.5 (made if missing)")
     ap.add_argument("--work", type=Path, help="work directory to keep (default: a temporary one)")
@@ -494,7 +730,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     base = load(models["base"])
     rows = []
-    for i, (c, (yml, theirs, _)) in enumerate(zip(todo, jobs)):
+    for i, (c, (_yml, theirs, _)) in enumerate(zip(todo, jobs)):
         ours = str(work / "mlx" / f"{i:02d}")
         if status.get(theirs) or ours_status[i]:
             row = {"error": f"mergekit: {status.get(theirs) or 'ok'}; mergekit-mlx: {ours_status[i] or 'ok'}"}
@@ -520,8 +756,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _version(py: Path, pkg: str) -> str:
-    r = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{pkg}'))"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(py), "-c", f"import importlib.metadata as m; print(m.version('{pkg}'))"], capture_output=True, text=True
+    )
     return r.stdout.strip() or "?"
 
 

@@ -48,8 +48,11 @@ def input_files(family: Path) -> list[str]:
 def merge_seconds(recipe_path: Path, out: Path, shard: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mergekit_mlx", "run", str(recipe_path), str(out), "--no-progress",
-                    "--out-shard-size", shard], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mergekit_mlx", "run", str(recipe_path), str(out), "--no-progress", "--out-shard-size", shard],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 

@@ -27,8 +27,7 @@ def family(n: int = 1 << 26, k: int = 3, seed: int = 0) -> tuple[mx.array, list[
     """A bf16 base and k task models near it (as kernels_bench.py's), evaluated."""
     keys = mx.random.split(mx.random.key(seed), k + 2)
     base = mx.random.normal((n,), key=keys[1]).astype(mx.bfloat16)
-    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=keys[2 + i])).astype(mx.bfloat16)
-              for i in range(k)]
+    others = [(base.astype(mx.float32) + 0.01 * mx.random.normal((n,), key=keys[2 + i])).astype(mx.bfloat16) for i in range(k)]
     mx.eval(base, *others)
     return base, others
 
@@ -40,12 +39,17 @@ def _streams(count: int) -> list:
     """The default stream and count - 1 more on the same device, made once."""
     while len(_made_streams) < count - 1:
         _made_streams.append(mx.new_stream(mx.default_device()))
-    return [mx.default_stream(mx.default_device())] + _made_streams[:count - 1]
+    return [mx.default_stream(mx.default_device())] + _made_streams[: count - 1]
 
 
-def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8, pipelined: bool = False,
-               second: tuple[mx.array, list[mx.array]] | None = None,
-               streams: int = 1) -> tuple[list[mx.array], float, int]:
+def ties_batch(
+    base: mx.array,
+    others: list[mx.array],
+    batch: int = 8,
+    pipelined: bool = False,
+    second: tuple[mx.array, list[mx.array]] | None = None,
+    streams: int = 1,
+) -> tuple[list[mx.array], float, int]:
     """TIES (density 0.5) on `batch` tensors launched together: one evaluation and one read-back
     of the gates for all of them, as a merge that evaluates a batch of tensors at once.
     pipelined: each tensor's evaluation starts as soon as it is launched (mx.async_eval), so
@@ -78,17 +82,31 @@ def ties_batch(base: mx.array, others: list[mx.array], batch: int = 8, pipelined
     mx.eval([s[2] for s in started], [s[3] for s in started])
     words = mx.concatenate([s[3] for s in started]).tolist()
     w = len(words) // batch
-    outs = [task_merge_gpu.ties_finish(backend, job, plans, mag, ks, o, words[j * w:(j + 1) * w], gr)
-            for j, (job, plans, o, _, gr) in enumerate(started)]
-    return outs, host, sum(selection_gpu.final(words[j * w:(j + 1) * w]) for j in range(batch))
+    outs = [
+        task_merge_gpu.ties_finish(backend, job, plans, mag, ks, o, words[j * w : (j + 1) * w], gr)
+        for j, (job, plans, o, _, gr) in enumerate(started)
+    ]
+    return outs, host, sum(selection_gpu.final(words[j * w : (j + 1) * w]) for j in range(batch))
 
 
 def main() -> None:
     base, others = family()
     k = len(others)
     for _ in range(3):
-        mx.eval(kernels.fused_task_merge(base, others, [1.0 / k] * k, densities=[0.5] * k, lam=1.0, seed=1,
-                                         sparsify="magnitude", consensus="sum", normalize=True, rescale=False))
+        mx.eval(
+            kernels.fused_task_merge(
+                base,
+                others,
+                [1.0 / k] * k,
+                densities=[0.5] * k,
+                lam=1.0,
+                seed=1,
+                sparsify="magnitude",
+                consensus="sum",
+                normalize=True,
+                rescale=False,
+            )
+        )
     print("first-use checks:", kernels.kernel_status() or "none (CPU path)")
 
 

@@ -193,8 +193,8 @@ def make_batch(pairs: list[tuple[str, str]]) -> tuple[mx.array, mx.array, mx.arr
     seqs, masks = [], []
     for prompt, completion in pairs:
         p, c = [BOS] + encode(prompt), encode(completion) + [EOS]
-        seqs.append((p + c)[:MAX_LEN + 1])
-        masks.append(([0] * len(p) + [1] * len(c))[:MAX_LEN + 1])
+        seqs.append((p + c)[: MAX_LEN + 1])
+        masks.append(([0] * len(p) + [1] * len(c))[: MAX_LEN + 1])
     width = -(-(max(len(s) for s in seqs) - 1) // 8) * 8 + 1  # inputs a multiple of 8 long: few compiled shapes
     seqs = [s + [PAD] * (width - len(s)) for s in seqs]
     masks = [m + [0] * (width - len(m)) for m in masks]
@@ -246,15 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--base-steps", type=int, default=1500)
     p.add_argument("--base-lr", type=float, default=1e-3)
-    p.add_argument("--base-skill-share", type=float, nargs=len(TASKS), default=[0.12, 0.16], metavar="SHARE",
-                   help=f"share of each skill ({', '.join(TASKS)}) in the base's data; the rest is language")
+    p.add_argument(
+        "--base-skill-share",
+        type=float,
+        nargs=len(TASKS),
+        default=[0.12, 0.16],
+        metavar="SHARE",
+        help=f"share of each skill ({', '.join(TASKS)}) in the base's data; the rest is language",
+    )
     p.add_argument("--ft-steps", type=int, default=500)
     p.add_argument("--ft-lr", type=float, default=1e-4)
-    p.add_argument("--ft-skill-share", type=float, default=0.5,
-                   help="share of the skill in a fine-tune's data; the rest is half language, half replayed base answers")
-    p.add_argument("--ft-replay-prompts", type=int, default=1024,
-                   help="prompts of each other skill whose base answers a fine-tune replays (0: replay language only)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts per skill for the scores printed at the end (0: skip)")
+    p.add_argument(
+        "--ft-skill-share",
+        type=float,
+        default=0.5,
+        help="share of the skill in a fine-tune's data; the rest is half language, half replayed base answers",
+    )
+    p.add_argument(
+        "--ft-replay-prompts",
+        type=int,
+        default=1024,
+        help="prompts of each other skill whose base answers a fine-tune replays (0: replay language only)",
+    )
+    p.add_argument(
+        "--eval-n", type=int, default=200, help="held-out prompts per skill for the scores printed at the end (0: skip)"
+    )
     a = p.parse_args(argv)
 
     mx.random.seed(a.seed)
