@@ -238,8 +238,9 @@ class SafetensorsModel(ModelSource):
         if arrays is None or name not in arrays:
             # mx.load of safetensors is lazy: a tensor's bytes are read only when it is evaluated
             try:
-                # read on the CPU stream: on a GPU, MLX's GPU-stream load is 2.4x slower (it stages
-                # every tensor through pageable memory); the merge moves the data to the device anyway
+                # read on the CPU stream: on a GPU, MLX's GPU-stream load is slower (it stages every
+                # tensor through pageable memory; benchmarks/RESULTS.md, section 8); the merge moves
+                # the data to the device anyway
                 arrays = self._shards[info.file] = mx.load(str(info.file), stream=mx.cpu)
             except (RuntimeError, ValueError) as e:  # e.g. the file changed since its header was checked
                 raise ModelError(f"{info.file}: MLX cannot read it ({e})") from None
@@ -462,8 +463,8 @@ class _ShardFile:
         return file_digest(self.path)
 
 
-# big tensors are written by several threads at once where there are cores to spare (a GPU host:
-# one thread wrote page cache at 2.2 GB/s on a 16-core H200 host); a 2-core CPU keeps one
+# big tensors are written by several threads at once where there are cores to spare (on a GPU host
+# one thread cannot fill the page cache: benchmarks/RESULTS.md, section 8); a 2-core CPU keeps one
 _WRITE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 4))
 _PARALLEL_WRITE_MIN = 64 << 20
 _pool: ThreadPoolExecutor | None = None
@@ -479,9 +480,8 @@ def _write_pool() -> ThreadPoolExecutor:
 
 
 # On a machine with few cores, writing through the page cache costs more CPU than the merge can
-# spare (a 2-core x86-64 VM: 3.7 CPU seconds for 1.7 GB buffered, 0.35 s with O_DIRECT at
-# 1.5 GB/s), so shard data goes around it there; hosts with cores to spare keep the page cache
-# and the parallel writes above.
+# spare (ten times O_DIRECT's on a 2-core CPU: benchmarks/RESULTS.md, section 8), so shard data goes
+# around it there; hosts with cores to spare keep the page cache and the parallel writes above.
 _DIRECT = sys.platform.startswith("linux") and hasattr(os, "O_DIRECT") and _WRITE_THREADS < 2
 _BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
 _STAGE = 16 << 20  # bytes gathered before one direct write
