@@ -459,10 +459,9 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         checksums = getattr(writer, "checksums", {})  # computed while writing, when the writer can
         shards = len(getattr(writer, "files", ())) if resumable else 0
         if digests is None and shards > 1:
-            # a single shard is finished only at the end: nothing a resume could keep, nothing to prove
-            # shards finished before the hashes are known are not kept by a resume
-            proof = InputProof(list(job.input_files))
-            proof.start(lambda digests: partial.save_state(inputs=digests))
+            # (one shard is finished only at the end: nothing a resume could keep, nothing to prove;
+            # shards finished before the hashes are recorded are not kept by a resume)
+            InputProof(list(job.input_files)).start(lambda hashes: partial.save_state(inputs=hashes))
 
         def write(name: str, array: mx.array) -> None:
             before = len(written) if written is not None else 0
