@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernels
+from .dtypes import torch_dtype_name
 from .errors import ModelError
 from .methods import MergeInputs
 from .options import MergeOptions
@@ -463,7 +464,7 @@ def _report_nonfinite(plan: Plan, task: TensorTask, opts: MergeOptions, inputs: 
     limit = _overflowed_range(plan, task, opts, inputs)
     if limit is not None:
         raise ModelError(
-            f"tensor {task.out.name}: merged values reach beyond {task.out.dtype}'s range (largest {limit:g}), so they "
+            f"tensor {task.out.name}: merged values reach beyond {torch_dtype_name(task.out.dtype)}'s range (largest {limit:g}), so they "
             "would be written as Inf; set the recipe's `out_dtype` (or `dtype`) to bfloat16 or float32, or lower its weights"
         )
     raise ModelError(

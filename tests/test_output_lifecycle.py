@@ -468,3 +468,29 @@ def test_replacing_an_output_never_leaves_the_output_path_empty(family, tmp_path
     assert run(capsys, "run", recipe_file(tmp_path, family, "b.yml", density=0.3), out, "--force")[0] == 0
     assert os.stat(out).st_ino != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yml", "out", "recipe.yml"]
+
+
+def test_a_float16_overflow_is_named_as_such_not_blamed_on_the_weights(tmp_path, capsys):
+    """Finite inputs whose weighted sum passes float16's largest value (65504): the error says the
+    output dtype overflowed and what to set, and nothing is written."""
+    a, b = tiny.make_family(tmp_path / "fam", n_finetunes=1)
+    for model in (a, b):
+        weights = tiny.load_np(model)
+        weights["model.norm.weight"][:] = 40000.0  # each fits float16; their sum does not
+        for f in model.glob("*.safetensors"):
+            f.unlink()
+        tiny.save_model(model, json.loads((model / "config.json").read_text()), weights, tokenizer=False)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "out_dtype": "float16",
+                "parameters": {"normalize": False},
+                "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (a, b)],
+            }
+        )
+    )
+    rc, err = run(capsys, "run", recipe, tmp_path / "out")
+    assert_error(rc, err, "model.norm.weight", "beyond float16's range", "out_dtype")
+    assert not (tmp_path / "out").exists() and not partial_of(tmp_path / "out").exists()
