@@ -28,7 +28,7 @@ import yaml
 
 from mergekit_mlx import merge
 from mergekit_mlx.cli import main as cli_main
-from mergekit_mlx.errors import OutputError
+from mergekit_mlx.errors import MergeKitError, OutputError
 from mergekit_mlx.output import MANIFEST, STATE_FILE, open_partial
 
 REPO = Path(__file__).resolve().parent.parent
@@ -494,3 +494,31 @@ def test_a_float16_overflow_is_named_as_such_not_blamed_on_the_weights(tmp_path,
     rc, err = run(capsys, "run", recipe, tmp_path / "out")
     assert_error(rc, err, "model.norm.weight", "beyond float16's range", "out_dtype")
     assert not (tmp_path / "out").exists() and not partial_of(tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_input_truncated_during_the_merge_is_named_and_nothing_is_left(larger_family, tmp_path):
+    """The fault is real: after the first tensor is written, one input file is cut to a tenth."""
+    family = [tmp_path / p.name for p in larger_family]
+    for src, dst in zip(larger_family, family):
+        subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    victim = family[2] / "model.safetensors"
+    cut = []
+
+    def truncate_after_first_write(name, task, seconds):
+        if name == "write" and not cut:
+            with open(victim, "r+b") as f:
+                f.truncate(victim.stat().st_size // 10)
+            cut.append(task.out.name)
+
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(family[0]),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in family[1:]],
+    }
+    out = tmp_path / "out"
+    with pytest.raises(MergeKitError) as e:
+        merge(recipe, out, on_event=truncate_after_first_write, batch_bytes=1 << 20, out_shard_size=1 << 20)
+    assert cut, "the merge ended before its first write"
+    assert str(victim) in str(e.value) and "truncated" in str(e.value), str(e.value)
+    assert not out.exists() and not partial_of(out).exists()
