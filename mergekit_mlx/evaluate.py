@@ -20,6 +20,7 @@ from typing import Union
 
 import mlx.nn as nn
 
+from . import mlx_lm_config
 from .arguments import Parser, add_common_arguments
 from .device import use_device
 from .errors import ModelError
@@ -127,13 +128,11 @@ class Row:
 def _load(spec: ModelSpec) -> tuple[str, nn.Module, object]:
     if isinstance(spec, tuple):
         return spec
-    from mlx_lm import load
-
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
     open_model(path)  # every file mlx-lm will read is checked first (regular, inside the directory)
-    model, tokenizer = load(str(path))
+    model, tokenizer = mlx_lm_config.load(path)  # transformers-5 configs read as mlx-lm 0.32 expects
     return str(spec), model, tokenizer
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import kernels
+from . import kernels, mlx_lm_config
 from .device import use_device
 from .errors import OutputError
 from .formats import DEFAULT_SHARD_BYTES
@@ -59,9 +59,7 @@ class MergeResult:
         from mlx_lm.utils import _get_classes, load_tokenizer
 
         if self.path is not None:
-            from mlx_lm import load
-
-            model, tokenizer = load(str(self.path))
+            model, tokenizer = mlx_lm_config.load(self.path)  # transformers-5 keys mapped in memory
             if (self.path / "config.json").exists() and "bitnet" in json.dumps(
                 json.loads((self.path / "config.json").read_text()).get("quantization_config", {})
             ):
@@ -70,8 +68,9 @@ class MergeResult:
                 use_portable_bitlinear(model)  # mlx-lm's own BitLinear runs only on Metal
             return model, tokenizer
         config = dict(self.plan.config)
-        model_class, args_class = _get_classes(config=config)
-        model = model_class(args_class.from_dict(config))
+        model_config = mlx_lm_config.mlx_lm_config(config)  # the keys mlx-lm reads; `config` keeps its style
+        model_class, args_class = _get_classes(config=model_config)
+        model = model_class(args_class.from_dict(model_config))
         weights = dict(self.weights)
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)

@@ -35,6 +35,7 @@ LAYERS = {
     "plan": 6,
     "pipeline": 7,
     "output": 8,
+    "mlx_lm_config": 8,
     "merge": 9,
     "arguments": 9,
     "convert": 10,
