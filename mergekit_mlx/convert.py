@@ -31,6 +31,7 @@ from .formats.bitdelta import bitdelta_tensors
 from .formats.files import copy_side_files
 from .options import MergeOptions
 from .output import OutputJob, check_output_location, write_model
+from .plan import resolve_model_path
 
 HELP = "convert a model between formats without merging"
 
@@ -61,11 +62,11 @@ def convert(
     check_options = getattr(opts, "check", None)
     if check_options is not None:
         check_options()
-    src = open_model(in_path)
+    src = open_model(resolve_model_path(str(in_path), "IN", None))  # a path, or a Hub id as in a recipe
     inputs = [(str(in_path), src.path)]
     base = None
     if bitdelta_base is not None:
-        base = open_model(bitdelta_base)
+        base = open_model(resolve_model_path(str(bitdelta_base), "--bitdelta-base", None))
         inputs.append((str(bitdelta_base), base.path))
     out = Path(out_path).expanduser()
     check_output_location(out, inputs, force=force)

@@ -21,6 +21,7 @@ from .errors import ModelError, RecipeError
 from .formats import open_model
 from .formats.base import ModelSource, OutputTensor, strip_quantization
 from .formats.safetensors import plan_shards
+from .hub import fetch_model, index_only_model, parse_hub_id
 from .methods import Method, get_method
 from .names import LAYER_PATTERN, layer_index, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
@@ -123,8 +124,22 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def resolve_model_path(ref: str, where: str, recipe_dir: Path | None) -> Path:
-    """A recipe's model reference as a local path: as written, relative to the recipe, or in the HF cache."""
+def resolve_model_path(ref: str, where: str, recipe_dir: Path | None, *, weights: bool = True) -> Path:
+    """A recipe's model reference as a local path: as written or relative to the recipe (a path that
+    exists always wins), else a Hub id `org/name[@revision]` fetched into the Hugging Face cache; with
+    weights=False only its config, index and tokenizer files (see hub.py)."""
+    local = _local_model_path(ref, where, recipe_dir)
+    if local is not None:
+        return local
+    hub_id = parse_hub_id(ref)
+    if hub_id is None:
+        raise RecipeError(
+            f"{where}: model {short_path(ref)!r} not found (no such path, and not a Hub id 'org/name' or 'org/name@revision')"
+        )
+    return fetch_model(hub_id, where, weights=weights)
+
+
+def _local_model_path(ref: str, where: str, recipe_dir: Path | None) -> Path | None:
     shown = short_path(ref)
     try:
         if "+" in ref and not Path(ref).exists():
@@ -137,14 +152,32 @@ def resolve_model_path(ref: str, where: str, recipe_dir: Path | None) -> Path:
                 return c
     except OSError as e:  # e.g. ENAMETOOLONG once joined to the recipe's directory
         raise RecipeError(f"{where}: cannot look up model {shown!r} ({e.strerror})") from None
-    if ref.count("/") == 1 and not ref.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
+    return None
 
-            return Path(snapshot_download(ref, local_files_only=True))
-        except Exception:
-            pass
-    raise RecipeError(f"{where}: model {shown!r} not found (no such path, and not in the local Hugging Face cache)")
+
+def _check_before_download(
+    recipe: Recipe, refs: list[str], where_of: dict[str, str], recipe_dir: Path | None, allow_crimes: bool
+) -> None:
+    """With Hub models in the recipe: the config, index and tokenizer files of every one are fetched
+    first and the recipe checked against them (layer counts, architectures, layer ranges), so a wrong
+    recipe fails before any weight is downloaded."""
+    hub_refs = {r for r in refs if _local_model_path(r, where_of[r], recipe_dir) is None and parse_hub_id(r)}
+    if not hub_refs:
+        return
+    sources: list[ModelSource] = []
+    first_of: dict[tuple, int] = {}
+    index_of: dict[str, int] = {}
+    for i, ref in enumerate(refs):
+        path = resolve_model_path(ref, where_of[ref], recipe_dir, weights=False)
+        key = _model_identity(path)
+        if key not in first_of:
+            first_of[key] = i
+            source = index_only_model(path) if ref in hub_refs else open_model(path)
+            _check_layer_count(source)
+        index_of[ref] = first_of[key]
+        sources.append(sources[first_of[key]] if first_of[key] != i else source)
+    _check_architectures(sources, refs, allow_crimes)
+    _slices(recipe, index_of, sources)
 
 
 def _model_identity(path: Path) -> tuple:
@@ -320,6 +353,8 @@ def make_plan(
     _check_parameter_values(recipe, method)
     refs = recipe.referenced_models()
     where_of = _first_locations(recipe)
+    if not models:  # Hub models: checked against their configs before the weights are downloaded
+        _check_before_download(recipe, refs, where_of, recipe_dir, allow_crimes)
     sources: list[ModelSource] = []
     # every spelling of one model maps to the index of its first: `sources` stays aligned with `refs`
     # (plan_vocab relies on it), and a model opened once is shared

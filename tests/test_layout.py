@@ -32,6 +32,7 @@ LAYERS = {
     "chat_template": 4,
     "options": 4,
     "vocab": 5,
+    "hub": 5,
     "plan": 6,
     "pipeline": 7,
     "output": 8,

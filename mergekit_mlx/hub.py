@@ -1,0 +1,170 @@
+"""Hugging Face Hub ids in recipes: `org/name` or `org/name@revision`, fetched with huggingface_hub.
+
+A model is fetched in two steps so a recipe is checked before any weight is downloaded: first its
+small files (`METADATA_FILES`: config.json, the safetensors index, the tokenizer side files), for
+every Hub model of the recipe; then the safetensors the index lists (every top-level `*.safetensors`
+without an index). Nothing else is ever requested: no `.bin`, `.pt` or other pickle, no README.
+
+The files land in the normal Hugging Face cache (HF_HOME / HF_HUB_CACHE); the untrusted-file checks of
+`formats/files.py` apply to the snapshot as to any model directory. huggingface_hub reads HF_TOKEN (gated
+and private repos), HF_ENDPOINT and HF_HUB_OFFLINE (the cache only) itself. Every failure is a
+ModelError naming the YAML key and the repo id.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError, short_repr
+from .formats.base import ModelSource, TensorInfo
+from .formats.files import SIDE_FILES, read_config, read_json
+
+INDEX_FILE = "model.safetensors.index.json"
+METADATA_FILES = ("config.json", INDEX_FILE, *SIDE_FILES)
+GLOB_CHARACTERS = "*?[]"
+
+
+@dataclass(frozen=True)
+class HubId:
+    repo_id: str  # "org/name"
+    revision: str | None  # a branch, tag or commit; None for the default branch
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hub_id(ref: str) -> HubId | None:
+    """`org/name` or `org/name@revision` with the characters the Hub allows; None for anything else."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id, at, revision = ref.partition("@")
+    if repo_id.count("/") != 1 or (at and not revision.strip()):
+        return None
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    return HubId(repo_id, revision or None)
+
+
+def fetch_model(hub_id: HubId, where: str, *, weights: bool = True) -> Path:
+    """The cache snapshot of a Hub model, holding its `METADATA_FILES` and, with weights, its safetensors."""
+    snapshot = _download(hub_id, where, list(METADATA_FILES), progress=False)
+    files = _weight_files(snapshot, hub_id, where)  # a bad index stops the run before any download
+    if not weights:
+        return snapshot
+    # the commit the small files came from, so the weights match the config that was checked (a
+    # snapshot folder is named by its commit; one that is not a commit hash is left to the revision)
+    pinned = HubId(hub_id.repo_id, snapshot.name) if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else hub_id
+    snapshot = _download(pinned, where, [*METADATA_FILES, *files], progress=True)
+    if not any(snapshot.glob("*.safetensors")):
+        raise ModelError(
+            f"{where}: Hub repo {str(hub_id)!r} has no safetensors weights; only safetensors are downloaded "
+            "(pickle checkpoints, .bin or .pt, never are: unpickling can run code)"
+        )
+    return snapshot
+
+
+def index_only_model(path: Path) -> ModelSource:
+    """A model known from its config and index alone, before its weights are downloaded: its tensor
+    names and layer count, not their shapes (`info` says so if asked)."""
+    return _IndexOnlyModel(path)
+
+
+class _IndexOnlyModel(ModelSource):
+    def __init__(self, path: Path):
+        names = list(_weight_map(path)) if os.path.lexists(path / INDEX_FILE) else []
+        super().__init__(path, read_config(path), dict.fromkeys(names))  # type: ignore[arg-type]
+
+    def info(self, name: str) -> TensorInfo:
+        raise ModelError(f"{self.path}: the shape of {name!r} is known only once the weights are downloaded")
+
+
+def _weight_map(snapshot: Path) -> dict:
+    data = read_json(snapshot, INDEX_FILE, "the index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"{snapshot / INDEX_FILE}: needs a non-empty 'weight_map' object")
+    return weight_map
+
+
+def _weight_files(snapshot: Path, hub_id: HubId, where: str) -> list[str]:
+    """The safetensors to download: those the index lists, each a plain file name (never a pattern
+    that could match a pickle), or every top-level `*.safetensors` when there is no index."""
+    if not os.path.lexists(snapshot / INDEX_FILE):
+        return ["*.safetensors"]
+    files = set()
+    for name, fname in _weight_map(snapshot).items():
+        if not isinstance(fname, str) or not fname.endswith(".safetensors") or any(c in fname for c in "/\\\0" + GLOB_CHARACTERS):
+            raise ModelError(
+                f"{where}: the index of Hub repo {str(hub_id)!r} lists {short_repr(fname)} for {short_repr(name)}; "
+                "a weight file must be a plain *.safetensors name"
+            )
+        files.add(fname)
+    return sorted(files)
+
+
+def _download(hub_id: HubId, where: str, patterns: list[str], progress: bool) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    shown = repr(str(hub_id))
+    try:
+        return Path(
+            snapshot_download(
+                hub_id.repo_id,
+                revision=hub_id.revision,
+                allow_patterns=patterns,
+                ignore_patterns=["*/*"],  # only the top level of the repo is read
+                tqdm_class=None if progress else _silent_tqdm(),
+            )
+        )
+    except GatedRepoError:
+        raise ModelError(
+            f"{where}: Hub repo {shown} is gated: accept its licence on its page on the Hub and set HF_TOKEN "
+            "to a token of that account"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{where}: Hub repo {hub_id.repo_id!r} has no revision {hub_id.revision!r}") from None
+    except RepositoryNotFoundError:  # the Hub answers 401 for a private repo as for a missing one
+        raise ModelError(
+            f"{where}: model {shown} is neither a local path nor a Hub repo that can be read; if it is private or "
+            "gated, set HF_TOKEN to a token with access (and accept its licence on the Hub)"
+        ) from None
+    except LocalEntryNotFoundError as e:  # offline, or the Hub cannot be reached, and not (all) in the cache
+        if constants.is_offline_mode():
+            raise ModelError(
+                f"{where}: Hub model {shown} is not (completely) in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it"
+            ) from None
+        raise ModelError(
+            f"{where}: cannot download Hub model {shown} from {constants.ENDPOINT}, and it is not in the local "
+            f"cache: {short_repr(str(e).splitlines()[0], 300)}"
+        ) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        hint = "; set HF_TOKEN to a token with access" if status in (401, 403) else ""
+        raise ModelError(
+            f"{where}: downloading Hub model {shown} failed ({short_repr(str(e).splitlines()[0], 300)}){hint}"
+        ) from None
+
+
+def _silent_tqdm() -> type:
+    """A progress bar class that shows nothing: the small files need none."""
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
