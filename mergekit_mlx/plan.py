@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,9 @@ from .formats.base import ModelSource, OutputTensor, strip_quantization
 from .formats.safetensors import plan_shards
 from .hub import fetch_model, index_only_model, parse_hub_id
 from .methods import Method, get_method
-from .names import LAYER_PATTERN, layer_index, with_layer_index
+from .names import is_before_layers, is_decoder_stack, layer_index, layer_stack, layer_stacks, text_stack, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
 from .vocab import is_vocab_tensor, plan_vocab
-
-PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
 
 @dataclass
@@ -421,26 +420,39 @@ def make_plan(
     def reference(sl: SliceSpec) -> int:
         return sl.base if sl.base is not None else sl.sources[0].model
 
-    first_ref = sources[reference(slices[0])]
+    def decoder(m: int) -> str | None:
+        return text_stack(sources[m].tensor_names(), sources[m].num_layers)
+
+    # slices cut the text decoder's stack; the tensors outside it come from the first slice (input
+    # embeddings, other stacks such as a vision tower, whole) or from the last (final norm, heads)
+    first_ref, first_text = sources[reference(slices[0])], decoder(reference(slices[0]))
     last_ref = sources[reference(slices[-1])]
-    pre = [n for n in first_ref.tensor_names() if layer_index(n) is None and _is_pre(n)]
-    post = [n for n in last_ref.tensor_names() if layer_index(n) is None and not _is_pre(n)]
+    pre = [n for n in first_ref.tensor_names() if layer_index(n) is None and is_before_layers(n)]
+    post = [n for n in last_ref.tensor_names() if layer_index(n) is None and not is_before_layers(n)]
+    other_stacks = {p: k for p, k in layer_stacks(first_ref.tensor_names()).items() if p != first_text}
 
     for name in pre:
         add_task(slices[0], name, [name] * len(slices[0].sources), 0.0)
+    for name in first_ref.tensor_names():
+        if layer_stack(name) in other_stacks:  # a gradient runs over the stack's own layers
+            k = other_stacks[layer_stack(name)]
+            add_task(slices[0], name, [name] * len(slices[0].sources), layer_index(name) / (k - 1) if k > 1 else 1.0)
+    taken: list[tuple[int, int]] = []  # (model, layer) of each output layer: the config's lists follow
     for sl in slices:
         ref_model = sources[reference(sl)]
+        ref_text = decoder(reference(sl))
         ref_first = next(s.first_layer for s in sl.sources if s.model == reference(sl))
         by_layer: dict[int, list[str]] = {}
         for n in ref_model.tensor_names():
-            li = layer_index(n)
-            if li is not None:
-                by_layer.setdefault(li, []).append(n)
+            if layer_stack(n) == ref_text:
+                by_layer.setdefault(layer_index(n), []).append(n)
         for j in range(sl.num_layers):
             t = j / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
             names = by_layer.get(ref_first + j)
             if not names:
-                raise ModelError(f"{sl.where}: layer {ref_first + j} of the reference model has no tensors")
+                stack = f"in its stack {ref_text!r}" if ref_text else "(no tensor name carries a layer index)"
+                raise ModelError(f"{sl.where}: layer {ref_first + j} of {refs[reference(sl)]} has no tensors {stack}")
+            taken.append((reference(sl), ref_first + j))
             for n in names:
                 add_task(
                     sl,
@@ -459,7 +471,7 @@ def make_plan(
 
     config_source = base if base is not None else reference(slices[0])
     config = strip_quantization(sources[config_source].config)
-    _set_layers(config, out_layer)
+    _set_layers(config, sources[config_source], [(sources[m].config, i) for m, i in taken])
     if out_dtype is not None:
         config["torch_dtype"] = torch_dtype_name(out_dtype)
         if "dtype" in config:
@@ -495,14 +507,14 @@ def _check_layer_count(model: ModelSource) -> None:
     # per stack (the name up to the index): a vision tower may have more layers than the text config counts
     stacks: dict[str, tuple[int, str]] = {}
     for name in model.tensor_names():
-        m = LAYER_PATTERN.match(name)
-        if m:
-            stacks[m.group(1)] = max(stacks.get(m.group(1), (-1, "")), (int(m.group(2)), name))
+        prefix = layer_stack(name)
+        if prefix is not None:
+            stacks[prefix] = max(stacks.get(prefix, (-1, "")), (layer_index(name), name))
     if not stacks:
         return
-    # the text decoder ("...model.layers.") must fit; another stack may exceed n only beside one that fits
+    # the text decoder ("model.layers.", "h.", ...) must fit; another stack may exceed n only beside one that fits
     over = {prefix: top for prefix, top in stacks.items() if top[0] >= n}
-    decoder = [top for prefix, top in over.items() if prefix.endswith("model.layers.")]
+    decoder = [top for prefix, top in over.items() if is_decoder_stack(prefix)]
     if not decoder and len(over) < len(stacks):
         return
     highest, name = max(decoder or over.values())
@@ -539,12 +551,52 @@ def _check_hidden_size(model: ModelSource) -> None:
         )
 
 
-def _set_layers(config: dict, n: int) -> None:
-    for key in LAYER_COUNT_KEYS:
-        if key in config:
-            config[key] = n
-            return
-    config["num_hidden_layers"] = n
+# per-layer settings of a config: a list with one entry per layer, under a key that says so or is in
+# the table (any list of that length would also take `eos_token_id: [1, 2]` in a two-layer model),
+# or a string with one character per layer (Nemotron-H's pattern)
+PER_LAYER_KEY = re.compile(r"layer|block|types|pattern")
+PER_LAYER_KEYS = ("intermediate_size", "num_kv_heads", "num_query_heads", "ffn_multipliers", "sliding_window")
+PER_LAYER_STRINGS = ("hybrid_override_pattern",)
+NOT_PER_LAYER = re.compile(r"^(vision|audio|image|video|speech)_|token_id")  # another part's layers, token ids
+# lists of layer indices (Qwen-MoE's dense layers, LFM2's attention layers): renumbered, not resized
+LAYER_INDEX_KEYS = ("mlp_only_layers", "full_attn_idxs", "attn_layer_indices")
+
+
+def _set_layers(config: dict, model: ModelSource, taken: list[tuple[dict, int]]) -> None:
+    """The output config counts the layers taken ((source config, source layer) per output layer),
+    and its per-layer lists hold their entries in output order: at the top level and in text_config,
+    wherever the input had them (transformers 4 and 5 styles both stay as they are)."""
+    parts = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        parts.append(("text_config", config["text_config"]))
+    counted = False
+    for part, cfg in parts:
+        count_key = next((k for k in LAYER_COUNT_KEYS if k in cfg), None)
+        old = cfg[count_key] if count_key else model.num_layers
+        for key, value in list(cfg.items()):
+            if NOT_PER_LAYER.search(key) or not (isinstance(value, list) or key in PER_LAYER_STRINGS):
+                continue
+            if key in LAYER_INDEX_KEYS and isinstance(value, list):
+                cfg[key] = [j for j, (src, i) in enumerate(taken) if i in _entries(src, part, key, value)]
+            elif len(value) == old and (PER_LAYER_KEY.search(key) or key in PER_LAYER_KEYS):
+                entries = [_entries(src, part, key, value) for src, _ in taken]
+                if any(i >= len(e) for e, (_, i) in zip(entries, taken)):
+                    where = f"{part}.{key}" if part else key
+                    raise ModelError(f"config {where}: has {old} entries, one per layer, but a slice takes a layer past them")
+                entries = [e[i] for e, (_, i) in zip(entries, taken)]
+                cfg[key] = "".join(entries) if isinstance(value, str) else entries
+        if count_key:
+            cfg[count_key] = len(taken)
+            counted = True
+    if not counted:
+        config["num_hidden_layers"] = len(taken)
+
+
+def _entries(source_config: dict, part: str, key: str, fallback: list | str) -> list | str:
+    """A per-layer list as the model a layer comes from has it (the output config's own otherwise)."""
+    cfg = source_config.get(part) if part else source_config
+    value = cfg.get(key) if isinstance(cfg, dict) else None
+    return value if isinstance(value, type(fallback)) else fallback
 
 
 def _tokenizer_model(recipe: Recipe, index_of: dict[str, int], base: int | None, first: int) -> int | None:
@@ -567,10 +619,6 @@ def _first_locations(recipe: Recipe) -> dict[str, str]:
         if sl.base_model:
             where.setdefault(sl.base_model, f"slices[{i}].base_model")
     return where
-
-
-def _is_pre(name: str) -> bool:
-    return any(h in name for h in PRE_LAYER_HINTS)
 
 
 def _is_vocab(name: str) -> bool:
