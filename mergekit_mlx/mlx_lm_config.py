@@ -58,6 +58,30 @@ def _rope_scaling(config: dict) -> Any:
     return {**scaling, "type": kind, "rope_type": kind}  # mlx-lm reads "type" (phi3) or "rope_type"
 
 
+def rope_settings(config: dict) -> tuple[float | None, dict | None]:
+    """(theta, scaling) of the model's full-attention RoPE, read from either config style:
+    transformers 4's `rope_theta` and `rope_scaling`, or transformers 5's `rope_parameters` (one dict,
+    or one per attention type), at the top level or else in `text_config`. scaling is transformers 4's
+    `rope_scaling` with both "type" and "rope_type" set, None for the default RoPE; theta is None
+    when the config names none (the caller's default applies)."""
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        theta = cfg.get("rope_theta")
+        if theta is None and (derived := _rope_value("rope_theta")(cfg)) is not _MISSING:
+            theta = derived
+        scaling = cfg.get("rope_scaling") or _rope_scaling(cfg)
+        if not isinstance(scaling, dict):  # None, or _MISSING
+            scaling = None
+        if theta is None and scaling is None:
+            continue
+        if scaling is not None:
+            kind = scaling.get("rope_type") or scaling.get("type") or "default"
+            scaling = None if kind == "default" else {**scaling, "type": kind, "rope_type": kind}
+        return (float(theta) if theta is not None else None), scaling
+    return None, None
+
+
 def _key(name: str) -> Callable[[dict], Any]:
     return lambda config: config.get(name, _MISSING)
 

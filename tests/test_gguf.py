@@ -222,6 +222,135 @@ def test_llama3_rope_scaling_goes_out_as_rope_freqs_and_comes_back(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# RoPE from either config style: transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)
+
+
+def llama_cpp_rope_freqs(head_dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, step by step (float32 frequencies,
+    as its torch code has them)."""
+    freqs = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    low_freq_wavelen, high_freq_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs:
+        wavelen = np.float32(2 * np.pi) / freq
+        if wavelen < high_freq_wavelen:
+            out.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def two_styles(tmp_path: Path, model_type: str, theta: float, scaling: dict | None) -> tuple[Path, Path]:
+    """The same tiny model twice: its config as transformers 4 writes it, and as transformers 5 does."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    t4 = {"model_type": model_type, "architectures": [arch], "rope_theta": theta, "rope_scaling": scaling}
+    m4 = tiny_model(tmp_path / f"{model_type}-t4", seed=7, extra_config=t4)
+    m5 = tiny_model(
+        tmp_path / f"{model_type}-t5", weights=m4.weights, extra_config={"model_type": model_type, "architectures": [arch]}
+    )
+    config = json.loads((m5.path / "config.json").read_text())
+    del config["rope_theta"]
+    config["rope_parameters"] = {"rope_theta": theta, **(scaling or {"rope_type": "default"})}
+    (m5.path / "config.json").write_text(json.dumps(config, indent=2))
+    return m4.path, m5.path
+
+
+def convert_to_gguf(src: Path, out: Path) -> Path:
+    from mergekit_mlx.cli import main
+
+    assert main(["convert", str(src), str(out), "--out-format", "gguf-f16"]) == 0
+    return out
+
+
+def gguf_fields(path: Path) -> dict:
+    r = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if f.types and not k.startswith("GGUF.") and k != "general.name"}
+
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.mark.parametrize(
+    "model_type, theta, scaling, expected",
+    [
+        ("qwen2", 1e6, None, {}),
+        ("llama", 500000.0, LLAMA31_ROPE, {}),
+        ("llama", 1e6, {"rope_type": "linear", "factor": 2.0}, {"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}),
+        (
+            "qwen2",
+            1e6,
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+            {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 128},
+        ),
+    ],
+    ids=["qwen2-theta", "llama3.1", "linear", "yarn"],
+)
+def test_both_config_styles_give_the_same_gguf_rope(tmp_path, model_type, theta, scaling, expected):
+    t4, t5 = two_styles(tmp_path, model_type, theta, scaling)
+    g4, g5 = convert_to_gguf(t4, tmp_path / "t4.gguf"), convert_to_gguf(t5, tmp_path / "t5.gguf")
+    fields = gguf_fields(g5)
+    assert fields == gguf_fields(g4)
+    assert fields[f"{model_type}.rope.freq_base"] == theta  # a float32 field; both thetas are exact in float32
+    for key, value in expected.items():
+        assert fields[f"{model_type}.{key}"] == pytest.approx(value)
+    assert {k.split(".", 1)[1] for k in fields if ".rope.scaling." in k} == set(expected)
+
+    def rope_freqs(path):
+        return next((np.asarray(t.data) for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"), None)
+
+    f4, f5 = rope_freqs(g4), rope_freqs(g5)
+    if scaling is None or scaling["rope_type"] != "llama3":
+        assert f4 is None and f5 is None
+        return
+    assert f4 is not None and f5 is not None and np.array_equal(f4, f5)
+    head_dim = 256 // 4  # tiny_model's hidden size / heads
+    expected_freqs = llama_cpp_rope_freqs(head_dim, theta, 8.0, 1.0, 4.0, 8192)
+    assert (
+        1.0 in expected_freqs and 8.0 in expected_freqs and ((expected_freqs > 1) & (expected_freqs < 8)).any()
+    )  # all three bands
+    assert np.allclose(f5, expected_freqs, rtol=1e-6)
+    assert GGUFModel(g5).config["rope_scaling"] == GGUFModel(g4).config["rope_scaling"] == LLAMA31_ROPE
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}},
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
+        {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            }
+        },
+        {"text_config": {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}}},
+    ],
+    ids=["transformers-4", "transformers-5", "per-attention-type", "text_config"],
+)
+def test_rope_settings_read_either_config_style(config):
+    from mergekit_mlx.mlx_lm_config import rope_settings
+
+    assert rope_settings(config) == (1e6, {"rope_type": "linear", "type": "linear", "factor": 2.0})
+
+
+def test_rope_settings_default_rope():
+    from mergekit_mlx.mlx_lm_config import rope_settings
+
+    assert rope_settings({}) == (None, None)
+    assert rope_settings({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == (1e6, None)
+    assert rope_settings({"rope_theta": 1e6, "rope_scaling": None}) == (1e6, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # files written the way llama.cpp writes them
 
 

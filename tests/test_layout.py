@@ -24,6 +24,7 @@ LAYERS = {
     "dtypes": 0,
     "names": 0,
     "digest": 0,
+    "mlx_lm_config": 0,  # imports nothing of the package; the GGUF writer reads RoPE through it
     "device": 1,
     "recipe": 1,
     "kernels": 2,
@@ -36,7 +37,6 @@ LAYERS = {
     "plan": 6,
     "pipeline": 7,
     "output": 8,
-    "mlx_lm_config": 8,
     "merge": 9,
     "arguments": 9,
     "convert": 10,

@@ -18,6 +18,7 @@ import numpy as np
 
 from ...errors import RecipeError
 from ...kernels.bitlinear import quantize_absmean
+from ...mlx_lm_config import rope_settings
 from ..base import OutputTensor, WriteOptions, Writer
 from .layout import HF_ARCHS, SKIPPED_HF_TENSORS, T, gguf_name, llama3_rope_factors, permuted_heads, rope_permutation
 from .quants import OUT_TYPES, TERNARY_TYPES, Q, tensor_nbytes, tensor_type
@@ -175,7 +176,8 @@ def _add_metadata(w: gguf.GGUFWriter, config: dict, arch: str, file_type: int, p
         w.add_feed_forward_length(int(config["intermediate_size"]))
     w.add_head_count(heads)
     w.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    theta, rope = rope_settings(config)  # transformers 4 or 5 style
+    w.add_rope_freq_base(theta if theta is not None else 10000.0)
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     w.add_file_type(int(file_type))
     if config.get("vocab_size"):
@@ -185,8 +187,8 @@ def _add_metadata(w: gguf.GGUFWriter, config: dict, arch: str, file_type: int, p
     if config.get("head_dim") or head_dim != hidden // heads:  # as the converter does when head_dim is given
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    rope = config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type"))
+    rope = rope or {}
+    kind = rope.get("rope_type")
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
@@ -200,13 +202,13 @@ def _add_metadata(w: gguf.GGUFWriter, config: dict, arch: str, file_type: int, p
 
 def _extra_tensors(config: dict) -> dict[str, np.ndarray]:
     """Tensors llama.cpp needs that a Hugging Face model keeps in its config (Llama 3 RoPE factors)."""
-    rope = config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) != "llama3":
+    theta, rope = rope_settings(config)  # transformers 4 or 5 style
+    if rope is None or str(rope["rope_type"]).lower() != "llama3":
         return {}
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     factors = llama3_rope_factors(
         head_dim,
-        float(config.get("rope_theta", 10000.0)),
+        theta if theta is not None else 10000.0,
         float(rope.get("factor", 8.0)),
         float(rope.get("low_freq_factor", 1.0)),
         float(rope.get("high_freq_factor", 4.0)),
