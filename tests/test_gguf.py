@@ -590,3 +590,32 @@ def test_merge_writes_gguf_output_and_convert_reads_it(model, tmp_path):
     w = 0.5 * model.weights["model.layers.0.mlp.up_proj.weight"] + 0.5 * other.weights["model.layers.0.mlp.up_proj.weight"]
     got = f64(back.load("model.layers.0.mlp.up_proj.weight"))
     assert np.all(np.abs(got - w) <= error_bound(Q.Q8_0, w) + 1e-7)
+
+
+def test_the_gguf_out_formats_listed_for_the_registry_are_the_writers_own():
+    from mergekit_mlx.formats import gguf as gguf_format
+    from mergekit_mlx.formats.gguf import quants
+
+    assert gguf_format.OUT_FORMATS == tuple(quants.OUT_TYPES)
+    assert gguf_format.GGUFWriter.out_formats == gguf_format.OUT_FORMATS
+
+
+def test_a_merge_to_safetensors_never_imports_the_gguf_package(family, tmp_path):
+    """The gguf package is slow to import (a fifth of a second on a GPU host): only GGUF inputs and
+    outputs load it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in family]})
+    )
+    code = (
+        "import sys; from mergekit_mlx.cli import main; "
+        f"rc = main(['run', {str(recipe)!r}, {str(tmp_path / 'out')!r}, '--no-progress']); "
+        "print(rc, 'gguf' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", "False"], done.stdout + done.stderr

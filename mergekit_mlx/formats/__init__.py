@@ -19,6 +19,7 @@ capability attributes. Adding a format is one module and one line in each table 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ModelError, RecipeError
@@ -29,14 +30,15 @@ from .files import read_config
 # input formats, in the order they are tried; the plain safetensors reader takes any directory left
 READERS = (gguf, bitnet, bitdelta, mlx_quant, safetensors)
 
-# output formats: each writer class writes the --out-format values it lists in `out_formats`
-WRITERS: tuple[type[Writer], ...] = (
-    safetensors.SafetensorsWriter,
-    mlx_quant.QuantizedWriter,
-    gguf.GGUFWriter,
-    bitnet.BitNetWriter,
+# output formats: the --out-format values each writer class writes, and how to get the class
+# (GGUF's on first use: its module imports the gguf package, slow to import)
+WRITERS: tuple[tuple[tuple[str, ...], Callable[[], type[Writer]]], ...] = (
+    (safetensors.SafetensorsWriter.out_formats, lambda: safetensors.SafetensorsWriter),
+    (mlx_quant.QuantizedWriter.out_formats, lambda: mlx_quant.QuantizedWriter),
+    (gguf.OUT_FORMATS, lambda: gguf.GGUFWriter),
+    (bitnet.BitNetWriter.out_formats, lambda: bitnet.BitNetWriter),
 )
-WRITER_OF: dict[str, type[Writer]] = {name: cls for cls in WRITERS for name in cls.out_formats}
+WRITER_OF: dict[str, Callable[[], type[Writer]]] = {name: cls for formats, cls in WRITERS for name in formats}
 OUT_FORMATS: tuple[str, ...] = tuple(WRITER_OF)
 
 
@@ -61,7 +63,7 @@ def open_model(path: str | Path) -> ModelSource:
 def writer_class(out_format: str) -> type[Writer]:
     """The writer of an --out-format; its class attributes say what the output lifecycle may do."""
     try:
-        return WRITER_OF[out_format]
+        return WRITER_OF[out_format]()
     except KeyError:
         raise RecipeError(f"--out-format {out_format!r} is not known; valid: {', '.join(OUT_FORMATS)}") from None
 

@@ -10,18 +10,42 @@ write merges as GGUF.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 from ...errors import ModelError
 from ..base import Opener
 from ..files import model_file
-from .layout import gguf_name, hf_name, permuted_heads, rope_permutation
-from .quants import OUT_TYPES, can_dequantize, tensor_type
-from .reader import GGUFModel, check_gguf_layout
-from .tokenizer import add_tokenizer
-from .writer import GGUFWriter
+
+# the --out-format values GGUFWriter writes (quants.OUT_TYPES's keys; a test holds the two equal),
+# listed here so that the registry needs no import of the gguf package, which costs a fifth of a
+# second at every start on some hosts: the modules below are imported on first use
+OUT_FORMATS = ("gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q4_0", "gguf-tq1_0", "gguf-tq2_0")
+
+_LAZY = {
+    "GGUFModel": "reader",
+    "check_gguf_layout": "reader",
+    "GGUFWriter": "writer",
+    "OUT_TYPES": "quants",
+    "can_dequantize": "quants",
+    "tensor_type": "quants",
+    "gguf_name": "layout",
+    "hf_name": "layout",
+    "permuted_heads": "layout",
+    "rope_permutation": "layout",
+    "add_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = [
+    "OUT_FORMATS",
     "GGUFModel",
     "GGUFWriter",
     "OUT_TYPES",
@@ -45,7 +69,9 @@ def recognises(path: Path, config: dict | None) -> bool:
     return path.is_dir() and config is None and any(path.glob("*.gguf"))
 
 
-def open_input(path: Path, config: dict | None, open_model: Opener) -> GGUFModel:
+def open_input(path: Path, config: dict | None, open_model: Opener) -> Any:
+    from .reader import GGUFModel
+
     if path.is_file():
         return GGUFModel(path)
     ggufs = sorted(path.glob("*.gguf"))
