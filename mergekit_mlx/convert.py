@@ -59,9 +59,7 @@ def convert(
     if bitdelta_base is not None and out_format != "hf":
         raise RecipeError("--bitdelta-base writes its own safetensors layout; leave --out-format at hf")
     opts = MergeOptions(out_shard_size=out_shard_size, out_format=out_format, group_size=group_size, force=force)
-    check_options = getattr(opts, "check", None)
-    if check_options is not None:
-        check_options()
+    opts.check()
     src = open_model(resolve_model_path(str(in_path), "IN", None))  # a path, or a Hub id as in a recipe
     inputs = [(str(in_path), src.path)]
     base = None

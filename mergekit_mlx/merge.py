@@ -22,7 +22,7 @@ from .errors import OutputError
 from .formats import DEFAULT_SHARD_BYTES
 from .formats.safetensors import write_config
 from .options import MergeOptions
-from .output import check_output_location, write_output, write_tokenizer
+from .output import write_output, write_tokenizer
 from .pipeline import OnEvent, run_plan
 from .plan import Plan, make_plan
 from .recipe import Recipe, load_recipe
@@ -93,9 +93,7 @@ def merge(
     """Merge as the recipe says. With out_path the model is streamed to disk; else kept in memory.
     `on_event(name, task, seconds)` hears the pipeline's stages (see pipeline.run_plan)."""
     opts = options or MergeOptions(**kwargs)
-    check_options = getattr(opts, "check", None)
-    if check_options is not None:
-        check_options()
+    opts.check()  # the flags named before anything else, the device included
     with use_device(opts.device), kernels.use_kernels(opts.use_kernels):
         return _merge(recipe, out_path, opts.resolved(), on_event)
 
@@ -108,8 +106,6 @@ def _merge(
     plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes)
     if out_path is not None:
         out = Path(out_path)
-        inputs = list(zip(plan.model_paths, [m.path for m in plan.models]))
-        check_output_location(out, inputs, force=opts.force, resume=opts.resume)
         path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants, on_event))
         return MergeResult(plan, path=path)
     weights: dict[str, mx.array] = {}

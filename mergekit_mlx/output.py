@@ -204,28 +204,19 @@ def _is_our_partial(partial: Path) -> bool:
 # ---------------- the temporary output: lock, state, resume ----------------
 
 
-@dataclass
-class InputProof:
-    """The hash of every input file (`hash_files`), computed on a thread of its own
-    while the merge runs, so that a later `--resume` can prove its inputs are the same bytes."""
+def prove_inputs(files: Sequence[str], record: Callable[[dict[str, str]], None]) -> None:
+    """Hash every input file (`hash_files`) on a thread of its own while the merge runs and hand the
+    digests to `record`, so that a later `--resume` can prove its inputs are the same bytes."""
 
-    files: list[str]
-    digests: dict[str, str] | None = None
-    thread: threading.Thread | None = None
-    failed: bool = False
+    def run() -> None:
+        try:
+            record(hash_files(files))
+        except OSError:
+            # an unreadable input fails the merge itself, with a better message; a state that cannot
+            # be written leaves the interrupted run unprovable, so a resume starts over
+            pass
 
-    def start(self, on_done: Callable[[dict[str, str]], None]) -> None:
-        def run() -> None:
-            try:
-                self.digests = hash_files(self.files)
-                on_done(self.digests)
-            except OSError:
-                # an unreadable input fails the merge itself, with a better message; a state that
-                # cannot be written leaves the interrupted run unprovable, so a resume starts over
-                self.failed = True
-
-        self.thread = threading.Thread(target=run, name="mergekit-mlx-input-hash", daemon=True)
-        self.thread.start()
+    threading.Thread(target=run, name="mergekit-mlx-input-hash", daemon=True).start()
 
 
 def hash_files(files: Sequence[str]) -> dict[str, str]:
@@ -461,7 +452,7 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         if digests is None and shards > 1:
             # (one shard is finished only at the end: nothing a resume could keep, nothing to prove;
             # shards finished before the hashes are recorded are not kept by a resume)
-            InputProof(list(job.input_files)).start(lambda hashes: partial.save_state(inputs=hashes))
+            prove_inputs(list(job.input_files), lambda hashes: partial.save_state(inputs=hashes))
 
         def write(name: str, array: mx.array) -> None:
             before = len(written) if written is not None else 0
@@ -489,7 +480,7 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
     except MergeKitError:
         partial.remove()  # a merge that failed cannot be resumed
         raise
-    except (OSError, RuntimeError, BufferError) as e:
+    except (OSError, RuntimeError) as e:
         failure = _write_failure(e, out, job)
         if failure is None:
             raise  # an unexpected error: keep the partial output, as after an interruption
@@ -532,7 +523,6 @@ def _recheck_before_commit(out: Path, force: bool) -> None:
 
 def _commit_dir(partial: PartialOutput, out: Path, force: bool) -> None:
     _recheck_before_commit(out, force)
-    aside = None
     replacing = os.path.lexists(out) and os.path.isdir(out) and not os.path.islink(out) and os.listdir(out)
     if replacing and _exchange(partial.path, out):
         # one step: OUT is the new output and `.NAME.partial` the previous one, never neither
@@ -540,14 +530,11 @@ def _commit_dir(partial: PartialOutput, out: Path, force: bool) -> None:
         _remove_our_output(partial.path)
         partial.path = out
         return
-    if replacing:
-        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.rename(out, aside)
-    elif os.path.lexists(out) and not os.path.isdir(out):
-        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.rename(out, aside)  # one of our GGUF files, replaced by a directory
+    # a non-empty directory, or one of our GGUF files replaced by a directory, is moved aside first;
+    # an empty directory is replaced by the rename itself
+    aside = _move_aside(out) if replacing or (os.path.lexists(out) and not os.path.isdir(out)) else None
     try:
-        os.replace(partial.path, out)  # an empty directory is replaced in the same step
+        os.replace(partial.path, out)
     except OSError:
         if aside is not None:
             os.rename(aside, out)  # put the previous output back
@@ -556,6 +543,12 @@ def _commit_dir(partial: PartialOutput, out: Path, force: bool) -> None:
     partial.close()
     if aside is not None:
         _remove_our_output(aside)
+
+
+def _move_aside(out: Path) -> Path:
+    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.rename(out, aside)
+    return aside
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -580,8 +573,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _commit_file(written: Path, out: Path, force: bool) -> None:
     _recheck_before_commit(out, force)
     if os.path.isdir(out) and not os.path.islink(out):
-        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.rename(out, aside)
+        aside = _move_aside(out)
         os.replace(written, out)
         _remove_our_output(aside)
     else:
@@ -593,12 +585,7 @@ def _remove_our_output(path: Path) -> None:
     if os.path.isfile(path) and not os.path.islink(path):
         os.unlink(path)  # one of our GGUF files (checked before it was moved)
         return
-    for name in _manifest_files(path) or {}:
-        try:
-            os.unlink(path / name)
-        except OSError:
-            pass
-    for name in (MANIFEST,):
+    for name in [*(_manifest_files(path) or {}), MANIFEST]:
         try:
             os.unlink(path / name)
         except OSError:
@@ -634,8 +621,6 @@ def _write_failure(e: BaseException, out: Path, job: OutputJob) -> OutputError |
         what = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
         if e.filename and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             what = f"{what} ({e.filename})"
-    elif isinstance(e, BufferError):
-        what = "a write failed"
     elif isinstance(e, RuntimeError) and str(e).startswith(MLX_WRITE_ERRORS):
         what = str(e).rstrip(".")
     else:
