@@ -23,7 +23,7 @@ from format_models import bpe_tokenizer_json, f64, tiny_model  # noqa: E402
 from mergekit_mlx.errors import ModelError  # noqa: E402
 from mergekit_mlx.formats import open_model  # noqa: E402
 from mergekit_mlx.formats.base import OutputTensor, WriteOptions  # noqa: E402
-from mergekit_mlx.formats.gguf import GGUFModel, GGUFWriter, add_tokenizer, can_dequantize, gguf_name, hf_name, rope_permutation  # noqa: E402
+from mergekit_mlx.formats.gguf import ARCHITECTURES, GGUFModel, GGUFWriter, add_tokenizer, can_dequantize, gguf_tensor, hf_names_for, rope_permutation  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -55,15 +55,16 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def test_tensor_names_match_the_gguf_package_map(model):
     names = list(model.weights) + ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.k_norm.weight"]
-    for arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.QWEN3):
-        table = gguf.get_tensor_name_map(arch, 2)
+    for model_type in ("llama", "qwen3"):
+        spec = ARCHITECTURES[model_type]
+        table = gguf.get_tensor_name_map(spec.arch, 2)
         for name in names:
             expected = table.get_name(name, try_suffixes=(".weight", ".bias"))
             if expected is None:
                 continue
-            assert gguf_name(name) == expected
-            assert hf_name(expected) == name
-    assert gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+            assert gguf_tensor(spec, name, 2).name == expected
+            assert hf_names_for(spec, expected, 2) == [name]
+    assert gguf_tensor(ARCHITECTURES["llama"], "model.layers.0.self_attn.rotary_emb.inv_freq", 2) is None
 
 
 @pytest.mark.parametrize("rows,heads", [(256, 4), (128, 2), (64, 8)])
@@ -122,8 +123,8 @@ def test_gguf_round_trip_is_within_the_type_error(model, tmp_path, fmt):
     back = GGUFModel(path)
     assert sorted(back.tensor_names()) == sorted(model.weights)
     for name, w in model.weights.items():
-        qtype = types[gguf_name(name)]
-        assert qtype == expected_type(fmt, gguf_name(name)), name
+        qtype = types[gguf_tensor(ARCHITECTURES['llama'], name, 2).name]
+        assert qtype == expected_type(fmt, gguf_tensor(ARCHITECTURES['llama'], name, 2).name), name
         got = f64(back.load(name))
         if qtype in (Q.TQ1_0, Q.TQ2_0):
             # absmean ternary per tensor (BitNet b1.58), stored exactly up to the f16 block scale
@@ -180,7 +181,7 @@ def test_gguf_q_and_k_are_stored_in_llama_cpp_row_order(model, tmp_path):
     cfg = model.config
     for hf, heads in (("self_attn.q_proj", cfg["num_attention_heads"]), ("self_attn.k_proj", cfg["num_key_value_heads"])):
         w = model.weights[f"model.layers.1.{hf}.weight"]
-        t = stored[gguf_name(f"model.layers.1.{hf}.weight")]
+        t = stored[gguf_tensor(ARCHITECTURES["llama"], f"model.layers.1.{hf}.weight", 2).name]
         got = np.asarray(t.data, np.float64).reshape(w.shape)
         assert np.allclose(got, llama_cpp_permute(w, heads), rtol=2**-11, atol=2**-24)
 

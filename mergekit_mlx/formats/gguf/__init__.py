@@ -1,7 +1,9 @@
-"""GGUF, llama.cpp's one-file format: read a llama-family GGUF as the Hugging Face model it encodes,
+"""GGUF, llama.cpp's one-file format: read a GGUF as the Hugging Face model it encodes,
 write merges as GGUF.
 
-  layout.py     tensor names, architectures, the RoPE row order, metadata values (reader and writer)
+  architectures.py  one row per Hugging Face model_type: llama.cpp's architecture, names (from the
+                gguf package's map), layout changes, metadata (reader and writer)
+  layout.py     reading metadata values; Llama 3's RoPE scaling as a tensor and back
   quants.py     tensor types: which each --out-format writes, which the `gguf` package can read
   reader.py     GGUFModel: the checked header, HF names and config, dequantized tensors
   tokenizer.py  tokenizers both ways (GGUF metadata <-> tokenizer.json)
@@ -30,10 +32,10 @@ _LAZY = {
     "OUT_TYPES": "quants",
     "can_dequantize": "quants",
     "tensor_type": "quants",
-    "gguf_name": "layout",
-    "hf_name": "layout",
-    "permuted_heads": "layout",
-    "rope_permutation": "layout",
+    "ARCHITECTURES": "architectures",
+    "gguf_tensor": "architectures",
+    "hf_names_for": "architectures",
+    "rope_permutation": "architectures",
     "add_tokenizer": "tokenizer",
 }
 
@@ -46,16 +48,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "OUT_FORMATS",
+    "ARCHITECTURES",
     "GGUFModel",
     "GGUFWriter",
     "OUT_TYPES",
     "add_tokenizer",
     "can_dequantize",
     "check_gguf_layout",
-    "gguf_name",
-    "hf_name",
+    "gguf_tensor",
+    "hf_names_for",
     "open_input",
-    "permuted_heads",
     "recognises",
     "rope_permutation",
     "tensor_type",

@@ -1,93 +1,16 @@
-"""What llama.cpp's files look like: tensor names, architectures, the RoPE row order, metadata values.
-
-Shared by the GGUF reader and writer, so that a name or permutation written is the one read back.
-llama.cpp stores llama's Q and K projections with their rows permuted for its RoPE layout; the
-reader undoes that and the writer applies it, as llama.cpp's convert_hf_to_gguf.py does.
+"""Metadata values of llama.cpp's files: reading one, and Llama 3's RoPE scaling both ways (llama.cpp
+keeps it as a `rope_freqs` tensor, Hugging Face as config keys). Shared by the GGUF reader and writer.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import gguf
 import numpy as np
 
 from ...errors import ModelError
-
-T = gguf.MODEL_TENSOR
-
-# Hugging Face name (without .weight/.bias) <-> GGUF tensor, for the llama-family layouts
-HF_TO_GGUF_GLOBAL = {"model.embed_tokens": T.TOKEN_EMBD, "model.norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
-HF_TO_GGUF_LAYER = {
-    "input_layernorm": T.ATTN_NORM,
-    "self_attn.q_proj": T.ATTN_Q,
-    "self_attn.k_proj": T.ATTN_K,
-    "self_attn.v_proj": T.ATTN_V,
-    "self_attn.o_proj": T.ATTN_OUT,
-    "self_attn.q_norm": T.ATTN_Q_NORM,
-    "self_attn.k_norm": T.ATTN_K_NORM,
-    "post_attention_layernorm": T.FFN_NORM,
-    "mlp.gate_proj": T.FFN_GATE,
-    "mlp.up_proj": T.FFN_UP,
-    "mlp.down_proj": T.FFN_DOWN,
-}
-GGUF_TO_HF_GLOBAL = {gguf.TENSOR_NAMES[t]: hf for hf, t in HF_TO_GGUF_GLOBAL.items()}
-GGUF_TO_HF_LAYER = {gguf.TENSOR_NAMES[t].split(".", 2)[2]: hf for hf, t in HF_TO_GGUF_LAYER.items()}
-HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
-SKIPPED_HF_TENSORS = (".rotary_emb.inv_freq",)  # recomputed by every runtime; llama.cpp drops it too
-
-# Hugging Face model_type -> (GGUF architecture, Q/K rows permuted for llama.cpp's RoPE)
-HF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
-# GGUF architecture -> (model_type, architectures entry, Q/K rows permuted)
-GGUF_ARCHS = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
-}
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """The GGUF tensor name of a Hugging Face llama-family tensor, or None if it has none."""
-    stem, _, suffix = hf_name.rpartition(".")
-    if stem in HF_TO_GGUF_GLOBAL and suffix in ("weight", "bias"):
-        return f"{gguf.TENSOR_NAMES[HF_TO_GGUF_GLOBAL[stem]]}.{suffix}"
-    m = HF_LAYER.match(hf_name)
-    if m and m.group(2) in HF_TO_GGUF_LAYER:
-        return f"{gguf.TENSOR_NAMES[HF_TO_GGUF_LAYER[m.group(2)]].format(bid=m.group(1))}.{m.group(3)}"
-    return None
-
-
-def hf_name(gguf_tensor: str) -> str | None:
-    """The Hugging Face name of a GGUF llama-family tensor, or None if it has none."""
-    stem, _, suffix = gguf_tensor.rpartition(".")
-    if stem in GGUF_TO_HF_GLOBAL and suffix in ("weight", "bias"):
-        return f"{GGUF_TO_HF_GLOBAL[stem]}.{suffix}"
-    m = GGUF_LAYER.match(gguf_tensor)
-    if m and m.group(2) in GGUF_TO_HF_LAYER:
-        return f"model.layers.{m.group(1)}.{GGUF_TO_HF_LAYER[m.group(2)]}.{m.group(3)}"
-    return None
-
-
-def rope_permutation(rows: int, n_head: int) -> np.ndarray:
-    """Row order llama.cpp stores Q/K in: GGUF row i is Hugging Face row perm[i].
-
-    Within each head, HF keeps the two rotary halves apart (first half, second half); llama.cpp
-    interleaves them (pairs of adjacent rows), the layout of the original Meta checkpoints.
-    """
-    head = rows // n_head
-    return np.arange(rows).reshape(n_head, 2, head // 2).swapaxes(1, 2).reshape(rows)
-
-
-def permuted_heads(hf: str, config: dict) -> int | None:
-    """Heads to permute by for llama's q/k projections (weights and biases), else None."""
-    if hf.endswith((".self_attn.q_proj.weight", ".self_attn.q_proj.bias")):
-        return int(config["num_attention_heads"])
-    if hf.endswith((".self_attn.k_proj.weight", ".self_attn.k_proj.bias")):
-        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    return None
 
 
 def read_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

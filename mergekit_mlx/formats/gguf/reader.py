@@ -23,11 +23,14 @@ import numpy as np
 
 from ...errors import ModelError
 from ..base import ModelSource, TensorInfo
-from .layout import GGUF_ARCHS, T, hf_name, llama3_rope_scaling, permuted_heads, read_field, rope_permutation
+from . import architectures as archs
+from .architectures import BY_GGUF_NAME, COMMON_FIELDS, Layout
+from .layout import llama3_rope_scaling, read_field
 from .quants import LOADED_CODES, Q, can_dequantize
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
+T = gguf.MODEL_TENSOR
 
 _TOKENIZER_DIRS: dict[tuple, Path | None] = {}  # GGUF file identity -> its rebuilt tokenizer directory
 
@@ -185,58 +188,79 @@ class GGUFModel(ModelSource):
             raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
         self.reader = reader
         arch = read_field(reader, "general.architecture")
-        if not isinstance(arch, str) or arch not in GGUF_ARCHS:
-            raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
+        blocks = read_field(reader, f"{arch}.block_count")
+        experts = read_field(reader, f"{arch}.expert_count", 0)
+        spec = archs.for_gguf(arch, experts) if isinstance(arch, str) else None
+        if spec is None:
+            raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(BY_GGUF_NAME))}")
+        if not isinstance(blocks, int) or blocks <= 0 or not isinstance(experts, int) or experts < 0:
+            raise ModelError(f"{path}: GGUF metadata {arch}.block_count or {arch}.expert_count is not a count")
         self.arch = arch
         size = path.stat().st_size
         infos: dict[str, TensorInfo] = {}
-        self._tensors: dict[str, Any] = {}
+        self._tensors: dict[str, tuple[Any, int | None, archs.GGUFTensor]] = {}
         skipped = []
         for t in reader.tensors:
-            name = hf_name(t.name)
-            if name is None:
-                skipped.append(t.name)
-                continue
             if not 0 <= t.data_offset <= t.data_offset + t.n_bytes <= size:
                 raise ModelError(f"{path}: tensor {t.name!r} lies outside the file")
+            names = archs.hf_names_for(spec, t.name, blocks, experts if "_exps." in t.name else 0)
+            if not names:
+                skipped.append(t.name)
+                continue
             if t.tensor_type not in LOADED_CODES and not can_dequantize(t.tensor_type):
                 raise ModelError(
                     f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which the installed gguf package "
                     "cannot dequantize (upgrade it: pip install -U gguf)"
                 )
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            infos[name] = TensorInfo(name, shape, LOADED_CODES.get(t.tensor_type, "F32"), path)
-            self._tensors[name] = t
+            stacked = len(names) > 1 or "_exps." in t.name
+            if stacked and (len(shape) != 3 or shape[0] != len(names)):
+                raise ModelError(f"{path}: tensor {t.name!r} of shape {list(shape)} does not hold {len(names)} experts")
+            for e, name in enumerate(names):
+                where = archs.gguf_tensor(spec, name, blocks)
+                if where is None or where.name != t.name:  # the name map does not come back: not ours to guess
+                    skipped.append(t.name)
+                    continue
+                one = shape[1:] if stacked else shape
+                hf_shape = one[::-1] if spec.transposed and name.endswith(spec.transposed) else one
+                infos[name] = TensorInfo(name, hf_shape, LOADED_CODES.get(t.tensor_type, "F32"), path)
+                self._tensors[name] = (t, e if stacked else None, where)
         if skipped:
             log.info("%s: tensors with no Hugging Face name are not read: %s", path, ", ".join(skipped[:8]))
         try:
-            config = config_from_metadata(reader, arch, infos, path)
+            config = config_from_metadata(reader, spec, infos, path)
         except (TypeError, ValueError, IndexError, KeyError) as e:  # metadata of the wrong type or shape
             raise ModelError(f"{path}: GGUF metadata is malformed ({e})") from None
-        self.permute = GGUF_ARCHS[arch][2]
-        if self.permute:
-            _check_rope_heads(path, config, infos)
+        self.spec = spec
+        self._layouts = _layouts(path, spec, config, infos, self._tensors)
         super().__init__(path, config, infos)
         self._tokenizer_dir: Path | None = None
         self._tokenizer_built = False
 
     def load(self, name: str) -> mx.array:
         info = self.info(name)
-        t = self._tensors[name]
+        t, expert, _ = self._tensors[name]
+        data = t.data if expert is None else t.data[expert]
         try:
             if t.tensor_type == Q.BF16:
                 # numpy has no bfloat16: move the raw 16-bit words and reinterpret them in MLX
-                arr = mx.array(np.ascontiguousarray(t.data).view(np.uint16)).view(mx.bfloat16)
+                arr = mx.array(np.ascontiguousarray(data).view(np.uint16)).view(mx.bfloat16)
             elif t.tensor_type in (Q.F32, Q.F16):
-                arr = mx.array(np.ascontiguousarray(t.data))
+                arr = mx.array(np.ascontiguousarray(data))
             else:
-                arr = mx.array(gguf.quants.dequantize(t.data, t.tensor_type))
+                arr = mx.array(gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type))
         except (ValueError, NotImplementedError) as e:
             raise ModelError(f"{self.path}: cannot decode tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
+        lay = self._layouts.get(name)
+        if lay is None:
+            return arr.reshape(info.shape)
+        if lay.transpose:
+            arr = arr.reshape(info.shape[::-1]).T
         arr = arr.reshape(info.shape)
-        heads = permuted_heads(name, self.config) if self.permute else None
-        if heads is not None:
-            arr = arr[mx.array(np.argsort(rope_permutation(info.shape[0], heads)))]
+        if lay.rows is not None:
+            arr = arr[mx.array(np.argsort(lay.rows))]
+        if lay.add:
+            arr = (arr.astype(mx.float32) - lay.add).astype(arr.dtype)
         return arr
 
     @property
@@ -254,53 +278,53 @@ class GGUFModel(ModelSource):
         return self._tokenizer_dir
 
 
-def _check_rope_heads(path: Path, config: dict, infos: dict[str, TensorInfo]) -> None:
-    """Q/K rows must split into the metadata's heads and rotary halves, or `load` could not undo the permutation."""
+def _layouts(path: Path, spec: archs.Architecture, config: dict, infos: dict[str, TensorInfo], tensors) -> dict[str, Layout]:
+    """The layout change to undo for each tensor; Q/K rows must split into the metadata's heads."""
+    out = {}
     for name, info in infos.items():
+        where = tensors[name][2]
         try:
-            heads = permuted_heads(name, config)
-        except (TypeError, ValueError):
-            raise ModelError(f"{path}: GGUF head counts in the metadata are not integers") from None
-        if heads is not None and (heads <= 0 or info.shape[0] % (2 * heads)):
-            raise ModelError(
-                f"{path}: tensor {name!r} has {info.shape[0]} rows, which {heads} heads (from the metadata) "
-                "cannot split into rotary halves"
-            )
+            lay = archs.layout(spec, name, where.kind, info.shape, config)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise ModelError(f"{path}: tensor {name!r} {str(e).replace('the config', 'the metadata')}") from None
+        if not lay.identity:
+            out[name] = lay
+    return out
 
 
-def config_from_metadata(reader: gguf.GGUFReader, arch: str, infos: dict[str, TensorInfo], path: Path) -> dict:
+def config_from_metadata(reader: gguf.GGUFReader, spec: archs.Architecture, infos: dict[str, TensorInfo], path: Path) -> dict:
     """A Hugging Face config.json for the model, from the `{arch}.*` metadata keys."""
+    arch = spec.name
 
     def key(k: str, default: Any = None) -> Any:
-        return read_field(reader, f"{arch}.{k}", default)
+        return read_field(reader, k.format(arch=arch) if "{arch}" in k else f"{arch}.{k}", default)
 
-    model_type, architecture, _ = GGUF_ARCHS[arch]
     hidden, layers, heads = key("embedding_length"), key("block_count"), key("attention.head_count")
     if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads)):
         raise ModelError(f"{path}: metadata lacks {arch}.embedding_length, {arch}.block_count or {arch}.attention.head_count")
-    embed = infos.get("model.embed_tokens.weight")
+    names = spec.config_names
+    config: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.model_type}
+    config[names.get("num_hidden_layers", "num_hidden_layers")] = layers
+    for f in (*COMMON_FIELDS, *spec.fields):
+        value = key(f.key)
+        if value is not None:
+            config[names.get(f.config[0], f.config[0])] = _short(value) if f.kind is float else f.kind(value)
+    config.setdefault(names.get("num_key_value_heads", "num_key_value_heads"), heads)
+    embed = next((i for n, i in infos.items() if archs.gguf_tensor(spec, n, layers).kind == T.TOKEN_EMBD), None)
     tokens = reader.get_field("tokenizer.ggml.tokens")
     vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else None) or (embed.shape[0] if embed else None)
-    head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // heads
-    config: dict[str, Any] = {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": head_dim,
-        "intermediate_size": key("feed_forward_length"),
-        "max_position_embeddings": key("context_length", 2048),
-        "rms_norm_eps": _short(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _short(key("rope.freq_base", 10000.0)),
-        "vocab_size": vocab,
-        "hidden_act": "silu",
-        "tie_word_embeddings": "lm_head.weight" not in infos,
-        "torch_dtype": _torch_dtype(reader),
-    }
-    if arch == "qwen2":
-        config["attention_bias"] = True
+    config["vocab_size"] = vocab
+    config["max_position_embeddings" if "n_positions" not in names.values() else "n_positions"] = key("context_length", 2048)
+    head_dim = key("attention.key_length") or hidden // heads
+    if key("attention.key_length"):
+        config["head_dim"] = head_dim
+    rope_dims = key("rope.dimension_count")
+    if spec.rope_from_partial and isinstance(rope_dims, int) and rope_dims != head_dim:
+        config["partial_rotary_factor"] = rope_dims / head_dim
+    config["rope_theta"] = _short(key("rope.freq_base", 10000.0))
+    config["tie_word_embeddings"] = not any(archs.gguf_tensor(spec, n, layers).kind == T.OUTPUT for n in infos)
+    config["torch_dtype"] = _torch_dtype(reader)
+    config.update(spec.hf_config)
     scaling = key("rope.scaling.type")
     factor = key("rope.scaling.factor")
     if scaling == "linear" and factor:
@@ -309,7 +333,7 @@ def config_from_metadata(reader: gguf.GGUFReader, arch: str, infos: dict[str, Te
         config["rope_scaling"] = {
             "type": "yarn",
             "factor": factor,
-            "original_max_position_embeddings": key("rope.scaling.original_context_length", config["max_position_embeddings"]),
+            "original_max_position_embeddings": key("rope.scaling.original_context_length", key("context_length", 2048)),
         }
     freqs = next((t for t in reader.tensors if t.name == gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"), None)
     if freqs is not None:

@@ -1,0 +1,617 @@
+"""Which Hugging Face architectures GGUF holds, and how: llama.cpp's architecture, the tensor layout
+changes its converter makes, and the metadata it writes, one row per `model_type`.
+
+Tensor names come from the `gguf` package's own map (`gguf.get_tensor_name_map`), which knows the
+Hugging Face names of every architecture llama.cpp runs, and metadata keys from its `gguf.Keys`.
+What the package does not hold is kept here: which llama.cpp architecture a `model_type` becomes,
+how its converter reshapes tensors (Llama's rotary row order, Gemma's norms stored as 1 + w,
+GPT-2's transposed Conv1D weights, experts stacked into one tensor per layer), the config keys each
+metadata value comes from, and, for reading a GGUF back, which of the several Hugging Face names
+the package lists for a tensor the architecture's own checkpoints use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import gguf
+import numpy as np
+
+from ...errors import RecipeError
+from ...mlx_lm_config import mlx_lm_config, rope_settings
+
+T = gguf.MODEL_TENSOR
+A = gguf.MODEL_ARCH
+LLM, ATTN, ROPE = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+
+
+@dataclass(frozen=True)
+class Field:
+    """One metadata value: its key (`{arch}.…`), the config keys it is read from (the first one
+    present; the first is the one written back on import) and its GGUF type."""
+
+    key: str
+    config: tuple[str, ...]
+    kind: type = int  # int -> UINT32, float -> FLOAT32, bool -> BOOL
+
+    def find(self, config: dict) -> Any:
+        for k in self.config:
+            if config.get(k) is not None:
+                return config[k]
+        return None
+
+
+# values every architecture writes when its config has them (llama.cpp's generic converter set)
+COMMON_FIELDS = (
+    Field(LLM.CONTEXT_LENGTH, ("max_position_embeddings", "n_positions", "n_ctx")),
+    Field(LLM.EMBEDDING_LENGTH, ("hidden_size", "n_embd")),
+    Field(LLM.FEED_FORWARD_LENGTH, ("intermediate_size", "n_inner")),
+    Field(ATTN.HEAD_COUNT, ("num_attention_heads", "n_head")),
+    Field(ATTN.HEAD_COUNT_KV, ("num_key_value_heads",)),
+    Field(ATTN.LAYERNORM_RMS_EPS, ("rms_norm_eps",), float),
+    Field(ATTN.LAYERNORM_EPS, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"), float),
+    Field(LLM.EXPERT_COUNT, ("num_local_experts", "num_experts")),
+    Field(LLM.EXPERT_USED_COUNT, ("num_experts_per_tok",)),
+    Field(ATTN.KEY_LENGTH, ("head_dim",)),
+    Field(ATTN.VALUE_LENGTH, ("head_dim",)),
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face `model_type` is written as (and read back from) a llama.cpp GGUF."""
+
+    model_type: str
+    arch: A
+    hf_class: str  # the config's `architectures` entry when a GGUF is read back
+    permute_qk: bool = False  # Q/K rows in llama.cpp's rotary order (the Llama converter's permute)
+    norm_plus_one: bool = False  # Hugging Face scales by (1 + w) (Gemma); llama.cpp stores 1 + w
+    transposed: tuple[str, ...] = ()  # Hugging Face tensors kept (in, out): GPT-2's Conv1D
+    fields: tuple[Field, ...] = ()  # metadata beyond COMMON_FIELDS
+    rope_from_partial: bool = False  # rope.dimension_count = head_dim * partial_rotary_factor
+    hf_names: dict[str, str] = field(default_factory=dict)  # GGUF stem -> Hugging Face template, on import
+    hf_config: dict[str, Any] = field(default_factory=dict)  # config values fixed by the architecture, on import
+    config_names: dict[str, str] = field(default_factory=dict)  # config key -> this architecture's name for it
+    output: str = "optional"  # llama.cpp's output.weight: "optional" (falls back to the embedding), "required", "never"
+    qkv_by_head: bool = False  # fused QKV rows per head [head][q, k, v] (GPT-NeoX); llama.cpp wants [q; k; v]
+    derived: Callable[[dict], dict[str, Any]] | None = None  # metadata computed from the config, not copied
+    refuses: Callable[[dict], str | None] | None = None  # why llama.cpp would run this config wrongly, if it would
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+def _fields(*rows: tuple) -> tuple[Field, ...]:
+    return tuple(Field(*row) for row in rows)
+
+
+_SILU = {"hidden_act": "silu"}
+# import: the llama-family names where the package lists another family's first
+_LLAMA_NAMES = {
+    "ffn_norm": "model.layers.{bid}.post_attention_layernorm",
+    "ffn_up": "model.layers.{bid}.mlp.up_proj",
+    "attn_q_norm": "model.layers.{bid}.self_attn.q_norm",
+    "attn_k_norm": "model.layers.{bid}.self_attn.k_norm",
+    "ffn_gate_inp": "model.layers.{bid}.mlp.gate",
+    "ffn_gate_exps": "model.layers.{bid}.mlp.experts.gate_proj",
+    "ffn_up_exps": "model.layers.{bid}.mlp.experts.up_proj",
+    "ffn_down_exps": "model.layers.{bid}.mlp.experts.down_proj",
+}
+_MIXTRAL_NAMES = {
+    **_LLAMA_NAMES,
+    "ffn_gate_inp": "model.layers.{bid}.block_sparse_moe.gate",
+    "ffn_gate_exps": "model.layers.{bid}.block_sparse_moe.experts.w1",
+    "ffn_down_exps": "model.layers.{bid}.block_sparse_moe.experts.w2",
+    "ffn_up_exps": "model.layers.{bid}.block_sparse_moe.experts.w3",
+}
+_POST_NORMS = {  # Gemma 2/3, OLMo 2, GLM-4: a norm after attention and after the MLP
+    **_LLAMA_NAMES,
+    "post_attention_norm": "model.layers.{bid}.post_attention_layernorm",
+    "ffn_norm": "model.layers.{bid}.pre_feedforward_layernorm",
+    "post_ffw_norm": "model.layers.{bid}.post_feedforward_layernorm",
+}
+_SOFTCAP = (
+    (LLM.ATTN_LOGIT_SOFTCAPPING, ("attn_logit_softcapping",), float),
+    (LLM.FINAL_LOGIT_SOFTCAPPING, ("final_logit_softcapping",), float),
+)
+_WINDOW = ((ATTN.SLIDING_WINDOW, ("sliding_window",)),)
+_GPT2_CONFIG = {
+    "hidden_size": "n_embd",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "max_position_embeddings": "n_positions",
+    "intermediate_size": "n_inner",
+    "layer_norm_eps": "layer_norm_epsilon",
+}
+
+
+def _swa_pattern(config: dict) -> dict[str, Any]:
+    """Which layers use the sliding window, from `layer_types` (llama.cpp's default pattern otherwise)."""
+    types = config.get("layer_types")
+    if isinstance(types, list) and config.get("sliding_window"):
+        return {ATTN.SLIDING_WINDOW_PATTERN: [t == "sliding_attention" for t in types]}
+    return {}
+
+
+def _gemma_attention_scale(layers_27b: int) -> Callable[[dict], str | None]:
+    """llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) when the layer
+    count is the 27B model's; the config's query_pre_attn_scalar must be that value."""
+
+    def check(config: dict) -> str | None:
+        scalar = config.get("query_pre_attn_scalar")
+        if scalar is None:
+            return None
+        layers = block_count(config)
+        expected = config["hidden_size"] // config["num_attention_heads"] if layers == layers_27b else head_dim(config)
+        if float(scalar) != float(expected):
+            return (
+                f"query_pre_attn_scalar is {scalar}, but llama.cpp scales a {layers}-layer model's queries by "
+                f"1/sqrt({expected}); the GGUF would compute different logits"
+            )
+        return None
+
+    return check
+
+
+def _requires(key: str, value: Any, default: Any) -> Callable[[dict], str | None]:
+    def check(config: dict) -> str | None:
+        got = config.get(key, default)
+        if got != value:
+            return f"{key} is {got!r}; llama.cpp computes this architecture as if it were {value!r}"
+        return None
+
+    return check
+
+
+def _gpt2_derived(config: dict) -> dict[str, Any]:
+    return {LLM.FEED_FORWARD_LENGTH: int(config.get("n_inner") or 4 * int(config["n_embd"]))}
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("llama", A.LLAMA, "LlamaForCausalLM", permute_qk=True, hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture("mistral", A.LLAMA, "MistralForCausalLM", permute_qk=True, hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture("mixtral", A.LLAMA, "MixtralForCausalLM", permute_qk=True, hf_names=_MIXTRAL_NAMES, hf_config=_SILU),
+        Architecture("internlm3", A.LLAMA, "InternLM3ForCausalLM", permute_qk=True, hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture("smollm3", A.SMOLLM3, "SmolLM3ForCausalLM", permute_qk=True, hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture(
+            "granite",
+            A.GRANITE,
+            "GraniteForCausalLM",
+            permute_qk=True,
+            hf_names=_LLAMA_NAMES,
+            hf_config=_SILU,
+            fields=_fields(
+                (ATTN.SCALE, ("attention_multiplier",), float),
+                (LLM.EMBEDDING_SCALE, ("embedding_multiplier",), float),
+                (LLM.RESIDUAL_SCALE, ("residual_multiplier",), float),
+            ),
+            derived=lambda config: {LLM.LOGIT_SCALE: float(config.get("logits_scaling") or 1.0)},  # required by llama.cpp
+        ),
+        Architecture("qwen2", A.QWEN2, "Qwen2ForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture("qwen3", A.QWEN3, "Qwen3ForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture(
+            "qwen2_moe",
+            A.QWEN2MOE,
+            "Qwen2MoeForCausalLM",
+            output="required",
+            hf_config=_SILU,
+            hf_names={
+                **_LLAMA_NAMES,
+                "ffn_gate_inp_shexp": "model.layers.{bid}.mlp.shared_expert_gate",
+                "ffn_gate_shexp": "model.layers.{bid}.mlp.shared_expert.gate_proj",
+                "ffn_up_shexp": "model.layers.{bid}.mlp.shared_expert.up_proj",
+                "ffn_down_shexp": "model.layers.{bid}.mlp.shared_expert.down_proj",
+            },
+            fields=_fields(
+                (LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",)),
+                (LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, ("shared_expert_intermediate_size",)),
+            ),
+            refuses=_requires("norm_topk_prob", False, False),
+        ),
+        Architecture(
+            "qwen3_moe",
+            A.QWEN3MOE,
+            "Qwen3MoeForCausalLM",
+            hf_names=_LLAMA_NAMES,
+            hf_config=_SILU,
+            fields=_fields((LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",))),
+            refuses=_requires("norm_topk_prob", True, False),
+        ),
+        Architecture(
+            "gemma",
+            A.GEMMA,
+            "GemmaForCausalLM",
+            norm_plus_one=True,
+            output="never",
+            hf_names=_LLAMA_NAMES,
+            hf_config={"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"},
+        ),
+        Architecture(
+            "gemma2",
+            A.GEMMA2,
+            "Gemma2ForCausalLM",
+            norm_plus_one=True,
+            output="never",
+            hf_names=_POST_NORMS,
+            hf_config={"hidden_activation": "gelu_pytorch_tanh"},
+            fields=_fields(*_SOFTCAP, *_WINDOW),
+            refuses=_gemma_attention_scale(46),
+            derived=_swa_pattern,
+        ),
+        Architecture(
+            "gemma3_text",
+            A.GEMMA3,
+            "Gemma3ForCausalLM",
+            norm_plus_one=True,
+            hf_names=_POST_NORMS,
+            hf_config={"hidden_activation": "gelu_pytorch_tanh"},
+            fields=_fields(*_SOFTCAP[1:], *_WINDOW, (ROPE.FREQ_BASE_SWA, ("rope_local_base_freq",), float)),
+            refuses=_gemma_attention_scale(62),
+            derived=_swa_pattern,
+        ),
+        Architecture(
+            "phi",
+            A.PHI2,
+            "PhiForCausalLM",
+            output="required",
+            rope_from_partial=True,
+            hf_config={"hidden_act": "gelu_new"},
+            hf_names={
+                "token_embd": "model.embed_tokens",
+                "output_norm": "model.final_layernorm",
+                "attn_output": "model.layers.{bid}.self_attn.dense",
+                "ffn_up": "model.layers.{bid}.mlp.fc1",
+                "ffn_down": "model.layers.{bid}.mlp.fc2",
+            },
+        ),
+        Architecture(
+            "phi3",
+            A.PHI3,
+            "Phi3ForCausalLM",
+            rope_from_partial=True,
+            hf_config=_SILU,
+            hf_names={
+                **_LLAMA_NAMES,
+                "attn_qkv": "model.layers.{bid}.self_attn.qkv_proj",
+                "ffn_up": "model.layers.{bid}.mlp.gate_up_proj",
+            },
+            fields=_fields(*_WINDOW),
+        ),
+        Architecture("olmo2", A.OLMO2, "Olmo2ForCausalLM", output="required", hf_names=_POST_NORMS, hf_config=_SILU),
+        Architecture(
+            "olmo3",
+            A.OLMO2,
+            "Olmo3ForCausalLM",
+            output="required",
+            hf_names=_POST_NORMS,
+            hf_config=_SILU,
+            fields=_fields(*_WINDOW),
+            derived=_swa_pattern,
+        ),
+        Architecture(
+            "starcoder2",
+            A.STARCODER2,
+            "Starcoder2ForCausalLM",
+            hf_config={"hidden_act": "gelu_pytorch_tanh"},
+            hf_names={**_LLAMA_NAMES, "ffn_up": "model.layers.{bid}.mlp.c_fc", "ffn_down": "model.layers.{bid}.mlp.c_proj"},
+        ),
+        Architecture(
+            "stablelm",
+            A.STABLELM,
+            "StableLmForCausalLM",
+            output="required",
+            rope_from_partial=True,
+            hf_names=_LLAMA_NAMES,
+            hf_config=_SILU,
+            fields=_fields((LLM.USE_PARALLEL_RESIDUAL, ("use_parallel_residual",), bool)),
+        ),
+        Architecture(
+            "cohere",
+            A.COMMAND_R,
+            "CohereForCausalLM",
+            output="never",
+            hf_names=_LLAMA_NAMES,
+            hf_config=_SILU,
+            fields=_fields((LLM.LOGIT_SCALE, ("logit_scale",), float)),
+        ),
+        Architecture(
+            "glm4",
+            A.GLM4,
+            "Glm4ForCausalLM",
+            rope_from_partial=True,
+            hf_config=_SILU,
+            hf_names={
+                **_LLAMA_NAMES,
+                "post_attention_norm": "model.layers.{bid}.post_self_attn_layernorm",
+                "post_ffw_norm": "model.layers.{bid}.post_mlp_layernorm",
+                "ffn_up": "model.layers.{bid}.mlp.gate_up_proj",
+            },
+        ),
+        Architecture(
+            "gpt2",
+            A.GPT2,
+            "GPT2LMHeadModel",
+            transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight"),
+            config_names=_GPT2_CONFIG,
+            hf_config={"activation_function": "gelu_new"},
+            hf_names={
+                "token_embd": "wte",
+                "position_embd": "wpe",
+                "output_norm": "ln_f",
+                "output": "lm_head",
+                "attn_norm": "h.{bid}.ln_1",
+                "attn_qkv": "h.{bid}.attn.c_attn",
+                "attn_output": "h.{bid}.attn.c_proj",
+                "ffn_norm": "h.{bid}.ln_2",
+                "ffn_up": "h.{bid}.mlp.c_fc",
+                "ffn_down": "h.{bid}.mlp.c_proj",
+            },
+            derived=_gpt2_derived,
+        ),
+        Architecture(
+            "gpt_neox",
+            A.GPTNEOX,
+            "GPTNeoXForCausalLM",
+            output="required",
+            rope_from_partial=True,
+            qkv_by_head=True,
+            hf_config={"hidden_act": "gelu"},
+            fields=_fields((LLM.USE_PARALLEL_RESIDUAL, ("use_parallel_residual",), bool)),
+            hf_names={
+                "token_embd": "gpt_neox.embed_in",
+                "output_norm": "gpt_neox.final_layer_norm",
+                "output": "embed_out",
+                "attn_norm": "gpt_neox.layers.{bid}.input_layernorm",
+                "attn_qkv": "gpt_neox.layers.{bid}.attention.query_key_value",
+                "attn_output": "gpt_neox.layers.{bid}.attention.dense",
+                "ffn_norm": "gpt_neox.layers.{bid}.post_attention_layernorm",
+                "ffn_up": "gpt_neox.layers.{bid}.mlp.dense_h_to_4h",
+                "ffn_down": "gpt_neox.layers.{bid}.mlp.dense_4h_to_h",
+            },
+        ),
+        Architecture("seed_oss", A.SEED_OSS, "SeedOssForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
+    )
+}
+
+# the architecture a GGUF file names -> the model_type it is read back as (the first row naming it)
+BY_GGUF_NAME: dict[str, Architecture] = {}
+for _a in ARCHITECTURES.values():
+    BY_GGUF_NAME.setdefault(_a.name, _a)
+
+
+def for_gguf(name: str, experts: int) -> Architecture | None:
+    """The row a GGUF architecture is read back as (llama.cpp's "llama" with experts is Mixtral)."""
+    if name == "llama" and experts:
+        return ARCHITECTURES["mixtral"]
+    return BY_GGUF_NAME.get(name)
+
+
+def for_config(config: dict) -> Architecture | None:
+    return ARCHITECTURES.get(str(config.get("model_type")))
+
+
+# ---- tensor names -------------------------------------------------------------------------------
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
+_SUFFIXES = (".weight", ".bias")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where one Hugging Face tensor goes in a GGUF file."""
+
+    name: str  # the GGUF tensor's name
+    kind: T
+    expert: int | None = None  # the tensor is this expert's slice of a stacked (experts, rows, cols) tensor
+
+
+@cache
+def _name_map(arch: A, blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, blocks)
+
+
+def gguf_tensor(spec: Architecture, hf: str, blocks: int) -> GGUFTensor | None:
+    """The GGUF tensor a Hugging Face tensor becomes, or None if llama.cpp has no place for it."""
+    tmap = _name_map(spec.arch, blocks)
+    expert = None
+    m = _EXPERT.match(hf)
+    if m:  # model.layers.3.mlp.experts.7.gate_proj.weight -> model.layers.3.mlp.experts.gate_proj (expert 7)
+        hf, expert = f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    found = tmap.get_type_and_name(hf, try_suffixes=_SUFFIXES)
+    if found is None:
+        return None
+    kind, name = found
+    if kind not in gguf.MODEL_TENSORS[spec.arch] or kind in (T.ROPE_FREQS, T.ATTN_ROT_EMBD) or not name.endswith(_SUFFIXES):
+        return None
+    return GGUFTensor(name, kind, expert)
+
+
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_names_for(spec: Architecture, gguf_name: str, blocks: int, experts: int = 0) -> list[str]:
+    """The Hugging Face name(s) of a GGUF tensor: one, or one per expert for a stacked tensor; [] if none.
+
+    The `gguf` package lists several Hugging Face names for most tensors (one per family that
+    spells it differently); the architecture's own is the one in `spec.hf_names`, else the first
+    listed under its checkpoints' prefix.
+    """
+    stem, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return []
+    m = _GGUF_BLOCK.match(stem)
+    key, bid = (m.group(2), int(m.group(1))) if m else (stem, None)
+    template = _hf_template(spec, key, blocks)
+    if template is None:
+        return []
+    name = template.format(bid=bid) + "." + suffix
+    if ".experts." in name and experts:
+        head, _, tail = name.rpartition(".experts.")
+        return [f"{head}.experts.{e}.{tail}" for e in range(experts)]
+    return [name]
+
+
+@cache
+def _hf_templates(arch: A, blocks: int) -> dict[str, list[str]]:
+    """GGUF stem (blk.N. removed) -> Hugging Face name templates the package maps to it, in its order."""
+    out: dict[str, list[str]] = {}
+    tmap = _name_map(arch, blocks)
+    allowed = gguf.MODEL_TENSORS[arch]
+    for kind, names in tmap.mappings_cfg.items():
+        if kind in allowed:
+            out.setdefault(gguf.TENSOR_NAMES[kind], []).extend(names)
+    block_cfg = {**tmap.block_mappings_cfg, **tmap.arch_block_mappings_cfg.get(arch, {})}
+    for kind, names in block_cfg.items():
+        if kind in allowed:
+            stem = gguf.TENSOR_NAMES[kind].removeprefix("blk.{bid}.")
+            out.setdefault(stem, []).extend(n for n in names if "{bid}" in n)
+    return out
+
+
+def _hf_template(spec: Architecture, key: str, blocks: int) -> str | None:
+    if key in spec.hf_names:
+        return spec.hf_names[key]
+    candidates = _hf_templates(spec.arch, blocks).get(key, [])
+    prefix = "model.layers.{bid}." if "{bid}" in "".join(candidates) else "model."
+    for c in candidates:
+        if c.startswith(prefix) or c in ("lm_head",):
+            return c
+    return candidates[0] if candidates else None
+
+
+# ---- tensor layouts -----------------------------------------------------------------------------
+
+
+def rope_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp stores Q/K in: GGUF row i is Hugging Face row perm[i].
+
+    Within each head, Hugging Face keeps the two rotary halves apart (first half, second half);
+    llama.cpp interleaves them (pairs of adjacent rows), the layout of the original Meta checkpoints.
+    """
+    head = rows // n_head
+    return np.arange(rows).reshape(n_head, 2, head // 2).swapaxes(1, 2).reshape(rows)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a tensor's Hugging Face values become its GGUF values, and back."""
+
+    rows: np.ndarray | None = None  # GGUF row i is Hugging Face row rows[i]
+    add: float = 0.0  # added to every value (Gemma's norms)
+    transpose: bool = False  # Hugging Face keeps it (in, out)
+
+    @property
+    def identity(self) -> bool:
+        return self.rows is None and not self.add and not self.transpose
+
+
+def layout(spec: Architecture, hf: str, kind: T, shape: tuple[int, ...], config: dict) -> Layout:
+    """The layout change llama.cpp's converter makes to one tensor of this architecture."""
+    rows = None
+    if spec.permute_qk and kind in (T.ATTN_Q, T.ATTN_K):
+        heads = _int(config, "num_attention_heads")
+        if kind == T.ATTN_K:
+            heads = _int(config, "num_key_value_heads") or heads
+        if heads <= 0 or shape[0] % (2 * heads):
+            raise ValueError(f"has {shape[0]} rows, which {heads} heads (from the config) cannot split into rotary halves")
+        rows = rope_permutation(shape[0], heads)
+    if spec.qkv_by_head and kind == T.ATTN_QKV:
+        heads = _int(config, "num_attention_heads")
+        if heads <= 0 or shape[0] % (3 * heads):
+            raise ValueError(f"has {shape[0]} rows, which {heads} heads (from the config) cannot split into Q, K and V")
+        per = shape[0] // (3 * heads)
+        rows = np.arange(shape[0]).reshape(heads, 3, per).transpose(1, 0, 2).reshape(-1)
+    add = 0.0
+    if spec.norm_plus_one and hf.endswith("norm.weight"):
+        add = 1.0
+    transpose = bool(spec.transposed) and hf.endswith(spec.transposed)
+    return Layout(rows, add, transpose)
+
+
+def _int(config: dict, key: str) -> int:
+    v = config.get(key)
+    return int(v) if v is not None else 0
+
+
+# ---- metadata -----------------------------------------------------------------------------------
+
+
+def normalised(config: dict) -> dict:
+    """The config with transformers 4's keys, whichever style it was written in (text part only)."""
+    config = mlx_lm_config(config)
+    text = config.get("text_config")
+    return {**config, **mlx_lm_config(text)} if isinstance(text, dict) else config
+
+
+def head_dim(config: dict) -> int:
+    hidden = int(config.get("hidden_size") or config["n_embd"])
+    heads = int(config.get("num_attention_heads") or config["n_head"])
+    return int(config.get("head_dim") or hidden // heads)
+
+
+def rope_dimensions(spec: Architecture, config: dict) -> int:
+    d = head_dim(config)
+    if spec.rope_from_partial:
+        factor = config.get("partial_rotary_factor") or config.get("rotary_pct") or 1.0
+        return int(d * float(factor))
+    return d
+
+
+def block_count(config: dict) -> int:
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if config.get(k) is not None:
+            return int(config[k])
+    raise KeyError("num_hidden_layers")
+
+
+ROPE_TYPES = ("linear", "yarn", "llama3")  # the RoPE scalings a GGUF written here carries
+
+
+def check_config(spec: Architecture, config: dict, out_format: str) -> None:
+    """Refuse, before anything is written, what this architecture's GGUF cannot say."""
+    _, rope = rope_settings(config)
+    why = spec.refuses(config) if spec.refuses else None
+    if why:
+        raise RecipeError(f"--out-format {out_format}: this {spec.model_type} model cannot be written as GGUF: {why}")
+    kind = rope and str(rope.get("rope_type")).lower()
+    if kind and kind not in ROPE_TYPES:
+        raise RecipeError(
+            f"--out-format {out_format}: RoPE scaling {kind!r} (config rope_scaling / rope_parameters) has no "
+            f"GGUF form written here; supported: {', '.join(ROPE_TYPES)}"
+        )
+
+
+def metadata(spec: Architecture, config: dict) -> dict[str, Any]:
+    """Metadata key (with `{arch}`) -> value, from a normalised config."""
+    out: dict[str, Any] = {}
+    for f in (*COMMON_FIELDS, *spec.fields):
+        value = f.find(config)
+        if value is not None:
+            out[f.key] = f.kind(value)
+    if spec.derived:
+        out.update(spec.derived(config))
+    heads = out[ATTN.HEAD_COUNT]
+    out.setdefault(ATTN.HEAD_COUNT_KV, heads)
+    theta, rope = rope_settings(config)
+    out[ROPE.FREQ_BASE] = float(theta if theta is not None else 10000.0)
+    out[ROPE.DIMENSION_COUNT] = rope_dimensions(spec, config)
+    kind = rope and str(rope.get("rope_type")).lower()
+    if kind == "linear":
+        out[ROPE.SCALING_TYPE] = gguf.RopeScalingType.LINEAR.value
+        out[ROPE.SCALING_FACTOR] = float(rope["factor"])
+    elif kind == "yarn":
+        out[ROPE.SCALING_TYPE] = gguf.RopeScalingType.YARN.value
+        out[ROPE.SCALING_FACTOR] = float(rope["factor"])
+        if rope.get("original_max_position_embeddings"):
+            out[ROPE.SCALING_ORIG_CTX_LEN] = int(rope["original_max_position_embeddings"])
+        for key, name in ((ROPE.SCALING_YARN_BETA_FAST, "beta_fast"), (ROPE.SCALING_YARN_BETA_SLOW, "beta_slow")):
+            if rope.get(name) is not None:
+                out[key] = float(rope[name])
+    return out
