@@ -112,6 +112,12 @@ KEYS: tuple[tuple[frozenset[str] | None, str, Callable[[dict], Any]], ...] = (
     (frozenset({"internlm3"}), "qkv_bias", _key("attention_bias")),
     (frozenset({"internlm3"}), "bias", _key("mlp_bias")),
     (frozenset({"gpt2"}), "n_ctx", _key("n_positions")),
+    # transformers 5 has no key for what its model class fixes (LFM2's block width is the hidden size;
+    # Apertus always normalises Q and K, never after the blocks, and has no MLP bias)
+    (frozenset({"lfm2"}), "block_dim", _key("hidden_size")),
+    (frozenset({"apertus"}), "mlp_bias", lambda config: False),
+    (frozenset({"apertus"}), "post_norm", lambda config: False),
+    (frozenset({"apertus"}), "qk_norm", lambda config: True),
     # no longer written when it is the default; transformers then uses hidden_size / heads
     (frozenset({"qwen3_moe"}), "head_dim", _head_dim),
 )

@@ -201,3 +201,25 @@ def test_per_attention_type_rope_gives_the_global_and_the_local_base():
     assert "rope_theta" not in config
     mapped = mlx_lm_config(config)
     assert (mapped["rope_theta"], mapped["rope_local_base_freq"]) == (1e6, 1e4)
+
+
+# transformers-5 configs that mlx-lm 0.32 cannot build without keys transformers 5 no longer writes
+# (LFM2's `block_dim`; Apertus's `mlp_bias`, `post_norm`, `qk_norm`)
+FIXED_BY_THE_MODEL_CLASS = {
+    "lfm2": dict(COMMON, num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "apertus": COMMON,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FIXED_BY_THE_MODEL_CLASS))
+def test_a_transformers5_config_without_keys_the_model_class_fixes_builds_and_runs_in_mlx_lm(arch):
+    written = transformers.CONFIG_MAPPING[arch](**FIXED_BY_THE_MODEL_CLASS[arch]).to_dict()
+    config = mlx_lm_config(written)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    out = logits(model)
+    assert out.shape == (1, TOKENS.shape[1], 64) and np.isfinite(out).all()
+    if arch == "lfm2":  # LFM2's blocks are as wide as the model
+        assert config["block_dim"] == written["hidden_size"]
+    else:  # what Apertus's model class always does
+        assert (config["qk_norm"], config["post_norm"], config["mlp_bias"]) == (True, False, False)
