@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from .arguments import Parser, add_common_arguments, add_output_arguments
 from .device import use_device
-from .dtypes import WEIGHT_NAMES, mlx_dtype, named, torch_dtype_name, weight_dtype
+from .dtypes import WEIGHT_NAMES, mlx_dtype, named, set_config_dtype, weight_dtype
 from .errors import RecipeError
 from .formats import DEFAULT_SHARD_BYTES, OUT_FORMATS, open_model
 from .formats.base import ModelSource, OutputTensor
@@ -126,7 +126,7 @@ def plain_plan(src: ModelSource, dtype: mx.Dtype | None) -> tuple[list[OutputTen
         tensors.append(OutputTensor(name, info.shape, dtype if (dtype and own) else (own or _mx_dtype(info.dtype))))
     config = copy.deepcopy(src.config)
     if dtype is not None:
-        config["torch_dtype"] = torch_dtype_name(dtype)
+        set_config_dtype(config, dtype)
     wanted = {t.name: t.dtype for t in tensors}
     return tensors, config, lambda name: src.load(name).astype(wanted[name])
 

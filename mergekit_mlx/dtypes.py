@@ -71,6 +71,15 @@ def safetensors_code(dtype: mx.Dtype) -> str:
     return BY_MLX[dtype].code
 
 
+def set_config_dtype(config: dict, dtype: mx.Dtype) -> None:
+    """Name the weights' dtype in a config under the key its style uses: transformers 5 writes `dtype`,
+    transformers 4 `torch_dtype` (a config with both keeps both)."""
+    if "dtype" in config:
+        config["dtype"] = torch_dtype_name(dtype)
+    if "torch_dtype" in config or "dtype" not in config:
+        config["torch_dtype"] = torch_dtype_name(dtype)
+
+
 def torch_dtype_name(dtype: mx.Dtype) -> str:
     """The name config.json's torch_dtype uses for an MLX dtype."""
     d = BY_MLX.get(dtype)

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from .chat_template import check_chat_templates
-from .dtypes import mlx_dtype, named, torch_dtype_name
+from .dtypes import mlx_dtype, named, set_config_dtype, torch_dtype_name
 from .errors import ModelError, RecipeError
 from .formats import open_model
 from .formats.base import ModelSource, OutputTensor, strip_quantization
@@ -473,9 +473,7 @@ def make_plan(
     config = strip_quantization(sources[config_source].config)
     _set_layers(config, sources[config_source], [(sources[m].config, i) for m, i in taken])
     if out_dtype is not None:
-        config["torch_dtype"] = torch_dtype_name(out_dtype)
-        if "dtype" in config:
-            config["dtype"] = torch_dtype_name(out_dtype)
+        set_config_dtype(config, out_dtype)
 
     vocab = None
     if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
