@@ -66,8 +66,9 @@ ARCHITECTURES = {
     ),
     "qwen3": DECODER,
     "gemma": DECODER,
-    "gemma2": dict(DECODER, sliding_window=4),
-    "gemma3_text": dict(DECODER, sliding_window=4, sliding_window_pattern=2),
+    # queries scaled by 1/sqrt(head_dim), as in the released Gemma 2 and 3 (but 27B); llama.cpp has no other scale
+    "gemma2": dict(DECODER, sliding_window=4, query_pre_attn_scalar=8),
+    "gemma3_text": dict(DECODER, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=8),
     "phi": dict(DECODER, num_key_value_heads=4),
     "phi3": DECODER,
     "olmo2": DECODER,
@@ -81,8 +82,12 @@ ARCHITECTURES = {
     "helium": DECODER,
     "smollm3": DECODER,
     "mixtral": dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1),
-    "gpt_neox": dict(IDS, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4),
+    # norm_topk_prob as in the released Qwen3-MoE models (llama.cpp always normalises)
+    "qwen3_moe": dict(
+        DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1, norm_topk_prob=True
+    ),
+    # mlx-lm's GPT-NeoX MLP is 4 x hidden_size whatever intermediate_size says; Pythia's are too
+    "gpt_neox": dict(IDS, hidden_size=32, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4),
     "gpt2": dict(IDS, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128),
 }
 

@@ -213,20 +213,8 @@ def test_ties_merge_matches_a_float64_reference_and_loads_in_mlx_lm(arch_family,
     np.testing.assert_allclose(logits(load_written(written)[0]), b, rtol=0, atol=0)
 
 
-# plan.py sets torch_dtype whatever the style, next to the dtype key transformers 5 writes
-TORCH_DTYPE_ADDED = "mergekit_mlx/plan.py writes torch_dtype into a transformers-5 config, which names it dtype"
-
-
-@pytest.mark.parametrize(
-    "name, style",
-    [
-        pytest.param(n, s, marks=[pytest.mark.xfail(reason=TORCH_DTYPE_ADDED, strict=True)] if s == "transformers5" else [])
-        for n in sorted(ARCHITECTURES)
-        for s in STYLES
-    ],
-)
-def test_the_written_config_adds_no_key_to_its_input(name, style, tmp_path, tmp_path_factory):
-    paths = family(name, style, tmp_path_factory).paths
+def test_the_written_config_adds_no_key_to_its_input(arch_family, tmp_path):
+    arch, style, paths, variants = arch_family
     written = run_cli(ties_recipe(paths), tmp_path)
     assert sorted(read_config(written)) == sorted(read_config(paths[0]))
 
