@@ -37,12 +37,13 @@ class Field:
     key: str
     config: tuple[str, ...]
     kind: type = int  # int -> UINT32, float -> FLOAT32, bool -> BOOL
+    default: Any = None  # written when the config has none of the keys (a value llama.cpp requires)
 
     def find(self, config: dict) -> Any:
         for k in self.config:
             if config.get(k) is not None:
                 return config[k]
-        return None
+        return self.default
 
 
 # values every architecture writes when its config has them (llama.cpp's generic converter set)
@@ -78,7 +79,9 @@ class Architecture:
     config_names: dict[str, str] = field(default_factory=dict)  # config key -> this architecture's name for it
     output: str = "optional"  # llama.cpp's output.weight: "optional" (falls back to the embedding), "required", "never"
     qkv_by_head: bool = False  # fused QKV rows per head [head][q, k, v] (GPT-NeoX); llama.cpp wants [q; k; v]
+    attention_bias_key: str = "attention_bias"  # the config key saying Q/K/V have biases, on import
     derived: Callable[[dict], dict[str, Any]] | None = None  # metadata computed from the config, not copied
+    from_gguf: Callable[[dict], dict[str, Any]] | None = None  # config values implied by llama.cpp's reading, on import
     refuses: Callable[[dict], str | None] | None = None  # why llama.cpp would run this config wrongly, if it would
 
     @property
@@ -131,11 +134,41 @@ _GPT2_CONFIG = {
 
 
 def _swa_pattern(config: dict) -> dict[str, Any]:
-    """Which layers use the sliding window, from `layer_types` (llama.cpp's default pattern otherwise)."""
+    """Which layers use the sliding window: per layer from `layer_types`, else every n-th layer full
+    from transformers 4's `sliding_window_pattern` (llama.cpp's default pattern when neither is there)."""
     types = config.get("layer_types")
     if isinstance(types, list) and config.get("sliding_window"):
         return {ATTN.SLIDING_WINDOW_PATTERN: [t == "sliding_attention" for t in types]}
+    if isinstance(config.get("sliding_window_pattern"), int):
+        return {ATTN.SLIDING_WINDOW_PATTERN: int(config["sliding_window_pattern"])}
     return {}
+
+
+def layer_types_of(pattern: Any, layers: int) -> dict[str, Any]:
+    """The config keys saying which layers slide, from a GGUF sliding-window pattern (a bool per
+    layer, or every n-th layer full): `layer_types`, and `sliding_window_pattern` where it is periodic."""
+    if isinstance(pattern, int) and pattern > 0:
+        slides = [(i + 1) % pattern != 0 for i in range(layers)]
+    elif isinstance(pattern, list) and len(pattern) == layers:
+        slides = [bool(x) for x in pattern]
+    else:
+        return {}
+    out: dict[str, Any] = {"layer_types": ["sliding_attention" if x else "full_attention" for x in slides]}
+    period = next((i + 1 for i, x in enumerate(slides) if not x), None)
+    if period and all(x == ((i + 1) % period != 0) for i, x in enumerate(slides)):
+        out["sliding_window_pattern"] = period
+    return out
+
+
+def _gemma_query_scale(layers_27b: int) -> Callable[[dict], dict[str, Any]]:
+    """query_pre_attn_scalar as llama.cpp applies it (see _gemma_attention_scale)."""
+
+    def values(config: dict) -> dict[str, Any]:
+        if block_count(config) == layers_27b:
+            return {"query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"]}
+        return {"query_pre_attn_scalar": head_dim(config)}
+
+    return values
 
 
 def _gemma_attention_scale(layers_27b: int) -> Callable[[dict], str | None]:
@@ -191,8 +224,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                 (ATTN.SCALE, ("attention_multiplier",), float),
                 (LLM.EMBEDDING_SCALE, ("embedding_multiplier",), float),
                 (LLM.RESIDUAL_SCALE, ("residual_multiplier",), float),
+                (LLM.LOGIT_SCALE, ("logits_scaling",), float, 1.0),  # required by llama.cpp
             ),
-            derived=lambda config: {LLM.LOGIT_SCALE: float(config.get("logits_scaling") or 1.0)},  # required by llama.cpp
         ),
         Architecture("qwen2", A.QWEN2, "Qwen2ForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
         Architecture("qwen3", A.QWEN3, "Qwen3ForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
@@ -214,6 +247,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 (LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, ("shared_expert_intermediate_size",)),
             ),
             refuses=_requires("norm_topk_prob", False, False),
+            from_gguf=lambda config: {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False},
         ),
         Architecture(
             "qwen3_moe",
@@ -223,6 +257,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             hf_config=_SILU,
             fields=_fields((LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",))),
             refuses=_requires("norm_topk_prob", True, False),
+            from_gguf=lambda config: {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
         ),
         Architecture(
             "gemma",
@@ -243,6 +278,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             hf_config={"hidden_activation": "gelu_pytorch_tanh"},
             fields=_fields(*_SOFTCAP, *_WINDOW),
             refuses=_gemma_attention_scale(46),
+            from_gguf=_gemma_query_scale(46),
             derived=_swa_pattern,
         ),
         Architecture(
@@ -254,6 +290,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             hf_config={"hidden_activation": "gelu_pytorch_tanh"},
             fields=_fields(*_SOFTCAP[1:], *_WINDOW, (ROPE.FREQ_BASE_SWA, ("rope_local_base_freq",), float)),
             refuses=_gemma_attention_scale(62),
+            from_gguf=_gemma_query_scale(62),
             derived=_swa_pattern,
         ),
         Architecture(
@@ -306,6 +343,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "stablelm",
             A.STABLELM,
             "StableLmForCausalLM",
+            attention_bias_key="use_qkv_bias",
             output="required",
             rope_from_partial=True,
             hf_names=_LLAMA_NAMES,

@@ -324,7 +324,13 @@ def config_from_metadata(reader: gguf.GGUFReader, spec: archs.Architecture, info
     config["rope_theta"] = _short(key("rope.freq_base", 10000.0))
     config["tie_word_embeddings"] = not any(archs.gguf_tensor(spec, n, layers).kind == T.OUTPUT for n in infos)
     config["torch_dtype"] = _torch_dtype(reader)
+    # the biases the tensors have (config keys of the llama-style architectures)
+    config[spec.attention_bias_key] = any(n.endswith(("_proj.bias", "qkv_proj.bias")) and ".self_attn." in n for n in infos)
+    config["mlp_bias"] = any(n.endswith("_proj.bias") and ".mlp." in n for n in infos)
     config.update(spec.hf_config)
+    config.update(archs.layer_types_of(key("attention.sliding_window_pattern"), layers))
+    if spec.from_gguf:
+        config.update(spec.from_gguf(config))
     scaling = key("rope.scaling.type")
     factor = key("rope.scaling.factor")
     if scaling == "linear" and factor:
