@@ -214,11 +214,12 @@ class Family:
     weights: list[dict[str, np.ndarray]]  # their tensors, float64
 
 
-def transformers5_config(name: str, vocab: int = VOCAB) -> dict:
-    """The config.json transformers' config class writes for the architecture `name`."""
+def transformers5_config(name: str, vocab: int = VOCAB, overrides: dict | None = None) -> dict:
+    """The config.json transformers' config class writes for the architecture `name` (its
+    ARCHITECTURES arguments, with `overrides`)."""
     import transformers
 
-    args = dict(ARCHITECTURES[name], vocab_size=vocab, dtype="float32")
+    args = dict(ARCHITECTURES[name], vocab_size=vocab, dtype="float32", **(overrides or {}))
     written = transformers.CONFIG_MAPPING[model_type(name)](**args).to_json_string(use_diff=True)
     return json.loads(written)
 
@@ -229,19 +230,22 @@ def build_family(
     style: str = "transformers5",
     vocab: int = VOCAB,
     write_tokenizer: Callable[[Path, int], None] = tiny.write_tokenizer,
+    overrides: dict | None = None,
 ) -> Family:
     """A base and two fine-tunes (base + small random deltas) of one architecture under root, with
-    the config in `style` (one of STYLES)."""
+    the config in `style` (one of STYLES); `overrides` change the config class's arguments."""
     from mlx_lm.utils import _get_classes
 
     from mergekit_mlx.mlx_lm_config import mlx_lm_config
 
-    config = transformers5_config(name, vocab)
+    config = transformers5_config(name, vocab, overrides)
     mx.random.seed(0)
     args = mlx_lm_config(config)
     model_class, args_class = _get_classes(args)
     model = model_class(args_class.from_dict(args))
     base = hf_weights(model_type(name), model)
+    if config.get("tie_word_embeddings") and "lm_head.weight" in base:
+        del base["lm_head.weight"]  # a tied checkpoint has no head (mlx-lm's Gemma 3 builds one, then ties it)
     # the names are ones mlx-lm reads back: sanitize gives exactly the model's parameters
     back = model.sanitize({k: mx.array(v) for k, v in base.items()}) if hasattr(model, "sanitize") else base
     assert sorted(back) == sorted(k for k, _ in tree_flatten(model.parameters())), name
