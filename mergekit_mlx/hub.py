@@ -3,7 +3,8 @@
 A model is fetched in two steps so a recipe is checked before any weight is downloaded: first its
 small files (`METADATA_FILES`: config.json, the safetensors index, the tokenizer side files), for
 every Hub model of the recipe; then the safetensors the index lists (every top-level `*.safetensors`
-without an index). Nothing else is ever requested: no `.bin`, `.pt` or other pickle, no README.
+without an index). A LoRA adapter (`BASE+ADAPTER` in a recipe) is its config and safetensors weights
+(`ADAPTER_FILES`). Nothing else is ever requested: no `.bin`, `.pt` or other pickle, no README.
 
 The files land in the normal Hugging Face cache (HF_HOME / HF_HUB_CACHE); the untrusted-file checks of
 `formats/files.py` apply to the snapshot as to any model directory. huggingface_hub reads HF_TOKEN (gated
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters.read import CONFIG_FILE, MLX_WEIGHTS, PEFT_WEIGHTS
 from .errors import ModelError, short_repr
 from .formats.base import ModelSource, TensorInfo
 from .formats.files import SIDE_FILES, read_config, read_json
@@ -25,6 +27,7 @@ from .formats.files import SIDE_FILES, read_config, read_json
 INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILES = ("config.json", INDEX_FILE, *SIDE_FILES)
 GLOB_CHARACTERS = "*?[]"
+ADAPTER_FILES = (CONFIG_FILE, PEFT_WEIGHTS, MLX_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ def fetch_model(hub_id: HubId, where: str, *, weights: bool = True) -> Path:
             "(pickle checkpoints, .bin or .pt, never are: unpickling can run code)"
         )
     return snapshot
+
+
+def fetch_adapter(hub_id: HubId, where: str) -> Path:
+    """The cache snapshot of a Hub LoRA adapter: its config and its safetensors weights (PEFT's or
+    mlx-lm's file name), nothing else; an adapter is small, so it is fetched whole when the recipe is
+    checked, before any model weight."""
+    return _download(hub_id, where, list(ADAPTER_FILES), progress=False)
 
 
 def index_only_model(path: Path) -> ModelSource:

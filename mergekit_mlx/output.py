@@ -641,9 +641,10 @@ def _write_failure(e: BaseException, out: Path, job: OutputJob) -> OutputError |
 
 def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
     """The output job of a merge plan: its tensors, config, tokenizer and card."""
-    files = sorted({str(i.file) for m in plan.models for i in (m.info(n) for n in m.tensor_names()) if i.file})
-    if not files:  # formats read whole (GGUF): the model files themselves
-        files = sorted({str(m.path) for m in plan.models if Path(m.path).is_file()})
+    inputs = [(ref, p) for ref, m in zip(plan.model_paths, plan.models) for p in m.input_paths()]
+    files = {str(i.file) for m in plan.models for i in (m.info(n) for n in m.tensor_names()) if i.file}
+    # and the files an input names itself: a GGUF file read whole, an adapter's config and weights
+    files = sorted(files | {str(p) for _, p in inputs if Path(p).is_file()})
 
     def side_files(directory: Path) -> None:
         if opts.copy_tokenizer and writer_class(opts.out_format).copies_tokenizer:
@@ -653,7 +654,7 @@ def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
     return OutputJob(
         tensors=plan.outputs,
         config=plan.config,
-        inputs=list(zip(plan.model_paths, [m.path for m in plan.models])),
+        inputs=inputs,
         input_files=files,
         fingerprint={"recipe": plan.recipe.model_dump(mode="json"), "seed": opts.random_seed},
         tokenizer_dir=_tokenizer_source_dir(plan),

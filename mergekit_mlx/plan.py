@@ -16,13 +16,14 @@ from typing import Any
 
 import mlx.core as mx
 
+from .adapters import adapter_targets, apply_adapter, read_adapter
 from .chat_template import check_chat_templates
 from .dtypes import mlx_dtype, named, set_config_dtype, torch_dtype_name
 from .errors import ModelError, RecipeError
 from .formats import open_model
 from .formats.base import ModelSource, OutputTensor, strip_quantization
 from .formats.safetensors import plan_shards
-from .hub import fetch_model, index_only_model, parse_hub_id
+from .hub import fetch_adapter, fetch_model, index_only_model, parse_hub_id
 from .methods import Method, get_method
 from .names import is_before_layers, is_decoder_stack, layer_index, layer_stack, layer_stacks, text_stack, with_layer_index
 from .recipe import Parameters, Recipe, parameter_scopes, resolve, setting_values, short_path
@@ -123,6 +124,35 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def split_reference(ref: str, where: str, recipe_dir: Path | None) -> tuple[str, str | None]:
+    """A recipe's model reference as (model, adapter or None): mergekit's `MODEL+ADAPTER`, split at
+    its one `+` (mergekit's `ModelReference.parse`: more than one is an error). A local path that
+    exists is a model as written, `+` and all (mergekit would split it)."""
+    if "+" not in ref or _local_model_path(ref, where, recipe_dir) is not None:
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise RecipeError(
+            f"{where}: {short_path(ref)!r} is neither a path that exists nor MODEL+ADAPTER (one '+' between a model "
+            "and a LoRA adapter, each a path or a Hub id)"
+        )
+    return parts[0], parts[1]
+
+
+def resolve_adapter_path(ref: str, where: str, recipe_dir: Path | None) -> Path:
+    """The adapter of `MODEL+ADAPTER` as a local directory: a path as written or relative to the
+    recipe, else a Hub id whose config and safetensors are fetched (see hub.py)."""
+    local = _local_model_path(ref, where, recipe_dir)
+    if local is not None:
+        return local
+    hub_id = parse_hub_id(ref)
+    if hub_id is None:
+        raise RecipeError(
+            f"{where}: adapter {short_path(ref)!r} not found (no such path, and not a Hub id 'org/name' or 'org/name@revision')"
+        )
+    return fetch_adapter(hub_id, where)
+
+
 def resolve_model_path(ref: str, where: str, recipe_dir: Path | None, *, weights: bool = True) -> Path:
     """A recipe's model reference as a local path: as written or relative to the recipe (a path that
     exists always wins), else a Hub id `org/name[@revision]` fetched into the Hugging Face cache; with
@@ -141,8 +171,6 @@ def resolve_model_path(ref: str, where: str, recipe_dir: Path | None, *, weights
 def _local_model_path(ref: str, where: str, recipe_dir: Path | None) -> Path | None:
     shown = short_path(ref)
     try:
-        if "+" in ref and not Path(ref).exists():
-            raise RecipeError(f"{where}: {shown!r} names a LoRA adapter (model+lora); merge the adapter into its model first")
         candidates = [Path(ref).expanduser()]
         if recipe_dir is not None and not Path(ref).is_absolute():
             candidates.append(recipe_dir / ref)
@@ -160,19 +188,29 @@ def _check_before_download(
     """With Hub models in the recipe: the config, index and tokenizer files of every one are fetched
     first and the recipe checked against them (layer counts, architectures, layer ranges), so a wrong
     recipe fails before any weight is downloaded."""
-    hub_refs = {r for r in refs if _local_model_path(r, where_of[r], recipe_dir) is None and parse_hub_id(r)}
-    if not hub_refs:
+    parts = {r: split_reference(r, where_of[r], recipe_dir) for r in refs}
+
+    def on_hub(part: str | None, ref: str) -> bool:
+        return part is not None and _local_model_path(part, where_of[ref], recipe_dir) is None and parse_hub_id(part) is not None
+
+    if not any(on_hub(p, r) for r in refs for p in parts[r]):
         return
     sources: list[ModelSource] = []
     first_of: dict[tuple, int] = {}
     index_of: dict[str, int] = {}
     for i, ref in enumerate(refs):
-        path = resolve_model_path(ref, where_of[ref], recipe_dir, weights=False)
+        model, adapter = parts[ref]
+        path = resolve_model_path(model, where_of[ref], recipe_dir, weights=False)
         key = _model_identity(path)
+        if adapter is not None:  # fetched whole now (it is small), and its tensor names checked
+            adapter_path = resolve_adapter_path(adapter, where_of[ref], recipe_dir)
+            key = (key, _model_identity(adapter_path))
         if key not in first_of:
             first_of[key] = i
-            source = index_only_model(path) if ref in hub_refs else open_model(path)
+            source = index_only_model(path) if on_hub(model, ref) else open_model(path)
             _check_layer_count(source)
+            if adapter is not None and source.tensor_names():  # a Hub model without an index: names unknown yet
+                adapter_targets(read_adapter(adapter_path), source.tensor_names(), model, where_of[ref])
         index_of[ref] = first_of[key]
         sources.append(sources[first_of[key]] if first_of[key] != i else source)
     _check_architectures(sources, refs, allow_crimes)
@@ -359,14 +397,22 @@ def make_plan(
     # (plan_vocab relies on it), and a model opened once is shared
     first_of: dict[tuple, int] = {}
     index_of: dict[str, int] = {}
+    bases: dict[tuple, ModelSource] = {}  # models opened, by identity: the base of several adapters once
     for i, ref in enumerate(refs):
         if models and ref in models:
             key: tuple = ("given", id(models[ref]))
             source = models[ref]
         else:
-            path = resolve_model_path(ref, where_of[ref], recipe_dir)
+            model, adapter = split_reference(ref, where_of[ref], recipe_dir)
+            path = resolve_model_path(model, where_of[ref], recipe_dir)
             key = _model_identity(path)
-            source = sources[first_of[key]] if key in first_of else open_model(path)
+            adapter_path = None if adapter is None else resolve_adapter_path(adapter, where_of[ref], recipe_dir)
+            if adapter_path is not None:
+                key = (key, _model_identity(adapter_path))
+            if key in first_of:
+                source = sources[first_of[key]]
+            else:
+                source = _open_input(path, adapter_path, where_of[ref], bases)
         if key not in first_of:
             first_of[key] = i
             _check_layer_count(source)
@@ -487,6 +533,16 @@ def make_plan(
     check_chat_templates(recipe.chat_template, sources, tokenizer_model)  # a bad template stops the run now
     plan = Plan(recipe, method, refs, sources, base, tasks, config, out_dtype, out_layer, tokenizer_model, vocab)
     return plan
+
+
+def _open_input(path: Path, adapter: Path | None, where: str, bases: dict[tuple, ModelSource]) -> ModelSource:
+    """A model, with its adapter applied when it has one. A base is shared by its adapters when its
+    reader allows reads from several threads (they are separate inputs, read side by side)."""
+    key = _model_identity(path)
+    base = bases.get(key)
+    if base is None or not base.parallel_reads:
+        base = bases[key] = open_model(path)
+    return base if adapter is None else apply_adapter(base, read_adapter(adapter), where)
 
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

@@ -30,6 +30,7 @@ LAYERS = {
     "kernels": 2,
     "methods": 3,
     "formats": 3,
+    "adapters": 4,  # LoRA adapters read and applied over any format's reader; the planner and hub.py use them
     "chat_template": 4,
     "options": 4,
     "vocab": 5,

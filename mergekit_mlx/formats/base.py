@@ -74,6 +74,12 @@ class ModelSource:
     def release(self) -> None:
         """Forget what was opened for reading (lazy arrays that would keep their data once evaluated)."""
 
+    def input_paths(self) -> list[Path]:
+        """What this input reads besides its tensors' files: an output may be none of these (nor hold
+        them), and a resumed merge proves the regular files among them unchanged. A reader that wraps
+        another input (an adapter over its base) adds its own."""
+        return [self.path]
+
     @property
     def tokenizer_dir(self) -> Path | None:
         """The model directory when it holds tokenizer files (all of them checked by `check_side_files`)."""
