@@ -23,7 +23,16 @@ from format_models import bpe_tokenizer_json, f64, tiny_model  # noqa: E402
 from mergekit_mlx.errors import ModelError  # noqa: E402
 from mergekit_mlx.formats import open_model  # noqa: E402
 from mergekit_mlx.formats.base import OutputTensor, WriteOptions  # noqa: E402
-from mergekit_mlx.formats.gguf import ARCHITECTURES, GGUFModel, GGUFWriter, add_tokenizer, can_dequantize, gguf_tensor, hf_names_for, rope_permutation  # noqa: E402
+from mergekit_mlx.formats.gguf import (
+    ARCHITECTURES,
+    GGUFModel,
+    GGUFWriter,
+    add_tokenizer,
+    can_dequantize,
+    gguf_tensor,
+    hf_names_for,
+    rope_permutation,
+)  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -123,8 +132,8 @@ def test_gguf_round_trip_is_within_the_type_error(model, tmp_path, fmt):
     back = GGUFModel(path)
     assert sorted(back.tensor_names()) == sorted(model.weights)
     for name, w in model.weights.items():
-        qtype = types[gguf_tensor(ARCHITECTURES['llama'], name, 2).name]
-        assert qtype == expected_type(fmt, gguf_tensor(ARCHITECTURES['llama'], name, 2).name), name
+        qtype = types[gguf_tensor(ARCHITECTURES["llama"], name, 2).name]
+        assert qtype == expected_type(fmt, gguf_tensor(ARCHITECTURES["llama"], name, 2).name), name
         got = f64(back.load(name))
         if qtype in (Q.TQ1_0, Q.TQ2_0):
             # absmean ternary per tensor (BitNet b1.58), stored exactly up to the f16 block scale

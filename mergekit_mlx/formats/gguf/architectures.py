@@ -233,6 +233,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "qwen2_moe",
             A.QWEN2MOE,
             "Qwen2MoeForCausalLM",
+            config_names={"num_local_experts": "num_experts"},  # the name Qwen's MoE configs use
             output="required",
             hf_config=_SILU,
             hf_names={
@@ -253,6 +254,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "qwen3_moe",
             A.QWEN3MOE,
             "Qwen3MoeForCausalLM",
+            config_names={"num_local_experts": "num_experts"},  # the name Qwen's MoE configs use
             hf_names=_LLAMA_NAMES,
             hf_config=_SILU,
             fields=_fields((LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",))),
