@@ -86,6 +86,10 @@ ARCHITECTURES = {
     "qwen3_moe": dict(
         DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1, norm_topk_prob=True
     ),
+    "qwen2_moe": dict(
+        DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24
+    ),
+    "seed_oss": DECODER,
     # mlx-lm's GPT-NeoX MLP is 4 x hidden_size whatever intermediate_size says; Pythia's are too
     "gpt_neox": dict(IDS, hidden_size=32, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4),
     "gpt2": dict(IDS, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128),
@@ -108,8 +112,8 @@ RENAMED = {
 # transformers 4 config classes without a `rope_scaling` argument: they wrote no "rope_scaling": null
 NO_ROPE_SCALING = {"mistral", "mixtral", "gemma", "gemma2", "glm4", "helium"}
 # layer_types arrived in transformers 4.53; uploads of these architectures from before it lack the
-# key (4.57 writes it; 4.46 did not for qwen2 and gemma2). olmo3 and smollm3 came with it.
-NO_LAYER_TYPES = {"qwen2", "qwen3", "gemma2", "gemma3_text"}
+# key (4.57 writes it but for qwen2_moe; 4.46 did not for qwen2 and gemma2). olmo3 and smollm3 came with it.
+NO_LAYER_TYPES = {"qwen2", "qwen2_moe", "qwen3", "gemma2", "gemma3_text"}
 # RoPE types the transformers-4 style names with the old "type" key instead of "rope_type"
 OLD_TYPE_KEY = {"qwen2+rope_yarn"}
 
