@@ -29,6 +29,7 @@ from .formats import DEFAULT_SHARD_BYTES, OUT_FORMATS, open_model
 from .formats.base import ModelSource, OutputTensor
 from .formats.bitdelta import bitdelta_tensors
 from .formats.files import copy_side_files
+from .hub import download_progress
 from .options import MergeOptions
 from .output import OutputJob, check_output_location, write_model
 from .plan import resolve_model_path
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_arguments(p)
     add_common_arguments(p)
     args = p.parse_args(argv)
-    with use_device(args.device):
+    with use_device(args.device), download_progress(not args.no_progress):
         out = convert(
             args.input,
             args.out,

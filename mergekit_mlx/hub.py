@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,19 @@ INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILES = ("config.json", INDEX_FILE, *SIDE_FILES)
 GLOB_CHARACTERS = "*?[]"
 ADAPTER_FILES = (CONFIG_FILE, PEFT_WEIGHTS, MLX_WEIGHTS)
+# whether weight downloads show a progress bar; the commands set it from --no-progress, the API
+# from MergeOptions.progress (see download_progress)
+_PROGRESS: ContextVar[bool] = ContextVar("mergekit_mlx_download_progress", default=True)
+
+
+@contextmanager
+def download_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, Hub weight downloads show a progress bar only if `enabled`."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ def fetch_model(hub_id: HubId, where: str, *, weights: bool = True) -> Path:
     # the commit the small files came from, so the weights match the config that was checked (a
     # snapshot folder is named by its commit; one that is not a commit hash is left to the revision)
     pinned = HubId(hub_id.repo_id, snapshot.name) if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else hub_id
-    snapshot = _download(pinned, where, [*METADATA_FILES, *files], progress=True)
+    snapshot = _download(pinned, where, [*METADATA_FILES, *files], progress=_PROGRESS.get())
     if not any(snapshot.glob("*.safetensors")):
         raise ModelError(
             f"{where}: Hub repo {str(hub_id)!r} has no safetensors weights; only safetensors are downloaded "
@@ -126,8 +142,13 @@ def _download(hub_id: HubId, where: str, patterns: list[str], progress: bool) ->
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import logging as hf_logging
 
     shown = repr(str(hub_id))
+    # the client's own warnings (each retry of a failing read) would come before, and apart from, the
+    # one paragraph a failure ends with; they are kept to errors while it runs
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return Path(
             snapshot_download(
@@ -166,6 +187,25 @@ def _download(hub_id: HubId, where: str, patterns: list[str], progress: bool) ->
         raise ModelError(
             f"{where}: downloading Hub model {shown} failed ({short_repr(str(e).splitlines()[0], 300)}){hint}"
         ) from None
+    except Exception as e:
+        if not _network_error(e):
+            raise
+        raise ModelError(
+            f"{where}: downloading Hub model {shown} from {constants.ENDPOINT} failed: {type(e).__name__}: "
+            f"{short_repr(str(e).splitlines()[0] if str(e) else 'no answer', 300)}. The files downloaded so far stay in "
+            "the Hugging Face cache: the same command run again continues from them (HF_HUB_DOWNLOAD_TIMEOUT sets "
+            "the seconds a read may wait)"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _network_error(e: BaseException) -> bool:
+    """A failure of the connection itself (a timeout mid-download, a reset, a refused connection), from
+    whichever HTTP client huggingface_hub uses (httpx and its successors, requests, urllib3)."""
+    if isinstance(e, (OSError, TimeoutError)):
+        return True
+    return any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") for c in type(e).__mro__)
 
 
 def _silent_tqdm() -> type:

@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hub import download_progress
     from .merge import merge
     from .options import MergeOptions
     from .plan import make_plan
@@ -59,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     ).resolved()
-    if args.dry_run:
-        plan = make_plan(load_recipe(Path(args.recipe)), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
-        print(plan.describe(opts.out_shard_size, opts.batch_bytes))
-        return 0
-    if not args.out:
-        raise RecipeError("mergekit-mlx run needs OUT, the output directory (or .gguf file) to write; or pass --dry-run")
-    start = time.perf_counter()
-    result = merge(Path(args.recipe), args.out, opts)  # always a file, whatever its suffix
+    with download_progress(not args.no_progress):  # Hub weights, if the recipe names Hub ids
+        if args.dry_run:
+            plan = make_plan(load_recipe(Path(args.recipe)), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
+            print(plan.describe(opts.out_shard_size, opts.batch_bytes))
+            return 0
+        if not args.out:
+            raise RecipeError("mergekit-mlx run needs OUT, the output directory (or .gguf file) to write; or pass --dry-run")
+        start = time.perf_counter()
+        result = merge(Path(args.recipe), args.out, opts)  # always a file, whatever its suffix
     took = time.perf_counter() - start
     plan = result.plan
     print(

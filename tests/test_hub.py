@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class FakeHub:
         self.root = root
         self.refs: dict[str, dict[str, str]] = {}
         self.gated: dict[str, str] = {}  # repo -> the token that may read its files
+        self.stalled: set[str] = set()  # file names whose body stops after a few bytes and hangs
         self.requests: list[tuple[str, str]] = []
         self.url = ""
 
@@ -127,10 +129,17 @@ class FakeHub:
                 self.send_header("ETag", f'"{_oid(data)}"')
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if body:
+                if body and f.name in hub.stalled:  # a connection that stops answering mid-file
+                    self.wfile.write(data[:64])
+                    self.wfile.flush()
+                    time.sleep(STALL_SECONDS)
+                elif body:
                     self.wfile.write(data)
 
         return Handler
+
+
+STALL_SECONDS = 3.0  # how long a stalled file hangs; the client gives up after READ_TIMEOUT
 
 
 def _oid(data: bytes) -> str:
@@ -384,3 +393,31 @@ def test_env_variables_alone_reach_the_client(hub, published, tmp_path):
     assert online.returncode == 0, online.stderr
     assert_same(load_np(tmp_path / "out"), {k: np.array(v) for k, v in merge(linear("org/base", "org/ft2")).weights.items()})
     assert cli(("HF_HUB_OFFLINE", "1")).returncode == 0
+
+
+def test_a_download_that_stops_answering_exits_2_and_the_same_command_then_finishes(
+    hub, published, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
+    shard = next(f.name for f in published["org/ft2"].glob("*.safetensors"))
+    hub.stalled.add(shard)
+    recipe = linear("org/base", "org/ft2")
+    rc, err = run_cli(capsys, tmp_path, recipe, "--no-progress")
+    assert_clean_error(rc, err, r"models\[1\]\.model", "org/ft2", "Timeout", "run again continues")
+    assert not (tmp_path / "out").exists()
+    hub.stalled.clear()  # the connection is back: the same command completes
+    rc, err = run_cli(capsys, tmp_path, recipe, "--no-progress")
+    assert rc == 0, err
+    assert_same(load_np(tmp_path / "out"), as_numpy(merge(recipe)))
+
+
+def test_no_progress_silences_the_download_bar_too(hub, published, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", False)
+
+    def download(model: str, *flags: str) -> str:  # a model not in the cache yet: its weights are downloaded
+        (tmp_path / f"{model[4:]}.yml").write_text(yaml.safe_dump(linear(model)))
+        assert cli_main(["run", str(tmp_path / f"{model[4:]}.yml"), str(tmp_path / model[4:]), *flags]) == 0
+        return capsys.readouterr().err
+
+    assert "%|" in download("org/ft1")  # the download bar, by default
+    assert "%|" not in download("org/ft2", "--no-progress")
