@@ -19,6 +19,7 @@ COMMANDS = {  # name -> module
     "convert": "mergekit_mlx.convert",
     "eval": "mergekit_mlx.evaluate",
     "example": "mergekit_mlx.example",
+    "evolve": "mergekit_mlx.evolve.command",
 }
 # commands after which the process ends without the interpreter's teardown (see entry)
 FAST_EXIT = {"run"}

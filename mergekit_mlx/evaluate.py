@@ -65,7 +65,7 @@ def is_held_out(prompt: str) -> bool:
     return digest[0] % HELD_OUT_EVERY == 0
 
 
-def examples(task: str, seed: int, held_out: bool) -> Iterator[Example]:
+def examples(task: str, seed: int | str, held_out: bool) -> Iterator[Example]:
     """An endless stream of random examples of `task` from one split (training or held-out)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -87,6 +87,23 @@ def held_out_examples(task: str, n: int, seed: int = 0) -> list[Example]:
     return list(seen.values())
 
 
+EVALUATION_PROMPTS = 200  # the held-out prompts `eval` and `example` score by default (seed 0)
+
+
+def search_examples(task: str, n: int, seed: int = 0) -> list[Example]:
+    """`n` distinct prompts for a search's fitness: from the held-out split (no training run saw
+    them), never one of the first EVALUATION_PROMPTS held-out prompts of seed 0 that `eval` scores,
+    so a search is judged on prompts it was never scored on."""
+    scored = {ex.prompt for ex in held_out_examples(task, EVALUATION_PROMPTS, seed=0)}
+    seen: dict[str, Example] = {}
+    for ex in examples(task, seed=f"search:{seed}", held_out=True):
+        if ex.prompt not in scored:
+            seen.setdefault(ex.prompt, ex)
+            if len(seen) == n:
+                break
+    return list(seen.values())
+
+
 def greedy_complete(model: nn.Module, tokenizer, prompts: Sequence[str], max_tokens: int = 8) -> list[str]:
     """Greedy continuations of `prompts`, all decoded in one batch, stopped at end-of-sequence."""
     from mlx_lm import batch_generate
@@ -105,7 +122,11 @@ def greedy_complete(model: nn.Module, tokenizer, prompts: Sequence[str], max_tok
 
 def evaluate(model: nn.Module, tokenizer, task: str, n: int = 200, seed: int = 0) -> float:
     """Exact-match accuracy of `model` on `n` held-out prompts of `task` (greedy decoding)."""
-    exs = held_out_examples(task, n, seed)
+    return exact_match(model, tokenizer, held_out_examples(task, n, seed))
+
+
+def exact_match(model: nn.Module, tokenizer, exs: Sequence[Example]) -> float:
+    """The fraction of `exs` whose greedy continuation is exactly the answer (surrounding spaces aside)."""
     longest = max(len(tokenizer.encode(ex.answer, add_special_tokens=False)) for ex in exs)
     texts = greedy_complete(model, tokenizer, [ex.prompt for ex in exs], max_tokens=longest + 2)
     hits = sum(text.strip() == ex.answer for text, ex in zip(texts, exs))

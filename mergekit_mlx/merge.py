@@ -20,6 +20,7 @@ from . import kernels, mlx_lm_config
 from .device import use_device
 from .errors import OutputError
 from .formats import DEFAULT_SHARD_BYTES
+from .formats.base import ModelSource
 from .formats.safetensors import write_config
 from .options import MergeOptions
 from .output import write_output, write_tokenizer
@@ -88,22 +89,28 @@ def merge(
     out_path: str | Path | None = None,
     options: MergeOptions | None = None,
     on_event: OnEvent | None = None,
+    models: dict[str, ModelSource] | None = None,
     **kwargs: Any,
 ) -> MergeResult:
     """Merge as the recipe says. With out_path the model is streamed to disk; else kept in memory.
-    `on_event(name, task, seconds)` hears the pipeline's stages (see pipeline.run_plan)."""
+    `on_event(name, task, seconds)` hears the pipeline's stages (see pipeline.run_plan). `models`
+    maps model references of the recipe to inputs opened already (a search reads its inputs once)."""
     opts = options or MergeOptions(**kwargs)
     opts.check()  # the flags named before anything else, the device included
     with use_device(opts.device), kernels.use_kernels(opts.use_kernels):
-        return _merge(recipe, out_path, opts.resolved(), on_event)
+        return _merge(recipe, out_path, opts.resolved(), on_event, models)
 
 
 def _merge(
-    recipe: str | Path | dict | Recipe, out_path: str | Path | None, opts: MergeOptions, on_event: OnEvent | None = None
+    recipe: str | Path | dict | Recipe,
+    out_path: str | Path | None,
+    opts: MergeOptions,
+    on_event: OnEvent | None = None,
+    models: dict[str, ModelSource] | None = None,
 ) -> MergeResult:
     recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) else None
     r = load_recipe(recipe)
-    plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes)
+    plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes, models=models)
     if out_path is not None:
         out = Path(out_path)
         path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants, on_event))

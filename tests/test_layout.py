@@ -44,6 +44,7 @@ LAYERS = {
     "evaluate": 10,
     "run": 10,
     "example": 11,
+    "evolve": 11,  # merge search: merges in memory, scores with evaluate and lm-eval, writes through output
     "cli": 12,
     "__init__": 13,
     "__main__": 13,
