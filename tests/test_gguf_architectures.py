@@ -30,6 +30,7 @@ import pytest
 from mergekit_mlx.cli import main
 from mergekit_mlx.formats.gguf import ARCHITECTURES, GGUFModel
 from mergekit_mlx.mlx_lm_config import load as load_mlx_lm
+from mergekit_mlx.mlx_lm_config import rope_settings
 
 pytest.importorskip("transformers")
 arch_models = pytest.importorskip("arch_models")
@@ -97,11 +98,14 @@ def test_gguf_round_trip_keeps_names_values_and_logits(name, style, root, tmp_pa
         stored_as = value if value.ndim == 1 else value.astype(np.float16)  # norms and biases stay float32
         np.testing.assert_allclose(got, stored_as.astype(np.float32), rtol=0, atol=1e-6, err_msg=hf)
 
+    theta, scaling = rope_settings(config)  # RoPE read back as written (Llama 3's from rope_freqs and its parameters)
+    assert rope_settings(back.config) == (theta or 10000.0, scaling), back.config
+
     hf_out = tmp_path / "hf"
     assert main(["convert", str(out / "model.gguf"), str(hf_out), "--no-progress"]) == 0
     expected, _ = load_mlx_lm(src)
     got, _ = load_mlx_lm(hf_out)
-    np.testing.assert_allclose(logits(got), logits(expected), rtol=0, atol=0.05 * max(1.0, np.abs(logits(expected)).max()))
+    np.testing.assert_allclose(logits(got), logits(expected), rtol=0, atol=0.02 * max(1.0, np.abs(logits(expected)).max()))
 
 
 def test_an_architecture_llama_cpp_does_not_run_is_refused_before_anything_is_written(root, tmp_path):

@@ -25,7 +25,7 @@ from ...errors import ModelError
 from ..base import ModelSource, TensorInfo
 from . import architectures as archs
 from .architectures import BY_GGUF_NAME, COMMON_FIELDS, Layout
-from .layout import llama3_rope_scaling, read_field
+from .layout import LLAMA3_KEY, llama3_rope_scaling, read_field
 from .quants import LOADED_CODES, Q, can_dequantize
 from .tokenizer import write_tokenizer
 
@@ -343,7 +343,8 @@ def config_from_metadata(reader: gguf.GGUFReader, spec: archs.Architecture, info
         }
     freqs = next((t for t in reader.tensors if t.name == gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"), None)
     if freqs is not None:
-        rope = llama3_rope_scaling(np.asarray(freqs.data, np.float32), head_dim, config["rope_theta"])
+        written = read_field(reader, LLAMA3_KEY)
+        rope = llama3_rope_scaling(np.asarray(freqs.data, np.float32), head_dim, config["rope_theta"], written)
         if rope is None:
             log.warning("%s: rope_freqs does not match Llama 3 RoPE scaling; it is ignored", path)
         else:

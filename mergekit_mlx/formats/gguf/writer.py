@@ -8,6 +8,7 @@ The file carries the marker key `mergekit_mlx.output`, by which `--force` knows 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ...kernels.bitlinear import quantize_absmean
 from ..base import OutputTensor, WriteOptions, Writer
 from . import architectures as archs
 from .architectures import ARCHITECTURES, Layout, T
-from .layout import llama3_rope_factors
+from .layout import LLAMA3_KEY, llama3_params, llama3_rope_factors
 from .quants import OUT_TYPES, TERNARY_TYPES, Q, tensor_nbytes, tensor_type
 from .tokenizer import add_tokenizer
 
@@ -238,6 +239,9 @@ def _add_metadata(w: gguf.GGUFWriter, spec: archs.Architecture, config: dict, fi
     w.add_block_count(archs.block_count(config))
     for key, value in archs.metadata(spec, config).items():
         _add_value(w, key.format(arch=spec.name), value)
+    _, rope = archs.rope_settings(config)
+    if rope is not None and str(rope["rope_type"]).lower() == "llama3":
+        w.add_string(LLAMA3_KEY, json.dumps(llama3_params(rope)))
     w.add_file_type(int(file_type))
     if config.get("vocab_size"):
         w.add_vocab_size(int(config["vocab_size"]))
@@ -264,12 +268,5 @@ def _extra_tensors(config: dict) -> dict[str, np.ndarray]:
     theta, rope = archs.rope_settings(config)
     if rope is None or str(rope["rope_type"]).lower() != "llama3":
         return {}
-    factors = llama3_rope_factors(
-        archs.head_dim(config),
-        theta if theta is not None else 10000.0,
-        float(rope.get("factor", 8.0)),
-        float(rope.get("low_freq_factor", 1.0)),
-        float(rope.get("high_freq_factor", 4.0)),
-        int(rope.get("original_max_position_embeddings", 8192)),
-    )
+    factors = llama3_rope_factors(archs.head_dim(config), theta if theta is not None else 10000.0, *llama3_params(rope).values())
     return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": factors.astype(np.float32)}
