@@ -90,6 +90,28 @@ ARCHITECTURES = {
         DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24
     ),
     "seed_oss": DECODER,
+    "granitemoe": dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
+    "exaone": DECODER,
+    # no sliding window, as EXAONE 4.0 1.2B: llama.cpp gives one to 64-layer models only (32B)
+    "exaone4": dict(DECODER, sliding_window=None, layer_types=["full_attention"] * LAYERS),
+    "ernie4_5": DECODER,
+    "hunyuan_v1_dense": DECODER,
+    # as OLMoE-1B-7B: no grouped K/V heads (llama.cpp's Q/K norms span the hidden size)
+    # Apertus's own RoPE (Llama 3's scaling), its original context below this one's
+    "apertus": dict(
+        DECODER,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 12000000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    # LFM2's short-convolution layers between attention ones
+    "lfm2": dict(DECODER, layer_types=["conv", "full_attention", "conv", "full_attention"], block_auto_adjust_ff_dim=False),
+    "olmoe": dict(DECODER, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2),
     # mlx-lm's GPT-NeoX MLP is 4 x hidden_size whatever intermediate_size says; Pythia's are too
     "gpt_neox": dict(IDS, hidden_size=32, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4),
     "gpt2": dict(IDS, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128),
@@ -108,6 +130,7 @@ def model_type(name: str) -> str:
 RENAMED = {
     "qwen3_moe": {"num_local_experts": "num_experts"},
     "internlm3": {"attention_bias": "qkv_bias", "mlp_bias": "bias"},  # the Hub's remote-code config
+    "exaone": {"num_hidden_layers": "num_layers", "rms_norm_eps": "layer_norm_epsilon"},  # the Hub's remote-code config
 }
 # transformers 4 config classes without a `rope_scaling` argument: they wrote no "rope_scaling": null
 NO_ROPE_SCALING = {"mistral", "mixtral", "gemma", "gemma2", "glm4", "helium"}
@@ -187,7 +210,11 @@ def hf_weights(arch: str, model) -> dict[str, np.ndarray]:
     weights = {}
     for name, value in tree_flatten(model.parameters()):
         value = np.array(value.astype(mx.float32))
-        if ".switch_mlp." in name:  # mlx-lm stacks the experts; checkpoints keep one tensor per expert
+        if arch == "granitemoe" and ".switch_mlp." in name:  # stacked in checkpoints too (gate and up joined below)
+            moe, _, proj = name.partition(".switch_mlp.")
+            proj = proj.split(".")[0]
+            weights[f"{moe}.{'output_linear' if proj == 'down_proj' else proj}.weight"] = value
+        elif ".switch_mlp." in name:  # mlx-lm stacks the experts; checkpoints keep one tensor per expert
             moe, _, proj = name.partition(".switch_mlp.")
             proj = proj.split(".")[0]
             if arch == "mixtral":
@@ -196,8 +223,16 @@ def hf_weights(arch: str, model) -> dict[str, np.ndarray]:
                 weights[f"{moe}.experts.{e}.{proj}.weight"] = value[e]
         elif arch == "gpt2" and re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
             weights[hf_name(arch, name)] = value.T  # Conv1D: (in, out) in the checkpoint
+        elif arch == "lfm2" and name.endswith(".conv.conv.weight"):
+            weights[name] = value.transpose(0, 2, 1)  # PyTorch's Conv1d: (channels, 1, kernel)
+        elif arch == "apertus" and name.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):
+            weights[name] = value.reshape(1)  # xIELU's learned parameters are 1-element tensors in checkpoints
         else:
             weights[hf_name(arch, name)] = value
+    for gate in [n for n in weights if n.endswith(".gate_proj.weight") and arch == "granitemoe"]:
+        # GraniteMoE's input_linear: each expert's gate rows, then its up rows (mlx-lm's sanitize splits it so)
+        up = weights.pop(gate.replace(".gate_proj.", ".up_proj."))
+        weights[gate.replace(".gate_proj.", ".input_linear.")] = np.concatenate([weights.pop(gate), up], axis=1)
     return weights
 
 

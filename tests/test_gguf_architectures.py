@@ -39,6 +39,8 @@ TOKENS = mx.array([[1, 5, 9, 3, 12, 7, 30, 2]])
 CLAIMED = sorted(n for n in arch_models.ARCHITECTURES if arch_models.model_type(n) in ARCHITECTURES)
 # checkpoint tensors a GGUF does not hold: llama.cpp's Gemma and Command-R always tie the head
 NOT_HELD = {"gemma": ("lm_head.weight",), "gemma2": ("lm_head.weight",), "cohere": ("lm_head.weight",)}
+# checkpoint tensors llama.cpp's converter splits: GraniteMoE's stacked experts, each one's gate rows then its up rows
+SPLIT = {"block_sparse_moe.input_linear.weight": ("ffn_gate_exps", "ffn_up_exps")}
 
 
 def test_every_architecture_of_the_fixtures_that_llama_cpp_runs_is_claimed():
@@ -76,12 +78,19 @@ def test_gguf_round_trip_keeps_names_values_and_logits(name, style, root, tmp_pa
 
     reader = gguf.GGUFReader(out / "model.gguf")
     assert reader.get_field("general.architecture").contents() == spec.name
-    blocks = config.get("num_hidden_layers", config.get("n_layer"))
+    blocks = next(config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config)
     assert reader.get_field(f"{spec.name}.block_count").contents() == blocks
     table = gguf.get_tensor_name_map(spec.arch, blocks)
-    stored = {t.name for t in reader.tensors}
-    for hf in weights:
+    stored = {t.name: t for t in reader.tensors}
+    for hf, value in weights.items():
         if hf.endswith(NOT_HELD.get(kind, ())):
+            continue
+        split = next((stems for suffix, stems in SPLIT.items() if hf.endswith(suffix)), None)
+        if split:
+            block = hf.split(".")[2]
+            for stem, part in zip(split, np.split(value, len(split), axis=-2)):
+                got = np.array(stored[f"blk.{block}.{stem}.weight"].data, np.float32).reshape(part.shape)
+                np.testing.assert_array_equal(got, part.astype(np.float16).astype(np.float32), err_msg=(hf, stem))
             continue
         per_expert = hf.split(".experts.")
         mapped = hf if len(per_expert) == 1 else per_expert[0] + ".experts." + per_expert[1].split(".", 1)[1]
@@ -121,6 +130,9 @@ def test_an_architecture_llama_cpp_does_not_run_is_refused_before_anything_is_wr
         ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob is False"),
         ("gemma2", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar is 100"),
         ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4}}, "'longrope'"),
+        ("olmoe", {"num_key_value_heads": 2}, "num_key_value_heads is 2"),
+        ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob is True"),
+        ("exaone4", {"sliding_window": 4, "sliding_window_pattern": "LLLG"}, "64 layers only"),
     ],
 )
 def test_configs_llama_cpp_would_compute_differently_are_refused(name, change, says, root, tmp_path, capsys):

@@ -148,7 +148,7 @@ def logits(model) -> np.ndarray:
 
 def written_layers(config: dict) -> int:
     config = config.get("text_config", config)
-    return config["n_layer"] if "n_layer" in config else config["num_hidden_layers"]
+    return next(config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config)
 
 
 DTYPE_KEYS = ("torch_dtype", "dtype")
@@ -240,7 +240,7 @@ def test_passthrough_slices_write_the_layers_they_take_and_load_in_mlx_lm(arch_f
     config, source = read_config(written), read_config(paths[0])
     assert written_layers(config) == n == written_layers(in_memory.config)
     check_layer_types(config, source)
-    check_config_kept(config, source, changed=("num_hidden_layers", "n_layer", "layer_types", "no_rope_layers"))
+    check_config_kept(config, source, changed=("num_hidden_layers", "n_layer", "num_layers", "layer_types", "no_rope_layers"))
     a = logits(in_memory.to_mlx_lm()[0])
     b = logits(MergeResult(in_memory.plan, path=written).to_mlx_lm()[0])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

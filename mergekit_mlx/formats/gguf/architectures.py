@@ -83,6 +83,9 @@ class Architecture:
     derived: Callable[[dict], dict[str, Any]] | None = None  # metadata computed from the config, not copied
     from_gguf: Callable[[dict], dict[str, Any]] | None = None  # config values implied by llama.cpp's reading, on import
     refuses: Callable[[dict], str | None] | None = None  # why llama.cpp would run this config wrongly, if it would
+    # Hugging Face tensor (name after the block's prefix) -> the GGUF stems of its equal blocks of rows
+    # (per expert when stacked): GraniteMoE's input_linear is the gate's rows, then the up projection's
+    split_rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -117,6 +120,26 @@ _POST_NORMS = {  # Gemma 2/3, OLMo 2, GLM-4: a norm after attention and after th
     "post_attention_norm": "model.layers.{bid}.post_attention_layernorm",
     "ffn_norm": "model.layers.{bid}.pre_feedforward_layernorm",
     "post_ffw_norm": "model.layers.{bid}.post_feedforward_layernorm",
+}
+_GRANITE_FIELDS = _fields(
+    (ATTN.SCALE, ("attention_multiplier",), float),
+    (LLM.EMBEDDING_SCALE, ("embedding_multiplier",), float),
+    (LLM.RESIDUAL_SCALE, ("residual_multiplier",), float),
+    (LLM.LOGIT_SCALE, ("logits_scaling",), float, 1.0),  # required by llama.cpp
+)
+_EXAONE_NAMES = {
+    "token_embd": "transformer.wte",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+    "attn_norm": "transformer.h.{bid}.ln_1",
+    "attn_q": "transformer.h.{bid}.attn.attention.q_proj",
+    "attn_k": "transformer.h.{bid}.attn.attention.k_proj",
+    "attn_v": "transformer.h.{bid}.attn.attention.v_proj",
+    "attn_output": "transformer.h.{bid}.attn.attention.out_proj",
+    "ffn_norm": "transformer.h.{bid}.ln_2",
+    "ffn_gate": "transformer.h.{bid}.mlp.c_fc_0",
+    "ffn_up": "transformer.h.{bid}.mlp.c_fc_1",
+    "ffn_down": "transformer.h.{bid}.mlp.c_proj",
 }
 _SOFTCAP = (
     (LLM.ATTN_LOGIT_SOFTCAPPING, ("attn_logit_softcapping",), float),
@@ -201,6 +224,44 @@ def _requires(key: str, value: Any, default: Any) -> Callable[[dict], str | None
     return check
 
 
+def _exaone4_window(config: dict) -> str | None:
+    """llama.cpp gives EXAONE 4 its sliding window (and RoPE on the sliding layers only) when it has
+    64 layers, as the 32B model; any other layer count runs every layer full, with RoPE."""
+    types = config.get("layer_types") or []
+    slides = config.get("sliding_window") and (config.get("sliding_window_pattern") or "sliding_attention" in types)
+    if slides and block_count(config) != 64:
+        return (
+            f"it has a sliding window, which llama.cpp applies to EXAONE 4 models of 64 layers only; "
+            f"this one has {block_count(config)}, and llama.cpp would attend fully and rotate every layer"
+        )
+    return None
+
+
+def _exaone4_pattern(config: dict) -> dict[str, Any]:
+    """mlx-lm's EXAONE 4 reads which layers slide from `sliding_window_pattern` as text ("LLLG"), and
+    requires the key and `rope_scaling` (set after this where the GGUF has a scaling); transformers
+    needs `layer_types` when there is no window."""
+    types = config.get("layer_types") if config.get("sliding_window") else None
+    period = config.get("sliding_window_pattern")
+    if not types or not isinstance(period, int):
+        full = ["full_attention"] * block_count(config)
+        return {"sliding_window": None, "sliding_window_pattern": None, "layer_types": full, "rope_scaling": None}
+    pattern = "".join("L" if t == "sliding_attention" else "G" for t in types[:period])
+    return {"sliding_window_pattern": pattern, "rope_scaling": None}
+
+
+def _olmoe_unsupported(config: dict) -> str | None:
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads") or config.get("num_attention_heads")
+    if kv != heads:
+        return (
+            f"num_key_value_heads is {kv}, not num_attention_heads ({heads}); llama.cpp's OLMoE normalises "
+            "K over all the hidden size's values, so it runs only models with as many K/V heads as query heads"
+        )
+    if config.get("clip_qkv") is not None:
+        return f"clip_qkv is {config['clip_qkv']}; llama.cpp's OLMoE does not clip Q, K and V"
+    return _requires("norm_topk_prob", False, False)(config)
+
+
 def _gpt2_derived(config: dict) -> dict[str, Any]:
     return {LLM.FEED_FORWARD_LENGTH: int(config.get("n_inner") or 4 * int(config["n_embd"]))}
 
@@ -220,12 +281,23 @@ ARCHITECTURES: dict[str, Architecture] = {
             permute_qk=True,
             hf_names=_LLAMA_NAMES,
             hf_config=_SILU,
-            fields=_fields(
-                (ATTN.SCALE, ("attention_multiplier",), float),
-                (LLM.EMBEDDING_SCALE, ("embedding_multiplier",), float),
-                (LLM.RESIDUAL_SCALE, ("residual_multiplier",), float),
-                (LLM.LOGIT_SCALE, ("logits_scaling",), float, 1.0),  # required by llama.cpp
-            ),
+            fields=_GRANITE_FIELDS,
+        ),
+        Architecture(
+            "granitemoe",
+            A.GRANITE_MOE,
+            "GraniteMoeForCausalLM",
+            permute_qk=True,
+            hf_config=_SILU,
+            hf_names={
+                **_LLAMA_NAMES,
+                "ffn_gate_inp": "model.layers.{bid}.block_sparse_moe.router.layer",
+                "ffn_gate_exps": "model.layers.{bid}.block_sparse_moe.input_linear",
+                "ffn_up_exps": "model.layers.{bid}.block_sparse_moe.input_linear",
+                "ffn_down_exps": "model.layers.{bid}.block_sparse_moe.output_linear",
+            },
+            split_rows={"block_sparse_moe.input_linear": ("ffn_gate_exps", "ffn_up_exps")},
+            fields=_GRANITE_FIELDS,
         ),
         Architecture("qwen2", A.QWEN2, "Qwen2ForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
         Architecture("qwen3", A.QWEN3, "Qwen3ForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
@@ -417,6 +489,57 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
         ),
         Architecture("seed_oss", A.SEED_OSS, "SeedOssForCausalLM", hf_names=_LLAMA_NAMES, hf_config=_SILU),
+        Architecture(
+            "exaone",
+            A.EXAONE,
+            "ExaoneForCausalLM",
+            # EXAONE 3's checkpoints keep the remote-code names (mlx-lm reads only those, transformers renames them)
+            hf_names=_EXAONE_NAMES,
+            hf_config={"activation_function": "silu", "hidden_act": "silu"},
+            # the RMSNorm epsilon, under either name; never written as a LayerNorm's
+            fields=_fields((ATTN.LAYERNORM_RMS_EPS, ("rms_norm_eps", "layer_norm_epsilon"), float), (ATTN.LAYERNORM_EPS, ())),
+        ),
+        Architecture(
+            "exaone4",
+            A.EXAONE4,
+            "Exaone4ForCausalLM",
+            hf_names={**_LLAMA_NAMES, "post_ffw_norm": "model.layers.{bid}.post_feedforward_layernorm"},
+            hf_config=_SILU,
+            fields=_fields(*_WINDOW),
+            derived=_swa_pattern,
+            refuses=_exaone4_window,
+            from_gguf=_exaone4_pattern,
+        ),
+        Architecture(
+            "ernie4_5",
+            A.ERNIE4_5,
+            "Ernie4_5ForCausalLM",
+            attention_bias_key="use_bias",
+            hf_names=_LLAMA_NAMES,
+            hf_config=_SILU,
+        ),
+        Architecture(
+            "hunyuan_v1_dense",
+            A.HUNYUAN_DENSE,
+            "HunYuanDenseV1ForCausalLM",
+            hf_config=_SILU,
+            hf_names={
+                **_LLAMA_NAMES,
+                "attn_q_norm": "model.layers.{bid}.self_attn.query_layernorm",
+                "attn_k_norm": "model.layers.{bid}.self_attn.key_layernorm",
+            },
+        ),
+        Architecture(
+            "olmoe",
+            A.OLMOE,
+            "OlmoeForCausalLM",
+            output="required",
+            config_names={"num_local_experts": "num_experts"},
+            hf_names=_LLAMA_NAMES,
+            hf_config=_SILU,
+            refuses=_olmoe_unsupported,
+            from_gguf=lambda config: {"norm_topk_prob": False, "clip_qkv": None},
+        ),
     )
 }
 
@@ -450,6 +573,8 @@ class GGUFTensor:
     name: str  # the GGUF tensor's name
     kind: T
     expert: int | None = None  # the tensor is this expert's slice of a stacked (experts, rows, cols) tensor
+    part: int = 0  # the GGUF tensor is this block of the Hugging Face tensor's rows ...
+    parts: int = 1  # ... of this many equal blocks (Architecture.split_rows)
 
 
 @cache
@@ -457,8 +582,38 @@ def _name_map(arch: A, blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, blocks)
 
 
+_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_STEM_KINDS = {name.removeprefix("blk.{bid}."): kind for kind, name in gguf.TENSOR_NAMES.items()}
+
+
+def gguf_tensors(spec: Architecture, hf: str, blocks: int) -> list[GGUFTensor]:
+    """The GGUF tensor(s) a Hugging Face tensor becomes: one, one per block of rows that llama.cpp
+    keeps apart (`split_rows`), or none if llama.cpp has no place for it."""
+    parts = _split(spec, hf)
+    if parts:
+        return parts
+    one = _mapped(spec, hf, blocks)
+    return [one] if one else []
+
+
 def gguf_tensor(spec: Architecture, hf: str, blocks: int) -> GGUFTensor | None:
-    """The GGUF tensor a Hugging Face tensor becomes, or None if llama.cpp has no place for it."""
+    """The GGUF tensor a Hugging Face tensor becomes (the first block of its rows when llama.cpp keeps
+    them apart), or None if llama.cpp has no place for it."""
+    parts = _split(spec, hf)
+    return parts[0] if parts else _mapped(spec, hf, blocks)
+
+
+def _split(spec: Architecture, hf: str) -> list[GGUFTensor]:
+    m = _BLOCK.match(hf) if spec.split_rows else None
+    stems = spec.split_rows.get(m.group(2)) if m else None
+    if not stems:
+        return []
+    n = len(stems)
+    return [GGUFTensor(f"blk.{m.group(1)}.{s}.{m.group(3)}", _STEM_KINDS[s], None, i, n) for i, s in enumerate(stems)]
+
+
+def _mapped(spec: Architecture, hf: str, blocks: int) -> GGUFTensor | None:
+    """The GGUF tensor the `gguf` package's name map gives a Hugging Face tensor."""
     tmap = _name_map(spec.arch, blocks)
     expert = None
     m = _EXPERT.match(hf)
@@ -552,6 +707,14 @@ class Layout:
         return self.rows is None and not self.add and not self.transpose
 
 
+def part_rows(shape: tuple[int, ...], part: int, parts: int) -> np.ndarray:
+    """Rows of a (..., rows, cols) tensor, flattened to 2-D, in block `part` of `parts` equal blocks of
+    the rows of each leading index (each expert's)."""
+    if len(shape) < 2 or shape[-2] % parts:
+        raise ValueError(f"has shape {list(shape)}, whose rows do not split into {parts} equal blocks")
+    return np.arange(int(np.prod(shape[:-1]))).reshape(-1, parts, shape[-2] // parts)[:, part].reshape(-1)
+
+
 def layout(spec: Architecture, hf: str, kind: T, shape: tuple[int, ...], config: dict) -> Layout:
     """The layout change llama.cpp's converter makes to one tensor of this architecture."""
     rows = None
@@ -635,6 +798,8 @@ def metadata(spec: Architecture, config: dict) -> dict[str, Any]:
         value = f.find(config)
         if value is not None:
             out[f.key] = f.kind(value)
+        elif not f.config:  # an architecture's field with no config key: the common value is not written
+            out.pop(f.key, None)
     if spec.derived:
         out.update(spec.derived(config))
     heads = out[ATTN.HEAD_COUNT]

@@ -199,6 +199,8 @@ class GGUFModel(ModelSource):
         size = path.stat().st_size
         infos: dict[str, TensorInfo] = {}
         self._tensors: dict[str, tuple[Any, int | None, archs.GGUFTensor]] = {}
+        self._row_blocks: dict[str, list[Any]] = {}  # Hugging Face tensor -> the GGUF tensors of its rows, in order
+        split: dict[str, dict[int, tuple[Any, tuple[int, ...], archs.GGUFTensor]]] = {}
         skipped = []
         for t in reader.tensors:
             if not 0 <= t.data_offset <= t.data_offset + t.n_bytes <= size:
@@ -213,7 +215,16 @@ class GGUFModel(ModelSource):
                     "cannot dequantize (upgrade it: pip install -U gguf)"
                 )
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            stacked = len(names) > 1 or "_exps." in t.name
+            parts = archs.gguf_tensors(spec, names[0], blocks)
+            if len(parts) > 1:  # one block of a Hugging Face tensor's rows (GraniteMoE's gate, then up)
+                part = next((p for p in parts if p.name == t.name), None)
+                if part is None:
+                    skipped.append(t.name)
+                else:
+                    split.setdefault(names[0], {})[part.part] = (t, shape, part)
+                continue
+            # experts stacked here, one Hugging Face tensor each; a stacked Hugging Face tensor is read whole
+            stacked = len(names) > 1 or ("_exps." in t.name and ".experts." in names[0])
             if stacked and (len(shape) != 3 or shape[0] != len(names)):
                 raise ModelError(f"{path}: tensor {t.name!r} of shape {list(shape)} does not hold {len(names)} experts")
             for e, name in enumerate(names):
@@ -225,6 +236,19 @@ class GGUFModel(ModelSource):
                 hf_shape = one[::-1] if spec.transposed and name.endswith(spec.transposed) else one
                 infos[name] = TensorInfo(name, hf_shape, LOADED_CODES.get(t.tensor_type, "F32"), path)
                 self._tensors[name] = (t, e if stacked else None, where)
+        for name, got in split.items():
+            n = next(iter(got.values()))[2].parts
+            shapes = {shape for _, shape, _ in got.values()}
+            if sorted(got) != list(range(n)) or len(shapes) != 1 or len(next(iter(shapes))) < 2:
+                raise ModelError(
+                    f"{path}: {name!r} is held as {n} GGUF tensors of one shape; the file has "
+                    f"{sorted(t.name for t, _, _ in got.values())} of shapes {sorted(map(list, shapes))}"
+                )
+            (one,) = shapes
+            first, _, where = got[0]
+            infos[name] = TensorInfo(name, (*one[:-2], n * one[-2], one[-1]), LOADED_CODES.get(first.tensor_type, "F32"), path)
+            self._tensors[name] = (first, None, where)
+            self._row_blocks[name] = [got[i][0] for i in range(n)]
         if skipped:
             log.info("%s: tensors with no Hugging Face name are not read: %s", path, ", ".join(skipped[:8]))
         try:
@@ -239,18 +263,12 @@ class GGUFModel(ModelSource):
 
     def load(self, name: str) -> mx.array:
         info = self.info(name)
+        if name in self._row_blocks:  # no layout change: llama.cpp keeps the blocks as they were
+            blocks = self._row_blocks[name]
+            shape = (*info.shape[:-2], info.shape[-2] // len(blocks), info.shape[-1])
+            return mx.concatenate([self._decode(t, t.data).reshape(shape) for t in blocks], axis=-2)
         t, expert, _ = self._tensors[name]
-        data = t.data if expert is None else t.data[expert]
-        try:
-            if t.tensor_type == Q.BF16:
-                # numpy has no bfloat16: move the raw 16-bit words and reinterpret them in MLX
-                arr = mx.array(np.ascontiguousarray(data).view(np.uint16)).view(mx.bfloat16)
-            elif t.tensor_type in (Q.F32, Q.F16):
-                arr = mx.array(np.ascontiguousarray(data))
-            else:
-                arr = mx.array(gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type))
-        except (ValueError, NotImplementedError) as e:
-            raise ModelError(f"{self.path}: cannot decode tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
+        arr = self._decode(t, t.data if expert is None else t.data[expert])
         lay = self._layouts.get(name)
         if lay is None:
             return arr.reshape(info.shape)
@@ -261,6 +279,19 @@ class GGUFModel(ModelSource):
             arr = arr[mx.array(np.argsort(lay.rows))]
         if lay.add:
             arr = (arr.astype(mx.float32) - lay.add).astype(arr.dtype)
+        return arr
+
+    def _decode(self, t: Any, data: np.ndarray) -> mx.array:
+        try:
+            if t.tensor_type == Q.BF16:
+                # numpy has no bfloat16: move the raw 16-bit words and reinterpret them in MLX
+                arr = mx.array(np.ascontiguousarray(data).view(np.uint16)).view(mx.bfloat16)
+            elif t.tensor_type in (Q.F32, Q.F16):
+                arr = mx.array(np.ascontiguousarray(data))
+            else:
+                arr = mx.array(gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type))
+        except (ValueError, NotImplementedError) as e:
+            raise ModelError(f"{self.path}: cannot decode tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
         return arr
 
     @property
@@ -306,7 +337,7 @@ def config_from_metadata(reader: gguf.GGUFReader, spec: archs.Architecture, info
     config: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.model_type}
     config[names.get("num_hidden_layers", "num_hidden_layers")] = layers
     for f in (*COMMON_FIELDS, *spec.fields):
-        value = key(f.key)
+        value = key(f.key) if f.config else None  # no config key: a value this architecture never writes
         if value is not None:
             config[names.get(f.config[0], f.config[0])] = _short(value) if f.kind is float else f.kind(value)
     config.setdefault(names.get("num_key_value_heads", "num_key_value_heads"), heads)

@@ -125,11 +125,25 @@ class GGUFWriter(Writer):
         for t in tensors:
             if t.name.endswith(SKIPPED_HF_TENSORS):
                 continue
-            where = archs.gguf_tensor(spec, t.name, blocks)
-            if where is None:
+            parts = archs.gguf_tensors(spec, t.name, blocks)
+            if not parts:
                 raise RecipeError(
                     f"--out-format {out_format}: tensor {t.name!r} has no llama.cpp ({spec.name}) name; GGUF cannot hold it"
                 )
+            if len(parts) > 1:  # blocks of rows llama.cpp keeps as tensors of their own
+                sources[t.name] = []
+                for part in parts:
+                    try:
+                        rows = archs.part_rows(tuple(t.shape), part.part, part.parts)
+                    except ValueError as e:
+                        raise RecipeError(f"--out-format {out_format}: tensor {t.name!r} {e}") from None
+                    gshape = (*t.shape[:-2], t.shape[-2] // part.parts, t.shape[-1])
+                    qtype = tensor_type(part.name, gshape, self.target)
+                    targets[part.name] = _Planned(part.name, qtype, gshape, tensor_nbytes(gshape, qtype), 0)
+                    sources[t.name].append(_Source(targets[part.name], Layout(rows=rows), tuple(t.shape), None))
+                    kinds[part.kind] = t.name
+                continue
+            (where,) = parts
             if where.kind == T.OUTPUT and spec.output == "never":
                 log.info(
                     "%s: llama.cpp's %s always ties the head to the embedding; %s is not written", out_format, spec.name, t.name
@@ -160,7 +174,7 @@ class GGUFWriter(Writer):
             shape = (len(experts), *shapes.pop())
             qtype = tensor_type(name, shape, self.target)
             targets[name] = _Planned(name, qtype, shape, tensor_nbytes(shape, qtype), 0, len(experts))
-        for hf, (src,) in sources.items():
+        for hf, (src, *_) in sources.items():
             if src.target is None:
                 src.target = targets[archs.gguf_tensor(spec, hf, blocks).name]
         if spec.output == "required" and T.OUTPUT not in kinds and T.TOKEN_EMBD in kinds:
@@ -191,7 +205,7 @@ class GGUFWriter(Writer):
             array = array.T
         cols = array.shape[-1] if array.ndim > 1 else 1  # 1-D tensors (biases) permute element-wise
         rows = array.reshape(-1, cols)
-        n = rows.shape[0]
+        n = rows.shape[0] if lay.rows is None else len(lay.rows)  # a block of the rows, or all of them
         step = max(1, CHUNK_ELEMENTS // cols)
         inverse = None
         if qtype in TERNARY_TYPES:
