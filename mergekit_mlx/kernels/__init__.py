@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bitlinear, gpu, random, selection, task_merge
+from . import bitlinear, gpu, gpu_reads, random, selection, task_merge
 from .gpu import use_kernels
 from .random import random_mask, random_uniform, stream_id
 from .selection import magnitude_threshold, topk_mask
@@ -73,12 +73,13 @@ def backend() -> str:
 
 def first_use_checks(groups: Sequence[str]) -> None:
     """Run the first-use checks of these GPU kernel groups now (no-op on the CPU or when done).
-    Call it while no other thread uses MLX: a check computes its CPU reference under
-    `mx.stream(mx.cpu)`, and MLX's default device is one for the whole process."""
+    On a fresh NVIDIA machine what they launch, and the copy kernel the reads use, compile side
+    by side first. Call it while no other thread uses MLX: a check computes its CPU reference
+    under `mx.stream(mx.cpu)`, and MLX's default device is one for the whole process."""
+    gpu_reads.prepare()
     name = gpu.backend()
     if name is not None:
-        for what in groups:
-            GPU_GROUPS[what].passed(name)
+        gpu.check_groups(name, [GPU_GROUPS[what] for what in groups])
 
 
 def kernel_status() -> dict[str, bool]:

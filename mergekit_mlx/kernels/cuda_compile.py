@@ -8,6 +8,10 @@ library MLX's CUDA backend already depends on) to a cubin for the device, stored
 `$MERGEKIT_MLX_CACHE` (default `~/.cache/mergekit-mlx`) keyed by a hash of everything that goes
 into it, and launched with `mx.fast.precompiled_cuda_kernel`. When NVRTC or the CUDA headers
 cannot be found, or a compile fails, `gpu.kernel` uses `mx.fast.cuda_kernel` as before.
+
+Instantiations known ahead (`CachedKernel.prepare`) compile side by side on a few threads (NVRTC
+runs one compile per thread at a time and lets go of the GIL through ctypes); a launch that needs
+one still compiling waits for it. The threads touch no MLX array.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -202,9 +207,17 @@ def device_arch() -> str:
     return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
-@cache
+_compiler_lock = threading.Lock()
+
+
 def compiler() -> tuple[Nvrtc, str]:
     """(NVRTC, target architecture); raises CompileError when either cannot be found."""
+    with _compiler_lock:  # found once, also when several compile threads ask first
+        return _compiler()
+
+
+@cache
+def _compiler() -> tuple[Nvrtc, str]:
     path = _find_nvrtc()
     include = _find_include(path) if path is not None else None
     if path is None or include is None:
@@ -212,35 +225,52 @@ def compiler() -> tuple[Nvrtc, str]:
     return Nvrtc(path, include), device_arch()
 
 
-_lock = threading.Lock()
+def available() -> bool:
+    """NVRTC, the CUDA headers and a device were found (else MLX's own JIT compiles the kernels)."""
+    try:
+        compiler()
+    except (CompileError, OSError):
+        return False
+    return True
 
 
 def cubin(source: str) -> bytes:
     """The compiled `source` for this device: from the disk cache, or NVRTC (then stored; each
     CachedKernel keeps its instantiations in memory). A cache that cannot be written only costs
-    the next process a compile."""
+    the next process a compile; two processes compiling one source both write it whole."""
     nv, arch = compiler()
     key = hashlib.sha256("\0".join([source, arch, nv.version, "v1"]).encode()).hexdigest()[:40]
-    with _lock:
-        path = cache_dir() / f"{key}.cubin"
-        data = None
-        try:
-            data = path.read_bytes()
-            if not data.startswith(b"\x7fELF"):
-                data = None
-        except OSError:
-            pass
-        if data is None:
-            data = nv.compile(source, arch, name=f"{key}.cu")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except OSError:
-                pass
-        return data
+    path = cache_dir() / f"{key}.cubin"
+    try:
+        data = path.read_bytes()
+        if data.startswith(b"\x7fELF"):
+            return data
+    except OSError:
+        pass
+    data = nv.compile(source, arch, name=f"{key}.cu")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return data
+
+
+COMPILE_THREADS = 8  # at most; fewer on a machine with fewer cores
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _compile_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            workers = max(1, min(COMPILE_THREADS, os.cpu_count() or 1))
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergekit-mlx-nvrtc")
+        return _pool
 
 
 class CachedKernel:
@@ -252,19 +282,38 @@ class CachedKernel:
         self.fallback = fallback  # called instead once a compile here has failed (MLX's own JIT)
         self.failed: str | None = None
         self.input_names, self.output_names = list(input_names), list(output_names)
-        self._made: dict[tuple, tuple[str, bytes]] = {}
+        self._made: dict[tuple, Future] = {}  # instantiation -> (function name, cubin), made or being made
+        self._lock = threading.Lock()
+
+    def _build(self, key: tuple) -> tuple[str, bytes]:
+        spec = repr((self.tag, [str(d) for d in key[0]], [str(d) for d in key[1]], [(n, str(v)) for n, v in key[2]]))
+        fname = f"{self.tag}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+        src = wrap_source(
+            fname, self.header, self.body, list(zip(self.input_names, key[0])), list(zip(self.output_names, key[1])), key[2]
+        )
+        return fname, cubin(src)
+
+    def _future(self, key: tuple, in_background: bool) -> Future:
+        with self._lock:
+            got = self._made.get(key)
+            if got is not None:
+                return got
+            if in_background:
+                got = self._made[key] = _compile_pool().submit(self._build, key)
+                return got
+            got = self._made[key] = Future()
+        try:  # compiled here, in the caller's thread
+            got.set_result(self._build(key))
+        except BaseException as e:  # kept: every later call of this instantiation sees it
+            got.set_exception(e)
+        return got
+
+    def prepare(self, in_dtypes, out_dtypes, template) -> None:
+        """Start compiling this instantiation on a compile thread (a later launch waits for it)."""
+        self._future((tuple(in_dtypes), tuple(out_dtypes), tuple(template)), in_background=True)
 
     def instance(self, in_dtypes, out_dtypes, template) -> tuple[str, bytes]:
-        key = (tuple(in_dtypes), tuple(out_dtypes), tuple(template))
-        got = self._made.get(key)
-        if got is None:
-            spec = repr((self.tag, [str(d) for d in key[0]], [str(d) for d in key[1]], [(n, str(v)) for n, v in key[2]]))
-            fname = f"{self.tag}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-            src = wrap_source(
-                fname, self.header, self.body, list(zip(self.input_names, key[0])), list(zip(self.output_names, key[1])), key[2]
-            )
-            got = self._made[key] = (fname, cubin(src))
-        return got
+        return self._future((tuple(in_dtypes), tuple(out_dtypes), tuple(template)), in_background=False).result()
 
     def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), init_value=None, **_ignored):
         if self.failed is None or self.fallback is None:

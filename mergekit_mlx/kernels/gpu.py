@@ -4,14 +4,22 @@ On an Apple GPU a kernel is `mx.fast.metal_kernel`; on an NVIDIA GPU it is compi
 machine by `cuda_compile` (`mx.fast.cuda_kernel` where that cannot compile). Every kernel group
 proves itself on first use against the CPU path (`Group`, through the one mechanism of `checks`)
 and falls back to it on a mismatch or a failure.
+
+The first run on a machine waits on no compiler it can avoid: a check's reference runs on the
+CPU stream as plain MLX operations (MLX compiles an `mx.compile` graph with the C++ compiler
+there, and on a GPU compiles gathers and compiled graphs with NVRTC on first use), the GPU paths
+launch only our kernels and operations MLX ships compiled (sort, scan, reductions, elementwise),
+and the instantiations a check launches (`Launch`) are compiled side by side before it runs
+(`check_groups`).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import TypeVar
 
@@ -80,6 +88,52 @@ def backend() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One instantiation of a kernel: kernels/<name> for `km` models (and a base), the arrays it
+    takes after them (`inputs`) and gives (`outputs`), every input's and output's dtype, and the
+    template arguments; what `cuda_compile` builds once per machine. Calling it launches it."""
+
+    name: str
+    km: int
+    has_base: bool
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    in_dtypes: tuple[mx.Dtype, ...]  # the base's, the models', then those of `inputs`
+    out_dtypes: tuple[mx.Dtype, ...]
+    template: tuple[tuple[str, object], ...] = ()
+    atomic: bool = False
+
+    def __call__(self, backend_name: str, arrays: list[mx.array], *, grid, threadgroup, output_shapes, init_value=None):
+        kern = kernel(self.name, backend_name, self.km, self.has_base, self.atomic, self.inputs, self.outputs)
+        return kern(
+            inputs=arrays,
+            template=list(self.template),
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=output_shapes,
+            output_dtypes=list(self.out_dtypes),
+            init_value=init_value,
+        )
+
+
+def model_dtypes(dtype: mx.Dtype, km: int, has_base: bool) -> tuple[mx.Dtype, ...]:
+    """The dtypes of a launch's base and model inputs (one dtype: `common_dtype`)."""
+    return (dtype,) * (km + int(has_base))
+
+
+def prebuild(backend_name: str, launches: Iterable[Launch]) -> None:
+    """CUDA: start compiling these instantiations side by side in the background (a launch of one
+    still compiling waits for it); nothing elsewhere, where MLX compiles on launch."""
+    if backend_name != "cuda" or _substitute is not None or os.environ.get(ENV_MLX_JIT):
+        return
+    if not cuda_compile.available():
+        return
+    for spec in dict.fromkeys(launches):
+        kern = kernel(spec.name, backend_name, spec.km, spec.has_base, spec.atomic, spec.inputs, spec.outputs)
+        kern.prepare(spec.in_dtypes, spec.out_dtypes, spec.template)
+
+
 def kernel(
     name: str,
     backend_name: str,
@@ -144,15 +198,25 @@ GROUPS: dict[str, Group] = {}
 
 
 class Group:
-    """Kernels that prove themselves together: `check(backend)` compares them with the CPU path."""
+    """Kernels that prove themselves together: `check(backend)` compares them with the CPU path;
+    `launches()` lists the instantiations the check launches (compiled ahead by `check_groups`)."""
 
-    def __init__(self, name: str, check: Callable[[str], bool]):
-        self.name, self.check = name, check
+    def __init__(self, name: str, check: Callable[[str], bool], launches: Callable[[], list[Launch]] = list):
+        self.name, self.check, self.launches = name, check, launches
         GROUPS[name] = self
 
+    def _remembered(self, gpu: str):
+        return cuda_compile.VERDICTS if gpu == "cuda" and _remember() else None
+
+    def due(self, gpu: str) -> bool:
+        """The check has not run in this process and no verdict of it is kept on this machine."""
+        if self.name in _verdicts.verdicts:
+            return False
+        remembered = self._remembered(gpu)
+        return remembered is None or not remembered.verified(self.name)
+
     def passed(self, gpu: str) -> bool:
-        remembered = cuda_compile.VERDICTS if gpu == "cuda" and _remember() else None
-        return _verdicts.passed(self.name, lambda: self.check(gpu), remembered, self.name)
+        return _verdicts.passed(self.name, lambda: self.check(gpu), self._remembered(gpu), self.name)
 
     def call(self, gpu: str, fn: Callable[[], T]) -> T | None:
         """fn() when this group passed its first-use check on this GPU, else None (the caller falls back)."""
@@ -163,6 +227,15 @@ class Group:
         except Exception as e:  # noqa: BLE001 - a launch failure: the fallback from now on
             _verdicts.failed(self.name, e)
             return None
+
+
+def check_groups(gpu: str, groups: Iterable[Group]) -> None:
+    """Run these groups' first-use checks now: what the due checks launch is compiled side by side
+    first (on a fresh machine the compiles, one after another, took longer than the checks)."""
+    groups = list(groups)
+    prebuild(gpu, [spec for g in groups if g.due(gpu) for spec in g.launches()])
+    for g in groups:
+        g.passed(gpu)
 
 
 def status() -> dict[str, bool]:
@@ -190,6 +263,12 @@ def stride_grid(n: int, per_thread: int = 4) -> int:
 
 def groups(n: int) -> int:
     return max(1, min(MAX_GROUPS, -(-n // TG)))
+
+
+def element(a: mx.array, i: int) -> mx.array:
+    """a[i] of a flat array, as a 0-d array cut out by a static slice: MLX makes a[i] a gather,
+    which its CUDA backend compiles on first use."""
+    return a[i : i + 1].reshape(())
 
 
 def common_dtype(arrays: list[mx.array]) -> list[mx.array]:
@@ -223,13 +302,19 @@ def padded(count: int) -> int:
     return max(int(count), 4)
 
 
-def check_family(dtype=mx.bfloat16, k=3, n=12289, seed=0):
-    """A small family with ties: bf16 task vectors and one model equal to the base in places."""
-    key = mx.random.key(seed)
-    k1, k2 = mx.random.split(key)
-    base = mx.random.normal((n,), key=k1).astype(dtype)
-    noise = mx.random.normal((k, n), key=k2) * 0.01
-    others = [(base.astype(mx.float32) + noise[i]).astype(dtype) for i in range(k)]
-    others[-1] = mx.where(mx.arange(n) % 3 == 0, base, others[-1])
-    mx.eval(base, *others)
+CHECK_K = 3  # models in a check's family
+CHECK_N = 12289  # elements of each
+
+
+def check_family(dtype=mx.bfloat16, k=CHECK_K, n=CHECK_N, seed=0):
+    """A small family with ties: bf16 task vectors and one model equal to the base in places;
+    made on the CPU (the same values on every machine, no GPU work before the check)."""
+    with mx.stream(mx.cpu):
+        key = mx.random.key(seed)
+        k1, k2 = mx.random.split(key)
+        base = mx.random.normal((n,), key=k1).astype(dtype)
+        noise = mx.random.normal((k, n), key=k2) * 0.01
+        others = [(base.astype(mx.float32) + noise[i]).astype(dtype) for i in range(k)]
+        others[-1] = mx.where(mx.arange(n) % 3 == 0, base, others[-1])
+        mx.eval(base, *others)
     return base, others

@@ -160,6 +160,13 @@ _THREAD_BUFFERS = threading.local()
 _verdict: FirstUse[str] = FirstUse(lambda what: "reading straight into GPU memory", "MLX's load")
 
 
+def prepare() -> None:
+    """Start compiling the copy kernel in the background, where reads will go through it (it is
+    needed at the pipeline's start: its self-test, then every tensor)."""
+    if not os.environ.get(ENV_OFF) and cuda_memory.enabled() and cuda_compile.available():
+        _COPY.prepare((mx.uint64,), (mx.uint8,), ())
+
+
 def reader(keep_bytes: int) -> Reader | None:
     """A Reader when the default device is an NVIDIA GPU whose driver and the copy kernel work here
     (checked once per machine and build, as the kernels are: bytes through every step and back),

@@ -147,21 +147,22 @@ def random_mask(seed: int, stream: int, shape: Sequence[int], p: float | mx.arra
     return u < mx.array(float(p), dtype=mx.float32)
 
 
+UNIFORM_LAUNCH = gpu.Launch("random_uniform", 0, False, ("up",), ("out",), (mx.uint32,), (mx.float32,))
+
+
 def _gpu_uniform(backend: str, seed: int, stream: int, n: int) -> mx.array:
     k0, k1 = stream_keys(seed, stream)
     up = mx.array([n, k0, k1], dtype=mx.uint32)
-    kern = gpu.kernel("random_uniform", backend, inputs=("up",))
-    return kern(
-        inputs=[up], grid=(gpu.stride_grid(n), 1, 1), threadgroup=(gpu.TG, 1, 1), output_shapes=[(n,)], output_dtypes=[mx.float32]
-    )[0]
+    return UNIFORM_LAUNCH(backend, [up], grid=(gpu.stride_grid(n), 1, 1), threadgroup=(gpu.TG, 1, 1), output_shapes=[(n,)])[0]
 
 
 def _check_uniform(backend: str) -> bool:
     n = 5003
     got = _gpu_uniform(backend, 12345, 678, n)
-    with mx.stream(mx.cpu):
-        ref = uniform_compiled(mx.arange(n, dtype=mx.uint32), keys_array(12345, 678))
+    mx.eval(got)
+    with mx.stream(mx.cpu):  # the plain graph: integer steps and an exact conversion, as compiled
+        ref = uniform_of_index(mx.arange(n, dtype=mx.uint32), keys_array(12345, 678))
         return bool(mx.array_equal(got, ref).item())
 
 
-GPU = gpu.Group("uniform", _check_uniform)
+GPU = gpu.Group("uniform", _check_uniform, lambda: [UNIFORM_LAUNCH])

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import gpu, host, selection_cpu, selection_gpu
-from .topk import Selection
+from .topk import Selection, tie_chunk
 
 
 def abs_bits(x: mx.array) -> mx.array:
@@ -22,7 +22,7 @@ def abs_bits(x: mx.array) -> mx.array:
 def select_fallback(bits: mx.array, k: int) -> Selection:
     n = bits.size
     # MLX's partition is an O(n) introselect on the CPU (faster there than a scatter histogram)
-    t = mx.partition(bits, n - k)[n - k]
+    t = gpu.element(mx.partition(bits, n - k), n - k)
     n_gt = (bits > t).astype(mx.int32).sum()
     return Selection(t, _tie_cut(bits, t, k - n_gt))
 
@@ -30,23 +30,20 @@ def select_fallback(bits: mx.array, k: int) -> Selection:
 def _tie_cut(bits: mx.array, t: mx.array, need: mx.array) -> mx.array:
     """Flat index of the need-th element equal to t (need >= 1), scanning from index 0."""
     n = bits.size
-    eq = bits == t
-    n_eq = eq.astype(mx.int32).sum()
+    eq = (bits == t).astype(mx.int32)
+    n_eq = eq.sum()
     mx.eval(n_eq, need)
     if n_eq.item() == need.item():  # every tie is kept: no scan needed
         return mx.array(n - 1, dtype=mx.uint32)
-    # chunk counts, then a scan inside the one chunk that holds the need-th tie
+    # chunk counts (read back), then a scan inside the one chunk that holds the need-th tie (a
+    # static slice: on a GPU, MLX compiles a gather on first use)
     chunk = 4096
     pad = (-n) % chunk
-    eqi = eq.astype(mx.int32)
-    if pad:
-        eqi = mx.concatenate([eqi, mx.zeros((pad,), dtype=mx.int32)])
-    per_chunk = mx.cumsum(eqi.reshape(-1, chunk).sum(axis=1))
-    j = (per_chunk < need).astype(mx.int32).sum()  # chunk index holding the need-th tie
-    before = mx.where(j > 0, mx.take(per_chunk, mx.maximum(j - 1, 0)), 0)
-    inside = mx.cumsum(mx.take(eqi.reshape(-1, chunk), j, axis=0))
-    pos = (inside < need - before).astype(mx.int32).sum()
-    return (j * chunk + pos).astype(mx.uint32)
+    padded = mx.concatenate([eq, mx.zeros((pad,), dtype=mx.int32)]) if pad else eq
+    j, before = tie_chunk(np.array(padded.reshape(-1, chunk).sum(axis=1)), need.item())
+    lo = j * chunk
+    pos = (mx.cumsum(eq[lo : min(n, lo + chunk)]) < need.item() - before).astype(mx.int32).sum()
+    return (lo + pos).astype(mx.uint32)
 
 
 def host_path(*arrays: mx.array) -> bool:
@@ -122,13 +119,17 @@ def _mask_of_selection(bits: mx.array, idx: mx.array, t: mx.array, cut: mx.array
     return (bits > t) | ((bits == t) & (idx <= cut))
 
 
-@mx.compile
-def _delta_bits_c(o: mx.array, b32: mx.array) -> mx.array:
+def _delta_bits(o: mx.array, b32: mx.array) -> mx.array:
     return mx.abs(o.astype(mx.float32) - b32).view(mx.uint32)
 
 
-def delta_bits(o: mx.array, b32: mx.array) -> mx.array:
-    return _delta_bits_c(o.reshape(-1), b32.reshape(-1))
+_delta_bits_c = mx.compile(_delta_bits)
+
+
+def delta_bits(o: mx.array, b32: mx.array, fused: bool = True) -> mx.array:
+    """|o - b32| as float32 bit patterns, flat; one compiled kernel unless `fused` is False (the
+    plain graph, the same bits: a first-use check's small reference then needs no compiler)."""
+    return (_delta_bits_c if fused else _delta_bits)(o.reshape(-1), b32.reshape(-1))
 
 
 def _check_select(backend: str) -> bool:
@@ -137,20 +138,31 @@ def _check_select(backend: str) -> bool:
     base, others = gpu.check_family()
     n = base.size
     ks = [1, n // 3, n - 5]
-    x32 = others[0].astype(mx.float32) * 3.0
-    got, want = [], []
-    for override in (None, "between", "outside"):
+    with mx.stream(mx.cpu):
+        x32 = others[0].astype(mx.float32) * 3.0
+        mx.eval(x32)
+    got = []  # per path: each selection's [t, cut], then the rows array they come as
+    for override in (None, *selection_gpu.PATHS):
         sels, rows = selection_gpu.select(backend, others, base, ks, override)
-        got += [(s.t, s.cut) for s in sels] + [(rows[2 * m], rows[2 * m + 1]) for m in range(len(ks))]
+        got += [mx.stack([s.t, s.cut]).astype(mx.uint32) for s in sels] + [rows[: 2 * len(ks)]]
         sels, rows = selection_gpu.select(backend, [x32], None, [n // 2], override)
-        got += [(sels[0].t, sels[0].cut), (rows[0], rows[1])]
+        got += [mx.stack([sels[0].t, sels[0].cut]).astype(mx.uint32), rows[:2]]
+    mx.eval(got)
     with mx.stream(mx.cpu):
         b32 = base.astype(mx.float32)
-        ref = [select_fallback(delta_bits(o, b32), k) for o, k in zip(others, ks)]
+        ref = [select_fallback(delta_bits(o, b32, fused=False), k) for o, k in zip(others, ks)]
         ref32 = select_fallback(abs_bits(x32), n // 2)
-        for _ in range(3):
-            want += [(r.t, r.cut) for r in ref] * 2 + [(ref32.t, ref32.cut)] * 2
-        return all(int(g[0].item()) == int(w[0].item()) and int(g[1].item()) == int(w[1].item()) for g, w in zip(got, want))
+        want = [np.array(mx.stack([r.t, r.cut]).astype(mx.uint32)) for r in ref]
+        want32 = np.array(mx.stack([ref32.t, ref32.cut]).astype(mx.uint32))
+    expected = (want + [np.concatenate(want)] + [want32, want32]) * 3
+    return all(np.array_equal(np.array(g).reshape(-1), w) for g, w in zip(got, expected))
 
 
-GPU = gpu.Group("select", _check_select)
+def _check_launches() -> list[gpu.Launch]:
+    # the bf16 family's third tensor settles at a splitter even on the forced paths (its k-th
+    # |delta| is 0, the sample's minimum), so two tensors take them; unforced, one is collected
+    bf16 = selection_gpu.launches(mx.bfloat16, gpu.CHECK_K, True, between=(1, 2), outside=(2,))
+    return bf16 + selection_gpu.launches(mx.float32, 1, False, between=(1,), outside=(1,))
+
+
+GPU = gpu.Group("select", _check_select, _check_launches)

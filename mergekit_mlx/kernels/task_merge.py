@@ -38,12 +38,7 @@ def plan_models(
     plans: list[ModelPlan] = []
     for i in range(len(others)):
         d = float(densities[i])
-        mode = Keep.ALL
-        if sparsify is not None:
-            mode = Keep.ALL if d >= 1 else (Keep.NONE if d <= 0 and sparsify == Sparsify.MAGNITUDE else None)
-            if mode is None:
-                mode = Keep.MAGNITUDE if sparsify == Sparsify.MAGNITUDE else Keep.RANDOM
-        plans.append(ModelPlan(mode, zero_u, zero_i, stream_keys(seed, streams[i]), d, one_f))
+        plans.append(ModelPlan(keep_mode(sparsify, d), zero_u, zero_i, stream_keys(seed, streams[i]), d, one_f))
 
     mag = [i for i, p in enumerate(plans) if p.mode == Keep.MAGNITUDE]
     sel_rows = None
@@ -73,9 +68,18 @@ def plan_models(
     return plans, sel_rows
 
 
+def keep_mode(sparsify: Sparsify | str | None, density: float) -> Keep:
+    """What a task vector of this density keeps under `sparsify`."""
+    if sparsify is None or density >= 1:
+        return Keep.ALL
+    if sparsify == Sparsify.MAGNITUDE:
+        return Keep.NONE if density <= 0 else Keep.MAGNITUDE
+    return Keep.RANDOM
+
+
 @cache
-def _l1_parts_fn(mode: int):
-    """|d| and the kept |d| of one task vector, compiled per sparsification mode."""
+def _l1_parts(mode: int):
+    """|d| and the kept |d| of one task vector, per sparsification mode."""
 
     def parts(o, b, idx, t, cut, keys, p):
         a = mx.abs(o.astype(mx.float32) - b.astype(mx.float32))
@@ -86,15 +90,21 @@ def _l1_parts_fn(mode: int):
             keep = uniform_of_index(idx, keys) < p
         return a, a * keep.astype(mx.float32)
 
-    return mx.compile(parts)
+    return parts
 
 
-def l1_fallback(base: mx.array, other: mx.array, plan: ModelPlan) -> tuple[mx.array, mx.array]:
+@cache
+def _l1_parts_fn(mode: int):
+    return mx.compile(_l1_parts(mode))
+
+
+def l1_fallback(base: mx.array, other: mx.array, plan: ModelPlan, fused: bool = True) -> tuple[mx.array, mx.array]:
+    """(sum |d|, sum of kept |d|) by the MLX graph; `fused`: compiled (else plain, the same sums:
+    a first-use check's small reference then needs no compiler)."""
     idx = mx.arange(base.size, dtype=mx.uint32)
     keys = mx.array(list(plan.keys), dtype=mx.uint32)
-    a, kept = _l1_parts_fn(plan.mode)(
-        other.reshape(-1), base.reshape(-1), idx, plan.t, plan.cut, keys, mx.array(plan.p, dtype=mx.float32)
-    )
+    parts = _l1_parts_fn(plan.mode) if fused else _l1_parts(plan.mode)
+    a, kept = parts(other.reshape(-1), base.reshape(-1), idx, plan.t, plan.cut, keys, mx.array(plan.p, dtype=mx.float32))
     return accurate_sum(a), accurate_sum(kept)
 
 
@@ -150,6 +160,12 @@ def merge_cpu(job: TaskMerge, plans: list[ModelPlan]) -> mx.array | None:
 @cache
 def combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
     """The elementwise tail of the merge for one configuration, compiled once."""
+    return mx.compile(combine_graph(modes, consensus, normalize))
+
+
+@cache
+def combine_graph(modes: tuple[int, ...], consensus: bool, normalize: bool):
+    """combine_fn's graph, not compiled (a first-use check's small reference: no compiler)."""
 
     def combine(b_in, idx, params, *others):
         # params (float32): per model [weight, scale, p]; then [lam, divisor_no_consensus]
@@ -197,7 +213,7 @@ def combine_fn(modes: tuple[int, ...], consensus: bool, normalize: bool):
         mixed = mixed * lam
         return (b + mixed).astype(b_in.dtype)
 
-    return mx.compile(combine)
+    return combine
 
 
 def fused_task_merge(
@@ -244,6 +260,8 @@ def fused_task_merge(
         backend = None
     weights = [float(w) for w in weights]
     job = TaskMerge(base, tuple(others), tuple(weights), consensus is not None, bool(normalize), lam, plain_divisor(weights))
+    if backend is not None:
+        task_merge_gpu.prepare(backend, job, [keep_mode(sparsify, float(d)) for d in densities], rescale)
     if backend is not None and sparsify == Sparsify.MAGNITUDE and not rescale:
         plans, _ = plan_models(base, others, None, densities, False, seed, streams, None)
         mag = [i for i, d in enumerate(densities) if 0 < float(d) < 1]
@@ -280,15 +298,22 @@ def fused_task_merge(
     return flat.reshape(base.shape)
 
 
+L1_CHECK_DENSITIES = [0.3, 0.5, 0.7]  # the densities _check_l1 rescales
+MERGE_CHECK_DENSITIES = [0.3, 1.0, 0.6]  # and those _check_merge merges, with each of these settings:
+MERGE_CASES = (("magnitude", True, True), ("random", True, False), (None, False, False))  # sparsify, consensus, normalize
+MERGE_DTYPES = (mx.float32, mx.bfloat16)
+
+
 def _check_l1(backend: str) -> bool:
     base, others = gpu.check_family(mx.float32)
     ok = True
     for sp in ("random", "magnitude"):
         with mx.stream(mx.cpu):
-            plans, _ = plan_models(base, others, sp, [0.3, 0.5, 0.7], False, 9, [1, 2, 3], None)
-            ref = [l1_fallback(base, others[i], plans[i]) for i in range(3)]
+            plans, _ = plan_models(base, others, sp, L1_CHECK_DENSITIES, False, 9, [1, 2, 3], None)
+            ref = [l1_fallback(base, others[i], plans[i], fused=False) for i in range(3)]
             mx.eval(ref)
         got = task_merge_gpu.l1_sums(backend, base, others, plans, [0, 1, 2])
+        mx.eval(got)
         for (gb, ga), (rb, ra) in zip(got, ref):
             ok &= abs(gb.item() - rb.item()) <= 1e-5 * abs(rb.item()) and abs(ga.item() - ra.item()) <= 1e-5 * abs(ra.item())
     return ok
@@ -296,11 +321,11 @@ def _check_l1(backend: str) -> bool:
 
 def _check_merge(backend: str) -> bool:
     ok = True
-    for dtype in (mx.float32, mx.bfloat16):
+    for dtype in MERGE_DTYPES:
         base, others = gpu.check_family(dtype)
-        for sp, cons, norm in (("magnitude", True, True), ("random", True, False), (None, False, False)):
+        for sp, cons, norm in MERGE_CASES:
             with mx.stream(mx.cpu):
-                plans, _ = plan_models(base, others, sp, [0.3, 1.0, 0.6], False, 4, [7, 8, 9], None)
+                plans, _ = plan_models(base, others, sp, MERGE_CHECK_DENSITIES, False, 4, [7, 8, 9], None)
                 ws = [1.0, -0.5, 0.7]
                 div = plain_divisor(ws)
                 params, sel = [], []
@@ -308,17 +333,31 @@ def _check_merge(backend: str) -> bool:
                     params += [mx.array(w, dtype=mx.float32), p.scale, mx.array(p.p, dtype=mx.float32)]
                     sel += [p.t, p.cut, u32(p.keys[0]), u32(p.keys[1])]
                 params += [mx.array(0.9, dtype=mx.float32), mx.array(div, dtype=mx.float32)]
-                fn = combine_fn(tuple(p.mode for p in plans), cons, norm)
+                fn = combine_graph(tuple(p.mode for p in plans), cons, norm)
                 ref = fn(base, mx.arange(base.size, dtype=mx.uint32), mx.stack(params), *others, *sel)
                 mx.eval(ref)
             got = task_merge_gpu.merge(backend, TaskMerge(base, tuple(others), tuple(ws), cons, norm, 0.9, div), plans)
-            if dtype == mx.float32:
-                ok &= bool(mx.allclose(got, ref, rtol=1e-6, atol=1e-7).item())
-            else:  # one bf16 rounding apart at most
-                g32, r32 = got.astype(mx.float32), ref.astype(mx.float32)
-                ok &= bool((mx.abs(g32 - r32) <= mx.abs(r32) * 2.0**-7).all().item())
+            mx.eval(got)
+            with mx.stream(mx.cpu):
+                if dtype == mx.float32:
+                    ok &= bool(mx.allclose(got, ref, rtol=1e-6, atol=1e-7).item())
+                else:  # one bf16 rounding apart at most
+                    g32, r32 = got.astype(mx.float32), ref.astype(mx.float32)
+                    ok &= bool((mx.abs(g32 - r32) <= mx.abs(r32) * 2.0**-7).all().item())
     return ok
 
 
-L1_GPU = gpu.Group("l1", _check_l1)
-MERGE_GPU = gpu.Group("merge", _check_merge)
+def _l1_launches() -> list[gpu.Launch]:
+    return [task_merge_gpu.l1_launch(mx.float32, gpu.CHECK_K)]
+
+
+def _merge_launches() -> list[gpu.Launch]:
+    return [
+        task_merge_gpu.merge_launch(dtype, dtype, [keep_mode(sp, d) for d in MERGE_CHECK_DENSITIES], cons, norm)
+        for dtype in MERGE_DTYPES
+        for sp, cons, norm in MERGE_CASES
+    ]
+
+
+L1_GPU = gpu.Group("l1", _check_l1, _l1_launches)
+MERGE_GPU = gpu.Group("merge", _check_merge, _merge_launches)

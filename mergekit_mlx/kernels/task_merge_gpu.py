@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import mlx.core as mx
 
@@ -13,6 +14,55 @@ from . import gpu, selection_gpu
 from .task_plan import ONE_F32, Keep, ModelPlan, TaskMerge
 
 MERGE_GROUPS = 8  # groups of eight elements per thread in the merge kernel (spreads its set-up)
+PARAMS = ("up", "sel", "scl", "gate")  # the inputs after the models (kernels/task_params.inc)
+PARAM_DTYPES = (mx.uint32, mx.uint32, mx.float32, mx.uint32)
+
+
+def l1_launch(dtype: mx.Dtype, km: int) -> gpu.Launch:
+    """The L1 sums of km task vectors of `dtype` (with a base of it)."""
+    ins = gpu.model_dtypes(dtype, km, True) + PARAM_DTYPES
+    return gpu.Launch("l1_sums", km, True, PARAMS, ("part",), ins, (mx.float32,), (("KM", km), ("TG", gpu.TG)))
+
+
+def merge_launch(dtype: mx.Dtype, out_dtype: mx.Dtype, modes: list[Keep], consensus: bool, normalize: bool) -> gpu.Launch:
+    """The fused merge of task models keeping `modes`, inputs of `dtype` (`common_dtype`), out in `out_dtype`."""
+    km = len(modes)
+    sparse = _sparse_kind(modes)
+    template = (
+        ("T", out_dtype),
+        ("KM", km),
+        ("CONSENSUS", bool(consensus)),
+        ("NORMALIZE", bool(normalize)),
+        ("SPARSE", sparse),
+        ("UNIFORM", sparse != 0 and all(m == sparse for m in modes)),
+    )
+    ins = gpu.model_dtypes(dtype, km, True) + PARAM_DTYPES
+    return gpu.Launch("task_merge", km, True, PARAMS, ("out",), ins, (out_dtype,), template)
+
+
+def launches(dtype: mx.Dtype, out_dtype: mx.Dtype, modes: list[Keep], consensus: bool, normalize: bool, rescale: bool):
+    """What a fused merge of task models keeping `modes` launches on its common path: the
+    selections (up to MAX_KM tensors a launch), the L1 sums when it rescales, the merge."""
+    mag = sum(m == Keep.MAGNITUDE for m in modes)
+    drawn = sum(m in (Keep.MAGNITUDE, Keep.RANDOM) for m in modes) if rescale else 0
+    out = []
+    for g in range(0, mag, gpu.MAX_KM):
+        out += selection_gpu.launches(dtype, min(gpu.MAX_KM, mag - g), True)
+    out += [l1_launch(dtype, min(gpu.MAX_KM, drawn - g)) for g in range(0, drawn, gpu.MAX_KM)]
+    out.append(merge_launch(dtype, out_dtype, list(modes), consensus, normalize))
+    return out
+
+
+def prepare(backend: str, job: TaskMerge, modes: list[Keep], rescale: bool) -> None:
+    """CUDA: start compiling, side by side, what merging `job` launches, once per configuration:
+    a first merge then waits for the slowest compile, not for each one after another."""
+    same = all(o.dtype == job.base.dtype for o in job.others)
+    _prepare(backend, job.base.dtype if same else mx.float32, job.base.dtype, tuple(modes), job.consensus, job.normalize, rescale)
+
+
+@cache
+def _prepare(backend, dtype, out_dtype, modes, consensus, normalize, rescale) -> None:
+    gpu.prebuild(backend, launches(dtype, out_dtype, list(modes), consensus, normalize, rescale))
 
 
 def _task_inputs(job: TaskMerge, plans: list[ModelPlan], sel_rows, gate=None):
@@ -61,25 +111,23 @@ def l1_sums(
         km = len(idx)
         job = TaskMerge(base, tuple(others[i] for i in idx), (1.0,) * km, False, False, 1.0, 1.0)
         flats, up, sel, scl, gate = _task_inputs(job, [plans[i] for i in idx], sel_rows)
-        kern = gpu.kernel("l1_sums", backend, km, True, inputs=("up", "sel", "scl", "gate"), outputs=("part",))
         groups = gpu.groups(-(-n // 8))
-        part = kern(
-            inputs=flats + [up, sel, scl, gate],
-            template=[("KM", km), ("TG", gpu.TG)],
+        part = l1_launch(flats[0].dtype, km)(
+            backend,
+            flats + [up, sel, scl, gate],
             grid=(groups * gpu.TG, 1, 1),
             threadgroup=(gpu.TG, 1, 1),
             output_shapes=[(groups * km * 2,)],
-            output_dtypes=[mx.float32],
         )[0]
         tot = part.reshape(groups, km, 2).sum(axis=0)
         sums += [(tot[m, 0], tot[m, 1]) for m in range(km)]
     return sums
 
 
-def _sparse_kind(plans: list[ModelPlan]) -> int:
+def _sparse_kind(modes: list[Keep]) -> int:
     """The merge kernel's SPARSE: 2 or 3 when every sparsified model is magnitude (or random),
     so the kernel holds only that test; 0 when both occur."""
-    modes = {p.mode for p in plans}
+    modes = set(modes)
     if Keep.RANDOM not in modes:
         return int(Keep.MAGNITUDE)
     return int(Keep.RANDOM) if Keep.MAGNITUDE not in modes else 0
@@ -88,24 +136,13 @@ def _sparse_kind(plans: list[ModelPlan]) -> int:
 def merge(backend: str, job: TaskMerge, plans: list[ModelPlan], sel_rows=None, gate=None) -> mx.array:
     base = job.base
     n = base.size
-    km = len(job.others)
     flats, up, sel, scl, gate = _task_inputs(job, plans, sel_rows, gate)
-    kern = gpu.kernel("task_merge", backend, km, True, inputs=("up", "sel", "scl", "gate"))
-    sparse = _sparse_kind(plans)
-    out = kern(
-        inputs=flats + [up, sel, scl, gate],
-        template=[
-            ("T", base.dtype),
-            ("KM", km),
-            ("CONSENSUS", bool(job.consensus)),
-            ("NORMALIZE", bool(job.normalize)),
-            ("SPARSE", sparse),
-            ("UNIFORM", sparse != 0 and all(p.mode == sparse for p in plans)),
-        ],
+    out = merge_launch(flats[0].dtype, base.dtype, [p.mode for p in plans], job.consensus, job.normalize)(
+        backend,
+        flats + [up, sel, scl, gate],
         grid=(gpu.stride_grid(-(-n // 8), MERGE_GROUPS), 1, 1),
         threadgroup=(gpu.TG, 1, 1),
         output_shapes=[(n,)],
-        output_dtypes=[base.dtype],
     )[0]
     return out.reshape(base.shape)
 

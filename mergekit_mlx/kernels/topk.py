@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 SIGMAS = 6.0  # bracket half-width in binomial standard deviations of the sampled rank
 SLACK = 4.0  # and this many sample positions more
@@ -38,3 +39,11 @@ def bracket(n: int, k: int, s: int) -> tuple[int, int, int]:
     if hi >= s - 1:
         hi, flags = s - 1, flags | 2
     return lo, hi, flags
+
+
+def tie_chunk(counts: np.ndarray, need: int) -> tuple[int, int]:
+    """The chunk that holds the need-th tie (need >= 1), from the ties each chunk holds in index
+    order, and how many ties lie before that chunk."""
+    cum = np.cumsum(np.asarray(counts, dtype=np.int64))
+    j = int(np.count_nonzero(cum < need))
+    return j, int(cum[j - 1]) if j > 0 else 0
