@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -127,8 +128,11 @@ def test_a_killed_search_resumes_where_its_checkpoint_stopped(reference, tmp_pat
     assert 0 < kept < BUDGET and not killed["finished"]
     assert not (out / "model").exists()
 
-    code = cli.main(["evolve", str(config), str(out), "--resume", "--no-progress", "--max-fevals", str(BUDGET)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = cli.main(["evolve", str(config), str(out), "--resume", "--no-progress", "--max-fevals", str(BUDGET)])
     assert code == 0
+    assert not [w for w in caught if "replaying" in str(w.message)]  # the replay drew the recorded samples
     resumed = candidates(out)
     state = json.loads((out / "state.json").read_text())
     assert len(state["runs"]) == 2 and state["runs"][1]["at_candidate"] == kept and state["finished"]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..device import use_device
-from ..errors import ModelError, RecipeError
+from ..errors import ModelError, RecipeError, warn_once
 from ..formats import open_model
 from ..merge import MergeResult, merge
 from ..options import MAX_SEED, MergeOptions
@@ -236,18 +236,15 @@ class _Search:
             "finished": False,
         }
 
-    def _checkpoint(self, plot: bool = True) -> None:
+    def _checkpoint(self) -> None:
         lines = [_json_line(c) for g in self.state["generations"] for c in g]
         self.folder.save(self.state, lines)
         best = self._best()
         if best is not None:
             self.folder.write_best(self._best_yaml(best))
-        if plot:
-            fits = [[c["fitness"] if c["fitness"] is not None else math.nan for c in g] for g in self.state["generations"]]
-            title = (
-                f"{self.config.genome.merge_method.value}: {_count(self.state)} candidates, popsize {self.settings['popsize']}"
-            )
-            self.folder.write_plot(fitness_png(fits, title))
+        fits = [[c["fitness"] if c["fitness"] is not None else math.nan for c in g] for g in self.state["generations"]]
+        title = f"{self.config.genome.merge_method.value}: {_count(self.state)} candidates, popsize {self.settings['popsize']}"
+        self.folder.write_plot(fitness_png(fits, title))
 
     def _best(self) -> dict | None:
         scored = [c for g in self.state["generations"] for c in g if c["fitness"] is not None]
@@ -278,6 +275,10 @@ class _Search:
         pending: list[np.ndarray] | None = None
         for cands in generations:  # the optimiser's state, replayed from the history
             asked = [optimizer.ask() for _ in range(popsize)]
+            if not all(np.array_equal(a, c["x"]) for a, c in zip(asked, cands)):
+                # another machine's linear algebra rounds differently: the recorded candidates are told
+                # as they were, and the samples drawn from here on differ slightly from an unbroken run
+                warn_once("evolve-replay", f"replaying the search in {self.folder.out} drew other samples than it recorded")
             if len(cands) == popsize:
                 optimizer.tell([(np.array(c["x"]), _cost(c)) for c in cands])
             else:

@@ -9,7 +9,8 @@ The checkpoint is written after each generation; a killed search loses the gener
 
 The optimiser's state is not serialised: it is the seed and the history. A resumed search replays
 the recorded generations through a fresh optimiser with the same seed (no candidate is merged or
-scored again), which gives the state it had, and goes on from there.
+scored again), which gives the state it had, and goes on from there. (On another machine, whose
+linear algebra may round differently, the replay warns when it draws other samples than recorded.)
 
 OUT is refused when it holds anything else than these files; a search's files are replaced only
 with `force` (the model, through the lifecycle's own rules, only once the new search has one). One
