@@ -25,7 +25,7 @@ from ..device import use_device
 from ..errors import ModelError, RecipeError, warn_once
 from ..formats import open_model
 from ..merge import MergeResult, merge
-from ..options import MAX_SEED, MergeOptions
+from ..options import MergeOptions
 from ..output import check_output_location, hash_files
 from ..plan import Plan, make_plan, resolve_model_path
 from ..recipe import Recipe
@@ -87,7 +87,6 @@ class SearchOptions:
             raise RecipeError(f"--memory-limit: must be a positive number of bytes, got {self.memory_limit!r}")
         if self.resume and self.force:
             raise RecipeError("--resume and --force: choose one (continue the search, or start over)")
-        assert MAX_SEED >= 2**32  # the merge seed's own range is wider
 
 
 @dataclass
@@ -237,7 +236,7 @@ class _Search:
         }
 
     def _checkpoint(self) -> None:
-        lines = [_json_line(c) for g in self.state["generations"] for c in g]
+        lines = [json.dumps(c) for g in self.state["generations"] for c in g]
         self.folder.save(self.state, lines)
         best = self._best()
         if best is not None:
@@ -385,10 +384,6 @@ def _count(state: dict) -> int:
 
 def _cost(candidate: dict) -> float:
     return -candidate["fitness"] if candidate["fitness"] is not None else FAILED_COST
-
-
-def _json_line(candidate: dict) -> str:
-    return json.dumps(candidate)
 
 
 def _input_paths(model) -> list[Path]:
