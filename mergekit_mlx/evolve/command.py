@@ -20,7 +20,12 @@ HELP = "search merge parameters with CMA-ES (mergekit-evolve's config), candidat
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="mergekit-mlx evolve", description=__doc__.splitlines()[0])
+    p = Parser(
+        prog="mergekit-mlx evolve",
+        description="Search merge parameters with CMA-ES from a mergekit-evolve configuration, every candidate merged "
+        "in memory and scored; OUT receives the checkpoint, the log of every candidate, the best recipe, the plot and "
+        "the best model.",
+    )
     p.add_argument("config", help="mergekit-evolve configuration (YAML: genome, tasks)")
     p.add_argument("out", help="folder for the checkpoint, the log, the best recipe, the plot and the best model")
     p.add_argument(
