@@ -13,6 +13,7 @@ emulator (needs clang).
 """
 
 import io
+import platform
 import re
 from contextlib import contextmanager
 
@@ -26,6 +27,7 @@ from test_metal_syntax import CLANG, EmulatedKernel, np_selection
 from mergekit_mlx import kernels as K
 from mergekit_mlx.kernels import gpu, random, selection, selection_gpu, task_merge, task_merge_gpu
 from mergekit_mlx.kernels.topk import tie_chunk
+from mergekit_mlx.methods.base import float32
 
 needs_clang = pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
 GROUPS = ("uniform", "select", "l1", "merge")
@@ -342,3 +344,252 @@ def test_gpu_merges_launch_no_gather_and_no_compiled_graph(emulator, watch):
             else:
                 np.testing.assert_array_equal(got, want, err_msg=f"{name} {path}")
     assert not watch.compiled_on_first_use()
+
+
+# ----------------------------------------------------------------------------- weighted sums: linear and slerp
+#
+# linear's merge and slerp's combination go through kernels/weighted_sum.inc on a GPU instead of
+# an mx.compile graph (which MLX's CUDA backend builds with NVRTC on first use). The emulator here
+# gets float16 too (a software __half, rounding to nearest even), in a folder of its own.
+
+HALF_SHIM = r"""
+struct __half {
+  uint16_t bits;
+  __half() = default;
+  __half(float f) {  // round to nearest even, as MLX's astype
+    const uint32_t u = __float_as_uint(f);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) { bits = uint16_t(sign | 0x7e00u | ((a >> 13) & 0x3ffu)); return; }
+    if (a >= 0x477ff000u) { bits = uint16_t(sign | 0x7c00u); return; }  // 65520 and up: inf
+    if (a >= 0x38800000u) { bits = uint16_t(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13)); return; }
+    bits = uint16_t(sign | (uint32_t)__builtin_rintf(__uint_as_float(a) * 16777216.0f));  // subnormal: units of 2^-24
+  }
+  operator float() const {
+    const uint32_t sign = uint32_t(bits & 0x8000u) << 16, e = (bits >> 10) & 0x1fu, m = bits & 0x3ffu;
+    if (e == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    if (e == 0u) return __uint_as_float(sign | __float_as_uint(float(m) * 5.9604644775390625e-8f));
+    return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+  }
+};
+"""
+
+FMA_FREE_CPU = platform.machine().lower() in ("x86_64", "amd64")  # MLX's CPU graphs have no fused multiply-add here
+W_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+W_SHAPE = (37, 111)  # 4107 elements: a tail of three after the groups of eight
+WEIGHTS = {
+    "positive, normalised": ([0.5, 0.3, 0.2, 0.7, 0.1], True),
+    "negative and zero": ([1.0, -0.5, 0.0, 2.0, -1.25], False),
+    "negative, normalised": ([0.9, -0.4, 0.3, 0.0, 0.6], True),
+}
+
+
+@mx.compile
+def old_weighted_sum(coefficients, *tensors):
+    """linear's compiled graph before the kernel (3eb4ef4's methods/linear.py), verbatim."""
+    out = float32(tensors[0]) * coefficients[0]
+    for i, x in enumerate(tensors[1:], 1):
+        out = out + float32(x) * coefficients[i]
+    return out.astype(tensors[0].dtype)
+
+
+@mx.compile
+def old_combine(ca, cb, v0, v1):
+    """slerp's compiled combination before the kernel, verbatim."""
+    return (ca * float32(v0) + cb * float32(v1)).astype(v0.dtype)
+
+
+@pytest.fixture
+def half_emulator(tmp_path_factory, monkeypatch):
+    """The Emulator with float16 as __half, not yet substituted for the kernels (the references
+    are computed outside it: gpu.backend() names the emulator's backend while it is)."""
+    import test_metal_syntax
+
+    monkeypatch.setitem(test_metal_syntax.EMU_TYPES, "float16", "__half")
+    monkeypatch.setattr(test_metal_syntax, "EMU_SHIM", test_metal_syntax.EMU_SHIM + HALF_SHIM)
+    root = tmp_path_factory.getbasetemp() / "emu_half"  # its harness and binaries see the shim above
+    root.mkdir(exist_ok=True)
+    return Emulator(root)
+
+
+def tensors_of(k: int, dtype, seed: int = 0, shape=W_SHAPE) -> list[mx.array]:
+    rng = np.random.default_rng(seed)
+    return [mx.array(rng.standard_normal(shape).astype(np.float32) * (i + 1)).astype(dtype) for i in range(k)]
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def rounding_of(dtype) -> tuple[float, float]:
+    """(2**-p with half an ulp of `dtype` at most 2**-p of a value, where it underflows: half its step)."""
+    return {mx.bfloat16: (2.0**-8, 2.0**-134), mx.float16: (2.0**-11, 2.0**-25), mx.float32: (0.0, 2.0**-150)}[dtype]
+
+
+def assert_float32_sum(got: mx.array, ref: np.ndarray, xs: list[np.ndarray], cs: list[float]):
+    """got is sum c_i x_i (ref, float64) as a float32 sum of rounded products, rounded once to its
+    dtype: within 2 (N + 1) 2**-24 sum |c_i x_i| (products, their coefficients and the adds
+    rounded in float32), and half an ulp of the output."""
+    mag = sum(abs(c) * np.abs(x) for c, x in zip(cs, xs))
+    slack = 2.0 * (len(xs) + 1) * 2.0**-24 * mag
+    rel, under = rounding_of(got.dtype)
+    err = np.abs(f64(got) - ref)
+    assert np.all(err <= slack + rel * (np.abs(ref) + slack) + under), float(np.max(err / (slack + rel * np.abs(ref) + under)))
+
+
+def assert_same_as_the_compiled_graph(got: mx.array, old: mx.array, xs, cs):
+    """Bit for bit where MLX's CPU graph has no fused multiply-add (x86-64: the emulator rounds
+    every product too); elsewhere both within a float32 sum's error of each other."""
+    assert got.dtype == old.dtype and got.shape == old.shape
+    if FMA_FREE_CPU:
+        bits = mx.uint32 if got.dtype == mx.float32 else mx.uint16
+        np.testing.assert_array_equal(np.array(got.view(bits)), np.array(old.view(bits)))
+    else:
+        assert_float32_sum(got, f64(old), xs, cs)
+
+
+@needs_clang
+@pytest.mark.parametrize("dtype", W_DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_linear_through_the_kernel_is_the_float32_sum_and_the_old_compiled_graph(half_emulator, dtype, k):
+    """linear with 1-5 inputs, weights positive, negative and zero, normalised or not: the float64
+    sum within a float32 sum's rounding and one rounding to the dtype, and the old compiled graph's
+    result bit for bit (x86-64)."""
+    from mergekit_mlx.methods import MergeInputs
+    from mergekit_mlx.methods.linear import linear
+
+    xs = tensors_of(k, dtype, seed=k)
+    for name, (weights, normalize) in WEIGHTS.items():
+        w = weights[:k]
+        cs = [x / sum(w) for x in w] if normalize else w
+        inputs = MergeInputs(list(xs), None, {"normalize": normalize}, [{"weight": x} for x in w])
+        old = old_weighted_sum(mx.array(cs, dtype=mx.float32), *xs)
+        with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=True):
+            got = linear(inputs)
+            mx.eval(got)
+        assert half_emulator.made and half_emulator.made[-1].name == "weighted_sum", name  # the kernel ran
+        ref = sum(c * f64(x) for c, x in zip(cs, xs))
+        assert_float32_sum(got, ref, [f64(x) for x in xs], cs)
+        assert_same_as_the_compiled_graph(got, old, [f64(x) for x in xs], cs)
+
+
+@needs_clang
+def test_a_sum_longer_than_one_launch_hands_on_a_float32_running_sum(half_emulator):
+    """Tensors a launch at a time (1, 2, 3 of 7) and 18 inputs through linear (two launches of at
+    most 16): the same result as one launch, bit for bit, and as the old compiled graph."""
+    from mergekit_mlx.kernels import weighted_sums
+    from mergekit_mlx.methods import MergeInputs
+    from mergekit_mlx.methods.linear import linear
+
+    xs = tensors_of(7, mx.bfloat16, seed=7) + tensors_of(11, mx.float32, seed=8)
+    cs = [((-1) ** i) * (0.3 + 0.05 * i) for i in range(18)]
+    coef = mx.array(cs, dtype=mx.float32)
+    old = old_weighted_sum(coef, *xs)
+    with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=True):
+        one = weighted_sums.weighted_sum_gpu("cuda", coef[:7], xs[:7])
+        for per_launch in (1, 2, 3):
+            half_emulator.made.clear()
+            got = weighted_sums.weighted_sum_gpu("cuda", coef[:7], xs[:7], per_launch)
+            assert len(half_emulator.made) == -(-7 // per_launch)
+            assert half_emulator.made == weighted_sums.launches([mx.bfloat16] * 7, mx.bfloat16, per_launch)
+            np.testing.assert_array_equal(np.array(got.view(mx.uint16)), np.array(one.view(mx.uint16)))
+        half_emulator.made.clear()
+        got = linear(MergeInputs(list(xs), None, {"normalize": False}, [{"weight": c} for c in cs]))
+        mx.eval(got)
+        assert [spec.km for spec in half_emulator.made] == [16, 2]
+    assert_same_as_the_compiled_graph(got, old, [f64(x) for x in xs], cs)
+
+
+@needs_clang
+def test_non_finite_and_signed_zero_inputs_come_out_as_from_the_compiled_graph(half_emulator):
+    """inf, NaN, -0.0 and sums past float16's range: NaN where the graph gives NaN, every other
+    value (inf, signed zeros) bit for bit (x86-64)."""
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 60000.0, -60000.0, 1e-8, 3.0]
+    rng = np.random.default_rng(9)
+    for dtype in W_DTYPES:
+        cols = [rng.permutation(np.array(special * 40, dtype=np.float32)) for _ in range(3)]
+        xs = [mx.array(c).astype(dtype) for c in cols]
+        coef = mx.array([1.5, -0.0, 0.75], dtype=mx.float32)
+        old = old_weighted_sum(coef, *xs)
+        with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=True):
+            got = K.weighted_sum(coef, xs)
+            mx.eval(got)
+        g, o = f64(got), f64(old)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(o))
+        if FMA_FREE_CPU:
+            keep = ~np.isnan(o)
+            np.testing.assert_array_equal(np.signbit(g[keep]), np.signbit(o[keep]))
+            np.testing.assert_array_equal(g[keep], o[keep])
+
+
+@needs_clang
+def test_slerp_on_a_gpu_equals_its_compiled_graphs(half_emulator):
+    """slerp_graph (the GPU's path): its sums as plain operations and its combination through the
+    kernel give what the compiled graphs give, bit for bit (x86-64); and the compiled weighted sum
+    is the old compiled combination."""
+    from mergekit_mlx.methods.slerp import slerp_graph
+
+    rng = np.random.default_rng(10)
+    for dt0, dt1 in [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16), (mx.float32, mx.bfloat16)]:
+        a = rng.standard_normal(W_SHAPE).astype(np.float32)
+        v0, v1 = mx.array(a).astype(dt0), mx.array(a + 0.5 * rng.standard_normal(W_SHAPE).astype(np.float32)).astype(dt1)
+        want = slerp_graph(0.35, v0, v1)
+        mx.eval(want)
+        with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=True):
+            got = slerp_graph(0.35, v0, v1)
+            mx.eval(got)
+        assert got.dtype == dt0
+        assert_same_as_the_compiled_graph(got, want, [], [])
+        ca, cb = mx.array(0.8, dtype=mx.float32), mx.array(-0.3, dtype=mx.float32)
+        assert_same_as_the_compiled_graph(K.weighted_sum(mx.stack([ca, cb]), [v0, v1]), old_combine(ca, cb, v0, v1), [], [])
+
+
+@needs_clang
+def test_the_weighted_sum_check_passes_and_launches_what_it_declares(half_emulator, monkeypatch):
+    """Three dtypes, one launch and two; its reference the plain graph on the CPU stream; nothing
+    launched that MLX compiles on first use."""
+    from mergekit_mlx.kernels import weighted_sums
+
+    half_emulator.watch = watch = Watch(monkeypatch)
+    monkeypatch.setattr(weighted_sums, "graph_compiled", lambda *a: pytest.fail("the compiled graph called"))
+    with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=False):
+        gpu.forget_checks()
+        assert K.GPU_GROUPS["weighted_sum"].check("cuda")
+    assert set(half_emulator.made) == set(K.GPU_GROUPS["weighted_sum"].launches())
+    assert not watch.compiled_on_first_use()
+
+
+@needs_clang
+@pytest.mark.parametrize(
+    "alter",
+    [
+        lambda outs: [outs[0] * mx.where(mx.arange(outs[0].size) == 99, 1.05, 1.0).astype(outs[0].dtype)],
+        lambda outs: [(outs[0].astype(mx.float32) * (1 + 2.0**-10)).astype(outs[0].dtype)],  # under a bf16 rounding
+    ],
+    ids=["one element 5% off", "every element 0.1% off"],
+)
+def test_the_weighted_sum_check_rejects_a_wrong_kernel(half_emulator, alter):
+    half_emulator.wrong["weighted_sum"] = alter
+    with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=False):
+        gpu.forget_checks()
+        assert not K.GPU_GROUPS["weighted_sum"].check("cuda")
+
+
+@needs_clang
+def test_linear_and_slerp_on_a_gpu_compile_nothing_on_first_use(half_emulator, monkeypatch):
+    """What the GPU stream sees of linear (1 and 18 inputs) and of slerp's graph: no gather, no
+    compiled graph (their inputs' graphs included: slerp's sums and coefficients)."""
+    from mergekit_mlx.kernels import weighted_sums
+    from mergekit_mlx.methods import MergeInputs
+    from mergekit_mlx.methods.linear import linear
+    from mergekit_mlx.methods.slerp import slerp_graph
+
+    half_emulator.watch = watch = Watch(monkeypatch)
+    monkeypatch.setattr(weighted_sums, "graph_compiled", lambda *a: pytest.fail("the compiled graph called"))
+    with gpu.substitute(half_emulator.kernel, lambda: "cuda", trusted=True):
+        for k in (1, 18):
+            xs = tensors_of(k, mx.bfloat16, seed=k)
+            watch.look(linear(MergeInputs(xs, None, {"normalize": True}, [{"weight": 1.0 + i} for i in range(k)])))
+        v0, v1 = tensors_of(2, mx.bfloat16, seed=3)
+        watch.look(slerp_graph(0.4, v0, v1))
+    assert {"Sum", "ArcCos", "Multiply"} <= watch.seen  # the watch saw slerp's sums and coefficients
+    assert not watch.compiled_on_first_use(), watch.seen

@@ -172,6 +172,10 @@ KERNELS = {
             False,
         ),
     ],
+    "weighted_sum": [
+        (3, False, [("coef", F32), ("up", U32)], [("out", "T")], [("T", "T"), ("KM", 3), ("ACC", False)], False),
+        (2, True, [("coef", F32), ("up", U32)], [("out", "T")], [("T", "T"), ("KM", 2), ("ACC", True)], False),
+    ],
 }
 
 METAL_TYPES = {U32: "uint32_t", F32: "float", U8: "uint8_t", "T": "bfloat16_t"}

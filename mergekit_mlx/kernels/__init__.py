@@ -13,10 +13,15 @@ Documented rules (every backend follows them):
   threshold are kept lowest flat index first.
 - `fused_task_merge` follows mergekit 0.1.5's generalized task arithmetic, computed in float32
   and rounded once to the base's dtype.
+- `weighted_sum` adds c_i * x_i in input order in float32 and rounds once to the first tensor's
+  dtype; a product is fused into the add after it where the backend's compiler contracts (as it
+  contracts MLX's own fused graphs: CUDA, Metal), rounded on its own where it does not (MLX's
+  uncompiled operations, an x86-64 CPU without -march).
 
 Modules: random (the generator), topk / selection / selection_cpu / selection_gpu (exact top-k),
-task_plan / task_merge / task_merge_cpu / task_merge_gpu (the fused merge), sums (accurate sums),
-slerp (slerp's sums on the CPU), bitlinear (BitNet's layer), staging (what the pipeline asks),
+task_plan / task_merge / task_merge_cpu / task_merge_gpu (the fused merge), weighted_sums (linear's
+and slerp's sums of weighted tensors), sums (accurate sums), slerp (slerp's sums on the CPU),
+bitlinear (BitNet's layer), staging (what the pipeline asks),
 gpu (launch and first-use checks), checks, cpu_native, cuda_compile, cuda_memory, gpu_reads,
 host (the CPU loops' plumbing), sources.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bitlinear, gpu, gpu_reads, random, selection, task_merge
+from . import bitlinear, gpu, gpu_reads, random, selection, task_merge, weighted_sums
 from .gpu import use_kernels
 from .random import random_mask, random_uniform, stream_id
 from .selection import magnitude_threshold, topk_mask
@@ -35,6 +40,7 @@ from .staging import Staging, evaluate_together
 from .sums import accurate_sum
 from .task_merge import fused_task_merge
 from .task_plan import Consensus, Sparsify
+from .weighted_sums import fused_elementwise, weighted_sum
 
 __all__ = [
     "Consensus",
@@ -44,6 +50,7 @@ __all__ = [
     "backend",
     "evaluate_together",
     "first_use_checks",
+    "fused_elementwise",
     "fused_task_merge",
     "kernel_status",
     "kernels_enabled",
@@ -55,10 +62,13 @@ __all__ = [
     "stream_id",
     "topk_mask",
     "use_kernels",
+    "weighted_sum",
 ]
 
 # the GPU kernel groups a method names in Method.gpu_kernels (each module registers its own)
-GPU_GROUPS = {g.name: g for g in (random.GPU, selection.GPU, task_merge.L1_GPU, task_merge.MERGE_GPU, bitlinear.GPU)}
+GPU_GROUPS = {
+    g.name: g for g in (random.GPU, selection.GPU, task_merge.L1_GPU, task_merge.MERGE_GPU, bitlinear.GPU, weighted_sums.GPU)
+}
 
 
 def kernels_enabled() -> bool:

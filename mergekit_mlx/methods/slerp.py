@@ -23,7 +23,7 @@ def slerp_tensors(t: float, v0: mx.array, v1: mx.array) -> mx.array:
         sums = kernels.slerp_sums(v0, v1)
         if all(math.isfinite(s) for s in sums):
             ca, cb = slerp_coefficients(t, *sums)
-            return _combine(mx.array(ca, dtype=mx.float32), mx.array(cb, dtype=mx.float32), v0, v1)
+            return kernels.weighted_sum(mx.array([ca, cb], dtype=mx.float32), [v0, v1])
     return slerp_graph(t, v0, v1)
 
 
@@ -44,10 +44,11 @@ def slerp_coefficients(t: float, s00: float, s11: float, s01: float) -> tuple[fl
 
 
 def slerp_graph(t: float, v0: mx.array, v1: mx.array) -> mx.array:
-    """slerp_tensors as one lazy MLX graph (the GPU's path)."""
-    # the norms and the dot product as sums over one compiled elementwise temporary each (the
-    # same float32 values and order as norm() and the uncompiled quotients: on the CPU each
-    # uncompiled step wrote a tensor-sized temporary into fresh pages)
+    """slerp_tensors as one lazy MLX graph (the GPU's path): no operation MLX compiles on first
+    use on an NVIDIA GPU (fused_elementwise, and the combination as kernels.weighted_sum)."""
+    # the norms and the dot product as sums over one fused elementwise temporary each (the same
+    # float32 values and order as norm() and the uncompiled quotients: on the CPU each uncompiled
+    # step wrote a tensor-sized temporary into fresh pages)
     na = mx.sqrt(chained_sum(_squares, v0))
     nb = mx.sqrt(chained_sum(_squares, v1))
     na = mx.where(na > EPS, na, 1.0)
@@ -59,9 +60,9 @@ def slerp_graph(t: float, v0: mx.array, v1: mx.array) -> mx.array:
     safe = mx.where(linear, 1.0, sin_theta)
     ca = mx.where(linear, 1 - t, mx.sin((1 - t) * theta) / safe)
     cb = mx.where(linear, t, mx.sin(t * theta) / safe)
-    # the coefficients are scalars: only the per-element combination is compiled (compiling the
+    # the coefficients are scalars: only the per-element combination is fused (fusing the
     # trigonometry too folds it into every element's work)
-    return _combine(ca, cb, v0, v1)
+    return kernels.weighted_sum(mx.stack([ca, cb]), [v0, v1])
 
 
 SUM_CHUNK = 1 << 20  # elements per piece of a chained sum
@@ -81,21 +82,16 @@ def chained_sum(fn, *args: mx.array) -> mx.array:
     return total if total is not None else mx.sum(fn(*flat))  # an empty tensor: 0
 
 
-# elementwise only (a reshape inside would split the fused loop)
-@mx.compile
+# elementwise only (a reshape inside would split the fused loop), no add after a multiply
+@kernels.fused_elementwise
 def _squares(v: mx.array) -> mx.array:
     a = float32(v)
     return a * a
 
 
-@mx.compile
+@kernels.fused_elementwise
 def _quotients_product(v0: mx.array, v1: mx.array, na: mx.array, nb: mx.array) -> mx.array:
     return (float32(v0) / na) * (float32(v1) / nb)
-
-
-@mx.compile
-def _combine(ca: mx.array, cb: mx.array, v0: mx.array, v1: mx.array) -> mx.array:
-    return (ca * float32(v0) + cb * float32(v1)).astype(v0.dtype)
 
 
 def slerp(inputs: MergeInputs) -> mx.array:
@@ -114,6 +110,7 @@ METHODS = [
         max_inputs=2,
         propagates_nonfinite=True,
         working_copies=0,  # chunks of the sums, and the fused combination
+        gpu_kernels=("weighted_sum",),
         doc="Spherical interpolation from the base (t=0) to the other model (t=1); lerp when |cos| > 0.9995.",
     )
 ]
