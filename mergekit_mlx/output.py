@@ -42,7 +42,7 @@ from .digest import file_digest
 from .dtypes import safetensors_code
 from .errors import MergeKitError, OutputError, warn_once
 from .formats import make_writer, writer_class
-from .formats.base import OutputTensor
+from .formats.base import OutputTensor, Writer
 from .formats.files import copy_side_files
 from .options import MergeOptions
 from .plan import Plan, human_bytes
@@ -387,6 +387,9 @@ class OutputJob:
     tokenizer_dir: Path | None = None  # the model whose tokenizer a GGUF output embeds
     side_files: Callable[[Path], None] | None = None  # writes tokenizer files, card, ... into a directory
     verify: Callable[[Path], None] | None = None  # reads back a written hf directory
+    # a writer outside the --out-format table (an adapter's), made for the temporary directory: its
+    # output is a directory, never resumed, its size not checked up front
+    writer: Callable[[Path], Writer] | None = None
 
 
 def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce) -> Path:
@@ -394,10 +397,11 @@ def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce)
     out = _absolute(out)
     check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
     fingerprint = _fingerprint(job, opts)
-    fmt = writer_class(opts.out_format)
-    single_file = fmt.single_file and out.suffix.lower() == Path(fmt.file_name).suffix
-    resumable = fmt.resumable
-    _check_free_space(out, job, opts)
+    fmt = writer_class(opts.out_format) if job.writer is None else None
+    single_file = fmt is not None and fmt.single_file and out.suffix.lower() == Path(fmt.file_name).suffix
+    resumable = fmt is not None and fmt.resumable
+    if fmt is not None:
+        _check_free_space(out, job, opts)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -434,16 +438,19 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         partial.remove()
         raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
     try:
-        writer = make_writer(
-            opts.out_format,
-            tmp,
-            job.tensors,
-            job.config,
-            max_shard_bytes=opts.out_shard_size,
-            tokenizer_dir=job.tokenizer_dir,
-            skip_shards=set(done) if resumable else None,
-            group_size=opts.group_size,
-        )
+        if job.writer is not None:
+            writer = job.writer(tmp)
+        else:
+            writer = make_writer(
+                opts.out_format,
+                tmp,
+                job.tensors,
+                job.config,
+                max_shard_bytes=opts.out_shard_size,
+                tokenizer_dir=job.tokenizer_dir,
+                skip_shards=set(done) if resumable else None,
+                group_size=opts.group_size,
+            )
         wants = getattr(writer, "wants", lambda name: True)
         # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
         written = getattr(writer, "written", None) if resumable else None
