@@ -20,6 +20,8 @@ COMMANDS = {  # name -> module
     "eval": "mergekit_mlx.evaluate",
     "example": "mergekit_mlx.example",
     "evolve": "mergekit_mlx.evolve.command",
+    "extract-lora": "mergekit_mlx.extract_lora",
+    "lora-merge": "mergekit_mlx.lora_merge",
 }
 # commands after which the process ends without the interpreter's teardown (see entry)
 FAST_EXIT = {"run"}

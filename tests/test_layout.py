@@ -41,6 +41,8 @@ LAYERS = {
     "merge": 9,
     "arguments": 9,
     "convert": 10,
+    "extract_lora": 10,
+    "lora_merge": 10,
     "evaluate": 10,
     "run": 10,
     "example": 11,
