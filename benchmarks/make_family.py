@@ -1,12 +1,16 @@
 """Build a Llama-shaped model family for benchmarks: a base and fine-tunes, bf16, random weights.
 
 The fine-tunes are the base plus small random task vectors (a tenth of the weights' scale), so
-sign elections, magnitude top-k and slerp angles behave as they do on real fine-tunes. The
+sign elections, magnitude top-k and slerp angles behave as they do on real fine-tunes. Those task
+vectors are full-rank noise (a flat singular spectrum); with `--task-rank N` each matrix's task vector
+is instead a rank-N product with decaying weights plus a tenth of its energy as noise, the long-tailed
+spectrum LoRA extraction meets in real fine-tunes (same scale). The
 default shape is the 0.85B reference family (hidden 2048, 16 layers, intermediate 5632, vocab
 32000, 16 heads, 4 KV heads). A family is cached: a directory that holds a finished one is reused.
 
     python benchmarks/make_family.py /tmp/family            # base, ft1, ft2
     python benchmarks/make_family.py /tmp/fam7b --hidden 4096 --layers 32 --intermediate 11008
+    python benchmarks/make_family.py /tmp/famlr --fine-tunes 1 --task-rank 64
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Shape:
     fine_tunes: int = 2
     shard_bytes: int = 5 * 1000**3  # Hugging Face's default max_shard_size
     seed: int = 0
+    task_rank: int = 0  # 0: noise task vectors; N: rank-N products with decaying weights plus noise
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         h, i, v = self.hidden, self.intermediate, self.vocab
@@ -85,7 +90,8 @@ def model_names(shape: Shape) -> list[str]:
 
 def family_ready(root: Path, shape: Shape) -> bool:
     f = root / DONE_FILE
-    return f.exists() and json.loads(f.read_text()) == asdict(shape)
+    # a family written before a Shape field existed has that field's default
+    return f.exists() and {**asdict(Shape()), **json.loads(f.read_text())} == asdict(shape)
 
 
 def _shards(shape: Shape) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -128,7 +134,7 @@ def build_family(root: Path, shape: Shape = Shape(), quiet: bool = False) -> lis
                 base = 0.02 * mx.random.normal(s, key=k0)
             arrays[0][name] = base.astype(mx.bfloat16)
             for j, k in enumerate(ks):
-                arrays[j + 1][name] = (base + 0.002 * mx.random.normal(s, key=k)).astype(mx.bfloat16)
+                arrays[j + 1][name] = (base + 0.002 * task_vector(s, shape.task_rank, k)).astype(mx.bfloat16)
             mx.eval(*(a[name] for a in arrays))
         for d, a in zip(dirs, arrays):
             mx.save_safetensors(str(d / fname), a, metadata={"format": "pt"})
@@ -146,6 +152,19 @@ def build_family(root: Path, shape: Shape = Shape(), quiet: bool = False) -> lis
     return dirs
 
 
+def task_vector(s: tuple[int, ...], rank: int, key: mx.array) -> mx.array:
+    """Unit-RMS noise, or for a matrix with rank > 0: sum_i w_i x_i y_i^T (Gaussian x_i, y_i, weights
+    w_i = i^-1/2) holding 90% of the energy plus noise holding 10%, scaled to unit RMS."""
+    if rank <= 0 or len(s) != 2:
+        return mx.random.normal(s, key=key)  # the family as it always was
+    k0, k1, k2 = mx.random.split(key, 3)
+    noise = mx.random.normal(s, key=k0)
+    weights = mx.arange(1, rank + 1, dtype=mx.float32) ** -0.5
+    product = (mx.random.normal((s[0], rank), key=k1) * weights) @ mx.random.normal((rank, s[1]), key=k2)
+    product = product / mx.sqrt(mx.mean(mx.square(product), axis=-1, keepdims=True).mean())
+    return math.sqrt(0.9) * product + math.sqrt(0.1) * noise
+
+
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     d = Shape()
     p.add_argument("--hidden", type=int, default=d.hidden)
@@ -155,10 +174,20 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=d.heads)
     p.add_argument("--kv-heads", type=int, default=d.kv_heads)
     p.add_argument("--fine-tunes", type=int, default=d.fine_tunes)
+    p.add_argument("--task-rank", type=int, default=d.task_rank, help="task vectors of rank N plus noise (default 0: noise)")
 
 
 def shape_from_args(args: argparse.Namespace) -> Shape:
-    return Shape(args.hidden, args.layers, args.intermediate, args.vocab, args.heads, args.kv_heads, args.fine_tunes)
+    return Shape(
+        args.hidden,
+        args.layers,
+        args.intermediate,
+        args.vocab,
+        args.heads,
+        args.kv_heads,
+        args.fine_tunes,
+        task_rank=getattr(args, "task_rank", 0),
+    )
 
 
 def main() -> None:
