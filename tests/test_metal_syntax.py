@@ -981,6 +981,90 @@ def test_cuda_kernels_fall_back_to_mlx_jit_when_nvrtc_cannot_compile(monkeypatch
     assert kern.failed and "NVRTC" in kern.failed
 
 
+class RecordingNvrtc:
+    """NVRTC's stand-in: a 'cubin' that names its architecture and source, and a log of compiles."""
+
+    version = "13.0"
+
+    def __init__(self):
+        self.compiled = []
+
+    def compile(self, source: str, arch: str, name: str = "kernel.cu") -> bytes:
+        self.compiled.append((arch, source))
+        return b"\x7fELF" + arch.encode() + b":" + source.encode()
+
+
+def shipped_archive(folder, arch: str, members: dict[str, bytes]):
+    import zipfile
+
+    from mergekit_mlx.kernels import cuda_compile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / f"cuda-{arch}.zip", "w") as z:
+        for source, data in members.items():
+            z.writestr(cuda_compile.prebuilt_member(source, arch), data)
+
+
+def test_a_shipped_cubin_is_launched_without_compiling_and_other_sources_compile_and_are_recorded(tmp_path, monkeypatch):
+    from mergekit_mlx.kernels import cuda_compile
+
+    nv = RecordingNvrtc()
+    monkeypatch.setenv("MERGEKIT_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cuda_compile, "compiler", lambda: (nv, "sm_90a"))
+    monkeypatch.setattr(cuda_compile, "prebuilt_dir", lambda: tmp_path / "prebuilt")
+    cuda_compile._archive.cache_clear()
+    shipped = b"\x7fELF shipped"
+    shipped_archive(tmp_path / "prebuilt", "sm_90a", {"shipped source": shipped, "not a cubin": b"garbage"})
+    shipped_archive(tmp_path / "prebuilt", "sm_80", {"other arch": b"\x7fELF sm_80"})
+    try:
+        assert cuda_compile.cubin("shipped source") == shipped
+        assert nv.compiled == []
+        # a member that is no ELF file, a source shipped only for another architecture, and a
+        # source nobody shipped all compile here, and each source is kept beside its cubin
+        for source in ("not a cubin", "other arch", "new source"):
+            assert cuda_compile.cubin(source) == b"\x7fELFsm_90a:" + source.encode()
+        assert [s for _, s in nv.compiled] == ["not a cubin", "other arch", "new source"]
+        recorded = sorted(p.read_text() for p in (tmp_path / "cache" / "cuda").glob("*.cu"))
+        assert recorded == ["new source", "not a cubin", "other arch"]
+        for cu in (tmp_path / "cache" / "cuda").glob("*.cu"):
+            assert cu.with_suffix(".cubin").read_bytes() == b"\x7fELFsm_90a:" + cu.read_bytes()
+    finally:
+        cuda_compile._archive.cache_clear()
+
+
+def test_prebuild_compiles_every_recorded_source_for_each_arch_into_the_same_bytes(tmp_path):
+    import zipfile
+
+    from mergekit_mlx.kernels import cuda_compile, prebuild
+
+    sources = tmp_path / "cache"
+    sources.mkdir()
+    for i, text in enumerate(["kernel a", "kernel b", "kernel a"]):  # the same source under two keys
+        (sources / f"{i}.cu").write_text(text)
+    (sources / "x.cubin").write_bytes(b"\x7fELF")  # cubins of the cache are not sources
+    found = prebuild.read_sources([sources])
+    assert found == ["kernel a", "kernel b"]
+    archives = []
+    for out in (tmp_path / "one", tmp_path / "two"):
+        for arch in ("sm_80", "sm_90a"):
+            assert prebuild.build_archive(RecordingNvrtc(), found, arch, out, threads=2)[0] == 2
+        archives.append([(out / f"cuda-{a}.zip").read_bytes() for a in ("sm_80", "sm_90a")])
+    assert archives[0] == archives[1]
+    with zipfile.ZipFile(tmp_path / "one" / "cuda-sm_90a.zip") as z:
+        for text in found:
+            assert z.read(cuda_compile.prebuilt_member(text, "sm_90a")) == b"\x7fELFsm_90a:" + text.encode()
+    assert not list((tmp_path / "one").glob(".tmp-*"))
+
+
+def test_prebuild_without_nvrtc_exits_2_naming_what_is_missing(tmp_path, monkeypatch, capsys):
+    from mergekit_mlx.kernels import prebuild
+
+    monkeypatch.setattr(prebuild, "_find_nvrtc", lambda: None)
+    assert prebuild.main(["--sources", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "NVRTC" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cuda_translation_unit_has_the_custom_kernel_signature():
     import mlx.core as mx
 

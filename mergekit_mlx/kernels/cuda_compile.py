@@ -12,6 +12,12 @@ cannot be found, or a compile fails, `gpu.kernel` uses `mx.fast.cuda_kernel` as 
 Instantiations known ahead (`CachedKernel.prepare`) compile side by side on a few threads (NVRTC
 runs one compile per thread at a time and lets go of the GIL through ctypes); a launch that needs
 one still compiling waits for it. The threads touch no MLX array.
+
+The package also ships cubins built ahead (`kernels/prebuilt/cuda-<arch>.zip`, made by
+`python -m mergekit_mlx.kernels.prebuild` from the sources a cache holds; NVRTC targets an
+architecture without a device of it), so a machine's first merge finds most kernels compiled. A
+shipped cubin is found by a hash of its source and architecture; a source that changed since misses
+and compiles as above.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import sys
 import tempfile
 import threading
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
@@ -247,7 +254,18 @@ def cubin(source: str) -> bytes:
             return data
     except OSError:
         pass
+    data = prebuilt(source, arch)
+    if data is not None:
+        return data
     data = nv.compile(source, arch, name=f"{key}.cu")
+    # the source beside its cubin: `prebuild` compiles a cache's sources for the shipped archives
+    for suffix, content in ((".cu", source.encode()), (".cubin", data)):
+        _write_whole(path.with_suffix(suffix), content)
+    return data
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary sibling renamed into place; a failure only costs a cache entry."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -256,7 +274,45 @@ def cubin(source: str) -> bytes:
         os.replace(tmp, path)
     except OSError:
         pass
-    return data
+
+
+# ----------------------------------------------------------------------------- shipped cubins
+
+PREBUILT_FORMAT = "prebuilt-v1"
+
+
+def prebuilt_dir() -> Path:
+    return kernel_root() / "prebuilt"
+
+
+def prebuilt_member(source: str, arch: str) -> str:
+    """The archive member of `source` compiled for `arch` (NVRTC's version is not part of it: a cubin
+    runs wherever the driver loads it, and MLX's CUDA 13 wheel already needs a CUDA 13 driver)."""
+    return hashlib.sha256("\0".join([source, arch, PREBUILT_FORMAT]).encode()).hexdigest()[:40] + ".cubin"
+
+
+_archive_lock = threading.Lock()
+
+
+@cache
+def _archive(arch: str) -> zipfile.ZipFile | None:
+    try:
+        return zipfile.ZipFile(prebuilt_dir() / f"cuda-{arch}.zip")
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def prebuilt(source: str, arch: str) -> bytes | None:
+    """The shipped cubin of `source` for `arch`, or None."""
+    with _archive_lock:  # one archive, read from several compile threads
+        archive = _archive(arch)
+        if archive is None:
+            return None
+        try:
+            data = archive.read(prebuilt_member(source, arch))
+        except (KeyError, OSError, zipfile.BadZipFile, RuntimeError):
+            return None
+    return data if data.startswith(b"\x7fELF") else None
 
 
 COMPILE_THREADS = 8  # at most; fewer on a machine with fewer cores
