@@ -22,6 +22,7 @@ COMMANDS = {  # name -> module
     "evolve": "mergekit_mlx.evolve.command",
     "extract-lora": "mergekit_mlx.extract_lora",
     "lora-merge": "mergekit_mlx.lora_merge",
+    "moe": "mergekit_mlx.moe.command",
 }
 # commands after which the process ends without the interpreter's teardown (see entry)
 FAST_EXIT = {"run"}
