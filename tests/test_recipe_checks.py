@@ -279,6 +279,13 @@ RANGES = {
     ("ramplus_tl", "epsilon"): ([0.0, -1e-5, 1.0], [1e-8, 1e-5, 0.5]),
     ("ramplus_tl", "r"): ([-0.1, 10.5, NAN], [0.0, 0.1, 10.0]),
     ("ramplus_tl", "alpha"): ([-0.1, 10.5, INF], [0.0, 0.2, 10.0]),
+    **{(m, "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 2.5]) for m in ("consensus_ta", "consensus_ties")},
+    **{(m, "density"): ([0.0, -0.01, 1.01, NAN], [1e-3, 0.3, 1.0]) for m in ("consensus_ta", "consensus_ties")},
+    **{(m, "k"): ([-1, 2.5, INF], [0, 1]) for m in ("consensus_ta", "consensus_ties")},
+    **{(m, "lambda"): ([-0.1, INF, NAN], [0.0, 0.5, 3.0]) for m in ("consensus_ta", "consensus_ties")},
+    ("magmax", "scaling_factor"): ([INF, NAN], [-1.0, 0.0, 0.5, 2.0]),
+    ("pcb", "density"): ([0.0, -0.1, 1.01, NAN], [1e-3, 0.5, 1.0]),
+    ("pcb", "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 1.5]),
 }
 
 
