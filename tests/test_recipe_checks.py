@@ -286,6 +286,13 @@ RANGES = {
     ("magmax", "scaling_factor"): ([INF, NAN], [-1.0, 0.0, 0.5, 2.0]),
     ("pcb", "density"): ([0.0, -0.1, 1.01, NAN], [1e-3, 0.5, 1.0]),
     ("pcb", "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 1.5]),
+    ("iso_c", "scaling_factor"): ([INF, NAN], [-1.0, 0.0, 1.0, 2.5]),
+    ("iso_cts", "scaling_factor"): ([INF, NAN], [-1.0, 0.0, 1.0, 2.5]),
+    ("iso_cts", "common_space_fraction"): ([-0.01, 1.01, NAN], [0.0, 0.8, 1.0]),
+    ("tsv_m", "weight"): ([INF, -INF, NAN], [-1.0, 0.0, 2.5]),
+    ("tsv_m", "alpha"): ([INF, NAN], [-1.0, 0.0, 1.0, 2.5]),
+    ("wudi", "iter_num"): ([-1, 100_001, 2.5, 10**12], [0, 400, 100_000]),
+    ("wudi", "learning_rate"): ([0.0, -1e-5, 1.5, NAN], [1e-8, 1e-5, 1.0]),
 }
 
 

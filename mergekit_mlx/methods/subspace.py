@@ -1,0 +1,91 @@
+"""What the subspace merges (iso_c, iso_cts, tsv_m, wudi) share: task vectors, which tensors are
+decomposed, the exact thin SVD and the orthogonal (polar) factor of a matrix.
+
+Task vectors are `model - base` in float32 (`weight` times it where a method takes weights). The
+references (FusionBench) decompose every 2-D tensor not named in their `exclude_keys`, embeddings
+and output heads included, and give every other tensor (norms, biases, 1-D and 3-D+ tensors) the
+mean of the task vectors; the `decompose` parameter, set per tensor with a filter, is that list
+here (false: the mean).
+
+Where the SVD runs: numpy's LAPACK (gesdd, OpenBLAS) in float32 on the host, whatever MLX's
+device. MLX's `linalg.svd` runs only on its CPU stream (it raises on a GPU stream), and MLX's Linux
+CPU wheel links the reference LAPACK, several times slower than OpenBLAS on the same cores
+(benchmarks/RESULTS.md 14). The references decompose in float32 too (torch.linalg.svd). The
+orthogonal factor U Vh of a matrix's SVD is the nearest matrix with orthonormal columns (rows, when
+wide). Where the matrix is rank-deficient (two identical fine-tunes, low-rank task vectors) the
+reference's factor is not unique: LAPACK's choice of the null singular vectors adds directions
+that no task vector has, with weights as large as the rest. Here the directions whose singular
+value is at or below max(m, n) * eps * largest (float32's eps; numpy's matrix_rank rule) are left
+out: the factor is the partial isometry on the matrix's numerical range, which is the reference's
+factor wherever that one is unique.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .base import MergeInputs, Param, float32
+
+DECOMPOSE = Param("decompose", bool, "shared", default=True)
+
+
+def task_vectors(inputs: MergeInputs, weighted: bool = False) -> list[mx.array]:
+    """`model - base` of each input but the base, in float32 (times its `weight` when `weighted`)."""
+    base = float32(inputs.tensors[inputs.base])
+    out = [float32(inputs.tensors[i]) - base for i in inputs.non_base]
+    if weighted:
+        out = [t * inputs.per_input[i]["weight"] for t, i in zip(out, inputs.non_base)]
+    return out
+
+
+def decomposed(inputs: MergeInputs) -> bool:
+    """Whether this tensor is merged in its singular subspaces (a 2-D tensor, `decompose` true)."""
+    return inputs.tensors[inputs.base].ndim == 2 and inputs.shared["decompose"]
+
+
+def mean(tvs: list[mx.array]) -> mx.array:
+    """The mean of the task vectors: what the references give a tensor they do not decompose."""
+    return sum(tvs[1:], tvs[0]) / len(tvs)
+
+
+def on_base(inputs: MergeInputs, merged: mx.array | np.ndarray, scale: float = 1.0) -> mx.array:
+    """base + scale * merged task vector, in float32, rounded once to the base's dtype."""
+    base = inputs.tensors[inputs.base]
+    merged = mx.array(merged) if isinstance(merged, np.ndarray) else merged
+    if scale != 1:
+        merged = merged * scale
+    return (float32(base) + merged).astype(base.dtype)
+
+
+def host(x: mx.array) -> np.ndarray:
+    """A float32 numpy copy of an MLX array (evaluates it)."""
+    return np.array(x.astype(mx.float32), dtype=np.float32, copy=True)
+
+
+def finite(*xs: np.ndarray) -> bool:
+    """LAPACK does not converge on NaN/Inf: such a tensor's merge is NaN, which the run reports."""
+    return all(bool(np.isfinite(x).all()) for x in xs)
+
+
+def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """U (m, r), S (r,) descending, Vh (r, n) with x = U diag(S) Vh, r = min(m, n): exact (LAPACK), float32."""
+    u, s, vh = np.linalg.svd(x.astype(np.float32, copy=False), full_matrices=False)
+    return u, s, vh
+
+
+def numerical_rank(s: np.ndarray, shape: tuple[int, ...]) -> int:
+    """How many of the descending singular values `s` of a matrix of `shape` are above its rounding."""
+    if s.size == 0:
+        return 0
+    return int((s > s[0] * max(shape) * np.finfo(np.float32).eps).sum())
+
+
+def orthogonal_factor(x: np.ndarray) -> np.ndarray:
+    """U Vh of x's thin SVD over its numerical rank: the matrix with orthonormal columns (or rows)
+    nearest to x where x has full rank, the partial isometry on x's range otherwise."""
+    if x.size == 0:
+        return x
+    u, s, vh = thin_svd(x)
+    r = numerical_rank(s, x.shape)
+    return u[:, :r] @ vh[:r]
