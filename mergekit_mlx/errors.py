@@ -34,6 +34,11 @@ class OutputError(MergeKitError):
     """The output location cannot be written as asked (exists, inside an input, no space)."""
 
 
+class RunInterrupted(MergeKitError):
+    """The run stopped before it finished, through no fault of the recipe or the inputs (a process
+    of a distributed run was lost or stopped); what it finished is kept for `--resume`."""
+
+
 def short_repr(value, limit: int = 80) -> str:
     """An untrusted value as an error message shows it: a long list as its length, any text cut at `limit`."""
     text = repr(value) if not isinstance(value, list) or len(value) <= 16 else f"[{len(value)} values]"

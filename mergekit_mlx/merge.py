@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from . import kernels, mlx_lm_config
 from .device import use_device
+from .distributed import World
 from .errors import OutputError
 from .formats import DEFAULT_SHARD_BYTES
 from .formats.base import ModelSource
@@ -90,15 +91,18 @@ def merge(
     options: MergeOptions | None = None,
     on_event: OnEvent | None = None,
     models: dict[str, ModelSource] | None = None,
+    world: World | None = None,
     **kwargs: Any,
 ) -> MergeResult:
     """Merge as the recipe says. With out_path the model is streamed to disk; else kept in memory.
     `on_event(name, task, seconds)` hears the pipeline's stages (see pipeline.run_plan). `models`
-    maps model references of the recipe to inputs opened already (a search reads its inputs once)."""
+    maps model references of the recipe to inputs opened already (a search reads its inputs once).
+    `world` (`distributed.world()` under mlx.launch): the processes that write out_path together,
+    each its share of the shards; every one of them calls merge() with the same arguments."""
     opts = options or MergeOptions(**kwargs)
     opts.check()  # the flags named before anything else, the device included
     with use_device(opts.device), kernels.use_kernels(opts.use_kernels):
-        return _merge(recipe, out_path, opts.resolved(), on_event, models)
+        return _merge(recipe, out_path, opts.resolved(), on_event, models, world)
 
 
 def _merge(
@@ -107,13 +111,14 @@ def _merge(
     opts: MergeOptions,
     on_event: OnEvent | None = None,
     models: dict[str, ModelSource] | None = None,
+    world: World | None = None,
 ) -> MergeResult:
     recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) else None
     r = load_recipe(recipe)
     plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes, models=models)
     if out_path is not None:
         out = Path(out_path)
-        path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants, on_event))
+        path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants, on_event), world)
         return MergeResult(plan, path=path)
     weights: dict[str, mx.array] = {}
     run_plan(plan, opts, weights.__setitem__, lambda name: True, on_event)

@@ -11,6 +11,11 @@ Shards get their final names only when complete; the manifest is written last an
 renamed into place only when everything is written, so nothing half-written looks complete. A
 replaced output is moved aside first and then emptied of the files its manifest lists, nothing else.
 
+Under `mlx.launch` (a `World` of several processes: distributed.py) the same lifecycle holds across
+the ranks: rank 0 checks, locks and commits, every rank writes its share of the shards into the one
+`.NAME.partial` (on a filesystem they share), and the directory is renamed into place only after
+every rank reported its shards (`_write_across_ranks`).
+
 What a failed run leaves behind: a validation error leaves nothing; an error while merging or
 writing (non-finite values, a full disk) removes `.NAME.partial`, since rerunning the same command
 could not use it; only an interruption (Ctrl-C, a kill, a power loss) leaves it, for `--resume`.
@@ -37,10 +42,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import distributed
 from .chat_template import apply_chat_template
 from .digest import file_digest
+from .distributed import World
 from .dtypes import safetensors_code
-from .errors import MergeKitError, OutputError, warn_once
+from .errors import MergeKitError, OutputError, RunInterrupted, warn_once
 from .formats import make_writer, writer_class
 from .formats.base import OutputTensor, Writer
 from .formats.files import copy_side_files
@@ -49,6 +56,7 @@ from .plan import Plan, human_bytes
 
 MANIFEST = ".mergekit-mlx-output.json"  # in every output directory: the files this tool wrote there
 STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input hashes, shards
+RANK_STATE = ".mergekit-mlx-state.rank{rank}.json"  # beside it, in a distributed merge: what rank N > 0 finished
 GGUF_MARKER = b"mergekit_mlx.output"  # a GGUF metadata key this tool writes into every GGUF it makes
 GGUF_MARKER_SPAN = 1 << 16  # bytes of a GGUF file searched for the marker (it is written among the first keys)
 # how MLX words a failed file write (it raises RuntimeError without an errno)
@@ -232,6 +240,7 @@ class PartialOutput:
     path: Path
     fd: int
     state: dict = field(default_factory=dict)
+    state_name: str = STATE_FILE  # another rank of a distributed merge keeps its own (RANK_STATE)
     lock: threading.Lock = field(default_factory=threading.Lock)
     filling: bool = True  # False once it is being renamed into place or removed: no more state
 
@@ -240,9 +249,9 @@ class PartialOutput:
             if not self.filling:
                 return  # a late update (the input hashes) after the output was finished or removed
             self.state.update(changes)
-            tmp = self.path / (STATE_FILE + ".tmp")
+            tmp = self.path / (self.state_name + ".tmp")
             tmp.write_text(json.dumps(self.state))
-            os.replace(tmp, self.path / STATE_FILE)  # a kill mid-write leaves the previous state, never a torn one
+            os.replace(tmp, self.path / self.state_name)  # a kill mid-write leaves the previous state, never a torn one
 
     def finished(self) -> None:
         """No state is written from now on (the hashing thread may still be running)."""
@@ -351,6 +360,7 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
             return {}, None, ""
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, None, "its state file is missing or cut short"
+    shards = {**_rank_shards(partial.path, fingerprint), **shards}
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
         return {}, None, "the interrupted run had not finished hashing its inputs"
     try:
@@ -370,6 +380,19 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
         and file_digest(partial.path / f) == h
     }
     return kept, now, ""
+
+
+def _rank_shards(directory: Path, fingerprint: str) -> dict[str, str]:
+    """Shards that the other ranks of an interrupted distributed merge recorded (same fingerprint)."""
+    found: dict[str, str] = {}
+    for path in sorted(directory.glob(RANK_STATE.format(rank="*"))):
+        try:
+            state = json.loads(path.read_text())
+            if state.get("fingerprint") == fingerprint and isinstance(state.get("shards"), dict):
+                found.update(state["shards"])
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # a rank killed while writing it: its shards are merged again
+    return found
 
 
 # ---------------- the lifecycle ----------------
@@ -392,8 +415,11 @@ class OutputJob:
     writer: Callable[[Path], Writer] | None = None
 
 
-def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce) -> Path:
-    """Write a model through the lifecycle (see the module's docstring); returns the output path."""
+def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce, world: World | None = None) -> Path:
+    """Write a model through the lifecycle (see the module's docstring); returns the output path.
+    With a `world` of several processes, each writes its share of the shards (`_write_across_ranks`)."""
+    if world is not None and not world.alone:
+        return _write_across_ranks(job, out, opts, produce, world)
     out = _absolute(out)
     check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
     fingerprint = _fingerprint(job, opts)
@@ -494,6 +520,193 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         partial.remove()
         raise failure from None
     return out
+
+
+# ---------------- the lifecycle across the ranks of a distributed merge ----------------
+
+
+def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce, world: World) -> Path:
+    """write_model on the ranks of `world` (mlx.launch): one output, as one process writes it.
+
+    Rank 0 checks the output, takes `.NAME.partial` and its lock, keeps what a resume may keep and
+    tells the others. Every rank lays the shards out as one process would (the writer's layout from
+    the plan), takes its contiguous run of the shards not finished yet (`distributed.deal_shards`),
+    merges only their tensors (so reads only their inputs), writes them into the same
+    `.NAME.partial` (the ranks share its filesystem: checked by a token rank 0 leaves there) and
+    records them in its own state file. Once every rank reported its shards, rank 0 writes the
+    index, config, tokenizer and card, verifies, and renames the directory into place; then every
+    rank returns. A rank's error is every rank's error (`distributed.agree`): a recipe or input
+    error removes `.NAME.partial`, as for one process; a rank lost (killed, crashed) keeps it, with
+    every shard finished so far, for `--resume` (with any number of processes)."""
+    fmt = writer_class(opts.out_format) if job.writer is None else None
+    if fmt is None or not fmt.resumable:
+        raise OutputError(
+            f"--out-format {opts.out_format}: this output is one file written by one process; several processes "
+            "(mlx.launch) split a merge by its safetensors shards (hf, the mlx-q formats, bitnet): run it without mlx.launch"
+        )
+    out = _absolute(out)
+    tmp = partial_dir(out)
+    fingerprint = _fingerprint(job, opts)
+    rank0 = world.rank == 0
+    partial = PartialOutput(out, tmp, -1, state_name=RANK_STATE.format(rank=world.rank))
+
+    def start() -> dict:
+        """Rank 0: the checks, the lock, the shards a resume keeps, a clean state."""
+        nonlocal partial
+        if not rank0:
+            return {}
+        check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
+        _check_free_space(out, job, opts)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from None
+        partial = open_partial(out)
+        done, digests, why = _kept_shards(partial, fingerprint, job.input_files) if opts.resume else ({}, None, "")
+        if why:
+            print(f"mergekit-mlx: not resuming: {why}; merging everything again", file=sys.stderr)
+        token = os.urandom(16).hex()
+        try:
+            for entry in os.scandir(tmp):  # an earlier run's files (other ranks' states and markers too)
+                if entry.name not in done:
+                    (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.unlink)(entry.path)
+            partial.state = {
+                "tool": "mergekit-mlx",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "ranks": world.size,
+                "token": token,
+                "fingerprint": fingerprint,
+                "inputs": digests,
+                "shards": dict(done),
+            }
+            partial.save_state()
+        except OSError as e:
+            partial.remove()
+            raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
+        return {"done": done, "proven": digests is not None, "token": token}
+
+    def fill() -> dict[str, str]:
+        """Every rank: its shards, merged and written; returns them (name -> digest)."""
+        if not rank0 and _state_token(tmp) != shared["token"]:
+            raise OutputError(
+                f"{tmp}: {world.describe()} on {socket.gethostname()} does not see the temporary output that rank 0 "
+                "made there; the processes of a distributed merge must share the output's filesystem (one host, or a "
+                "network filesystem mounted at the same path on every host)"
+            )
+        done = shared["done"]
+        layout = _writer(job, tmp, opts, skip=set(done))
+        todo = [(f, sum(t.nbytes for t in shard)) for f, shard in zip(layout.files, layout.shards) if f not in done]
+        mine = set(distributed.deal_shards(todo, world.size)[world.rank])
+        writer = _writer(job, tmp, opts, skip=set(layout.files) - mine)
+        recorded = dict(done) if rank0 else {}
+        if not rank0:
+            partial.state = {
+                "tool": "mergekit-mlx",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "rank": world.rank,
+                "fingerprint": fingerprint,
+                "shards": {},
+            }
+            partial.save_state()
+        elif not shared["proven"] and len(layout.files) > 1:
+            prove_inputs(list(job.input_files), lambda hashes: partial.save_state(inputs=hashes))
+        watch = distributed.FailureWatch(tmp, world)
+
+        def write(name: str, array: mx.array) -> None:
+            watch.check()  # another rank failed: stop now rather than after this rank's shards
+            before = len(writer.written)
+            writer.add(name, array)
+            if len(writer.written) != before:
+                for f in writer.written:
+                    if f not in recorded:
+                        recorded[f] = writer.checksums.get(f) or file_digest(tmp / f)
+                partial.save_state(shards=dict(recorded))
+
+        produce(write, writer.wants)
+        if rank0:
+            writer.finish()  # its shards, the index and the config
+        else:
+            writer.close_shards()
+        for f in writer.written:  # the last shard is closed last, without a running checksum
+            if f not in recorded:
+                recorded[f] = file_digest(tmp / f)
+        partial.save_state(shards=dict(recorded))
+        return {f: recorded[f] for f in writer.written}
+
+    def commit() -> None:
+        """Rank 0, once every rank has written its shards: the rest, verified, renamed into place."""
+        if not rank0:
+            return
+        shards = dict(shared["done"])
+        for written in finished:
+            shards.update(written)
+        partial.save_state(shards=shards)  # one record of every shard, should the commit fail
+        for entry in os.scandir(tmp):
+            if entry.name.startswith((".mergekit-mlx-state.rank", ".mergekit-mlx-failed.rank")):
+                os.unlink(entry.path)
+        if job.side_files is not None:
+            job.side_files(tmp)
+        if job.verify is not None and writer_class(opts.out_format).verifiable:
+            job.verify(tmp)
+        partial.finished()
+        os.unlink(tmp / STATE_FILE)
+        _write_manifest(tmp)
+        _commit_dir(partial, out, opts.force)
+
+    keeps = f"{tmp} keeps the shards finished so far: rerun the same command with --resume (with any number of processes) to finish it"
+    try:
+        with distributed.stop_on_sigterm(world, keeps):
+            shared = distributed.agree(world, start)[0]
+            marked = lambda e: distributed.mark_failure(tmp, world, e)  # noqa: E731 - the others stop early
+            finished = distributed.agree(world, _as_write_failure(fill, out, job), on_failure=marked)
+            distributed.agree(world, _as_write_failure(commit, out, job))
+    except RunInterrupted as e:
+        raise RunInterrupted(f"{e}; {keeps}") from None
+    except MergeKitError:
+        if rank0 and partial.fd >= 0:
+            partial.remove()  # a merge that failed cannot be resumed (as for one process)
+        raise
+    finally:
+        partial.close()
+    return out
+
+
+def _as_write_failure(step: Callable[[], object], out: Path, job: OutputJob) -> Callable[[], object]:
+    """`step`, with a failed write (disk full, no permission) raised as the OutputError that names it."""
+
+    def run():
+        try:
+            return step()
+        except (OSError, RuntimeError) as e:
+            failure = _write_failure(e, out, job)
+            if failure is None:
+                raise
+            raise failure from None
+
+    return run
+
+
+def _writer(job: OutputJob, directory: Path, opts: MergeOptions, skip: set[str]) -> Writer:
+    return make_writer(
+        opts.out_format,
+        directory,
+        job.tensors,
+        job.config,
+        max_shard_bytes=opts.out_shard_size,
+        tokenizer_dir=job.tokenizer_dir,
+        skip_shards=skip,
+        group_size=opts.group_size,
+    )
+
+
+def _state_token(directory: Path) -> str | None:
+    """The token rank 0 left in the state of `.NAME.partial` (None when it cannot be read from here)."""
+    try:
+        return json.loads((directory / STATE_FILE).read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fingerprint(job: OutputJob, opts: MergeOptions) -> str:
@@ -670,9 +883,9 @@ def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
     )
 
 
-def write_output(plan: Plan, out: Path, opts: MergeOptions, produce: Produce) -> Path:
-    """Write a merge's output through the lifecycle."""
-    return write_model(merge_job(plan, opts), out, opts, produce)
+def write_output(plan: Plan, out: Path, opts: MergeOptions, produce: Produce, world: World | None = None) -> Path:
+    """Write a merge's output through the lifecycle (by every rank of `world`, when it has several)."""
+    return write_model(merge_job(plan, opts), out, opts, produce, world)
 
 
 def verify_output(directory: Path, plan: Plan) -> None:

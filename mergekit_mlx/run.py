@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import world
     from .hub import download_progress
     from .merge import merge
     from .options import MergeOptions
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import load_recipe
 
     args = parser().parse_intermixed_args(argv)  # OUT may follow the options
+    ranks = world()  # several processes under mlx.launch: each writes its share of the shards
     opts = MergeOptions(
         random_seed=args.random_seed,
         out_shard_size=args.out_shard_size,
@@ -58,21 +60,25 @@ def main(argv: list[str] | None = None) -> int:
         group_size=args.group_size,
         force=args.force,
         resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress and ranks.rank == 0,
     ).resolved()
     with download_progress(not args.no_progress):  # Hub weights, if the recipe names Hub ids
         if args.dry_run:
             plan = make_plan(load_recipe(Path(args.recipe)), recipe_dir=Path(args.recipe).parent, allow_crimes=args.allow_crimes)
-            print(plan.describe(opts.out_shard_size, opts.batch_bytes))
+            if ranks.rank == 0:
+                print(plan.describe(opts.out_shard_size, opts.batch_bytes))
             return 0
         if not args.out:
             raise RecipeError("mergekit-mlx run needs OUT, the output directory (or .gguf file) to write; or pass --dry-run")
         start = time.perf_counter()
-        result = merge(Path(args.recipe), args.out, opts)  # always a file, whatever its suffix
+        result = merge(Path(args.recipe), args.out, opts, world=ranks)  # always a file, whatever its suffix
     took = time.perf_counter() - start
     plan = result.plan
+    if ranks.rank != 0:
+        return 0
     print(
-        f"wrote {result.path} ({len(plan.tasks)} tensors, {plan.bytes_written / 1e9:.2f} GB) in {took:.1f} s",
+        f"wrote {result.path} ({len(plan.tasks)} tensors, {plan.bytes_written / 1e9:.2f} GB) in {took:.1f} s"
+        + (f" by {ranks.size} processes" if ranks.size > 1 else ""),
         file=sys.stderr,
     )
     return 0

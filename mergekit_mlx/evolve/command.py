@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..arguments import Parser, add_common_arguments, parse_size
+from ..distributed import world
 from .search import DEFAULT_EVAL_BATCH, DEFAULT_MAX_FEVALS, SearchOptions, search
 from .state import BEST, LOG, PLOT, STATE
 
@@ -73,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         allow_crimes=args.allow_crimes,
         resume=args.resume,
         force=args.force,
-        progress=not args.no_progress,
+        progress=not args.no_progress and world().rank == 0,
     )
     start = time.perf_counter()
-    result = search(Path(args.config), Path(args.out), opts)
+    result = search(Path(args.config), Path(args.out), opts, world=world())  # world: the processes of mlx.launch
     took = time.perf_counter() - start
+    if result is None:  # another rank than 0 of a distributed search: rank 0 reports
+        return 0
     out = result.out
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.best_scores.items())
     print(f"{result.evaluations} candidates in {result.generations} generations ({result.stopped}); {took:.1f} s in this run")

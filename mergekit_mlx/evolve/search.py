@@ -7,6 +7,11 @@ at the end the best recipe is merged once more and written through the output li
 
 The budget (`max_fevals`) is exact: the last generation may be cut short, its candidates scored and
 logged but not told to the optimiser (a resume with a larger budget completes it and goes on).
+
+Under `mlx.launch` (a `World` of several processes) each generation's candidates are dealt to the
+ranks (every size-th candidate to each), every rank merges and scores its own on inputs it holds
+itself, and the records are gathered on rank 0, which alone runs the optimiser and writes OUT: the
+same candidates, scores, log and best recipe as one process for the same seed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..device import use_device
+from ..distributed import ALONE, World
 from ..errors import ModelError, RecipeError, warn_once
 from ..formats import open_model
 from ..merge import MergeResult, merge
@@ -105,20 +112,58 @@ class SearchResult:
 
 
 def search(
-    config: EvolveConfig | str | Path, out: str | Path, options: SearchOptions | None = None, *, config_dir: Path | None = None
-) -> SearchResult:
-    """Run (or, with options.resume, continue) a search into the folder `out`; see the module's docstring."""
+    config: EvolveConfig | str | Path,
+    out: str | Path,
+    options: SearchOptions | None = None,
+    *,
+    config_dir: Path | None = None,
+    world: World | None = None,
+) -> SearchResult | None:
+    """Run (or, with options.resume, continue) a search into the folder `out`; see the module's docstring.
+
+    With a `world` of several processes (`distributed.world()` under mlx.launch) every rank calls
+    this with the same arguments; rank 0 returns the result, the other ranks None."""
     opts = options or SearchOptions()
     opts.check()
     if not isinstance(config, EvolveConfig):
         config_dir = Path(config).parent
         config = load_config(config)
+    w = world or ALONE
     with use_device(opts.device):
-        folder = SearchFolder(Path(out), resume=opts.resume, force=opts.force)
+        if w.rank != 0:
+            return _score_for_rank_0(config, config_dir, opts, w)
+        folder = SearchFolder(Path(out), resume=opts.resume, force=opts.force) if w.alone else None
         try:
-            return _Search(config, config_dir, opts, folder).run()
+            if w.alone:
+                return _Search(config, config_dir, opts, folder).run()
+            # rank 0: the folder, the optimiser and the checkpoint; its failures are every rank's
+            folder = distributed.together(w, lambda: SearchFolder(Path(out), resume=opts.resume, force=opts.force))
+            searcher = distributed.together(w, lambda: _Search(config, config_dir, opts, folder, w))
+            distributed.agree(w, lambda: searcher.settings)  # the other ranks' evaluators need them
+            distributed.agree(w, lambda: None)  # ... which they make now
+            with distributed.stop_on_sigterm(w, f"{folder.out} keeps the generations finished: rerun with --resume"):
+                return distributed.together(w, searcher.run)
         finally:
-            folder.close()
+            if folder is not None:
+                folder.close()
+
+
+def _score_for_rank_0(config: EvolveConfig, config_dir: Path | None, opts: SearchOptions, w: World) -> None:
+    """A rank other than 0: merge and score the candidates dealt to it, generation after generation,
+    until rank 0 says the search is over."""
+    distributed.agree(w, lambda: None)  # rank 0 checks OUT
+    distributed.agree(w, lambda: None)  # rank 0 reads the checkpoint
+    settings = distributed.agree(w, lambda: None)[0]  # and tells the settings
+    evaluator = distributed.together(w, lambda: _Evaluator.open(config, config_dir, opts, settings["random_seed"]))
+    with distributed.stop_on_sigterm(w, "rank 0 keeps the generations finished: rerun with --resume"):
+        while True:
+            generation = distributed.agree(w, lambda: None)[0]
+            if generation is None:
+                break
+            mine = distributed.deal_items(generation["todo"], w)
+            g, run_index = generation["generation"], generation["run"]
+            distributed.agree(w, lambda: [evaluator.candidate(g, i, np.array(x), run_index) for i, x in mine])  # noqa: B023
+        distributed.agree(w, lambda: None)  # rank 0 writes the best model
 
 
 def absolute_reference(ref: str, config_dir: Path | None) -> str:
@@ -155,9 +200,60 @@ def open_genome(config: EvolveConfig, config_dir: Path | None, allow_crimes: boo
     return space, make_plan(space.recipe(space.initial()), allow_crimes=allow_crimes)
 
 
+class _Evaluator:
+    """Merges and scores genotypes on inputs held once: the part of a search that every rank runs."""
+
+    def __init__(self, config: EvolveConfig, space: GenomeSpace, plan: Plan, opts: SearchOptions, random_seed: int):
+        self.space = space
+        self.merge_options = MergeOptions(
+            random_seed=random_seed,
+            device=opts.device,
+            use_kernels=opts.use_kernels,
+            allow_crimes=opts.allow_crimes,
+        ).resolved()
+        self.scorer = Scorer(config, opts.task_search_paths, opts.eval_batch_size)  # lm-eval's tasks found, or named
+        sources = dict(zip(plan.model_paths, plan.models))
+        self.models, self.inputs_note = hold_inputs(
+            sources, plan.bytes_written, self.merge_options.batch_bytes, opts.memory_limit
+        )
+
+    @classmethod
+    def open(cls, config: EvolveConfig, config_dir: Path | None, opts: SearchOptions, random_seed: int) -> _Evaluator:
+        space, plan = open_genome(config, config_dir, opts.allow_crimes)
+        return cls(config, space, plan, opts, random_seed)
+
+    def candidate(self, g: int, i: int, x: np.ndarray, run_index: int) -> dict[str, Any]:
+        """Merge, hand to mlx-lm and score one genotype; a candidate that cannot be merged (weights
+        summing to zero under normalize, NaN) is recorded with its error and ranks last."""
+        record: dict[str, Any] = {"generation": g, "candidate": i, "run": run_index}
+        record["parameters"] = self.space.describe(x)
+        start = time.perf_counter()
+        try:
+            result = merge(self.space.recipe(x), options=self.merge_options, models=self.models)
+            model, tokenizer = result.to_mlx_lm()
+        except (RecipeError, ModelError) as e:
+            record.update(fitness=None, scores={}, error=str(e), seconds={"merge": time.perf_counter() - start, "score": 0.0})
+            record["x"] = [float(v) for v in x]
+            return record
+        merged = time.perf_counter()
+        scores = {k: v if math.isfinite(v) else None for k, v in self.scorer.scores(model, tokenizer).items()}
+        fitness = self.scorer.fitness(scores) if None not in scores.values() else math.nan
+        del model, tokenizer, result
+        record.update(
+            fitness=fitness if math.isfinite(fitness) else None,
+            scores=scores,
+            error=None if math.isfinite(fitness) else "a metric is not a number",
+            seconds={"merge": merged - start, "score": time.perf_counter() - merged},
+        )
+        record["x"] = [float(v) for v in x]
+        return record
+
+
 class _Search:
-    def __init__(self, config: EvolveConfig, config_dir: Path | None, opts: SearchOptions, folder: SearchFolder):
-        self.config, self.opts, self.folder = config, opts, folder
+    def __init__(
+        self, config: EvolveConfig, config_dir: Path | None, opts: SearchOptions, folder: SearchFolder, world: World = ALONE
+    ):
+        self.config, self.opts, self.folder, self.world = config, opts, folder, world
         self.space, plan = open_genome(config, config_dir, opts.allow_crimes)
         inputs = [(ref, p) for ref, m in zip(plan.model_paths, plan.models) for p in _input_paths(m)]
         check_output_location(folder.out / MODEL, inputs, force=True)  # before the search, not after it
@@ -171,16 +267,11 @@ class _Search:
         }
         digests = hash_files(files)
         self.state = self._start_state(digests)
-        self.merge_options = MergeOptions(
-            random_seed=self.settings["random_seed"],
-            device=opts.device,
-            use_kernels=opts.use_kernels,
-            allow_crimes=opts.allow_crimes,
-        ).resolved()
-        self.scorer = Scorer(config, opts.task_search_paths, opts.eval_batch_size)  # lm-eval's tasks found, or named
-        sources = dict(zip(plan.model_paths, plan.models))
-        self.models, self.inputs_note = hold_inputs(
-            sources, plan.bytes_written, self.merge_options.batch_bytes, opts.memory_limit
+        self.evaluator = _Evaluator(config, self.space, plan, opts, self.settings["random_seed"])
+        self.merge_options, self.models, self.inputs_note = (
+            self.evaluator.merge_options,
+            self.evaluator.models,
+            self.evaluator.inputs_note,
         )
         folder.open()
 
@@ -298,10 +389,9 @@ class _Search:
                     xs, cands = [optimizer.ask() for _ in range(popsize)], []
                     generations.append(cands)
                 g = len(generations) - 1
-                for i in range(len(cands), popsize):
-                    if done >= opts.max_fevals:
-                        break
-                    cands.append(self._candidate(g, i, xs[i], run_index))
+                todo = [(i, xs[i]) for i in range(len(cands), min(popsize, len(cands) + opts.max_fevals - done))]
+                for record in self._score(g, todo, run_index):
+                    cands.append(record)
                     done += 1
                     scored_here += 1
                     if bar is not None:
@@ -323,33 +413,24 @@ class _Search:
         finally:
             if bar is not None:
                 bar.close()
+        if not self.world.alone:
+            distributed.agree(self.world, lambda: None)  # no more generations: the other ranks wait for the end
         return self._finish(stopped)
 
-    def _candidate(self, g: int, i: int, x: np.ndarray, run_index: int) -> dict[str, Any]:
-        """Merge, hand to mlx-lm and score one genotype; a candidate that cannot be merged (weights
-        summing to zero under normalize, NaN) is recorded with its error and ranks last."""
-        record: dict[str, Any] = {"generation": g, "candidate": i, "run": run_index}
-        record["parameters"] = self.space.describe(x)
-        start = time.perf_counter()
-        try:
-            result = merge(self.space.recipe(x), options=self.merge_options, models=self.models)
-            model, tokenizer = result.to_mlx_lm()
-        except (RecipeError, ModelError) as e:
-            record.update(fitness=None, scores={}, error=str(e), seconds={"merge": time.perf_counter() - start, "score": 0.0})
-            record["x"] = [float(v) for v in x]
-            return record
-        merged = time.perf_counter()
-        scores = {k: v if math.isfinite(v) else None for k, v in self.scorer.scores(model, tokenizer).items()}
-        fitness = self.scorer.fitness(scores) if None not in scores.values() else math.nan
-        del model, tokenizer, result
-        record.update(
-            fitness=fitness if math.isfinite(fitness) else None,
-            scores=scores,
-            error=None if math.isfinite(fitness) else "a metric is not a number",
-            seconds={"merge": merged - start, "score": time.perf_counter() - merged},
+    def _score(self, g: int, todo: list[tuple[int, np.ndarray]], run_index: int):
+        """The records of these candidates (index, genotype), in order: scored here one by one, or
+        under mlx.launch dealt to the ranks and gathered."""
+        if self.world.alone:
+            for i, x in todo:
+                yield self.evaluator.candidate(g, i, x, run_index)
+            return
+        sent = [(i, [float(v) for v in x]) for i, x in todo]  # floats survive JSON exactly
+        distributed.agree(self.world, lambda: {"generation": g, "run": run_index, "todo": sent})
+        mine = distributed.deal_items(sent, self.world)
+        gathered = distributed.agree(
+            self.world, lambda: [self.evaluator.candidate(g, i, np.array(x), run_index) for i, x in mine]
         )
-        record["x"] = [float(v) for v in x]
-        return record
+        yield from sorted((r for records in gathered for r in records), key=lambda r: r["candidate"])
 
     def _finish(self, stopped: str) -> SearchResult:
         best = self._best()

@@ -368,6 +368,12 @@ class SafetensorsWriter(Writer):
         self.written.append(self.files[i])
 
     def finish(self) -> None:
+        self.close_shards()
+        self.write_index()
+
+    def close_shards(self) -> None:
+        """Close the shards still open; every planned tensor of a shard not skipped must have arrived.
+        (A rank of a distributed merge stops here: rank 0 writes the index and config.)"""
         missing = [
             t.name
             for i, shard in enumerate(self.shards)
@@ -379,6 +385,9 @@ class SafetensorsWriter(Writer):
             raise RuntimeError(f"merge ended with tensors never produced: {missing[:5]}")
         for i in sorted(self.pending):
             self._close(i)
+
+    def write_index(self) -> None:
+        """The index of the shards (when there are several) and the config."""
         if len(self.files) > 1:
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {

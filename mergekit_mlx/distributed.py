@@ -1,0 +1,249 @@
+"""Several processes, one merge or one search, on MLX's distributed runtime (`mlx.launch`).
+
+This module knows who the processes are and how they talk; what they do is decided by the output
+lifecycle (output.py: each rank writes its own shards, rank 0 the rest) and by the search
+(evolve/search.py: each rank scores its share of a generation). No scheduler of our own: the
+processes are started by `mlx.launch` (ring over TCP, MPI, NCCL on NVIDIA, JACCL) and talk only
+through `mx.distributed.all_gather`, of JSON texts carried as uint8 arrays.
+
+Every exchange is an agreement (`agree`): each rank runs its step, then every rank learns every
+rank's outcome. A step that failed on one rank raises on every rank: the failing rank's own error
+there, the same error class naming that rank elsewhere. A rank that is gone (killed, crashed)
+makes the exchange fail on the others (the ring backend reports the lost connection at once),
+which raises `RunInterrupted`: the run stops, and what it finished is kept for `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, TypeVar
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import MergeKitError, ModelError, OutputError, RecipeError, RunInterrupted
+
+# the environment each launcher sets -> the backend it started (mlx.launch's ring, nccl and jaccl
+# set MLX_RANK with their own variables; mpirun sets its own)
+LAUNCHERS = (
+    ("MLX_HOSTFILE", "ring"),
+    ("NCCL_HOST_IP", "nccl"),
+    ("MLX_JACCL_COORDINATOR", "jaccl"),
+    ("OMPI_COMM_WORLD_SIZE", "mpi"),
+    ("PMI_SIZE", "mpi"),
+)
+# errors a rank's failure is raised as on the other ranks (by class name); others: RunInterrupted
+SHARED_ERRORS = {cls.__name__: cls for cls in (RecipeError, ModelError, OutputError, RunInterrupted)}
+PEER_STOPPED = "stopped"  # the outcome of a rank that stopped because another one failed
+AGREED = "mergekit_mlx_agreed"  # set on an exception every rank raised at the same exchange
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes of one run: this one's rank, how many there are, and how they talk."""
+
+    rank: int = 0
+    size: int = 1
+    backend: str = ""  # "" when this process runs alone
+    group: Any = None  # mx.distributed.Group, when size > 1
+
+    @property
+    def alone(self) -> bool:
+        return self.size == 1
+
+    def describe(self, rank: int | None = None) -> str:
+        return f"rank {self.rank if rank is None else rank} of {self.size}"
+
+
+ALONE = World()
+
+
+@cache
+def world() -> World:
+    """This process's world: several ranks when started by `mlx.launch` (or mpirun), else ALONE.
+
+    Joining the others is done once per process; a launcher's environment that MLX cannot join
+    (a port in use, a host that cannot be reached) is a RunInterrupted error."""
+    backend = next((name for var, name in LAUNCHERS if os.environ.get(var)), None)
+    if backend is None:
+        return ALONE
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except (RuntimeError, ValueError) as e:
+        raise RunInterrupted(
+            f"this process was started by a launcher for MLX's {backend} backend (mlx.launch) but could not join the "
+            f"others: {e}. Check the hosts and ports given to mlx.launch, or run without it"
+        ) from None
+    if group.size() == 1:
+        return ALONE
+    return World(rank=group.rank(), size=group.size(), backend=backend, group=group)
+
+
+def gather_json(w: World, value: Any) -> list[Any]:
+    """Every rank's `value` (JSON-able), in rank order, on every rank."""
+    if w.alone:
+        return [value]
+    data = np.frombuffer(json.dumps(value, separators=(",", ":")).encode(), dtype=np.uint8)
+    # NCCL gathers device arrays; the other backends run on the CPU
+    stream = mx.gpu if w.backend == "nccl" else mx.cpu
+    try:
+        lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=w.group, stream=stream)
+        longest = int(mx.max(lengths).item())
+        padded = np.zeros(max(longest, 1), dtype=np.uint8)
+        padded[: len(data)] = data
+        gathered = mx.distributed.all_gather(mx.array(padded), group=w.group, stream=stream)
+        mx.eval(gathered)
+    except RuntimeError as e:
+        lost = RunInterrupted(
+            f"{w.describe()}: another process of this run is gone ({e}; MLX's {w.backend} backend); the run stopped"
+        )
+        setattr(lost, AGREED, True)  # every rank still running meets the same loss
+        raise lost from None
+    rows = np.array(gathered).reshape(w.size, -1)
+    return [json.loads(rows[r, : int(n)].tobytes().decode()) for r, n in enumerate(np.array(lengths).tolist())]
+
+
+class PeerStopped(Exception):
+    """Raised inside a rank's step when another rank reported that it failed (`failure_marker`)."""
+
+
+def agree(w: World, step: Callable[[], Any], *, on_failure: Callable[[BaseException], None] | None = None) -> list[Any]:
+    """Run `step` here, then learn every rank's outcome: the values of all steps, in rank order.
+
+    When a step failed anywhere, every rank raises: the failing rank its own exception, the
+    others that rank's error class (a MergeKitError of errors.py, else RunInterrupted) with a
+    message naming the rank. `on_failure(e)` runs before the exchange when this rank's step
+    failed (to tell the others early: `mark_failure`). Interrupts (Ctrl-C) are not caught. A step
+    may hold exchanges of its own; when one of those failed, every rank knows it already and this
+    exchange is skipped."""
+    own: Exception | None = None
+    try:
+        outcome = {"ok": True, "value": step()}
+    except Exception as e:
+        if getattr(e, AGREED, False):
+            raise
+        own = e
+        outcome = _failure(e)
+        if on_failure is not None and not isinstance(e, PeerStopped):
+            on_failure(e)
+    outcomes = gather_json(w, outcome)
+    failed = [(r, o) for r, o in enumerate(outcomes) if not o["ok"] and o["type"] != PEER_STOPPED]
+    if not failed and own is None:
+        return [o["value"] for o in outcomes]
+    if not failed:  # a marker that no rank's outcome explains
+        error: Exception = RunInterrupted(f"{w.describe()}: stopped because another process reported a failure")
+    elif failed[0][0] == w.rank and own is not None:
+        error = own
+    else:
+        rank, o = failed[0]
+        cls = SHARED_ERRORS.get(o["type"], RunInterrupted)
+        error = cls(f"{w.describe(rank)} (pid {o.get('pid')} on {o.get('host')}) failed: {o['message']}")
+    setattr(error, AGREED, True)
+    raise error
+
+
+def _failure(e: Exception) -> dict:
+    """A failed step's outcome, as the other ranks learn it."""
+    if isinstance(e, PeerStopped):
+        return {"ok": False, "type": PEER_STOPPED, "message": ""}
+    if isinstance(e, MergeKitError):
+        kind, message = type(e).__name__, str(e)
+    else:
+        kind, message = "unexpected", f"unexpected {type(e).__name__}: {e}"
+    return {"ok": False, "type": kind, "message": message, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def together(w: World, step: Callable[[], T]) -> T:
+    """Run `step` here and return its value (kept on this rank); a failure anywhere is every
+    rank's, as in `agree` (the other ranks pass a step of their own, often `lambda: None`)."""
+    kept: list[T] = []
+    agree(w, lambda: kept.append(step()))
+    return kept[0]
+
+
+def deal_shards(sizes: Sequence[tuple[str, int]], size: int) -> list[list[str]]:
+    """Shards (name, bytes), in order, dealt to `size` ranks as contiguous runs of about equal bytes.
+
+    Contiguous, so that a rank reads a contiguous part of each input (output shards follow the
+    layers); shard i goes to the rank whose share of the bytes holds the middle of shard i."""
+    dealt: list[list[str]] = [[] for _ in range(size)]
+    total = sum(b for _, b in sizes)
+    before = 0
+    for i, (name, nbytes) in enumerate(sizes):
+        if total > 0:
+            rank = int((2 * before + nbytes) * size // (2 * total))
+        else:
+            rank = i * size // len(sizes)
+        dealt[min(rank, size - 1)].append(name)
+        before += nbytes
+    return dealt
+
+
+def deal_items(items: Sequence[Any], w: World) -> list[Any]:
+    """This rank's share of `items` (every size-th, starting at its rank): a generation's candidates."""
+    return list(items[w.rank :: w.size])
+
+
+# ---------------- telling the others early: failure markers in a shared folder ----------------
+
+FAILURE_MARKER = ".mergekit-mlx-failed.rank{rank}"
+
+
+def mark_failure(folder: os.PathLike, w: World, error: BaseException) -> None:
+    """Leave a marker that this rank failed in `folder` (shared by the ranks), so that the others
+    stop at their next check instead of finishing their work first. Best effort."""
+    try:
+        path = os.path.join(folder, FAILURE_MARKER.format(rank=w.rank))
+        with open(path, "w") as f:
+            f.write(f"{type(error).__name__}: {error}\n")
+    except OSError:
+        pass
+
+
+class FailureWatch:
+    """`check()` raises PeerStopped once another rank has left its failure marker in `folder`;
+    it looks at most every `interval` seconds (a check costs one stat per rank)."""
+
+    def __init__(self, folder: os.PathLike, w: World, interval: float = 0.5):
+        self.paths = [os.path.join(folder, FAILURE_MARKER.format(rank=r)) for r in range(w.size) if r != w.rank]
+        self.interval = interval
+        self.last = time.monotonic()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        if any(os.path.exists(p) for p in self.paths):
+            raise PeerStopped
+
+
+@contextmanager
+def stop_on_sigterm(w: World, what: str) -> Iterator[None]:
+    """While the ranks work, SIGTERM (mlx.launch stops every process once one has ended with an
+    error or was killed) raises RunInterrupted here instead of ending the process silently."""
+    if w.alone or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stopped(signum, frame) -> None:
+        raise RunInterrupted(
+            f"{w.describe()}: stopped by SIGTERM (mlx.launch stops every process when one of them ends with an error or "
+            f"is killed: see its message above); {what}"
+        )
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,276 @@
+"""Merges and searches on several processes (MLX's distributed runtime, ring backend over 127.0.0.1).
+
+The specification is one process: a merge written by 2 or 3 ranks is the same bytes, file for file,
+as the merge one process writes; a search spread over 2 ranks scores the same candidates, logs the
+same records and finds the same best recipe. A rank that is killed stops the run with exit status 2
+and a message, and `--resume` finishes what it left; a rank's recipe or input error is every rank's.
+Every process is started with a timeout, so a hang fails the test instead of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergekit_mlx import cli, distributed
+from mergekit_mlx.distributed import World, deal_shards
+from mergekit_mlx.errors import OutputError
+from mergekit_mlx.evolve import SearchOptions, config_from_dict, search
+from mergekit_mlx.merge import merge
+from mergekit_mlx.options import MergeOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "examples" / "models"
+TIMEOUT = 120  # seconds a group of ranks may take before the test fails (they take a few)
+SHARD = "100K"  # the example models' merge (864 KB) in 9 shards
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback():
+    try:
+        free_ports(1)
+    except OSError as e:
+        pytest.skip(f"the ring backend needs the loopback address and it cannot be bound here: {e}")
+
+
+def recipe_file(tmp_path: Path, models: dict[str, Path] | None = None) -> Path:
+    """dare_ties: random masks keyed by the seed and the tensor name, so a rank merges a tensor as
+    one process does only if nothing else feeds the masks."""
+    models = models or {"add": MODELS / "add", "reverse": MODELS / "reverse"}
+    recipe = {
+        "merge_method": "dare_ties",
+        "base_model": str(MODELS / "base"),
+        "models": [
+            {"model": str(path), "parameters": {"weight": w, "density": d}}
+            for (name, path), w, d in zip(models.items(), (0.6, 0.4), (0.5, 0.7))
+        ],
+        "dtype": "bfloat16",
+    }
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def ranks(n: int, tmp_path: Path, argv: list[str], *, driver: Path | None = None, env: dict | None = None, cwd=None):
+    """Start n ranks as mlx.launch does (MLX_RANK, MLX_HOSTFILE of the ring backend); (exit status,
+    stderr) of each, in rank order."""
+    hostfile = tmp_path / f"hosts-{n}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    program = [sys.executable, str(driver)] if driver else [sys.executable, "-m", "mergekit_mlx"]
+    base = {k: v for k, v in os.environ.items() if k not in {var for var, _ in distributed.LAUNCHERS}}
+    procs = [
+        subprocess.Popen(
+            program + argv,
+            env={**base, **(env or {}), "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
+            cwd=(cwd or {}).get(r, ROOT),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(n)
+    ]
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=TIMEOUT)
+            results.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{n} ranks did not finish in {TIMEOUT} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    """Every file of an output directory (the manifest included) and its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, Path]:
+    """The recipe and the directory one process writes from it."""
+    tmp = tmp_path_factory.mktemp("one")
+    recipe = recipe_file(tmp)
+    assert cli.main(["run", str(recipe), str(tmp / "out"), "--out-shard-size", SHARD, "--random-seed", "7", "--no-progress"]) == 0
+    assert len(list((tmp / "out").glob("model-*-of-*.safetensors"))) > 3  # several shards to deal
+    return recipe, tmp / "out"
+
+
+# ---------------- the shard split ----------------
+
+
+def test_shards_are_dealt_as_contiguous_runs_balanced_by_bytes():
+    sizes = [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("e", 30), ("f", 5), ("g", 5)]
+    for n in (1, 2, 3, 5, 9):
+        dealt = deal_shards(sizes, n)
+        assert len(dealt) == n
+        assert [s for run in dealt for s in run] == [s for s, _ in sizes]  # every shard once, in order
+        total, largest = sum(b for _, b in sizes), max(b for _, b in sizes)
+        for run in dealt:
+            assert abs(sum(dict(sizes)[s] for s in run) - total / n) <= largest
+    assert deal_shards([("x", 0), ("y", 0)], 2) == [["x"], ["y"]]
+
+
+# ---------------- merges ----------------
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ranks_write_the_bytes_one_process_writes(one_process, tmp_path, n):
+    recipe, reference = one_process
+    out = tmp_path / "out"
+    argv = ["run", str(recipe), str(out), "--out-shard-size", SHARD, "--random-seed", "7", "--no-progress"]
+    results = ranks(n, tmp_path, argv)
+    assert [rc for rc, _ in results] == [0] * n, results
+    assert files_of(out) == files_of(reference)
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_mlx_launch_runs_the_merge_on_three_local_processes(one_process, tmp_path):
+    recipe, reference = one_process
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():
+        pytest.skip("mlx.launch is not installed beside this Python")
+    port = free_ports(1)[0]
+    command = [str(launcher), "--backend", "ring", "-n", "3", "--starting-port", str(port), "--"]
+    command += [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--out-shard-size", SHARD]
+    command += ["--random-seed", "7", "--no-progress"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert "by 3 processes" in done.stderr, done.stderr
+    assert files_of(out) == files_of(reference)
+
+
+KILLER = """
+import os, signal, sys
+from mergekit_mlx.formats import safetensors
+close = safetensors.SafetensorsWriter._close
+
+def close_then_die(self, i):  # rank 1 is killed once it has finished a shard
+    close(self, i)
+    if os.environ["MLX_RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.SafetensorsWriter._close = close_then_die
+from mergekit_mlx.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_rank_stops_the_run_and_resume_finishes_it_byte_identically(one_process, tmp_path):
+    recipe, reference = one_process
+    driver = tmp_path / "killer.py"
+    driver.write_text(KILLER)
+    out = tmp_path / "out"
+    argv = ["run", str(recipe), str(out), "--out-shard-size", SHARD, "--random-seed", "7", "--no-progress"]
+    (rc0, err0), (rc1, _) = ranks(2, tmp_path, argv, driver=driver)
+    assert rc1 == -9 and rc0 == 2
+    message = err0.strip().splitlines()[-1]
+    assert message.startswith("mergekit-mlx: error: rank 0 of 2: another process of this run is gone")
+    assert "--resume" in message and str(tmp_path / ".out.partial") in message
+    assert not out.exists()
+    kept = sorted(p.name for p in (tmp_path / ".out.partial").glob("model-*"))
+    assert kept  # rank 0's shards at least
+
+    assert cli.main(argv + ["--resume"]) == 0  # one process finishes what two began
+    assert files_of(out) == files_of(reference)
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_an_input_error_on_one_rank_is_every_ranks_error_and_leaves_nothing(one_process, tmp_path):
+    import mlx.core as mx
+
+    recipe, reference = one_process
+    index = json.loads((reference / "model.safetensors.index.json").read_text())
+    last_shard = sorted(set(index["weight_map"].values()))[-1]
+    poisoned = next(name for name, f in index["weight_map"].items() if f == last_shard)  # merged by rank 1
+    bad = tmp_path / "reverse"
+    bad.mkdir()
+    for f in (MODELS / "reverse").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = mx.load(str(bad / "model.safetensors"))
+    weights[poisoned] = mx.full(weights[poisoned].shape, float("nan"), dtype=weights[poisoned].dtype)
+    mx.save_safetensors(str(bad / "model.safetensors"), weights, metadata={"format": "pt"})
+    recipe = recipe_file(tmp_path, {"add": MODELS / "add", "reverse": bad})
+    out = tmp_path / "out"
+    argv = ["run", str(recipe), str(out), "--out-shard-size", SHARD, "--no-progress"]
+    (rc0, err0), (rc1, err1) = ranks(2, tmp_path, argv)
+    assert (rc0, rc1) == (2, 2)
+    assert f"tensor {poisoned}: NaN or Inf in the input" in err1
+    assert "rank 1 of 2" in err0 and f"tensor {poisoned}: NaN or Inf in the input" in err0
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()  # as one process: nothing to resume
+
+
+def test_ranks_that_do_not_share_the_output_folder_are_refused(one_process, tmp_path):
+    recipe, _ = one_process
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # a relative OUT from another working directory stands for a host that sees another filesystem
+    argv = ["run", str(recipe), "out", "--out-shard-size", SHARD, "--no-progress"]
+    (rc0, err0), (rc1, err1) = ranks(2, tmp_path, argv, cwd={0: tmp_path, 1: elsewhere})
+    assert (rc0, rc1) == (2, 2)
+    assert "must share the output's filesystem" in err1 and "rank 1 of 2" in err0
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_an_output_of_one_file_is_refused_on_several_ranks(tmp_path):
+    with pytest.raises(OutputError, match="one file written by one process"):
+        merge(recipe_file(tmp_path), tmp_path / "out.gguf", MergeOptions(out_format="gguf-f16"), world=World(rank=0, size=2))
+    assert not list(tmp_path.glob("*out*"))
+
+
+# ---------------- searches ----------------
+
+SEARCH = {
+    "genome": {
+        "models": [str(MODELS / "add"), str(MODELS / "reverse")],
+        "merge_method": "ties",
+        "base_model": str(MODELS / "base"),
+        "layer_granularity": 1,
+    },
+    "tasks": [{"name": "example:add", "weight": 0.5}, {"name": "example:reverse", "weight": 0.5}],
+    "limit": 4,
+}
+
+
+def test_a_search_on_two_ranks_finds_what_one_process_finds(tmp_path):
+    config = tmp_path / "evolve.yml"
+    config.write_text(yaml.safe_dump(SEARCH))
+    flags = ["--max-fevals", "6", "--popsize", "4", "--seed", "3"]  # a generation and a cut one
+    results = ranks(2, tmp_path, ["evolve", str(config), str(tmp_path / "two"), "--no-progress", *flags])
+    assert [rc for rc, _ in results] == [0, 0], results
+    one = search(config_from_dict(SEARCH), tmp_path / "one", SearchOptions(max_fevals=6, popsize=4, seed=3))
+
+    def records(out: Path) -> list[dict]:
+        lines = (out / "candidates.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert len(records(tmp_path / "two")) == 6
+    assert records(tmp_path / "two") == records(one.out)
+    assert (tmp_path / "two" / "best.yml").read_bytes() == (one.out / "best.yml").read_bytes()
+    assert files_of(tmp_path / "two" / "model") == files_of(one.model_path)
+    two = json.loads((tmp_path / "two" / "state.json").read_text())
+    assert two["settings"] == one.settings and two["finished"]
