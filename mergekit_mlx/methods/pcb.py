@@ -77,6 +77,7 @@ METHODS = [
             Param("weight", float, "shared", default=1.0, valid=FINITE, why="result = base + weight * merged task vector"),
         ),
         base="required",
+        working_copies=16,  # per task vector its delta, intra, inter, beta and kept scores (three models), and the sums
         gpu_kernels=("select",),
         doc=(
             "PCB: scores each task vector's elements by intra-task (softmax of its squared, normalised "
