@@ -94,7 +94,8 @@ def ties_vector(deltas, weights, densities, normalize, rescale=False):
 
 def consensus_ref(arrays, mixed_of, lambdas, k):
     """Consensus merging (Wang et al. 2024): the multi-task vector where at least k TALL masks
-    |delta_t| >= lambda_t |mixed - delta_t| hold (strictly greater, as mergekitty), else the base."""
+    |delta_t| > lambda_t |mixed - delta_t| hold (mergekitty's strict >; the paper writes >=), else
+    the base."""
     base = arrays[0].astype(np.float64)
     deltas = [a.astype(np.float64) - base for a in arrays[1:]]
     mixed = mixed_of(deltas)
@@ -293,6 +294,43 @@ def test_pcb_of_zero_task_vectors_is_the_base_and_of_identical_ones_their_delta(
 def test_pcb_needs_a_density():
     assert get_method("pcb").param("density").required
     assert get_method("pcb").param("weight").default == 1.0
+
+
+# ---------------- every method on bfloat16 inputs ----------------
+
+
+@pytest.mark.parametrize(
+    "method, shared, per, reference",
+    [
+        ("consensus_ta", {}, models(weight=[1.0, 0.5]), lambda a: consensus_ref(a, lambda ds: ds[0] + 0.5 * ds[1], [1, 1], 1)),
+        (
+            "consensus_ties",
+            {},
+            models(weight=[1.0, 0.5], density=[0.5, 0.5]),
+            lambda a: consensus_ref(a, lambda ds: ties_vector(ds, [1.0, 0.5], [0.5, 0.5], True), [1, 1], 1),
+        ),
+        ("magmax", {}, None, lambda a: magmax_ref(a, 0.5)),
+        ("pcb", {"density": 0.5}, None, lambda a: pcb_ref(a, 0.5, 1.0)),
+    ],
+    ids=["consensus_ta", "consensus_ties", "magmax", "pcb"],
+)
+def test_bfloat16_inputs_are_merged_in_float32_and_rounded_once(method, shared, per, reference):
+    arrays = [np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32)) for a in make(3, seed=50)]
+    m = get_method(method)
+    per = [dict(d) for d in (per or [{}, {}, {}])]
+    for p in m.params:
+        if p.scope == "shared":
+            shared.setdefault(p.name, p.default)
+        else:
+            for d in per[1:]:
+                d.setdefault(p.name, p.default)
+    tensors = [mx.array(a).astype(mx.bfloat16) for a in arrays]
+    out = m.merge(MergeInputs(tensors, 0, shared, per, name=NAME, seed=0, input_ids=[0, 1, 2]))
+    assert out.dtype == mx.bfloat16
+    expected = np.array(mx.array(reference(arrays).astype(np.float32)).astype(mx.bfloat16).astype(mx.float32))
+    got = np.array(out.astype(mx.float32))
+    # one bfloat16 rounding of the float32 result: equal, or one step apart where float32 rounding sat on a tie
+    assert (np.abs(got - expected) <= np.abs(expected) * 2.0**-8).all()
 
 
 # ---------------- arcee_fusion's importance ----------------

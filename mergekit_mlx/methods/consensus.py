@@ -6,7 +6,8 @@ them): delta_i = x_i - base; the multi-task vector `mixed` is task arithmetic's 
 sum_i w_i delta_i, divided by sum_i w_i when `normalize`) or TIES' (consensus_ties: top-density
 magnitudes of each delta, sign election, disjoint weighted mean when `normalize`); model i's TALL
 mask is |delta_i| > lambda_i * |mixed - delta_i| (delta_i unweighted, unsparsified); an element
-keeps `mixed` where at least k masks hold, else it stays at the base.
+keeps `mixed` where at least k masks hold, else it stays at the base. The comparison is strict, as
+mergekitty's (the paper writes >=, under which an element no model changed would count as important).
 
 Defaults are mergekitty's: k = 1 and lambda = 1 (the paper recommends k = 2 and tunes lambda per
 task on validation data); consensus_ta accepts density and rescale as mergekitty does and, as
