@@ -9,6 +9,7 @@ makes them.
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_metal_syntax import emulated_cuda, needs_clang  # noqa: F401 - the emulated CUDA kernels, as a fixture
 from tiny import load_np, make_family
 
 from mergekit_mlx import merge
@@ -331,6 +332,28 @@ def test_bfloat16_inputs_are_merged_in_float32_and_rounded_once(method, shared, 
     got = np.array(out.astype(mx.float32))
     # one bfloat16 rounding of the float32 result: equal, or one step apart where float32 rounding sat on a tie
     assert (np.abs(got - expected) <= np.abs(expected) * 2.0**-8).all()
+
+
+@needs_clang
+def test_the_gpu_kernels_merge_as_the_cpu_path(emulated_cuda):  # noqa: F811
+    """consensus_ties' selection and fused merge, and pcb's top-k, through the CUDA kernels (emulated
+    on the CPU) equal the CPU path bit for bit."""
+    arrays = make(4, seed=1, shape=(60, 50))
+    cases = [
+        ("consensus_ties", {}, models(weight=[1.0, 0.5, 0.3], density=[0.3, 0.5, 0.9])),
+        ("consensus_ties", {"rescale": True}, models(weight=[1.0, 0.5, 0.3], density=[0.3, 0.5, 0.9], k=[2, 2, 2])),
+        ("pcb", {"density": 0.4}, None),
+    ]
+    for method, shared, per in cases:
+        outs = []
+        for on in (True, False):
+            emulated_cuda["on"] = on
+            outs.append(run(method, arrays, dict(shared), [dict(d) for d in per] if per else None))
+        emulated_cuda["on"] = True
+        if shared.get("rescale"):  # the L1 sums add in another order on the GPU
+            close(outs[0], outs[1], tol=1e-6)
+        else:
+            np.testing.assert_array_equal(outs[0], outs[1], err_msg=method)
 
 
 # ---------------- arcee_fusion's importance ----------------
