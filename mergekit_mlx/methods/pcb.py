@@ -25,26 +25,32 @@ from .base import FINITE, MergeInputs, Method, Param, Range, float32
 
 
 def unit(v: mx.array) -> mx.array:
-    """v / ||v||_2 along the last axis, scaled by its largest magnitude first (so squares of tiny
-    deltas neither underflow nor lose digits); a zero row stays zero."""
-    top = mx.max(mx.abs(v), axis=-1, keepdims=True)
+    """v / ||v||_2 for a flat v, scaled by its largest magnitude first (so squares of tiny deltas
+    neither underflow nor lose digits); a zero vector stays zero."""
+    top = mx.max(mx.abs(v))
     v = v / mx.where(top > 0, top, 1.0)
-    norm = mx.sqrt(mx.sum(v * v, axis=-1, keepdims=True))
+    norm = mx.sqrt(kernels.accurate_sum(v * v))
     return v / mx.where(norm > 0, norm, 1.0)
 
 
-def balancing(tvs: mx.array) -> mx.array:
-    """beta = intra * inter for the (n, d) task vectors."""
-    n = tvs.shape[0]
-    intra = mx.softmax(n * unit(tvs * tvs), axis=-1)
-    inter = [None] * n
+def softmax(v: mx.array) -> mx.array:
+    """softmax of a flat v; its denominator summed by levels (MLX's CPU softmax of a 20M-element row
+    is ~1% off, and each task vector's scores are one such row)."""
+    e = mx.exp(v - mx.max(v))
+    return e / kernels.accurate_sum(e)
+
+
+def balancing(tvs: list[mx.array]) -> list[mx.array]:
+    """beta_i = intra_i * inter_i for the flat task vectors."""
+    n = len(tvs)
+    inter: list[mx.array | None] = [None] * n
     for i in range(n):
         for j in range(i, n):  # Norm(delta_i * delta_j) is symmetric in i and j
-            s = mx.softmax(unit(tvs[i] * tvs[j]), axis=-1)
+            s = softmax(unit(tvs[i] * tvs[j]))
             inter[i] = s if inter[i] is None else inter[i] + s
             if j != i:
                 inter[j] = s if inter[j] is None else inter[j] + s
-    return intra * mx.stack(inter)
+    return [softmax(n * unit(tv * tv)) * inter_i for tv, inter_i in zip(tvs, inter)]
 
 
 def pcb(inputs: MergeInputs) -> mx.array:
@@ -53,12 +59,11 @@ def pcb(inputs: MergeInputs) -> mx.array:
     if not others:
         return base_in
     base = float32(base_in)
-    tvs = mx.stack([(float32(inputs.tensors[i]) - base).reshape(-1) for i in others])
-    beta = balancing(tvs)
-    keep = int(inputs.shared["density"] * tvs.shape[1])
-    kept = mx.stack([mx.where(kernels.topk_mask(beta[i], keep), beta[i], 0.0) for i in range(len(others))])
-    total = kept.sum(axis=0)
-    merged = (kept * tvs).sum(axis=0) / mx.where(total > 0, total, 1.0)
+    tvs = [(float32(inputs.tensors[i]) - base).reshape(-1) for i in others]
+    keep = int(inputs.shared["density"] * base.size)
+    kept = [mx.where(kernels.topk_mask(b, keep), b, 0.0) for b in balancing(tvs)]
+    total = sum(kept)
+    merged = sum(k * tv for k, tv in zip(kept, tvs)) / mx.where(total > 0, total, 1.0)
     return (base + inputs.shared["weight"] * merged.reshape(base.shape)).astype(base_in.dtype)
 
 
