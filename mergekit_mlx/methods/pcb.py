@@ -34,8 +34,8 @@ def unit(v: mx.array) -> mx.array:
 
 
 def softmax(v: mx.array) -> mx.array:
-    """softmax of a flat v; its denominator summed by levels (MLX's CPU softmax of a 20M-element row
-    is ~1% off, and each task vector's scores are one such row)."""
+    """softmax of a flat v, its denominator summed by levels: each task vector's scores are one row
+    of millions of elements, and MLX's plain CPU sum of that many drifts."""
     e = mx.exp(v - mx.max(v))
     return e / kernels.accurate_sum(e)
 
