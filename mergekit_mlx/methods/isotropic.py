@@ -27,6 +27,7 @@ import numpy as np
 from .base import FINITE, FRACTION, MergeInputs, Method, Param
 from .subspace import (
     DECOMPOSE,
+    HOST_LINALG,
     decomposed,
     finite,
     host,
@@ -93,7 +94,10 @@ def _merge(inputs: MergeInputs, matrix) -> mx.array:
     scale = inputs.shared["scaling_factor"]
     if not decomposed(inputs):
         return on_base(inputs, mean(tvs), scale)
-    return on_base(inputs, matrix([host(t) for t in tvs]), scale)
+    hosted = [host(t) for t in tvs]
+    with HOST_LINALG:
+        merged = matrix(hosted)
+    return on_base(inputs, merged, scale)
 
 
 def iso_c(inputs: MergeInputs) -> mx.array:

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .base import FINITE, MergeInputs, Method, Param
-from .subspace import DECOMPOSE, decomposed, finite, host, mean, on_base, orthogonal_factor, task_vectors, thin_svd
+from .subspace import DECOMPOSE, HOST_LINALG, decomposed, finite, host, mean, on_base, orthogonal_factor, task_vectors, thin_svd
 
 
 def tsv_matrix(tvs: list[np.ndarray]) -> np.ndarray:
@@ -53,7 +53,10 @@ def tsv_m(inputs: MergeInputs) -> mx.array:
     alpha = inputs.shared["alpha"]
     if not decomposed(inputs):
         return on_base(inputs, mean(tvs), alpha)
-    return on_base(inputs, tsv_matrix([host(t) for t in tvs]), alpha)
+    hosted = [host(t) for t in tvs]
+    with HOST_LINALG:
+        merged = tsv_matrix(hosted)
+    return on_base(inputs, merged, alpha)
 
 
 METHODS = [
