@@ -179,6 +179,14 @@ def test_consensus_ties_is_ties_kept_where_k_tall_masks_agree(shape, k, rescale)
     close(got, ref)
 
 
+@pytest.mark.parametrize("method, plain", [("consensus_ta", "task_arithmetic"), ("consensus_ties", "ties")])
+def test_consensus_with_k_0_keeps_every_element_of_the_plain_merge(method, plain):
+    arrays = make(4, seed=60)
+    per = models(weight=[1.0, 0.5, 0.3], density=[0.4, 0.6, 1.0])
+    consensus = [dict(d, k=0) if i else d for i, d in enumerate(per)]
+    np.testing.assert_array_equal(run(method, arrays, {}, consensus), run(plain, arrays, {}, per))
+
+
 def test_consensus_ties_defaults_are_mergekittys():
     m = get_method("consensus_ties")
     assert [m.param(p).default for p in ("density", "normalize", "rescale", "k", "lambda")] == [1.0, True, False, 1, 1.0]
