@@ -84,7 +84,10 @@ def write_mergekit_mlx(recipe, folder: Path) -> None:
 
 
 def write_mergekit(recipe, folder: Path) -> None:
-    """The recipe as mergekit-evolve hands it to run_merge: dtype bfloat16 and int8_mask."""
+    """The recipe as mergekit-evolve hands it to run_merge: dtype bfloat16 and int8_mask, with
+    mergekit-evolve's merge options (on a CUDA machine its default `--merge-cuda`: merging on the GPU,
+    inputs read to it, low CPU memory; one shard)."""
+    import torch
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -92,7 +95,17 @@ def write_mergekit(recipe, folder: Path) -> None:
     data = recipe.model_dump(exclude_none=True, mode="json")
     data["dtype"] = "bfloat16"
     data.setdefault("parameters", {})["int8_mask"] = True
-    run_merge(MergeConfiguration.model_validate(data), str(folder), MergeOptions(copy_tokenizer=True, quiet=True))
+    cuda = torch.cuda.is_available()
+    options = MergeOptions(
+        cuda=cuda,
+        low_cpu_memory=cuda,
+        read_to_gpu=cuda,
+        out_shard_size=1_000_000_000_000,
+        copy_tokenizer=True,
+        safe_serialization=True,
+        quiet=True,
+    )
+    run_merge(MergeConfiguration.model_validate(data), str(folder), options)
 
 
 def main() -> None:
