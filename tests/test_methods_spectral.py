@@ -12,7 +12,7 @@ import pytest
 
 from mergekit_mlx.methods import MergeInputs, get_method
 from mergekit_mlx.methods.isotropic import common_dimensions
-from mergekit_mlx.methods.wudi import interference_loss, wudi_descent
+from mergekit_mlx.methods.wudi import interference_loss, quadratic, wudi_descent
 
 SHAPES = [(24, 24), (40, 12), (12, 40), (30,)]
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -312,16 +312,23 @@ def test_wudi_with_no_iterations_is_task_arithmetic():
     close(run("wudi", arrays, {"iter_num": 0}), base + sum(tvs))
 
 
-@pytest.mark.parametrize("shape", [(20, 8), (8, 20)], ids=str)
-def test_wudi_loss_of_tall_and_wide_matrices_is_the_formula(shape):
+@pytest.mark.parametrize("shape", [(20, 8), (8, 20), (2, 40)], ids=str)
+def test_wudi_loss_as_written_and_as_a_quadratic_is_the_formula(shape):
     rng = np.random.default_rng(1)
     tvs = [rng.normal(size=shape) for _ in range(3)]
     t = rng.normal(size=shape)
     stacked = mx.array(np.stack(tvs).astype(np.float32))
     inverse = mx.array([1 / np.sum(x**2) for x in tvs], dtype=mx.float32)
-    grams = stacked.transpose(0, 2, 1) @ stacked if shape[0] > shape[1] else None
-    loss = float(interference_loss(mx.array(t.astype(np.float32)), stacked, inverse, grams))
-    assert loss == pytest.approx(wudi_loss_ref(t, tvs), rel=1e-5)
+    t32 = mx.array(t.astype(np.float32))
+    assert float(interference_loss(t32, stacked, inverse)) == pytest.approx(wudi_loss_ref(t, tvs), rel=1e-5)
+    assert float(quadratic(stacked, inverse)(t32)) == pytest.approx(wudi_loss_ref(t, tvs), rel=1e-4)
+
+
+def test_wudi_of_a_very_wide_matrix_sums_the_loss_as_written():
+    arrays = make(2, (3, 40), seed=12, scale=1.0)  # n = 40 > 2 N m = 12
+    base, tvs = deltas(arrays)
+    expected, _ = wudi_ref(tvs, 20, 1e-2)
+    close(run("wudi", arrays, {"iter_num": 20, "learning_rate": 1e-2}), base + expected, tol=1e-4)
 
 
 def test_wudi_leaves_an_all_zero_task_vector_out_of_the_loss():

@@ -31,9 +31,8 @@ from .base import MergeInputs, Param, float32
 
 DECOMPOSE = Param("decompose", bool, "shared", default=True)
 
-# one tensor's numpy decompositions at a time, each on all of OpenBLAS's threads: several merge
-# threads calling OpenBLAS at once wait on each other's threads (a merge of the 0.4M-parameter
-# example models took 12 s instead of 0.9 s on a 2-core x86 CPU)
+# one tensor's numpy decompositions at a time, each on all of OpenBLAS's threads, rather than
+# several merge threads' OpenBLAS threads competing for the same cores
 HOST_LINALG = threading.Lock()
 
 

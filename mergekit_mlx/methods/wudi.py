@@ -14,14 +14,20 @@ mean of the task vectors, and there is no scaling factor.
 
 Differences, each for a reason: everything is float32 (the reference steps in the model's dtype);
 an all-zero task vector adds nothing to the loss (the reference divides 0 by 0 and its merge turns
-NaN); where m > n each term is computed as sum((D G) * D) with G = T_i^T T_i (n, n), the same
-number as ||D T_i^T||^2 at n^2 m rather than m^2 n multiply-adds a step. Every step is evaluated
-before the next, in a fixed order, so a run gives the same bits every time on one device. It runs
-on MLX's default device: on a GPU, where its matrix products pay (on an NVIDIA GPU MLX multiplies
-float32 as TF32 unless MLX_ENABLE_TF32=0).
+NaN). The loss is a quadratic in t: with G_i = T_i^T T_i / ||T_i||^2 (n, n), A = sum_i G_i and
+B = sum_i T_i G_i, computed once, loss(t) = sum(t * (t A - 2 B)) + sum_i sum(T_i * T_i G_i), the
+same function as the reference's; a step is then one (m, n) by (n, n) product and its gradient's,
+whatever N, where the reference's is 2N products of (m, n) by (n, m) and their gradients. Where
+n > 2 N m (a very wide matrix) A would cost more than it saves, and the loss is summed as written
+instead. Every step is evaluated before the next, in a fixed order, so a run gives the same bits
+every time on one device. It runs on MLX's default device: on a GPU, where its products pay (on an
+NVIDIA GPU MLX multiplies float32 as TF32 unless MLX_ENABLE_TF32=0). On a CPU it is slow: MLX's
+Linux CPU wheel multiplies with the reference BLAS (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -30,14 +36,28 @@ from .base import MergeInputs, Method, Param, Range
 from .subspace import DECOMPOSE, decomposed, mean, on_base, task_vectors
 
 
-def interference_loss(t: mx.array, tvs: mx.array, inverse_norms: mx.array, grams: mx.array | None = None) -> mx.array:
-    """sum_i ||(t - T_i) T_i^T||_F^2 * inverse_norms[i]; `grams` (T_i^T T_i) where the rows outnumber the columns."""
+def interference_loss(t: mx.array, tvs: mx.array, inverse_norms: mx.array) -> mx.array:
+    """sum_i ||(t - T_i) T_i^T||_F^2 * inverse_norms[i], summed as written."""
     d = t[None] - tvs
-    if grams is None:
-        terms = mx.square(d @ tvs.transpose(0, 2, 1)).sum(axis=(1, 2))
-    else:
-        terms = ((d @ grams) * d).sum(axis=(1, 2))
-    return (terms * inverse_norms).sum()
+    return (mx.square(d @ tvs.transpose(0, 2, 1)).sum(axis=(1, 2)) * inverse_norms).sum()
+
+
+@dataclass(frozen=True)
+class Quadratic:
+    """The interference loss as sum(t * (t @ a - 2 b)) + c."""
+
+    a: mx.array  # sum_i T_i^T T_i / ||T_i||^2, (n, n)
+    b: mx.array  # sum_i T_i T_i^T T_i / ||T_i||^2, (m, n)
+    c: mx.array  # sum_i ||T_i T_i^T||^2 / ||T_i||^2
+
+    def __call__(self, t: mx.array) -> mx.array:
+        return (t * (t @ self.a - 2 * self.b)).sum() + self.c
+
+
+def quadratic(tvs: mx.array, inverse_norms: mx.array) -> Quadratic:
+    grams = (tvs.transpose(0, 2, 1) @ tvs) * inverse_norms[:, None, None]
+    b_terms = tvs @ grams
+    return Quadratic(grams.sum(axis=0), b_terms.sum(axis=0), (tvs * b_terms).sum())
 
 
 def wudi_descent(tvs: mx.array, iterations: int, learning_rate: float) -> tuple[mx.array, list[mx.array]]:
@@ -45,15 +65,18 @@ def wudi_descent(tvs: mx.array, iterations: int, learning_rate: float) -> tuple[
     tvs = tvs.astype(mx.float32)
     norms = mx.square(tvs).sum(axis=(1, 2))
     inverse_norms = mx.where(norms > 0, 1.0 / mx.where(norms > 0, norms, 1.0), 0.0)
-    m, n = tvs.shape[1:]
-    grams = tvs.transpose(0, 2, 1) @ tvs if m > n else None
+    n_tasks, m, n = tvs.shape
+    if n <= 2 * n_tasks * m:
+        form = quadratic(tvs, inverse_norms)
+        mx.eval(form.a, form.b, form.c)
+    else:
+
+        def form(t: mx.array) -> mx.array:
+            return interference_loss(t, tvs, inverse_norms)
+
     params = {"t": tvs.sum(axis=0)}
-    mx.eval(params, inverse_norms, grams)
-
-    def loss(p: dict) -> mx.array:
-        return interference_loss(p["t"], tvs, inverse_norms, grams)
-
-    step = mx.value_and_grad(loss)
+    mx.eval(params, inverse_norms)
+    step = mx.value_and_grad(lambda p: form(p["t"]))
     adam = optim.Adam(learning_rate=learning_rate, betas=[0.9, 0.999], eps=1e-8, bias_correction=True)
     losses = []
     for _ in range(iterations):
@@ -91,9 +114,9 @@ METHODS = [
             DECOMPOSE,
         ),
         base="required",
-        # stacked task vectors, t, its gradient, Adam's two moments, the differences and products of a
-        # step and their gradients: counted for up to three task vectors
-        working_copies=16,
+        # stacked task vectors, their products with the Grams, B, t, its gradient, Adam's two
+        # moments, a step's product and its gradient's: counted for up to three task vectors
+        working_copies=14,
         doc=(
             "WUDI (arXiv 2503.08099, FusionBench's reference): from the sum of the task vectors, iter_num Adam "
             "steps (learning_rate) on sum_i ||(t - T_i) T_i^T||^2 / ||T_i||^2 through MLX's autodiff; base + t. "
