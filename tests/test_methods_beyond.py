@@ -311,6 +311,11 @@ def test_pcb_of_zero_task_vectors_is_the_base_and_of_identical_ones_their_delta(
     close(run("pcb", [base, ft, ft], {"density": 1.0}), ft.astype(np.float64), tol=1e-6)
 
 
+def test_pcb_with_a_density_that_keeps_no_element_is_the_base():
+    arrays = make(3, seed=11, shape=(37,))  # int(0.01 * 37) = 0
+    np.testing.assert_array_equal(run("pcb", arrays, {"density": 0.01}), arrays[0].astype(np.float64))
+
+
 def test_pcb_needs_a_density():
     assert get_method("pcb").param("density").required
     assert get_method("pcb").param("weight").default == 1.0

@@ -13,7 +13,10 @@ paper's; the parameters are those of the unmerged mergekit pull request #432: `d
 the kept fraction, the paper's r) and `weight` (default 1, the paper's lambda), both for the whole
 tensor. Where the pull request is wrong, this module follows the paper: the pull request divides
 by the sum of beta over all models and elements, which shrinks the merged task vector by about the
-tensor's size (the merge then barely moves from the base); the paper's rescale is per element.
+tensor's size (the merge then barely moves from the base); the paper's rescale is per element. Where
+int(density * d) is 0 (a density too small for a short tensor) nothing is kept and the tensor stays
+at the base (the pull request divides 0 by 0). Norm is exact for any non-zero vector (the pull
+request's F.normalize floors the norm at 1e-12, which matters only for deltas below ~1e-7).
 """
 
 from __future__ import annotations
