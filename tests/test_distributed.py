@@ -256,21 +256,63 @@ SEARCH = {
 }
 
 
-def test_a_search_on_two_ranks_finds_what_one_process_finds(tmp_path):
-    config = tmp_path / "evolve.yml"
+FLAGS = ["--max-fevals", "6", "--popsize", "4", "--seed", "3"]  # a generation and a cut one
+
+
+def records(out: Path) -> list[dict]:
+    """The search's log, without the seconds each candidate took."""
+    lines = (out / "candidates.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def one_search(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    config = tmp / "evolve.yml"
     config.write_text(yaml.safe_dump(SEARCH))
-    flags = ["--max-fevals", "6", "--popsize", "4", "--seed", "3"]  # a generation and a cut one
-    results = ranks(2, tmp_path, ["evolve", str(config), str(tmp_path / "two"), "--no-progress", *flags])
+    return config, search(config_from_dict(SEARCH), tmp / "one", SearchOptions(max_fevals=6, popsize=4, seed=3))
+
+
+def test_a_search_on_two_ranks_finds_what_one_process_finds(one_search, tmp_path):
+    config, one = one_search
+    results = ranks(2, tmp_path, ["evolve", str(config), str(tmp_path / "two"), "--no-progress", *FLAGS])
     assert [rc for rc, _ in results] == [0, 0], results
-    one = search(config_from_dict(SEARCH), tmp_path / "one", SearchOptions(max_fevals=6, popsize=4, seed=3))
-
-    def records(out: Path) -> list[dict]:
-        lines = (out / "candidates.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
-
     assert len(records(tmp_path / "two")) == 6
     assert records(tmp_path / "two") == records(one.out)
     assert (tmp_path / "two" / "best.yml").read_bytes() == (one.out / "best.yml").read_bytes()
     assert files_of(tmp_path / "two" / "model") == files_of(one.model_path)
     two = json.loads((tmp_path / "two" / "state.json").read_text())
     assert two["settings"] == one.settings and two["finished"]
+
+
+SEARCH_KILLER = """
+import importlib, os, signal, sys
+search = importlib.import_module("mergekit_mlx.evolve.search")  # the module, not the function
+
+score = search._Evaluator.candidate
+
+def score_or_die(self, g, i, x, run_index):  # rank 1 is killed in the second generation
+    if g == 1 and os.environ["MLX_RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return score(self, g, i, x, run_index)
+
+search._Evaluator.candidate = score_or_die
+from mergekit_mlx.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_search_that_loses_a_rank_stops_and_resumes_from_its_checkpoint(one_search, tmp_path):
+    config, one = one_search
+    driver = tmp_path / "killer.py"
+    driver.write_text(SEARCH_KILLER)
+    out = tmp_path / "two"
+    (rc0, err0), (rc1, _) = ranks(2, tmp_path, ["evolve", str(config), str(out), "--no-progress", *FLAGS], driver=driver)
+    assert rc1 == -9 and rc0 == 2
+    message = err0.strip().splitlines()[-1]
+    assert "another process of this run is gone" in message and "--resume" in message
+    assert len(records(out)) == 4 and not (out / "model").exists()  # the first generation, checkpointed
+
+    assert cli.main(["evolve", str(config), str(out), "--no-progress", "--resume", *FLAGS]) == 0  # one process goes on
+    assert records(out) == [{**r, "run": 0 if r["generation"] == 0 else 1} for r in records(one.out)]
+    assert (out / "best.yml").read_bytes() == (one.out / "best.yml").read_bytes()

@@ -29,7 +29,7 @@ import numpy as np
 from .. import distributed
 from ..device import use_device
 from ..distributed import ALONE, World
-from ..errors import ModelError, RecipeError, warn_once
+from ..errors import ModelError, RecipeError, RunInterrupted, warn_once
 from ..formats import open_model
 from ..merge import MergeResult, merge
 from ..options import MergeOptions
@@ -141,8 +141,12 @@ def search(
             searcher = distributed.together(w, lambda: _Search(config, config_dir, opts, folder, w))
             distributed.agree(w, lambda: searcher.settings)  # the other ranks' evaluators need them
             distributed.agree(w, lambda: None)  # ... which they make now
-            with distributed.stop_on_sigterm(w, f"{folder.out} keeps the generations finished: rerun with --resume"):
-                return distributed.together(w, searcher.run)
+            keeps = f"{folder.out} keeps the generations finished: rerun the same command with --resume to go on"
+            try:
+                with distributed.stop_on_sigterm(w, keeps):
+                    return distributed.together(w, searcher.run)
+            except RunInterrupted as e:
+                raise RunInterrupted(f"{e}; {keeps}") from None
         finally:
             if folder is not None:
                 folder.close()
@@ -155,7 +159,7 @@ def _score_for_rank_0(config: EvolveConfig, config_dir: Path | None, opts: Searc
     distributed.agree(w, lambda: None)  # rank 0 reads the checkpoint
     settings = distributed.agree(w, lambda: None)[0]  # and tells the settings
     evaluator = distributed.together(w, lambda: _Evaluator.open(config, config_dir, opts, settings["random_seed"]))
-    with distributed.stop_on_sigterm(w, "rank 0 keeps the generations finished: rerun with --resume"):
+    with distributed.stop_on_sigterm(w, "rank 0's OUT keeps the generations finished: rerun with --resume"):
         while True:
             generation = distributed.agree(w, lambda: None)[0]
             if generation is None:
