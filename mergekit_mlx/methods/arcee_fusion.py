@@ -8,7 +8,7 @@ the rest keep the base (mergekit 0.1.5).
 The KL divergence of two nearby rows is second order in their difference, while the terms of
 sum(p log(p / q)) are first order and cancel: summed in float32 they lose most of the digits, and
 elements near the threshold are chosen otherwise than by the formula in float64 (mergekit too;
-benchmarks/RESULTS.md, section 14). Here it is computed as a sum of non-negative terms, with no cancellation:
+benchmarks/RESULTS.md, section 14). Here it is a sum of non-negative terms, with no cancellation:
 since sum(p') = sum(q'), KL = sum q' phi(p'/q' - 1), phi(s) = (1 + s) log1p(s) - s >= 0, where
 p - q = q expm1(log p - log q) and log p - log q = (other - base) - (lse(other) - lse(base)); phi
 of a small s is its Taylor series. All in float32, so it runs on a GPU as well.
