@@ -199,6 +199,45 @@ def test_hidden_gates_do_not_depend_on_how_prompts_are_batched(llama):
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_hidden_states_with_numpys_products_are_mlxs(llama):
+    from mergekit_mlx.formats import open_model
+    from mergekit_mlx.moe.gates import prompt_states, states_model
+
+    prompts = token_ids(llama["base"], PROMPTS["a"] + PROMPTS["b"])
+    base = open_model(llama["base"])
+    host = np.array(prompt_states(states_model(base, host_products=True), prompts))
+    mlx = np.array(prompt_states(states_model(base, host_products=False), prompts))
+    np.testing.assert_allclose(host, mlx, atol=1e-5)
+
+
+def test_bfloat16_weights_widen_exactly_for_numpys_products():
+    from mergekit_mlx.moe.gates import float32_host
+
+    a = mx.array(np.random.default_rng(0).normal(size=(33, 17)).astype(np.float32)).astype(mx.bfloat16)
+    assert np.array_equal(float32_host(a), np.array(a.astype(mx.float32)))
+
+
+def test_the_example_moe_routes_each_skill_to_its_fine_tune():
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "examples"))
+    from moe_routing import routing
+
+    from mergekit_mlx.evaluate import held_out_examples
+
+    config = yaml.safe_load((root / "examples/configs/moe.yml").read_text())
+    for key in ("base_model",):
+        config[key] = str(root / config[key])
+    for e in config["experts"]:
+        e["source_model"] = str(root / e["source_model"])
+    model, tokenizer = build_moe(config).to_mlx_lm()
+    for task, expert in (("add", 0), ("reverse", 1)):
+        prompts = [ex.prompt for ex in held_out_examples(task, 40)]
+        for share in routing(model, tokenizer, prompts):
+            assert share[expert] > 0.75, (task, share)
+
+
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])
 def test_random_gates_are_seeded(llama, mode):
     cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"], "c": llama["c"]}, gate_mode=mode)

@@ -365,7 +365,8 @@ def produce_tensor(plan: MoEPlan, t: MoETensor, gates: mx.array, seed: int) -> m
         y = y + mx.random.normal(y.shape, key=noise_key(seed, t.out.name)) * t.noise_scale
     if t.residual_scale is not None:
         y = y * t.residual_scale
-    return y.astype(t.out.dtype)
+    # rounded to the source's dtype first, as mergekit-moe computes in it, then to the output's
+    return y.astype(x.dtype).astype(t.out.dtype)
 
 
 # ---------------- the result ----------------

@@ -8,8 +8,8 @@ The rules, per gate mode (for every expert; shared experts that have prompts get
   residual stream after layer L-1 otherwise; before any norm) at the prompt's last token, averaged
   over the expert's positive prompts; minus the same average over its negative prompts, if any;
   then divided by its L2 norm (at least 1e-8). The states are computed by mlx-lm's model of the base
-  in float32 (mergekit-moe runs transformers in bfloat16), a batch of prompts at a time, on MLX's
-  default device: the GPU where there is one.
+  in float32 (mergekit-moe runs transformers in bfloat16), prompts packed end to end in one
+  sequence, on MLX's default device: the GPU where there is one.
 - `cheap_embed`: the sum of the token embeddings (float32) of every token of every positive prompt,
   divided by its norm; minus the same unit vector of the negative prompts; divided by its norm
   again; the same vector for every layer.
@@ -37,7 +37,7 @@ from ..mlx_lm_config import mlx_lm_config
 from .config import Expert, GateMode
 
 NORM_FLOOR = 1e-8  # mergekit-moe's clamp of a norm before dividing by it
-BATCH_TOKENS = 8192  # padded tokens per forward pass of the hidden-state computation
+PACK_TOKENS = 4096  # prompt tokens per forward pass of the hidden-state computation
 DEGENERATE_CONDITION = 5.0  # mergekit-moe warns of a layer whose gate matrix is worse conditioned
 
 
@@ -97,8 +97,10 @@ def cheap_embed_gate(embed: mx.array, positive: list[list[int]], negative: list[
 # ---------------- hidden ----------------
 
 
-def states_model(base: ModelSource) -> nn.Module:
-    """mlx-lm's model of the base, in float32, built from the base's tensors (any input format)."""
+def states_model(base: ModelSource, host_products: bool | None = None) -> nn.Module:
+    """mlx-lm's model of the base, in float32, built from the base's tensors (any input format); its
+    matrix products run in numpy (HostLinear) with host_products, by default where MLX's default
+    device is the CPU."""
     from mlx_lm.utils import _get_classes
 
     config = mlx_lm_config(strip_quantization(base.config))
@@ -107,49 +109,90 @@ def states_model(base: ModelSource) -> nn.Module:
         model = model_class(args_class.from_dict(config))
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{base.path}: mlx-lm cannot build the base model to compute hidden states ({e})") from None
-    weights = {n: base.load(n).astype(mx.float32) for n in base.tensor_names()}
+    weights = {n: base.load(n) for n in base.tensor_names()}
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ModelError(f"{base.path}: the base's tensors do not fit mlx-lm's {config.get('model_type')} model ({e})") from None
+    del weights  # the model holds them; a weight replaced by its host copy is freed at once
     model.eval()
+    if host_products if host_products is not None else mx.default_device() == mx.cpu:
+        use_host_products(model.model)
+    model.set_dtype(mx.float32)
     return model
 
 
-def prompt_states(model: nn.Module, prompts: list[list[int]], batch_tokens: int = BATCH_TOKENS) -> mx.array:
-    """(prompts, layers, hidden) float32: per prompt, the hidden state entering each decoder layer at
-    its last token. Prompts run in batches of similar length, padded on the right (a causal mask
-    keeps padding out of every real token's attention, and positions start at 0 as unpadded)."""
-    from mlx_lm.models.base import create_attention_mask
+class HostLinear(nn.Module):
+    """A linear layer whose product runs in numpy, in float32: MLX's Linux CPU wheel multiplies
+    matrices with the reference BLAS, tens of times slower than numpy's (benchmarks/RESULTS.md)."""
 
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.host_weight = float32_host(linear.weight)  # (out, in): BLAS reads it transposed, uncopied
+        self.host_bias = float32_host(linear.bias) if "bias" in linear else None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        flat = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+        y = flat @ self.host_weight.T
+        if self.host_bias is not None:
+            y += self.host_bias
+        return mx.array(y.reshape(*x.shape[:-1], y.shape[-1]))
+
+
+def float32_host(a: mx.array) -> np.ndarray:
+    """A float32 numpy copy of an MLX array; bfloat16 widened by a 16-bit shift of its bits (exact)."""
+    if a.dtype == mx.bfloat16:  # its bits become the high half of a float32 (little-endian), the low half zero
+        halves = np.zeros((*a.shape, 2), dtype=np.uint16)
+        halves[..., 1] = np.array(a.view(mx.uint16))
+        return halves.view(np.float32).reshape(a.shape)
+    return np.array(a.astype(mx.float32))
+
+
+def use_host_products(module: nn.Module) -> None:
+    """Every nn.Linear under `module` replaced by a HostLinear (in place)."""
+    for name, child in module.children().items():
+        for i, c in enumerate(child if isinstance(child, list) else [child]):
+            if type(c) is nn.Linear:
+                host = HostLinear(c)
+                if isinstance(child, list):
+                    child[i] = host
+                else:
+                    setattr(module, name, host)
+            elif isinstance(c, nn.Module):
+                use_host_products(c)
+
+
+def prompt_states(model: nn.Module, prompts: list[list[int]], pack_tokens: int = PACK_TOKENS) -> mx.array:
+    """(prompts, layers, hidden) float32: per prompt, the hidden state entering each decoder layer at
+    its last token. Prompts run packed end to end in sequences of up to `pack_tokens` tokens, each
+    attending only to itself (a block-diagonal causal mask): no padding is computed, and since RoPE
+    depends only on relative positions a prompt's states are those it has alone."""
     inner = model.model
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[mx.array | None] = [None] * len(prompts)
+    out: list[mx.array] = []
     start = 0
-    while start < len(order):
-        end = start + 1  # sorted by length: the last prompt taken is the longest of the batch
-        while end < len(order) and len(prompts[order[end]]) * (end - start + 1) <= batch_tokens:
+    while start < len(prompts):
+        end, total = start + 1, len(prompts[start])
+        while end < len(prompts) and total + len(prompts[end]) <= pack_tokens:
+            total += len(prompts[end])
             end += 1
-        longest = len(prompts[order[end - 1]])
-        rows = order[start:end]
-        ids = np.zeros((len(rows), longest), dtype=np.int32)
-        for r, i in enumerate(rows):
-            ids[r, : len(prompts[i])] = prompts[i]
-        last = mx.array([len(prompts[i]) - 1 for i in rows])[:, None, None]
-        h = inner.embed_tokens(mx.array(ids))
-        mask = create_attention_mask(h, None)
+        ids = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts[start:end]])
+        segment = np.repeat(np.arange(end - start), [len(p) for p in prompts[start:end]])
+        position = np.arange(len(ids))
+        mask = mx.array((segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :]))
+        last = mx.array(np.cumsum([len(p) for p in prompts[start:end]]) - 1)
+        h = inner.embed_tokens(mx.array(ids)[None])
         taken = []
-        for layer in inner.layers:
-            taken.append(mx.take_along_axis(h, mx.broadcast_to(last, (len(rows), 1, h.shape[-1])), axis=1)[:, 0])
-            h = layer(h, mask, None)
-        states = mx.stack(taken, axis=1).astype(mx.float32)  # (rows, layers, hidden)
+        for i, layer in enumerate(inner.layers):
+            taken.append(mx.take(h[0], last, axis=0))
+            if i + 1 < len(inner.layers):  # the last layer's output is no gate's
+                h = layer(h, mask, None)
+        states = mx.stack(taken, axis=1).astype(mx.float32)  # (prompts of the pack, layers, hidden)
         mx.eval(states)
-        for r, i in enumerate(rows):
-            out[i] = states[r]
+        out.append(states)
         start = end
-    return mx.stack(out)
+    return mx.concatenate(out)
 
 
 def hidden_gate(states: mx.array, positive: Sequence[int], negative: Sequence[int]) -> mx.array:
