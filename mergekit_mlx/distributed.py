@@ -117,15 +117,22 @@ class PeerStopped(Exception):
     """Raised inside a rank's step when another rank reported that it failed (`failure_marker`)."""
 
 
-def agree(w: World, step: Callable[[], Any], *, on_failure: Callable[[BaseException], None] | None = None) -> list[Any]:
+def agree(
+    w: World,
+    step: Callable[[], Any],
+    *,
+    on_failure: Callable[[BaseException], None] | None = None,
+    before_exchange: Callable[[], None] | None = None,
+) -> list[Any]:
     """Run `step` here, then learn every rank's outcome: the values of all steps, in rank order.
 
     When a step failed anywhere, every rank raises: the failing rank its own exception, the
     others that rank's error class (a MergeKitError of errors.py, else RunInterrupted) with a
     message naming the rank. `on_failure(e)` runs before the exchange when this rank's step
-    failed (to tell the others early: `mark_failure`). Interrupts (Ctrl-C) are not caught. A step
-    may hold exchanges of its own; when one of those failed, every rank knows it already and this
-    exchange is skipped."""
+    failed (to tell the others early: `mark_failure`); `before_exchange()` before the exchange (to
+    wait without polling: `Heartbeat.arrived`). Interrupts (Ctrl-C) are not caught. A step may hold
+    exchanges of its own; when one of those failed, every rank knows it already and this exchange
+    is skipped."""
     own: Exception | None = None
     try:
         outcome = {"ok": True, "value": step()}
@@ -136,6 +143,8 @@ def agree(w: World, step: Callable[[], Any], *, on_failure: Callable[[BaseExcept
         outcome = _failure(e)
         if on_failure is not None and not isinstance(e, PeerStopped):
             on_failure(e)
+    if before_exchange is not None:
+        before_exchange()
     outcomes = gather_json(w, outcome)
     failed = [(r, o) for r, o in enumerate(outcomes) if not o["ok"] and o["type"] != PEER_STOPPED]
     if not failed and own is None:
@@ -226,6 +235,126 @@ class FailureWatch:
         self.last = now
         if any(os.path.exists(p) for p in self.paths):
             raise PeerStopped
+
+
+HEARTBEAT = ".mergekit-mlx-alive.rank{rank}"
+BEAT_SECONDS = 1.0
+DEFAULT_RANK_TIMEOUT = 120.0  # seconds without a heartbeat after which a rank counts as gone
+
+
+def rank_timeout() -> float:
+    """Seconds a rank may go without a heartbeat (MERGEKIT_MLX_RANK_TIMEOUT, default 120)."""
+    try:
+        value = float(os.environ.get("MERGEKIT_MLX_RANK_TIMEOUT", DEFAULT_RANK_TIMEOUT))
+    except ValueError:
+        return DEFAULT_RANK_TIMEOUT
+    return value if value > 0 else DEFAULT_RANK_TIMEOUT
+
+
+class Heartbeat:
+    """Each rank's pulse in a folder the ranks share: a thread rewrites this rank's counter every
+    second, with the number of the exchange it waits at.
+
+    `arrived()` waits, sleeping, until every other rank waits at the same exchange (or has left
+    its failure marker), instead of waiting inside MLX's all_gather: the ring backend polls there
+    (about half a core here) and a rank that hangs without dying (stopped, deadlocked; or dead
+    under a backend that does not notice) would keep it waiting for ever. A rank whose counter has
+    not moved for `timeout` seconds is taken as gone: RunInterrupted."""
+
+    def __init__(self, folder: os.PathLike, w: World, timeout: float | None = None):
+        self.folder, self.w = folder, w
+        self.timeout = rank_timeout() if timeout is None else timeout
+        self.beat, self.exchange = 0, -1  # -1: working, not waiting at an exchange
+        self.stopped = threading.Event()
+        path = os.path.join(folder, HEARTBEAT.format(rank=w.rank))
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write()
+        self.thread = threading.Thread(target=self._run, name="mergekit-mlx-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        self.beat += 1
+        try:
+            os.pwrite(self.fd, f"{self.beat:020d} {self.exchange:020d} {os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # a full or failing disk fails the merge itself; the others then see its marker
+
+    def _run(self) -> None:
+        while not self.stopped.wait(BEAT_SECONDS):
+            self._write()
+
+    def arrived(self) -> None:
+        """This rank waits at its next exchange: return once every rank does (or one failed)."""
+        self.exchange += 1
+        self._write()
+        peers = [r for r in range(self.w.size) if r != self.w.rank]
+        seen = {r: (None, time.monotonic()) for r in peers}  # rank -> (last content, when it changed)
+        while True:
+            waiting = []
+            for r in peers:
+                if os.path.exists(os.path.join(self.folder, FAILURE_MARKER.format(rank=r))):
+                    return  # the exchange brings its error
+                content = _read_small(os.path.join(self.folder, HEARTBEAT.format(rank=r)))
+                if content != seen[r][0]:
+                    seen[r] = (content, time.monotonic())
+                at, pid, host = _parse_beat(content)
+                if at is not None and at >= self.exchange:
+                    continue
+                if host == socket.gethostname() and not _alive(pid):
+                    raise RunInterrupted(
+                        f"{self.w.describe()}: {self.w.describe(r)} (pid {pid} on {host}) is gone; the run stopped"
+                    )
+                if time.monotonic() - seen[r][1] > self.timeout:
+                    raise RunInterrupted(
+                        f"{self.w.describe()}: {self.w.describe(r)} has given no sign of life for {self.timeout:.0f} s "
+                        "(stopped, hung or gone; MERGEKIT_MLX_RANK_TIMEOUT sets this wait); the run stopped"
+                    )
+                waiting.append(r)
+            if not waiting:
+                return
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        """Stop beating (before the exchange that follows `arrived`, so that no beat comes after it)."""
+        if self.fd < 0:
+            return
+        self.stopped.set()
+        self.thread.join()
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(128)
+    except OSError:
+        return None
+
+
+def _parse_beat(content: str | None) -> tuple[int | None, int | None, str | None]:
+    """(exchange, pid, host) of a heartbeat's text; Nones for one read while it was written."""
+    try:
+        _, exchange, pid, host = content.split()
+        return int(exchange), int(pid), host
+    except (AttributeError, ValueError):
+        return None, None, None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's process of that number: alive as far as we can tell
+    try:  # Linux: a killed process stays a zombie until its parent (the launcher) reaps it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager

@@ -549,6 +549,7 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
     fingerprint = _fingerprint(job, opts)
     rank0 = world.rank == 0
     partial = PartialOutput(out, tmp, -1, state_name=RANK_STATE.format(rank=world.rank))
+    heartbeat: distributed.Heartbeat | None = None
 
     def start() -> dict:
         """Rank 0: the checks, the lock, the shards a resume keeps, a clean state."""
@@ -586,14 +587,19 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
             raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
         return {"done": done, "proven": digests is not None, "token": token}
 
-    def fill() -> dict[str, str]:
-        """Every rank: its shards, merged and written; returns them (name -> digest)."""
+    def check_shared() -> None:
+        """Every rank sees the `.NAME.partial` rank 0 made (its token), or the ranks stop here."""
         if not rank0 and _state_token(tmp) != shared["token"]:
             raise OutputError(
                 f"{tmp}: {world.describe()} on {socket.gethostname()} does not see the temporary output that rank 0 "
                 "made there; the processes of a distributed merge must share the output's filesystem (one host, or a "
                 "network filesystem mounted at the same path on every host)"
             )
+
+    def fill() -> dict[str, str]:
+        """Every rank: its shards, merged and written; returns them (name -> digest)."""
+        nonlocal heartbeat
+        heartbeat = distributed.Heartbeat(tmp, world)  # while the ranks work, each sees the others are alive
         done = shared["done"]
         layout = _writer(job, tmp, opts, skip=set(done))
         todo = [(f, sum(t.nbytes for t in shard)) for f, shard in zip(layout.files, layout.shards) if f not in done]
@@ -644,7 +650,7 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
             shards.update(written)
         partial.save_state(shards=shards)  # one record of every shard, should the commit fail
         for entry in os.scandir(tmp):
-            if entry.name.startswith((".mergekit-mlx-state.rank", ".mergekit-mlx-failed.rank")):
+            if entry.name.startswith((".mergekit-mlx-state.rank", ".mergekit-mlx-failed.rank", ".mergekit-mlx-alive.rank")):
                 os.unlink(entry.path)
         if job.side_files is not None:
             job.side_files(tmp)
@@ -655,12 +661,21 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
         _write_manifest(tmp)
         _commit_dir(partial, out, opts.force)
 
+    def arrive() -> None:
+        """Wait for the other ranks asleep, not in MLX's all_gather; no beat after this."""
+        if heartbeat is not None:
+            try:
+                heartbeat.arrived()
+            finally:
+                heartbeat.close()
+
     keeps = f"{tmp} keeps the shards finished so far: rerun the same command with --resume (with any number of processes) to finish it"
     try:
         with distributed.stop_on_sigterm(world, keeps):
             shared = distributed.agree(world, start)[0]
+            distributed.agree(world, check_shared)
             marked = lambda e: distributed.mark_failure(tmp, world, e)  # noqa: E731 - the others stop early
-            finished = distributed.agree(world, _as_write_failure(fill, out, job), on_failure=marked)
+            finished = distributed.agree(world, _as_write_failure(fill, out, job), on_failure=marked, before_exchange=arrive)
             distributed.agree(world, _as_write_failure(commit, out, job))
     except RunInterrupted as e:
         raise RunInterrupted(f"{e}; {keeps}") from None
@@ -669,6 +684,8 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
             partial.remove()  # a merge that failed cannot be resumed (as for one process)
         raise
     finally:
+        if heartbeat is not None:
+            heartbeat.close()
         partial.close()
     return out
 

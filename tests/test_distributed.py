@@ -71,9 +71,11 @@ def recipe_file(tmp_path: Path, models: dict[str, Path] | None = None) -> Path:
     return path
 
 
-def ranks(n: int, tmp_path: Path, argv: list[str], *, driver: Path | None = None, env: dict | None = None, cwd=None):
+def ranks(
+    n: int, tmp_path: Path, argv: list[str], *, driver: Path | None = None, env: dict | None = None, cwd=None, only_rank_0=False
+):
     """Start n ranks as mlx.launch does (MLX_RANK, MLX_HOSTFILE of the ring backend); (exit status,
-    stderr) of each, in rank order."""
+    stderr) of each, in rank order (`only_rank_0`: rank 0's, the others killed once it ended)."""
     hostfile = tmp_path / f"hosts-{n}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
     program = [sys.executable, str(driver)] if driver else [sys.executable, "-m", "mergekit_mlx"]
@@ -91,7 +93,7 @@ def ranks(n: int, tmp_path: Path, argv: list[str], *, driver: Path | None = None
     ]
     results = []
     try:
-        for p in procs:
+        for p in procs[:1] if only_rank_0 else procs:
             _, err = p.communicate(timeout=TIMEOUT)
             results.append((p.returncode, err))
     except subprocess.TimeoutExpired:
@@ -188,7 +190,7 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it_byte_identically(one
     (rc0, err0), (rc1, _) = ranks(2, tmp_path, argv, driver=driver)
     assert rc1 == -9 and rc0 == 2
     message = err0.strip().splitlines()[-1]
-    assert message.startswith("mergekit-mlx: error: rank 0 of 2: another process of this run is gone")
+    assert message.startswith("mergekit-mlx: error: rank 0 of 2: rank 1 of 2 (pid ") and " is gone" in message
     assert "--resume" in message and str(tmp_path / ".out.partial") in message
     assert not out.exists()
     kept = sorted(p.name for p in (tmp_path / ".out.partial").glob("model-*"))
@@ -197,6 +199,21 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it_byte_identically(one
     assert cli.main(argv + ["--resume"]) == 0  # one process finishes what two began
     assert files_of(out) == files_of(reference)
     assert not (tmp_path / ".out.partial").exists()
+
+
+def test_a_rank_that_hangs_stops_the_others_after_the_rank_timeout(one_process, tmp_path):
+    recipe, reference = one_process
+    driver = tmp_path / "stopper.py"
+    driver.write_text(KILLER.replace("signal.SIGKILL", "signal.SIGSTOP"))  # alive, but never heard from again
+    out = tmp_path / "out"
+    argv = ["run", str(recipe), str(out), "--out-shard-size", SHARD, "--random-seed", "7", "--no-progress"]
+    env = {"MERGEKIT_MLX_RANK_TIMEOUT": "2"}
+    [(rc0, err0)] = ranks(2, tmp_path, argv, driver=driver, env=env, only_rank_0=True)
+    assert rc0 == 2
+    message = err0.strip().splitlines()[-1]
+    assert "rank 1 of 2 has given no sign of life for 2 s" in message and "--resume" in message
+    assert cli.main(argv + ["--resume"]) == 0
+    assert files_of(out) == files_of(reference)
 
 
 def test_an_input_error_on_one_rank_is_every_ranks_error_and_leaves_nothing(one_process, tmp_path):
