@@ -1032,6 +1032,25 @@ def test_a_shipped_cubin_is_launched_without_compiling_and_other_sources_compile
         cuda_compile._archive.cache_clear()
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120a", "sm_121a"])
+def test_the_shipped_cubins_hold_what_a_first_ties_or_linear_merge_launches(arch):
+    """A change to a kernel's source, its prelude or its instantiation misses the shipped cubins,
+    and a first merge compiles again: rebuild them (benchmarks/gpu_prebuild.py on a GPU host)."""
+    import zipfile
+
+    import mlx.core as mx
+
+    from mergekit_mlx.kernels import cuda_compile, gpu, task_merge_gpu, weighted_sums
+    from mergekit_mlx.kernels.task_plan import Keep
+
+    launches = task_merge_gpu.launches(mx.bfloat16, mx.bfloat16, [Keep.MAGNITUDE] * 2, True, True, False)
+    launches += weighted_sums.launches([mx.bfloat16] * 3, mx.bfloat16)
+    with zipfile.ZipFile(cuda_compile.prebuilt_dir() / f"cuda-{arch}.zip") as z:
+        shipped = set(z.namelist())
+    for spec in launches:
+        assert cuda_compile.prebuilt_member(gpu.cuda_translation_unit(spec), arch) in shipped, spec.name
+
+
 def test_prebuild_compiles_every_recorded_source_for_each_arch_into_the_same_bytes(tmp_path):
     import zipfile
 
@@ -1057,9 +1076,9 @@ def test_prebuild_compiles_every_recorded_source_for_each_arch_into_the_same_byt
 
 
 def test_prebuild_without_nvrtc_exits_2_naming_what_is_missing(tmp_path, monkeypatch, capsys):
-    from mergekit_mlx.kernels import prebuild
+    from mergekit_mlx.kernels import cuda_compile, prebuild
 
-    monkeypatch.setattr(prebuild, "_find_nvrtc", lambda: None)
+    monkeypatch.setattr(cuda_compile, "_find_nvrtc", lambda: None)
     assert prebuild.main(["--sources", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "NVRTC" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

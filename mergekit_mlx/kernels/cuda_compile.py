@@ -225,11 +225,16 @@ def compiler() -> tuple[Nvrtc, str]:
 
 @cache
 def _compiler() -> tuple[Nvrtc, str]:
+    return find_nvrtc(), device_arch()
+
+
+def find_nvrtc() -> Nvrtc:
+    """NVRTC and the CUDA headers, found without a device (a compile may target any architecture)."""
     path = _find_nvrtc()
     include = _find_include(path) if path is not None else None
     if path is None or include is None:
         raise CompileError("NVRTC or the CUDA headers were not found (set CUDA_HOME)")
-    return Nvrtc(path, include), device_arch()
+    return Nvrtc(path, include)
 
 
 def available() -> bool:
@@ -341,12 +346,18 @@ class CachedKernel:
         self._made: dict[tuple, Future] = {}  # instantiation -> (function name, cubin), made or being made
         self._lock = threading.Lock()
 
-    def _build(self, key: tuple) -> tuple[str, bytes]:
+    def source(self, in_dtypes, out_dtypes, template) -> tuple[str, str]:
+        """(function name, translation unit) of one instantiation."""
+        key = (tuple(in_dtypes), tuple(out_dtypes), tuple(template))
         spec = repr((self.tag, [str(d) for d in key[0]], [str(d) for d in key[1]], [(n, str(v)) for n, v in key[2]]))
         fname = f"{self.tag}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
         src = wrap_source(
             fname, self.header, self.body, list(zip(self.input_names, key[0])), list(zip(self.output_names, key[1])), key[2]
         )
+        return fname, src
+
+    def _build(self, key: tuple) -> tuple[str, bytes]:
+        fname, src = self.source(*key)
         return fname, cubin(src)
 
     def _future(self, key: tuple, in_background: bool) -> Future:

@@ -150,13 +150,25 @@ def kernel(
     return _kernel(name, backend_name, km, has_base, atomic, inputs, outputs)
 
 
-@cache
-def _kernel(name, backend_name, km, has_base, atomic, inputs, outputs):
+def _parts(name, backend_name, km, has_base, inputs) -> tuple[str, list[str], str, str]:
+    """(tag, input names, header, body) of kernels/<name> for `km` models (and a base)."""
     header, body = kernel_source(name, backend_name)
     names = (["base"] if has_base else []) + [f"x{m}" for m in range(km)] + list(inputs)
     if km:
         body = model_macros(km, has_base) + body
-    tag = f"mk_{name}_{km}{'b' if has_base else ''}"
+    return f"mk_{name}_{km}{'b' if has_base else ''}", names, header, body
+
+
+def cuda_translation_unit(spec: Launch) -> str:
+    """What NVRTC compiles for `spec` (the shipped cubins are found by it; no device needed)."""
+    tag, names, header, body = _parts(spec.name, "cuda", spec.km, spec.has_base, spec.inputs)
+    kern = cuda_compile.CachedKernel(tag, names, spec.outputs, header, body)
+    return kern.source(spec.in_dtypes, spec.out_dtypes, spec.template)[1]
+
+
+@cache
+def _kernel(name, backend_name, km, has_base, atomic, inputs, outputs):
+    tag, names, header, body = _parts(name, backend_name, km, has_base, inputs)
     if backend_name == "metal":
         return mx.fast.metal_kernel(
             name=tag, input_names=names, output_names=list(outputs), source=body, header=header, atomic_outputs=atomic

@@ -20,7 +20,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cuda_compile import CompileError, Nvrtc, _find_include, _find_nvrtc, prebuilt_dir, prebuilt_member
+from .cuda_compile import CompileError, Nvrtc, find_nvrtc, prebuilt_dir, prebuilt_member
 
 # data-centre and desktop GPUs that MLX's CUDA 13 wheel runs on: A100, A10/RTX 30, L4/L40/RTX 40,
 # H100/H200, B200, RTX 50 and DGX Spark (the 'a' targets are what `device_arch` asks for on sm_90+)
@@ -67,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="folder of the archives (default: the package's kernels/prebuilt)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    nvrtc = _find_nvrtc()
-    include = _find_include(nvrtc) if nvrtc else None
-    if nvrtc is None or include is None:
-        print("prebuild: NVRTC or the CUDA headers were not found (set CUDA_HOME)", file=sys.stderr)
+    try:
+        nv = find_nvrtc()
+    except (CompileError, OSError) as e:
+        print(f"prebuild: {e}", file=sys.stderr)
         return 2
-    nv = Nvrtc(nvrtc, include)
     sources = read_sources(args.sources)
     if not sources:
         print(f"prebuild: no *.cu sources in {', '.join(map(str, args.sources))}", file=sys.stderr)
