@@ -15,7 +15,7 @@ orthogonal factor U Vh of a matrix's SVD is the nearest matrix with orthonormal 
 wide). Where the matrix is rank-deficient (two identical fine-tunes, low-rank task vectors) the
 reference's factor is not unique: LAPACK's choice of the null singular vectors adds directions
 that no task vector has, with weights as large as the rest. Here the directions whose singular
-value is at or below max(m, n) * eps * largest (float32's eps; numpy's matrix_rank rule) are left
+value is at or below max(m, n) * eps * largest (the dtype's eps; numpy's matrix_rank rule) are left
 out: the factor is the partial isometry on the matrix's numerical range, which is the reference's
 factor wherever that one is unique.
 """
@@ -75,16 +75,17 @@ def finite(*xs: np.ndarray) -> bool:
 
 
 def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """U (m, r), S (r,) descending, Vh (r, n) with x = U diag(S) Vh, r = min(m, n): exact (LAPACK), float32."""
-    u, s, vh = np.linalg.svd(x.astype(np.float32, copy=False), full_matrices=False)
-    return u, s, vh
+    """U (m, r), S (r,) descending, Vh (r, n) with x = U diag(S) Vh, r = min(m, n): exact (LAPACK), in
+    float32 (float64 stays float64: benchmarks/new_methods_bench.py --accuracy compares the two)."""
+    x = x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
+    return np.linalg.svd(x, full_matrices=False)
 
 
 def numerical_rank(s: np.ndarray, shape: tuple[int, ...]) -> int:
     """How many of the descending singular values `s` of a matrix of `shape` are above its rounding."""
     if s.size == 0:
         return 0
-    return int((s > s[0] * max(shape) * np.finfo(np.float32).eps).sum())
+    return int((s > s[0] * max(shape) * np.finfo(s.dtype).eps).sum())
 
 
 def orthogonal_factor(x: np.ndarray) -> np.ndarray:
