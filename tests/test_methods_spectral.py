@@ -377,3 +377,25 @@ def test_recipe_merge_of_a_tiny_family_matches_the_reference(family, method, sha
         else:
             expected = base + wudi_ref(tvs, 5, 1e-3)[0]
         close(merged[name], expected, tol=1e-4)
+
+
+def test_decompose_set_per_tensor_with_a_filter_gives_those_tensors_the_mean(family):
+    import tiny
+
+    from mergekit_mlx import merge
+
+    base_path, *fts = family
+    recipe = {
+        "merge_method": "iso_c",
+        "base_model": str(base_path),
+        "parameters": {"decompose": [{"filter": "mlp", "value": False}, {"value": True}]},
+        "models": [{"model": str(p)} for p in fts],
+        "dtype": "float32",
+    }
+    merged = {k: np.array(v.astype(mx.float32)).astype(np.float64) for k, v in merge(recipe).weights.items()}
+    models = [tiny.load_np(p) for p in family]
+    for name, ref in (("model.layers.0.mlp.up_proj.weight", None), ("model.layers.0.self_attn.q_proj.weight", iso_c_ref)):
+        base = models[0][name]
+        tvs = [m[name] - base for m in models[1:]]
+        expected = base + (sum(tvs) / len(tvs) if ref is None else ref(tvs))
+        close(merged[name], expected, tol=1e-4)
