@@ -321,6 +321,41 @@ def test_qwen_outputs_load_in_mlx_lm_and_transformers_alike(arch, tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+def test_a_llama_base_makes_a_qwen2_moe_with_zero_attention_biases(llama, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_mlx import mlx_lm_config
+
+    cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]}, architecture="qwen")
+    cfg["shared_experts"] = [{"source_model": str(llama["c"]), "positive_prompts": PROMPTS["c"]}]
+    out = tmp_path / "moe"
+    assert build_moe(cfg, out).config["model_type"] == "qwen2_moe"
+    got = load_file(str(out / "model.safetensors"))
+    assert not got["model.layers.1.self_attn.k_proj.bias"].any() and got["model.layers.1.self_attn.k_proj.bias"].shape == (16,)
+    c = load_file(str(llama["c"] / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+    assert got["model.layers.1.mlp.shared_expert.down_proj.weight"].tobytes() == c.tobytes()
+    model, _ = mlx_lm_config.load(out)
+    ids = token_ids(out, ["merge the good model"])[0]
+    ours = np.array(model(mx.array([ids])), dtype=np.float64)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out))(torch.tensor([ids])).logits.detach().double().numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_tokenizer_source_and_chat_template_shape_the_written_tokenizer(llama, tmp_path):
+    import shutil
+
+    source = Path(shutil.copytree(llama["c"], tmp_path / "tok"))
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
+    cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]}, gate_mode="random", chat_template="chatml")
+    cfg["tokenizer_source"] = str(source)
+    out = tmp_path / "moe"
+    build_moe(cfg, out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+
+
 def test_qwen3_moe_of_identical_experts_gives_the_dense_models_logits(tmp_path):
     import arch_models
 
@@ -348,6 +383,42 @@ def test_an_mlx_quantized_expert_is_copied_as_its_reader_dequantizes_it(llama, t
     want = np.array(open_model(q).load("model.layers.1.mlp.gate_proj.weight"))
     got = np.array(result.weights["model.layers.1.block_sparse_moe.experts.0.w1.weight"])
     assert got.tobytes() == want.tobytes()
+
+
+def test_a_gguf_expert_is_copied_as_its_reader_reads_it(llama, tmp_path):
+    from mergekit_mlx.formats import open_model
+
+    g = tmp_path / "b.gguf"
+    assert cli_main(["convert", str(llama["b"]), str(g), "--out-format", "gguf-f16", "--no-progress"]) == 0
+    result = build_moe(moe_config(llama["base"], {"a": llama["a"], "b": g}))
+    want = np.array(open_model(g).load("model.layers.0.mlp.down_proj.weight").astype(mx.float32))
+    got = result.weights["model.layers.0.block_sparse_moe.experts.1.w2.weight"]
+    assert got.dtype == mx.float32 and np.array_equal(np.array(got), want)  # cast to the base's float32, nothing else
+
+
+def test_a_model_plus_adapter_expert_is_the_adapter_merged_into_its_model(llama, tmp_path):
+    rng = np.random.default_rng(9)
+    a_mat, b_mat = rng.normal(0, 0.3, (4, 32)).astype(np.float32), rng.normal(0, 0.3, (48, 4)).astype(np.float32)
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"], "use_rslora": False}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.1.mlp.up_proj."
+    mx.save_safetensors(
+        str(adapter / "adapter_model.safetensors"),
+        {prefix + "lora_A.weight": mx.array(a_mat), prefix + "lora_B.weight": mx.array(b_mat)},
+    )
+    cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]})
+    cfg["experts"][1]["source_model"] = f"{llama['b']}+{adapter}"
+    result = build_moe(cfg)
+    w = load_np(llama["b"])["model.layers.1.mlp.up_proj.weight"]
+    want = w + (8 / 4) * b_mat.astype(np.float64) @ a_mat.astype(np.float64)
+    got = np.array(result.weights["model.layers.1.block_sparse_moe.experts.1.w3.weight"], dtype=np.float64)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    untouched = result.weights["model.layers.0.block_sparse_moe.experts.1.w3.weight"]
+    assert np.array_equal(
+        np.array(untouched), load_file(str(llama["b"] / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 # ---------------- mergekit-moe's own output ----------------

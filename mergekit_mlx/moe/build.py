@@ -502,11 +502,8 @@ def build_moe(
     gates = compute_gates(cfg.gate_mode, plan.gated, b, b.tokenizer_dir, plan.layers, plan.hidden, seed)
     bad = degenerate_layers(gates) if len(plan.gated) > 1 and cfg.gate_mode.reads_prompts else []
     if bad:
-        which = "every layer" if len(bad) == plan.layers else "layers " + ", ".join(map(str, bad))
-        print(
-            f"mergekit-mlx moe: warning: {which} have nearly parallel gate vectors; the prompts may be too similar",
-            file=sys.stderr,
-        )
+        which = "every layer has" if len(bad) == plan.layers else f"layer(s) {', '.join(map(str, bad))}:"
+        print(f"mergekit-mlx moe: warning: {which} nearly parallel gate vectors; the prompts may be too similar", file=sys.stderr)
 
     def produce(write: Callable[[str, mx.array], None], wants: Callable[[str], bool]) -> None:
         bar = _progress(plan) if progress else None
