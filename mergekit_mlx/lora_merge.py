@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from .adapters import Adapter, read_adapter
 from .adapters.combine import (
@@ -55,7 +55,7 @@ from .names import text_stack
 from .options import MergeOptions
 from .output import OutputJob, check_output_location, write_model
 from .plan import human_bytes, resolve_adapter_path, resolve_model_path
-from .recipe import format_location, parse_yaml, read_recipe_file, short_path
+from .recipe import not_a_key, parse_yaml, read_recipe_file, short_path, validated
 
 HELP = "merge several LoRA adapters of one base into one adapter (PEFT's add_weighted_adapter)"
 
@@ -102,22 +102,14 @@ KEYS = {"": list(LoraMergeRecipe.model_fields), "adapters": list(AdapterEntry.mo
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> LoraMergeRecipe:
     """A LoraMergeRecipe, or a RecipeError naming the YAML key of each problem."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a lora-merge recipe is a mapping with the keys merge_method and adapters")
-    try:
-        return LoraMergeRecipe.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors()[:8]:
-            loc = format_location(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                valid = KEYS["adapters" if err["loc"][0] == "adapters" else ""]
-                close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1, cutoff=0.7)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                msg = f"not a key of a lora-merge recipe; {hint}(valid here: {', '.join(valid)})"
-            lines.append(f"  {loc}: {msg}")
-        raise RecipeError(f"{where}: invalid lora-merge recipe\n" + "\n".join(dict.fromkeys(lines))) from None
+    return validated(
+        LoraMergeRecipe,
+        data,
+        where,
+        what="lora-merge recipe",
+        not_mapping="a lora-merge recipe is a mapping with the keys merge_method and adapters",
+        unknown_key=lambda loc: not_a_key(loc[-1], KEYS["adapters" if loc[0] == "adapters" else ""], "a lora-merge recipe"),
+    )
 
 
 def load_recipe(recipe: str | Path | dict) -> tuple[LoraMergeRecipe, Path | None]:

@@ -7,11 +7,12 @@ the tensor name wins); and the scopes source > slice > top level, first non-empt
 
 from __future__ import annotations
 
+import difflib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Optional, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -245,20 +246,54 @@ def format_location(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def validated(
+    schema: type[SchemaT],
+    data: Any,
+    where: str,
+    *,
+    what: str,
+    not_mapping: str,
+    unknown_key: Callable[[tuple], str] | None = None,
+    enum_message: str | None = None,
+) -> SchemaT:
+    """`schema` validated from a YAML document's `data`, or one RecipeError for the file `where`
+    naming the YAML key of each problem (the first 8): every YAML schema of the package (recipes,
+    lora-merge, evolve and MoE configurations) reports its problems this way. `unknown_key(loc)`
+    words a key the schema does not know; `enum_message` a value outside a choice."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe must be a mapping with keys such as merge_method, models, base_model")
+        raise RecipeError(f"{where}: {not_mapping}")
     try:
-        return Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors()[:8]:
-            loc = format_location(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "is not a recipe key mergekit knows (check the spelling)"
-            lines.append(f"  {loc}: {msg}")
-        raise RecipeError(f"{where}: invalid recipe\n" + "\n".join(dict.fromkeys(lines))) from None
+                msg = unknown_key(err["loc"]) if unknown_key else "is not a recipe key mergekit knows (check the spelling)"
+            elif err["type"] == "enum" and enum_message:
+                msg = enum_message
+            lines.append(f"  {format_location(err['loc'])}: {msg}")
+        raise RecipeError(f"{where}: invalid {what}\n" + "\n".join(dict.fromkeys(lines))) from None
+
+
+def not_a_key(key: Any, valid: Sequence[str], of: str) -> str:
+    """The message for an unknown `key` of `of`, with the closest valid key when one is close."""
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.7)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"not a key of {of}; {hint}(valid here: {', '.join(valid)})"
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+    return validated(
+        Recipe,
+        data,
+        where,
+        what="recipe",
+        not_mapping="a recipe must be a mapping with keys such as merge_method, models, base_model",
+    )
 
 
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:

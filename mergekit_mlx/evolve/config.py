@@ -7,16 +7,14 @@ evaluate.py); any other name is an lm-eval-harness task.
 
 from __future__ import annotations
 
-import difflib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from ..errors import RecipeError
 from ..evaluate import GENERATORS
-from ..recipe import FiniteFloat, ModelRef, format_location, parse_yaml, read_recipe_file, short_path
+from ..recipe import FiniteFloat, ModelRef, not_a_key, parse_yaml, read_recipe_file, short_path, validated
 
 
 class SearchMethod(str, Enum):
@@ -166,30 +164,20 @@ KEYS = {  # where -> the keys valid there, for did-you-mean
 
 def config_from_dict(data: Any, where: str = "config") -> EvolveConfig:
     """An EvolveConfig, or a RecipeError naming the YAML key of each problem (unknown keys included)."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: an evolve configuration is a mapping with the keys genome and tasks")
-    try:
-        return EvolveConfig.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors()[:8]:
-            loc = format_location(tuple(p for p in err["loc"] if p not in ("str", "function-before[_bare_name(), Task]")))
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = _unknown_key(err["loc"])
-            elif err["type"] == "enum":
-                msg = f"not a method mergekit-evolve can search; valid: {', '.join(m.value for m in SearchMethod)}"
-            lines.append(f"  {loc}: {msg}")
-        raise RecipeError(f"{where}: invalid evolve configuration\n" + "\n".join(dict.fromkeys(lines))) from None
+    return validated(
+        EvolveConfig,
+        data,
+        where,
+        what="evolve configuration",
+        not_mapping="an evolve configuration is a mapping with the keys genome and tasks",
+        unknown_key=_unknown_key,
+        enum_message=f"not a method mergekit-evolve can search; valid: {', '.join(m.value for m in SearchMethod)}",
+    )
 
 
 def _unknown_key(loc: tuple) -> str:
-    key = str(loc[-1])
     part = "tasks" if loc[0] == "tasks" else ("genome" if loc[0] == "genome" and len(loc) == 2 else "")
-    valid = KEYS[part]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"not a key of mergekit-evolve's configuration; {hint}(valid here: {', '.join(valid)})"
+    return not_a_key(loc[-1], KEYS[part], "mergekit-evolve's configuration")
 
 
 def load_config(path: str | Path) -> EvolveConfig:
