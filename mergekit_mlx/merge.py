@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import kernels, mlx_lm_config
+from . import distributed, kernels, mlx_lm_config
 from .device import use_device
 from .distributed import World
 from .errors import OutputError
@@ -114,8 +114,14 @@ def _merge(
     world: World | None = None,
 ) -> MergeResult:
     recipe_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) and str(recipe).endswith((".yml", ".yaml")) else None
-    r = load_recipe(recipe)
-    plan = make_plan(r, recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes, models=models)
+
+    def planned() -> Plan:
+        return make_plan(load_recipe(recipe), recipe_dir=recipe_dir, allow_crimes=opts.allow_crimes, models=models)
+
+    if out_path is not None and world is not None and not world.alone:
+        plan = distributed.together(world, planned)  # a rank that cannot plan (an input it cannot see) stops all
+    else:
+        plan = planned()
     if out_path is not None:
         out = Path(out_path)
         path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants, on_event), world)

@@ -23,8 +23,10 @@ from mergekit_mlx import cli, distributed
 from mergekit_mlx.distributed import World, deal_shards
 from mergekit_mlx.errors import OutputError
 from mergekit_mlx.evolve import SearchOptions, config_from_dict, search
-from mergekit_mlx.merge import merge
 from mergekit_mlx.options import MergeOptions
+from mergekit_mlx.output import write_output
+from mergekit_mlx.plan import make_plan
+from mergekit_mlx.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models"
@@ -253,9 +255,25 @@ def test_ranks_that_do_not_share_the_output_folder_are_refused(one_process, tmp_
     assert list(elsewhere.iterdir()) == []
 
 
+def test_an_input_one_rank_cannot_see_is_every_ranks_error_before_anything_is_written(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    (here / "reverse").symlink_to(MODELS / "reverse")
+    # a relative model path: found from rank 0's working directory, not from rank 1's
+    recipe = recipe_file(tmp_path, {"add": MODELS / "add", "reverse": Path("reverse")})
+    argv = ["run", str(recipe), str(tmp_path / "out"), "--no-progress"]
+    (rc0, err0), (rc1, err1) = ranks(2, tmp_path, argv, cwd={0: here, 1: there})
+    assert (rc0, rc1) == (2, 2)
+    assert "models[1].model: model 'reverse' not found" in err1
+    assert "rank 1 of 2" in err0 and "models[1].model: model 'reverse' not found" in err0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "hosts-2.json", "recipe.yml", "there"]
+
+
 def test_an_output_of_one_file_is_refused_on_several_ranks(tmp_path):
-    with pytest.raises(OutputError, match="one file written by one process"):
-        merge(recipe_file(tmp_path), tmp_path / "out.gguf", MergeOptions(out_format="gguf-f16"), world=World(rank=0, size=2))
+    plan = make_plan(load_recipe(recipe_file(tmp_path)))
+    with pytest.raises(OutputError, match="one file written by one process"):  # before any exchange
+        write_output(plan, tmp_path / "out.gguf", MergeOptions(out_format="gguf-f16"), lambda *_: None, World(rank=0, size=2))
     assert not list(tmp_path.glob("*out*"))
 
 
