@@ -172,6 +172,18 @@ def _failure(e: Exception) -> dict:
     return {"ok": False, "type": kind, "message": message, "host": socket.gethostname(), "pid": os.getpid()}
 
 
+def settle(w: World, error: BaseException) -> None:
+    """After an error every rank raised at the same exchange (`agree`), wait until every rank has
+    cleaned up after it: mlx.launch stops all processes as soon as one of them ends with an error.
+    Nothing to wait for after an error of this rank alone, or when a rank is gone."""
+    if w.alone or not getattr(error, AGREED, False):
+        return
+    try:
+        gather_json(w, None)
+    except RunInterrupted:
+        pass
+
+
 def together(w: World, step: Callable[[], T]) -> T:
     """Run `step` here and return its value (kept on this rank); a failure anywhere is every
     rank's, as in `agree` (the other ranks pass a step of their own, often `lambda: None`)."""

@@ -678,10 +678,12 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
             finished = distributed.agree(world, _as_write_failure(fill, out, job), on_failure=marked, before_exchange=arrive)
             distributed.agree(world, _as_write_failure(commit, out, job))
     except RunInterrupted as e:
+        distributed.settle(world, e)
         raise RunInterrupted(f"{e}; {keeps}") from None
-    except MergeKitError:
+    except MergeKitError as e:
         if rank0 and partial.fd >= 0:
             partial.remove()  # a merge that failed cannot be resumed (as for one process)
+        distributed.settle(world, e)  # no rank ends (and has mlx.launch stop the others) before that
         raise
     finally:
         if heartbeat is not None:

@@ -152,17 +152,23 @@ def test_ranks_write_the_bytes_one_process_writes(one_process, tmp_path, n):
     assert not (tmp_path / ".out.partial").exists()
 
 
-def test_mlx_launch_runs_the_merge_on_three_local_processes(one_process, tmp_path):
-    recipe, reference = one_process
-    out = tmp_path / "out"
+LAUNCH = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": TIMEOUT, "stdin": subprocess.DEVNULL}
+
+
+def launch_command(n: int, command: list[str]) -> list[str]:
+    """`command` on n local processes under mlx.launch (ring backend; its ports from a free one on)."""
     launcher = Path(sys.executable).parent / "mlx.launch"
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed beside this Python")
     port = free_ports(1)[0]
-    command = [str(launcher), "--backend", "ring", "-n", "3", "--starting-port", str(port), "--"]
-    command += [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--out-shard-size", SHARD]
-    command += ["--random-seed", "7", "--no-progress"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    return [str(launcher), "--backend", "ring", "-n", str(n), "--starting-port", str(port), "--", *command]
+
+
+def test_mlx_launch_runs_the_merge_on_three_local_processes(one_process, tmp_path):
+    recipe, reference = one_process
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--out-shard-size", SHARD]
+    done = subprocess.run(launch_command(3, command + ["--random-seed", "7", "--no-progress"]), **LAUNCH)
     assert "by 3 processes" in done.stderr, done.stderr
     assert files_of(out) == files_of(reference)
 
@@ -240,6 +246,11 @@ def test_an_input_error_on_one_rank_is_every_ranks_error_and_leaves_nothing(one_
     assert f"tensor {poisoned}: NaN or Inf in the input" in err1
     assert "rank 1 of 2" in err0 and f"tensor {poisoned}: NaN or Inf in the input" in err0
     assert not out.exists() and not (tmp_path / ".out.partial").exists()  # as one process: nothing to resume
+
+    # under mlx.launch, which stops every process once one has ended with an error, the same
+    done = subprocess.run(launch_command(2, [sys.executable, "-m", "mergekit_mlx", *argv]), **LAUNCH)
+    assert "rank 1 of 2 (pid" in done.stderr and f"tensor {poisoned}: NaN or Inf in the input" in done.stderr
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_ranks_that_do_not_share_the_output_folder_are_refused(one_process, tmp_path):
