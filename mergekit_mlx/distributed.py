@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .errors import MergeKitError, ModelError, OutputError, RecipeError, RunInterrupted
+from .errors import MergeKitError, ModelError, OutputError, RecipeError, RunInterrupted, warn_once
 
 # the environment each launcher sets -> the backend it started (mlx.launch's ring, nccl and jaccl
 # set MLX_RANK with their own variables; mpirun sets its own)
@@ -72,14 +72,19 @@ ALONE = World()
 def world() -> World:
     """This process's world: several ranks when started by `mlx.launch` (or mpirun), else ALONE.
 
-    Joining the others is done once per process; a launcher's environment that MLX cannot join
-    (a port in use, a host that cannot be reached) is a RunInterrupted error."""
+    Joining the others is done once per process; an mlx.launch environment that MLX cannot join
+    (a port in use, a host that cannot be reached) is a RunInterrupted error. MPI's variables are
+    also set by job schedulers for programs that are not MPI jobs: where MLX cannot start MPI,
+    this process runs alone (with a warning)."""
     backend = next((name for var, name in LAUNCHERS if os.environ.get(var)), None)
     if backend is None:
         return ALONE
     try:
         group = mx.distributed.init(strict=True, backend=backend)
     except (RuntimeError, ValueError) as e:
+        if backend == "mpi":
+            warn_once("mpi", f"MPI's environment is set but MLX cannot start MPI ({e}); this process runs alone")
+            return ALONE
         raise RunInterrupted(
             f"this process was started by a launcher for MLX's {backend} backend (mlx.launch) but could not join the "
             f"others: {e}. Check the hosts and ports given to mlx.launch, or run without it"
@@ -114,7 +119,7 @@ def gather_json(w: World, value: Any) -> list[Any]:
 
 
 class PeerStopped(Exception):
-    """Raised inside a rank's step when another rank reported that it failed (`failure_marker`)."""
+    """Raised inside a rank's step when another rank has left its failure marker (`FailureWatch`)."""
 
 
 def agree(
@@ -324,7 +329,7 @@ class Heartbeat:
                 waiting.append(r)
             if not waiting:
                 return
-            time.sleep(0.1)
+            time.sleep(0.25)
 
     def close(self) -> None:
         """Stop beating (before the exchange that follows `arrived`, so that no beat comes after it)."""

@@ -123,6 +123,28 @@ def one_process(tmp_path_factory) -> tuple[Path, Path]:
     return recipe, tmp / "out"
 
 
+# ---------------- the processes ----------------
+
+
+def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in {var for var, _ in distributed.LAUNCHERS}}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_a_process_without_a_launcher_runs_alone_and_one_mlx_cannot_join_is_an_error():
+    code = "from mergekit_mlx import distributed as d; print(d.world().size)"
+    assert run_python(code, {}).stdout.split() == ["1"]
+    # MPI's variables, which job schedulers set for programs that are not MPI jobs: alone, with a warning
+    mpi = run_python(code, {"PMI_SIZE": "2"})
+    assert mpi.stdout.split() == ["1"] and "this process runs alone" in mpi.stderr
+    # mlx.launch's ring variables that MLX cannot use: the command's error, exit status 2
+    ring = run_python(
+        "from mergekit_mlx.cli import main; raise SystemExit(main(['run', 'x.yml', 'out']))",
+        {"MLX_RANK": "0", "MLX_HOSTFILE": "/nonexistent"},
+    )
+    assert ring.returncode == 2 and "could not join the others" in ring.stderr
+
+
 # ---------------- the shard split ----------------
 
 
