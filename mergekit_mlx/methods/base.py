@@ -99,6 +99,18 @@ def show(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# the task-arithmetic family's per-model density (ties, dare_*, breadcrumbs*, della*, consensus_*);
+# 0 would keep nothing: mergekit's magnitude cut asserts k > 0 and its DARE rescale divides by it
+DENSITY = Param(
+    "density",
+    float,
+    "non_base",
+    default=1.0,
+    valid=Range(0, 1, lo_open=True),
+    why="the fraction of the task vector kept; to leave a model out, remove it",
+)
+
+
 @dataclass
 class MergeInputs:
     """Everything a method gets for one output tensor."""

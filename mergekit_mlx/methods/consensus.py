@@ -23,7 +23,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import kernels
-from .base import FINITE, MergeInputs, Method, Param, Range, float32
+from .base import DENSITY, FINITE, MergeInputs, Method, Param, Range, float32
 
 AT_LEAST = "an element is kept where at least k task vectors' TALL masks hold"
 TALL = "model i's TALL mask is |delta_i| > lambda * |mixed - delta_i|"
@@ -97,14 +97,7 @@ def _make(name: str, ties: bool, doc: str) -> Method:
         merge,
         params=(
             Param("weight", float, "non_base", valid=FINITE),
-            Param(
-                "density",
-                float,
-                "non_base",
-                default=1.0,
-                valid=Range(0, 1, lo_open=True),
-                why="the fraction of the task vector kept; to leave a model out, remove it",
-            ),
+            DENSITY,
             Param("normalize", bool, "shared", default=ties),
             Param("rescale", bool, "shared", default=False),
             Param("int8_mask", bool, "shared", default=False),  # a memory switch in mergekitty; masks here are never stored

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import RecipeError
-from .base import FINITE, FRACTION, MergeInputs, Method, Param, Range, float32
+from .base import DENSITY, FINITE, FRACTION, MergeInputs, Method, Param, Range, float32
 
 RESCALE_EPS = 1e-7
 
@@ -169,15 +169,7 @@ def _stream(inputs: MergeInputs, i: int) -> int:
 def _make(f: Family) -> Method:
     params = [
         Param("weight", float, "non_base", valid=FINITE),
-        # 0 would keep nothing: mergekit's magnitude cut asserts k > 0 and its DARE rescale divides by it
-        Param(
-            "density",
-            float,
-            "non_base",
-            default=1.0,
-            valid=Range(0, 1, lo_open=True),
-            why="the fraction of the task vector kept; to leave a model out, remove it",
-        ),
+        DENSITY,
         Param("normalize", bool, "shared", default=f.normalize),
         Param("rescale", bool, "shared", default=f.rescale),
         Param("lambda", float, "shared", default=1.0, valid=FINITE),
