@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,30 +143,26 @@ def split_reference(ref: str, where: str, recipe_dir: Path | None) -> tuple[str,
 def resolve_adapter_path(ref: str, where: str, recipe_dir: Path | None) -> Path:
     """The adapter of `MODEL+ADAPTER` as a local directory: a path as written or relative to the
     recipe, else a Hub id whose config and safetensors are fetched (see hub.py)."""
-    local = _local_model_path(ref, where, recipe_dir)
-    if local is not None:
-        return local
-    hub_id = parse_hub_id(ref)
-    if hub_id is None:
-        raise RecipeError(
-            f"{where}: adapter {short_path(ref)!r} not found (no such path, and not a Hub id 'org/name' or 'org/name@revision')"
-        )
-    return fetch_adapter(hub_id, where)
+    return _local_or_hub(ref, where, recipe_dir, "adapter", lambda hub_id: fetch_adapter(hub_id, where))
 
 
 def resolve_model_path(ref: str, where: str, recipe_dir: Path | None, *, weights: bool = True) -> Path:
     """A recipe's model reference as a local path: as written or relative to the recipe (a path that
     exists always wins), else a Hub id `org/name[@revision]` fetched into the Hugging Face cache; with
     weights=False only its config, index and tokenizer files (see hub.py)."""
+    return _local_or_hub(ref, where, recipe_dir, "model", lambda hub_id: fetch_model(hub_id, where, weights=weights))
+
+
+def _local_or_hub(ref: str, where: str, recipe_dir: Path | None, kind: str, fetch: Callable[[Any], Path]) -> Path:
     local = _local_model_path(ref, where, recipe_dir)
     if local is not None:
         return local
     hub_id = parse_hub_id(ref)
     if hub_id is None:
         raise RecipeError(
-            f"{where}: model {short_path(ref)!r} not found (no such path, and not a Hub id 'org/name' or 'org/name@revision')"
+            f"{where}: {kind} {short_path(ref)!r} not found (no such path, and not a Hub id 'org/name' or 'org/name@revision')"
         )
-    return fetch_model(hub_id, where, weights=weights)
+    return fetch(hub_id)
 
 
 def _local_model_path(ref: str, where: str, recipe_dir: Path | None) -> Path | None:
