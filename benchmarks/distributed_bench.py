@@ -16,6 +16,11 @@ cores, so more processes than cores cannot help. Each N runs twice: under mlx.la
 directly with the environment mlx.launch gives each rank (`--launchers`): mlx.launch 0.32.4 itself
 keeps about one core busy while its processes run (its output-forwarding threads poll a pipe that
 is always writable), which on a small CPU is a cost of the launcher, not of the merge.
+
+`--cores-per-process K` pins every process (the one-process baseline too) to K cores of its own and
+starts the ranks directly: each rank then has what one process has, as on hosts or GPUs of their own.
+
+    python benchmarks/distributed_bench.py --processes 1,2 --cores-per-process 1   # a 2-core CPU
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ def launch_command(n: int, merge: list[str], args: argparse.Namespace) -> list[s
 def rank_environments(n: int, args: argparse.Namespace, workdir: Path) -> list[dict[str, str]]:
     """What mlx.launch puts in each rank's environment (its launch_ring / launch_nccl)."""
     base = dict(os.environ)
+    if n == 1:
+        return [base]
     if args.device == "gpu":
         port = free_port(1)
         common = {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(n)}
@@ -100,14 +107,21 @@ def run_ranks(n: int, merge: list[str], args: argparse.Namespace, log: Path) -> 
     with open(log, "w") as out:
         start = time.perf_counter()
         procs = [
-            subprocess.Popen(merge, env=env, stdout=out, stderr=subprocess.STDOUT)
-            for env in rank_environments(n, args, log.parent)
+            subprocess.Popen(merge, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin(r, args.cores_per_process))
+            for r, env in enumerate(rank_environments(n, args, log.parent))
         ]
         codes = [p.wait() for p in procs]
         wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return wall, cpu, max(codes, key=abs)
+
+
+def pin(rank: int, cores: int | None):
+    """A preexec_fn keeping a process on its own `cores` cores (rank r: cores r*K .. r*K+K-1)."""
+    if not cores:
+        return None
+    return lambda: os.sched_setaffinity(0, range(rank * cores, (rank + 1) * cores))
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -129,8 +143,14 @@ def main() -> None:
     p.add_argument(
         "--launchers", default="mlx.launch,direct", help="how N > 1 ranks start: mlx.launch, direct (its environment), or both"
     )
+    p.add_argument("--cores-per-process", type=int, help="pin each process to this many cores of its own (direct starts only)")
     add_shape_arguments(p)
     args = p.parse_args()
+    if args.cores_per_process:
+        args.launchers = "direct"  # mlx.launch cannot pin its processes
+        most = max(int(c) for c in args.processes.split(","))
+        if most * args.cores_per_process > (os.cpu_count() or 1):
+            sys.exit(f"{most} processes of {args.cores_per_process} cores need {most * args.cores_per_process} cores")
 
     shape = shape_from_args(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +159,9 @@ def main() -> None:
     base, *fts = [root / n for n in model_names(shape)]
     counts = sorted({1, *(int(c) for c in args.processes.split(","))})
 
-    settings = [(1, "one process")] + [(n, how) for n in counts if n > 1 for how in args.launchers.split(",")]
+    settings = [(1, "one process" + (f" on {args.cores_per_process} core(s)" if args.cores_per_process else ""))] + [
+        (n, how) for n in counts if n > 1 for how in args.launchers.split(",")
+    ]
     rows = []
     for method in args.methods.split(","):
         recipe_path = args.workdir / f"{method}.yml"
@@ -155,7 +177,7 @@ def main() -> None:
                 read_into_cache(inputs)
                 log = args.workdir / f"{method}-{n}-{how}-{i}.log"
                 merge = merge_command(recipe_path, out, args)
-                if how == "direct":
+                if how == "direct" or args.cores_per_process:
                     wall, cpu, code = run_ranks(n, merge, args, log)
                 else:
                     wall, _, cpu, code = run_child(merge if n == 1 else launch_command(n, merge, args), log)
@@ -165,7 +187,8 @@ def main() -> None:
                 print(f"{method}, {n} process(es), {how}, run {i + 1}: {wall:.2f} s wall, {cpu:.1f} s CPU", flush=True)
             baseline = baseline or best
             identical = "reference" if n == 1 else ("yes" if same_files(out, reference) else "NO")
-            rows.append((method, n, how, best, baseline / best, identical))
+            pinned = f", {args.cores_per_process} core(s) each" if args.cores_per_process and n > 1 else ""
+            rows.append((method, n, how + pinned, best, baseline / best, identical))
             if n != 1:
                 shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(reference, ignore_errors=True)
