@@ -210,11 +210,16 @@ def test_hidden_states_with_numpys_products_are_mlxs(llama):
     np.testing.assert_allclose(host, mlx, atol=1e-5)
 
 
-def test_bfloat16_weights_widen_exactly_for_numpys_products():
-    from mergekit_mlx.moe.gates import float32_host
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_numpys_products_read_the_weights_exactly(tmp_path, dtype):
+    from mergekit_mlx.formats import open_model
+    from mergekit_mlx.moe.gates import HostProducts
 
-    a = mx.array(np.random.default_rng(0).normal(size=(33, 17)).astype(np.float32)).astype(mx.bfloat16)
-    assert np.array_equal(float32_host(a), np.array(a.astype(mx.float32)))
+    path = save_model(tmp_path / dtype, llama_config(), llama_weights(llama_config(), np.random.default_rng(1)), dtype=dtype)
+    model = open_model(path)
+    products = HostProducts(model)
+    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        assert np.array_equal(products.weight(name), np.array(model.load(name).astype(mx.float32)))
 
 
 def test_the_example_moe_routes_each_skill_to_its_fine_tune():

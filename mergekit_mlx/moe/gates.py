@@ -2,14 +2,15 @@
 
 The rules, per gate mode (for every expert; shared experts that have prompts get theirs the same way):
 - prompts are tokenized by the base's tokenizer as `bos_token + prompt` (no other special tokens,
-  no chat template), each on its own (mergekit-moe pads a batch on the left; attention never sees
-  the padding, and RoPE depends only on relative positions, so the states are the same).
+  no chat template). mergekit-moe pads a batch on the left, this tool packs prompts end to end;
+  neither changes a prompt's states, since no prompt attends to another's tokens (nor to padding)
+  and RoPE depends only on relative positions.
 - `hidden`: for layer L, the hidden state entering layer L (the embedding output for layer 0, the
   residual stream after layer L-1 otherwise; before any norm) at the prompt's last token, averaged
   over the expert's positive prompts; minus the same average over its negative prompts, if any;
   then divided by its L2 norm (at least 1e-8). The states are computed by mlx-lm's model of the base
-  in float32 (mergekit-moe runs transformers in bfloat16), prompts packed end to end in one
-  sequence, on MLX's default device: the GPU where there is one.
+  in float32 (mergekit-moe runs transformers in bfloat16) on MLX's default device, the GPU where
+  there is one; on the CPU its matrix products run in numpy.
 - `cheap_embed`: the sum of the token embeddings (float32) of every token of every positive prompt,
   divided by its norm; minus the same unit vector of the negative prompts; divided by its norm
   again; the same vector for every layer.
@@ -33,6 +34,7 @@ import numpy as np
 from ..errors import ModelError
 from ..formats.base import ModelSource, strip_quantization
 from ..formats.files import TOKENIZER_FILES, copy_side_files
+from ..formats.safetensors import SafetensorsModel
 from ..mlx_lm_config import mlx_lm_config
 from .config import Expert, GateMode
 
@@ -99,7 +101,7 @@ def cheap_embed_gate(embed: mx.array, positive: list[list[int]], negative: list[
 
 def states_model(base: ModelSource, host_products: bool | None = None) -> nn.Module:
     """mlx-lm's model of the base, in float32, built from the base's tensors (any input format); its
-    matrix products run in numpy (HostLinear) with host_products, by default where MLX's default
+    matrix products run in numpy (HostProducts) with host_products, by default where MLX's default
     device is the CPU."""
     from mlx_lm.utils import _get_classes
 
@@ -119,49 +121,79 @@ def states_model(base: ModelSource, host_products: bool | None = None) -> nn.Mod
     del weights  # the model holds them; a weight replaced by its host copy is freed at once
     model.eval()
     if host_products if host_products is not None else mx.default_device() == mx.cpu:
-        use_host_products(model.model)
+        use_host_products(model.model, "model", HostProducts(base))
     model.set_dtype(mx.float32)
     return model
 
 
-class HostLinear(nn.Module):
-    """A linear layer whose product runs in numpy, in float32: MLX's Linux CPU wheel multiplies
-    matrices with the reference BLAS, tens of times slower than numpy's (benchmarks/RESULTS.md)."""
+class HostProducts:
+    """Matrix products of a states model run in numpy, in float32: MLX's Linux CPU wheel multiplies
+    matrices with the reference BLAS, tens of times slower than numpy's (benchmarks/RESULTS.md 15).
+    A weight is widened to float32 as its product runs (bfloat16 exactly, by placing its bits in the
+    high half), read straight from its safetensors file where it lies there as stored, into buffers
+    reused from layer to layer: nothing the size of the model in float32 is ever held."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.buffers: dict[tuple, np.ndarray] = {}
+
+    def weight(self, name: str) -> np.ndarray:
+        info = self.source.info(name)
+        key = (info.shape, info.dtype)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = np.zeros(info.shape, dtype=np.float32)  # bfloat16's low halves stay zero
+        bits = self.stored(name)
+        if info.dtype == "BF16":
+            buf.view(np.uint16).reshape(*info.shape, 2)[..., 1] = bits
+        else:
+            buf[...] = bits
+        return buf
+
+    def stored(self, name: str) -> np.ndarray:
+        """The tensor's values as stored (bfloat16 as uint16 bits), mapped from its file where possible."""
+        info = self.source.info(name)
+        code = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}.get(info.dtype)
+        if isinstance(self.source, SafetensorsModel) and code is not None:
+            file, offset, _ = self.source.file_span(name)
+            return np.memmap(file, dtype=code, mode="r", offset=offset, shape=info.shape)
+        a = self.source.load(name)
+        return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a.astype(mx.float32))
+
+
+class HostLinear(nn.Module):
+    """A linear layer whose product runs in numpy (HostProducts), its weight read as the product runs."""
+
+    def __init__(self, linear: nn.Linear, name: str, products: HostProducts):
         super().__init__()
-        self.host_weight = float32_host(linear.weight)  # (out, in): BLAS reads it transposed, uncopied
-        self.host_bias = float32_host(linear.bias) if "bias" in linear else None
+        self.host = (products, name)  # a tuple of no arrays: not a parameter
+        if "bias" in linear:
+            self.bias = linear.bias
 
     def __call__(self, x: mx.array) -> mx.array:
+        products, name = self.host
         flat = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
-        y = flat @ self.host_weight.T
-        if self.host_bias is not None:
-            y += self.host_bias
+        y = flat @ products.weight(name).T  # BLAS reads the (out, in) buffer transposed, uncopied
+        if "bias" in self:
+            y += np.array(self.bias.astype(mx.float32))
         return mx.array(y.reshape(*x.shape[:-1], y.shape[-1]))
 
 
-def float32_host(a: mx.array) -> np.ndarray:
-    """A float32 numpy copy of an MLX array; bfloat16 widened by a 16-bit shift of its bits (exact)."""
-    if a.dtype == mx.bfloat16:  # its bits become the high half of a float32 (little-endian), the low half zero
-        halves = np.zeros((*a.shape, 2), dtype=np.uint16)
-        halves[..., 1] = np.array(a.view(mx.uint16))
-        return halves.view(np.float32).reshape(a.shape)
-    return np.array(a.astype(mx.float32))
-
-
-def use_host_products(module: nn.Module) -> None:
-    """Every nn.Linear under `module` replaced by a HostLinear (in place)."""
+def use_host_products(module: nn.Module, prefix: str, products: HostProducts) -> None:
+    """Every nn.Linear under `module` (named `prefix`) whose weight the base holds under that name, in
+    that shape, replaced by a HostLinear (in place)."""
     for name, child in module.children().items():
         for i, c in enumerate(child if isinstance(child, list) else [child]):
-            if type(c) is nn.Linear:
-                host = HostLinear(c)
+            path = f"{prefix}.{name}" + (f".{i}" if isinstance(child, list) else "")
+            weight = f"{path}.weight"
+            if type(c) is nn.Linear and products.source.has(weight) and products.source.info(weight).shape == c.weight.shape:
+                host = HostLinear(c, weight, products)
                 if isinstance(child, list):
                     child[i] = host
                 else:
                     setattr(module, name, host)
             elif isinstance(c, nn.Module):
-                use_host_products(c)
+                use_host_products(c, path, products)
 
 
 def prompt_states(model: nn.Module, prompts: list[list[int]], pack_tokens: int = PACK_TOKENS) -> mx.array:
