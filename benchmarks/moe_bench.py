@@ -4,7 +4,7 @@ Builds (or reuses) a Llama-shaped family (`make_family.py`; the 0.85B reference 
 otherwise), writes one mergekit-moe configuration over it (hidden gates, the fine-tunes as experts,
 eight prompts each, written in the family tokenizer's characters), reads the files once into the
 page cache, then times whole processes, each run as a subprocess with its wall time, CPU time and
-peak RSS:
+peak RSS, each from a page cache holding the family:
   (a) the hidden-gate computation alone: this tool's (mlx-lm's model of the base, float32, batched)
       and mergekit-moe's own `get_gate_params` (transformers in bfloat16, one batch per expert), each
       in a fresh process that loads what it needs and exits;
@@ -155,7 +155,8 @@ def main() -> None:
     }
     config_path = work / "moe.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"page cache: {read_into_cache(sorted(family.rglob('*.safetensors'))):.1f} GB/s", flush=True)
+    files = sorted(family.rglob("*.safetensors"))
+    print(f"page cache: {read_into_cache(files):.1f} GB/s", flush=True)
 
     mergekit = shutil.which("mergekit-moe") or str(Path(sys.executable).parent / "mergekit-moe")
     runs: list[Run] = []
@@ -174,6 +175,7 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 build_cmd = [mergekit, str(config_path), str(out)] + (["--cuda"] if args.device == "gpu" else [])
             for what, cmd in (("hidden gates", gate_cmd), ("whole build", build_cmd)):
+                read_into_cache(files)  # every run starts from the same warm page cache, whatever the last one wrote
                 log = work / f"{tool}-{what.replace(' ', '-')}.log"
                 wall, rss, cpu, rc = run_child(cmd, log)
                 runs.append(Run(what, tool, wall, cpu, rss, "" if rc == 0 else f"exit {rc}: see {log}"))

@@ -128,7 +128,7 @@ def states_model(base: ModelSource, host_products: bool | None = None) -> nn.Mod
 
 class HostProducts:
     """Matrix products of a states model run in numpy, in float32: MLX's Linux CPU wheel multiplies
-    matrices with the reference BLAS, tens of times slower than numpy's (benchmarks/RESULTS.md 15).
+    matrices with the reference BLAS, tens of times slower than numpy's (benchmarks/RESULTS.md 16).
     A weight is widened to float32 as its product runs (bfloat16 exactly, by placing its bits in the
     high half), read straight from its safetensors file where it lies there as stored, into buffers
     reused from layer to layer: nothing the size of the model in float32 is ever held."""
