@@ -559,6 +559,14 @@ def test_an_expert_of_another_shape_is_refused(llama, tmp_path):
     assert "experts[1]" in refusal(tmp_path, cfg)
 
 
+def test_a_base_without_an_attention_tensor_is_refused(llama, tmp_path):
+    weights = load_np(llama["base"])
+    del weights["model.layers.1.self_attn.v_proj.weight"]
+    broken = save_model(tmp_path / "broken", llama_config(), weights)
+    err = refusal(tmp_path, moe_config(broken, {"a": llama["a"], "b": llama["b"]}))
+    assert "model.layers.1.self_attn.v_proj.weight" in err
+
+
 def test_an_existing_folder_is_not_replaced_even_with_force(llama, tmp_path):
     cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]})
     (tmp_path / "out").mkdir()

@@ -78,6 +78,12 @@ class MoEArchitecture:
     def shared_router(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
 
+    def required_base(self, layer: int) -> list[str]:
+        """The base tensors a layer of this layout cannot do without (biases are made when missing)."""
+        parts = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        parts += [f"self_attn.{p}_proj.weight" for p in "qkvo"] + list(self.extra_base)
+        return [f"model.layers.{layer}.{part}" for part in parts]
+
     def holds_base_tensor(self, name: str) -> bool:
         """Whether a (non-MLP) base tensor has a place in this layout."""
         if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):

@@ -254,8 +254,11 @@ def plan_moe(
             )
         m = re.match(r"model\.layers\.(\d+)\.", name)
         (by_layer.setdefault(int(m.group(1)), []) if m else top).append(name)
-    if "model.embed_tokens.weight" not in top:
-        raise ModelError(f"base_model ({b.path}): has no model.embed_tokens.weight")
+    needed = ["model.embed_tokens.weight", "model.norm.weight"] + [n for i in range(layers) for n in arch.required_base(i)]
+    missing = [n for n in needed if not b.has(n)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(f"base_model ({b.path}): has no tensor {missing[0]}{more}, which a {arch.name} model needs")
 
     tensors: list[MoETensor] = []
 
