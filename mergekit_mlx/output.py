@@ -356,11 +356,14 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
         shards, inputs = state["shards"], state.get("inputs")
         if state.get("fingerprint") != fingerprint:
             return {}, None, "the recipe or the options differ from the interrupted run's"
-        if not isinstance(shards, dict) or not shards:
+        # a distributed merge's other ranks recorded their shards, and hashed their inputs, beside it
+        rank_shards, rank_inputs = _rank_records(partial.path, fingerprint)
+        shards = {**rank_shards, **shards}
+        inputs = {**rank_inputs, **inputs} if isinstance(inputs, dict) else (rank_inputs or None)
+        if not shards:
             return {}, None, ""
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, None, "its state file is missing or cut short"
-    shards = {**_rank_shards(partial.path, fingerprint), **shards}
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
         return {}, None, "the interrupted run had not finished hashing its inputs"
     try:
@@ -382,17 +385,20 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
     return kept, now, ""
 
 
-def _rank_shards(directory: Path, fingerprint: str) -> dict[str, str]:
-    """Shards that the other ranks of an interrupted distributed merge recorded (same fingerprint)."""
-    found: dict[str, str] = {}
+def _rank_records(directory: Path, fingerprint: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The shards that the other ranks of an interrupted distributed merge recorded, and the input
+    files they hashed (their states of the same fingerprint)."""
+    shards: dict[str, str] = {}
+    inputs: dict[str, str] = {}
     for path in sorted(directory.glob(RANK_STATE.format(rank="*"))):
         try:
             state = json.loads(path.read_text())
             if state.get("fingerprint") == fingerprint and isinstance(state.get("shards"), dict):
-                found.update(state["shards"])
+                shards.update(state["shards"])
+                inputs.update(state.get("inputs") or {})
         except (OSError, ValueError, TypeError, AttributeError):
             continue  # a rank killed while writing it: its shards are merged again
-    return found
+    return shards, inputs
 
 
 # ---------------- the lifecycle ----------------
@@ -413,6 +419,9 @@ class OutputJob:
     # a writer outside the --out-format table (an adapter's), made for the temporary directory: its
     # output is a directory, never resumed, its size not checked up front
     writer: Callable[[Path], Writer] | None = None
+    # the input files an output tensor is read from: a rank of a distributed merge hashes only those
+    # of its own tensors (None: rank 0 hashes every input file)
+    files_of: Callable[[str], Sequence[str]] | None = None
 
 
 def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce, world: World | None = None) -> Path:
@@ -616,8 +625,8 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
                 "shards": {},
             }
             partial.save_state()
-        elif not shared["proven"] and len(layout.files) > 1:
-            prove_inputs(list(job.input_files), lambda hashes: partial.save_state(inputs=hashes))
+        if not shared["proven"] and len(layout.files) > 1:  # (a resume's inputs were hashed by rank 0)
+            prove_inputs(_files_to_prove(job, writer, rank0), lambda hashes: partial.save_state(inputs=hashes))
         watch = distributed.FailureWatch(tmp, world)
 
         def write(name: str, array: mx.array) -> None:
@@ -690,6 +699,18 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
             heartbeat.close()
         partial.close()
     return out
+
+
+def _files_to_prove(job: OutputJob, writer: Writer, rank0: bool) -> list[str]:
+    """The input files a rank hashes for the resume proof: those its own tensors are read from (it
+    reads them anyway); rank 0 also those no output tensor reads. Together: every input file."""
+    if job.files_of is None:
+        return list(job.input_files) if rank0 else []
+    mine = {f for t in job.tensors if writer.wants(t.name) for f in job.files_of(t.name)}
+    if rank0:
+        read = {f for t in job.tensors for f in job.files_of(t.name)}
+        mine |= set(job.input_files) - read
+    return sorted(mine)
 
 
 def _as_write_failure(step: Callable[[], object], out: Path, job: OutputJob) -> Callable[[], object]:
@@ -884,6 +905,7 @@ def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
     files = {str(i.file) for m in plan.models for i in (m.info(n) for n in m.tensor_names()) if i.file}
     # and the files an input names itself: a GGUF file read whole, an adapter's config and weights
     files = sorted(files | {str(p) for _, p in inputs if Path(p).is_file()})
+    read_from = {t.out.name: sorted({str(f) for m, n in t.inputs if (f := plan.models[m].info(n).file)}) for t in plan.tasks}
 
     def side_files(directory: Path) -> None:
         if opts.copy_tokenizer and writer_class(opts.out_format).copies_tokenizer:
@@ -899,6 +921,7 @@ def merge_job(plan: Plan, opts: MergeOptions) -> OutputJob:
         tokenizer_dir=_tokenizer_source_dir(plan),
         side_files=side_files,
         verify=lambda directory: verify_output(directory, plan),
+        files_of=lambda name: read_from.get(name, ()),
     )
 
 

@@ -198,13 +198,22 @@ def test_three_ranks_under_mlx_launch_write_the_bytes_one_process_writes(one_pro
 
 
 KILLER = """
-import os, signal, sys
+import json, os, signal, sys, time
 from mergekit_mlx.formats import safetensors
 close = safetensors.SafetensorsWriter._close
 
-def close_then_die(self, i):  # rank 1 is killed once it has finished a shard
+def hashed(directory):  # this rank has recorded the hashes of its inputs (the resume proof)
+    try:
+        return bool(json.loads((directory / ".mergekit-mlx-state.rank1.json").read_text()).get("inputs"))
+    except (OSError, ValueError):
+        return False
+
+def close_then_die(self, i):  # rank 1 is killed once it has finished a shard and hashed its inputs
     close(self, i)
     if os.environ["MLX_RANK"] == "1":
+        deadline = time.monotonic() + 10
+        while not hashed(self.out_dir) and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
 
 safetensors.SafetensorsWriter._close = close_then_die
@@ -214,7 +223,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_killed_rank_stops_the_run_and_resume_finishes_it_byte_identically(one_process, tmp_path):
+def test_a_killed_rank_stops_the_run_and_resume_finishes_it_byte_identically(one_process, tmp_path, capsys):
     recipe, reference = one_process
     driver = tmp_path / "killer.py"
     driver.write_text(KILLER)
@@ -230,8 +239,52 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it_byte_identically(one
     assert kept  # rank 0's shards at least
 
     assert cli.main(argv + ["--resume"]) == 0  # one process finishes what two began
+    assert "not resuming" not in capsys.readouterr().err  # every rank had proven its inputs: shards kept
     assert files_of(out) == files_of(reference)
     assert not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.slow
+def test_each_rank_proves_only_the_input_files_its_shards_read(tmp_path):
+    import numpy as np
+    from tiny import llama_config, llama_weights, save_model
+
+    cfg = llama_config(layers=4, hidden=64, inter=96, vocab=64)
+    rng = np.random.default_rng(0)
+    base = llama_weights(cfg, rng)  # in the architecture's order: embeddings, layers 0-3, norm, head
+    sharded = [save_model(tmp_path / "base", cfg, base, shards=4)]  # every input in 4 files, a layer or so each
+    for k in (1, 2):
+        tuned = {n: v + rng.normal(0, 0.05, v.shape) for n, v in base.items()}
+        sharded.append(save_model(tmp_path / f"ft{k}", cfg, tuned, shards=4))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(sharded[0]),
+                "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in sharded[1:]],
+                "dtype": "float32",
+            }
+        )
+    )
+    driver = tmp_path / "killer.py"
+    driver.write_text(KILLER)
+    out = tmp_path / "out"
+    argv = ["run", str(recipe), str(out), "--out-shard-size", "40K", "--no-progress"]
+    (rc0, _), (rc1, _) = ranks(2, tmp_path, argv, driver=driver)
+    assert (rc0, rc1) == (2, -9)
+    partial = tmp_path / ".out.partial"
+    proven = [
+        set(json.loads((partial / name).read_text())["inputs"])
+        for name in (".mergekit-mlx-state.json", ".mergekit-mlx-state.rank1.json")
+    ]
+    every = {str(f) for m in sharded for f in m.glob("*.safetensors")}
+    assert proven[0] | proven[1] == every
+    assert proven[1] < every  # rank 1 read (and hashed) only the files of its layers
+
+    assert cli.main(argv + ["--resume"]) == 0
+    assert cli.main(["run", str(recipe), str(tmp_path / "one"), "--out-shard-size", "40K", "--no-progress"]) == 0
+    assert files_of(out) == files_of(tmp_path / "one")
 
 
 @pytest.mark.slow
