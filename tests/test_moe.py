@@ -567,6 +567,15 @@ def test_a_base_without_an_attention_tensor_is_refused(llama, tmp_path):
     assert "model.layers.1.self_attn.v_proj.weight" in err
 
 
+def test_a_base_with_scaled_rope_is_built_with_a_warning_that_mlx_lm_ignores_it(llama, tmp_path, capsys):
+    cfg = dict(llama_config(), rope_scaling={"rope_type": "linear", "factor": 2.0})
+    scaled = save_model(tmp_path / "scaled", cfg, load_np(llama["base"]))
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(moe_config(scaled, {"a": llama["a"], "b": llama["b"]})))
+    assert cli_main(["moe", str(path), "--dry-run"]) == 0
+    assert "warning: the base scales RoPE (linear), which mlx-lm 0.32's mixtral does not" in capsys.readouterr().out
+
+
 def test_an_existing_folder_is_not_replaced_even_with_force(llama, tmp_path):
     cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]})
     (tmp_path / "out").mkdir()

@@ -78,6 +78,17 @@ class MoEArchitecture:
     def shared_router(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
 
+    def rope_warning(self, base: dict) -> str | None:
+        """Why mlx-lm would run this layout built from `base` unlike transformers, if it would: mlx-lm
+        0.32's mixtral, qwen2_moe and qwen3_moe apply no RoPE scaling (qwen2_moe refuses all but linear)."""
+        _, scaling = rope_settings(base)
+        if not scaling:
+            return None
+        return (
+            f"the base scales RoPE ({scaling.get('rope_type')}), which mlx-lm 0.32's {self.model_type} does not: "
+            "transformers runs the MoE as the base ran, mlx-lm with unscaled RoPE"
+        )
+
     def required_base(self, layer: int) -> list[str]:
         """The base tensors a layer of this layout cannot do without (biases are made when missing)."""
         parts = ["input_layernorm.weight", "post_attention_layernorm.weight"]

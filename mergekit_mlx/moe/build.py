@@ -107,6 +107,9 @@ class MoEPlan:
             f"base (attention, norms, embeddings): {self.refs[self.base]}",
             f"tensors written: {len(self.tensors)}, {human_bytes(self.bytes_written)}",
         ]
+        rope = a.rope_warning(self.out_config)
+        if rope:
+            lines.append(f"warning: {rope}")
         if c.gate_mode.value == "hidden":
             base_bytes = sum(4 * _elements(self.models[self.base], n) for n in self.models[self.base].tensor_names())
             lines.append(f"hidden states: the base in float32 in memory ({human_bytes(base_bytes)})")
@@ -503,6 +506,9 @@ def build_moe(
         check_output_location(Path(out).expanduser(), plan.input_paths(), force=force, resume=resume)
     b = plan.models[plan.base]
     gates = compute_gates(cfg.gate_mode, plan.gated, b, b.tokenizer_dir, plan.layers, plan.hidden, seed)
+    rope = plan.architecture.rope_warning(plan.out_config)
+    if rope:
+        print(f"mergekit-mlx moe: warning: {rope}", file=sys.stderr)
     bad = degenerate_layers(gates) if len(plan.gated) > 1 and cfg.gate_mode.reads_prompts else []
     if bad:
         which = "every layer has" if len(bad) == plan.layers else f"layer(s) {', '.join(map(str, bad))}:"
