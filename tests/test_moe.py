@@ -125,6 +125,20 @@ def test_dtype_casts_every_tensor_and_nothing_else_changes(llama):
     assert result.config["torch_dtype"] == "bfloat16"
 
 
+def test_without_a_dtype_anywhere_tensors_keep_theirs_and_routers_take_mergekit_moes(llama, tmp_path):
+    undeclared = {}
+    for k in ("base", "a", "b"):
+        undeclared[k] = save_model(tmp_path / k, llama_config(), load_np(llama[k]), dtype="bfloat16")
+        cfg = json.loads((undeclared[k] / "config.json").read_text())
+        del cfg["torch_dtype"]
+        (undeclared[k] / "config.json").write_text(json.dumps(cfg))
+    for mode, router in (("hidden", mx.bfloat16), ("cheap_embed", mx.float32)):
+        result = build_moe(moe_config(undeclared["base"], {"a": undeclared["a"], "b": undeclared["b"]}, gate_mode=mode))
+        assert result.weights["model.layers.0.block_sparse_moe.gate.weight"].dtype == router
+        assert result.weights["model.layers.0.block_sparse_moe.experts.0.w1.weight"].dtype == mx.bfloat16
+        assert result.config["torch_dtype"] == "bfloat16"
+
+
 def test_noise_is_seeded_and_residual_scale_multiplies_down_proj(llama):
     cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]})
     cfg["experts"][0].update(noise_scale=0.01, residual_scale=0.5)

@@ -37,7 +37,7 @@ from ..options import MergeOptions
 from ..output import OutputJob, check_output_location, write_model
 from ..plan import human_bytes, resolve_adapter_path, resolve_model_path, split_reference
 from .architectures import IGNORED_TENSORS, PROJECTIONS, MoEArchitecture, select_architecture
-from .config import CONFIG_FILE, Expert, MoEConfig, load_moe_config
+from .config import CONFIG_FILE, Expert, GateMode, MoEConfig, load_moe_config
 from .gates import compute_gates, degenerate_layers
 
 MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.")
@@ -239,7 +239,8 @@ def plan_moe(
 
     out_dtype = named(config.dtype) if config.dtype else _declared_dtype(b.config)
     embed_code = b.info("model.embed_tokens.weight").dtype if b.has("model.embed_tokens.weight") else "F32"
-    gate_dtype = out_dtype or weight_dtype(embed_code) or mx.float32
+    # with no dtype named anywhere, the routers keep the dtype mergekit-moe computes them in
+    gate_dtype = out_dtype or (mx.bfloat16 if config.gate_mode is GateMode.HIDDEN else mx.float32)
 
     def tensor(name: str, shape, dtype_code: str) -> OutputTensor:
         source = weight_dtype(dtype_code) or mx.float32
@@ -310,7 +311,7 @@ def plan_moe(
     out_config = arch.config(b.config, len(experts), config.experts_per_token, moe_width, shared_width)
     out_config["hidden_size"] = hidden
     out_config["num_hidden_layers"] = layers
-    set_config_dtype(out_config, gate_dtype)
+    set_config_dtype(out_config, out_dtype or weight_dtype(embed_code) or mx.float32)
     tokenizer_dir = b.tokenizer_dir
     if config.tokenizer_source:
         tokenizer_dir = models[model_index("tokenizer_source", config.tokenizer_source)].tokenizer_dir
