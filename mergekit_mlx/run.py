@@ -14,7 +14,11 @@ HELP = "merge models as a recipe says"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="mergekit-mlx run", description="Merge models as a mergekit YAML recipe says.")
+    p = Parser(
+        prog="mergekit-mlx run",
+        description="Merge models as a mergekit YAML recipe says. Under mlx.launch every process writes its share of "
+        "the output shards into OUT (a folder they all see), byte-identical to one process's output.",
+    )
     p.add_argument("recipe", help="merge recipe (mergekit YAML)")
     p.add_argument("out", nargs="?", help="output directory (or .gguf file for gguf formats)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")

@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
         prog="mergekit-mlx evolve",
         description="Search merge parameters with CMA-ES from a mergekit-evolve configuration, every candidate merged "
         "in memory and scored; OUT receives the checkpoint, the log of every candidate, the best recipe, the plot and "
-        "the best model.",
+        "the best model. Under mlx.launch each generation's candidates are spread over the processes.",
     )
     p.add_argument("config", help="mergekit-evolve configuration (YAML: genome, tasks)")
     p.add_argument("out", help="folder for the checkpoint, the log, the best recipe, the plot and the best model")
