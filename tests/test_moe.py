@@ -443,46 +443,76 @@ def test_a_model_plus_adapter_expert_is_the_adapter_merged_into_its_model(llama,
 # ---------------- mergekit-moe's own output ----------------
 
 
+def all_tensors(directory: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def their_expert(theirs: dict, arch: str, layer: int, e: int, proj: str, width: int) -> np.ndarray:
+    """Expert e's projection in mergekit-moe's output: fused per layer under transformers 5, else one tensor each."""
+    fused = f"model.layers.{layer}.mlp.experts."
+    if fused + "gate_up_proj" in theirs:
+        if proj == "down_proj":
+            return theirs[fused + "down_proj"][e]
+        gate_up = theirs[fused + "gate_up_proj"][e]
+        return gate_up[:width] if proj == "gate_proj" else gate_up[width:]
+    if arch == "mixtral":
+        w = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[proj]
+        return theirs[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"]
+    return theirs[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["cheap_embed", "hidden"])
-def test_mergekit_moe_writes_the_same_experts_and_gates(llama, tmp_path, mode):
+@pytest.mark.parametrize(
+    "arch,mode",
+    [("llama", "cheap_embed"), ("llama", "hidden"), ("qwen2", "cheap_embed"), ("qwen3", "cheap_embed"), ("qwen3", "hidden")],
+)
+def test_mergekit_moe_writes_the_same_experts_and_gates(llama, tmp_path, arch, mode):
+    """Mixtral from Llama, Qwen2-MoE (a shared expert) from Qwen2, Qwen3-MoE from Qwen3, as mergekit-moe writes them."""
     pytest.importorskip("torch")
     pytest.importorskip("mergekit.moe")
     import subprocess
     import sys
 
-    cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]}, gate_mode=mode)
+    import arch_models
+
+    if arch == "llama":
+        base, a, b, shared = llama["base"], llama["a"], llama["b"], llama["c"]
+    else:
+        base, a, b = arch_models.build_family(arch, tmp_path / "family").paths
+        shared = base
+    cfg = moe_config(base, {"a": a, "b": b}, gate_mode=mode)
     cfg["experts"][1]["negative_prompts"] = ["hello world"]
+    if arch == "qwen2":
+        cfg["shared_experts"] = [{"source_model": str(shared), "positive_prompts": PROMPTS["c"]}]
     path = tmp_path / "moe.yml"
     path.write_text(yaml.safe_dump(cfg))
     script = "import sys; from mergekit.scripts.moe import main; sys.exit(main())"
     run = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "theirs")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    build_moe(path, tmp_path / "ours")
-    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
-    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
-    width = 48
-    for layer in range(2):
+    result = build_moe(path, tmp_path / "ours")
+    layout = result.plan.architecture
+    theirs, ours = all_tensors(tmp_path / "theirs"), all_tensors(tmp_path / "ours")
+    width = result.config.get("moe_intermediate_size", result.config.get("intermediate_size"))
+    layers = result.plan.layers
+    # mergekit-moe computes hidden states in bfloat16, this tool in float32
+    tolerance = 1e-5 if mode == "cheap_embed" else 2e-2
+    for layer in range(layers):
         for e in range(2):
-            if f"model.layers.{layer}.mlp.experts.gate_up_proj" in theirs:  # transformers 5: fused experts
-                gate_up = theirs[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
-                down = theirs[f"model.layers.{layer}.mlp.experts.down_proj"][e]
-                w1, w3 = gate_up[:width], gate_up[width:]
-            else:
-                p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
-                w1, w3, down = theirs[p + "w1.weight"], theirs[p + "w3.weight"], theirs[p + "w2.weight"]
-            p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
-            assert np.array_equal(ours[p + "w1.weight"], w1) and np.array_equal(ours[p + "w3.weight"], w3)
-            assert np.array_equal(ours[p + "w2.weight"], down)
-        gate = theirs.get(f"model.layers.{layer}.mlp.gate.weight")
-        if gate is None:
-            gate = theirs[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
-        # mergekit-moe computes hidden states in bfloat16, this tool in float32
-        tolerance = 1e-5 if mode == "cheap_embed" else 2e-2
-        np.testing.assert_allclose(ours[f"model.layers.{layer}.block_sparse_moe.gate.weight"], gate, atol=tolerance)
-    for name, value in theirs.items():
-        if ".mlp." not in name:
-            assert np.array_equal(ours[name], value), name
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                mine = ours[layout.expert(layer, e, proj)]
+                assert mine.tobytes() == their_expert(theirs, layout.model_type.split("_")[0], layer, e, proj, width).tobytes()
+        gate = theirs.get(
+            f"model.layers.{layer}.mlp.gate.weight", theirs.get(f"model.layers.{layer}.block_sparse_moe.gate.weight")
+        )
+        np.testing.assert_allclose(ours[layout.router(layer)], gate, atol=tolerance)
+    for name, value in theirs.items():  # everything else (attention, norms, shared expert, its gate) by name
+        if name in ours and "gate.weight" not in name and "shared_expert_gate" not in name:
+            assert ours[name].tobytes() == value.tobytes(), name
+        elif "shared_expert_gate" in name:
+            np.testing.assert_allclose(ours[name], value, atol=tolerance)
 
 
 # ---------------- refusals ----------------

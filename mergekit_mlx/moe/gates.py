@@ -21,6 +21,7 @@ The rules, per gate mode (for every expert; shared experts that have prompts get
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -43,8 +44,10 @@ PACK_TOKENS = 4096  # prompt tokens per forward pass of the hidden-state computa
 DEGENERATE_CONDITION = 5.0  # mergekit-moe warns of a layer whose gate matrix is worse conditioned
 
 
-def load_prompt_tokenizer(tokenizer_dir: Path | None, where: str):
-    """The base's Hugging Face tokenizer, loaded from a private copy of its tokenizer files."""
+def load_prompt_tokenizer(tokenizer_dir: Path | None, config: dict, where: str):
+    """The base's Hugging Face tokenizer, as AutoTokenizer loads it from the base's directory (its
+    config.json included: transformers picks the tokenizer class by model_type), from a private copy
+    of its tokenizer files."""
     if tokenizer_dir is None:
         raise ModelError(
             f"{where}: the base model has no tokenizer files, and gate_mode hidden/cheap_embed tokenizes the prompts "
@@ -55,6 +58,7 @@ def load_prompt_tokenizer(tokenizer_dir: Path | None, where: str):
     tmp = Path(tempfile.mkdtemp(prefix="mergekit-mlx-moe-tok-"))
     try:
         copy_side_files(tokenizer_dir, tmp, TOKENIZER_FILES)
+        (tmp / "config.json").write_text(json.dumps(config))
         return AutoTokenizer.from_pretrained(str(tmp))
     except (OSError, ValueError) as e:
         raise ModelError(f"{tokenizer_dir}: the tokenizer cannot be loaded ({e})") from None
@@ -260,7 +264,7 @@ def compute_gates(
     """(layers, experts, hidden) float32: the router weights of `experts` (routed, then shared)."""
     if not mode.reads_prompts:
         return random_gates(mode, layers, len(experts), hidden, seed)
-    tokenizer = load_prompt_tokenizer(tokenizer_dir, "base_model")
+    tokenizer = load_prompt_tokenizer(tokenizer_dir, base.config, "base_model")
     positive = [tokenize_prompts(tokenizer, e.positive_prompts or []) for e in experts]
     negative = [tokenize_prompts(tokenizer, e.negative_prompts or []) for e in experts]
     if mode is GateMode.CHEAP_EMBED:
