@@ -300,6 +300,15 @@ def test_wudi_loss_decreases_step_by_step():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["numpy-products", "mlx-products"])
+def test_wudi_with_its_products_in_numpy_or_in_mlx_is_the_same_descent(on_host):
+    _, tvs = deltas(make(3, (24, 16), seed=4, scale=1.0))
+    got, losses = wudi_descent(mx.array(np.stack(tvs).astype(np.float32)), 40, 1e-2, on_host=on_host)
+    expected, expected_losses = wudi_ref(tvs, 40, 1e-2)
+    close(np.array(got).astype(np.float64), expected, tol=1e-4)
+    np.testing.assert_allclose([float(x) for x in losses], expected_losses, rtol=1e-4)
+
+
 def test_wudi_gives_the_same_bits_twice():
     arrays = make(3, (32, 20), seed=6, scale=1.0)
     shared = {"iter_num": 30, "learning_rate": 1e-2}

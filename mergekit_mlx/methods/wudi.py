@@ -21,8 +21,11 @@ whatever N, where the reference's is 2N products of (m, n) by (n, m) and their g
 n > 2 N m (a very wide matrix) A would cost more than it saves, and the loss is summed as written
 instead. Every step is evaluated before the next, in a fixed order, so a run gives the same bits
 every time on one device. It runs on MLX's default device: on a GPU, where its products pay (on an
-NVIDIA GPU MLX multiplies float32 as TF32 unless MLX_ENABLE_TF32=0). On a CPU it is slow: MLX's
-Linux CPU wheel multiplies with the reference BLAS (benchmarks/RESULTS.md).
+NVIDIA GPU MLX multiplies float32 as TF32 unless MLX_ENABLE_TF32=0). On the CPU the products (A and
+B, and each step's t A with its gradient, as an `mx.custom_function` inside MLX's autodiff) are
+numpy's: MLX's Linux CPU wheel multiplies with the reference BLAS, about 40x slower than numpy's
+OpenBLAS on the same cores (benchmarks/RESULTS.md 15); a step is still a full-size product, so
+WUDI belongs on a GPU.
 """
 
 from __future__ import annotations
@@ -31,15 +34,28 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import numpy as np
 
 from .base import MergeInputs, Method, Param, Range
-from .subspace import DECOMPOSE, decomposed, mean, on_base, task_vectors
+from .subspace import DECOMPOSE, HOST_LINALG, decomposed, mean, on_base, task_vectors
 
 
 def interference_loss(t: mx.array, tvs: mx.array, inverse_norms: mx.array) -> mx.array:
     """sum_i ||(t - T_i) T_i^T||_F^2 * inverse_norms[i], summed as written."""
     d = t[None] - tvs
     return (mx.square(d @ tvs.transpose(0, 2, 1)).sum(axis=(1, 2)) * inverse_norms).sum()
+
+
+@mx.custom_function
+def host_product(t: mx.array, a: mx.array) -> mx.array:
+    """t @ a through numpy's BLAS (the CPU's products; MLX's gradient of it below)."""
+    return mx.array(np.array(t, copy=False) @ np.array(a, copy=False))
+
+
+@host_product.vjp
+def _host_product_vjp(primals, cotangent, output):
+    t, a = primals
+    return mx.array(np.array(cotangent, copy=False) @ np.array(a, copy=False).T), mx.zeros_like(a)
 
 
 @dataclass(frozen=True)
@@ -49,25 +65,40 @@ class Quadratic:
     a: mx.array  # sum_i T_i^T T_i / ||T_i||^2, (n, n)
     b: mx.array  # sum_i T_i T_i^T T_i / ||T_i||^2, (m, n)
     c: mx.array  # sum_i ||T_i T_i^T||^2 / ||T_i||^2
+    on_host: bool = False  # products through numpy
 
     def __call__(self, t: mx.array) -> mx.array:
-        return (t * (t @ self.a - 2 * self.b)).sum() + self.c
+        product = host_product(t, self.a) if self.on_host else t @ self.a
+        return (t * (product - 2 * self.b)).sum() + self.c
 
 
-def quadratic(tvs: mx.array, inverse_norms: mx.array) -> Quadratic:
-    grams = (tvs.transpose(0, 2, 1) @ tvs) * inverse_norms[:, None, None]
-    b_terms = tvs @ grams
-    return Quadratic(grams.sum(axis=0), b_terms.sum(axis=0), (tvs * b_terms).sum())
+def quadratic(tvs: mx.array, inverse_norms: mx.array, on_host: bool = False) -> Quadratic:
+    """The loss's quadratic form; its products in numpy when `on_host`."""
+    if not on_host:
+        grams = (tvs.transpose(0, 2, 1) @ tvs) * inverse_norms[:, None, None]
+        b_terms = tvs @ grams
+        return Quadratic(grams.sum(axis=0), b_terms.sum(axis=0), (tvs * b_terms).sum())
+    t = np.array(tvs, copy=False)
+    grams = np.matmul(t.transpose(0, 2, 1), t) * np.array(inverse_norms)[:, None, None]
+    b_terms = np.matmul(t, grams)
+    c = np.float32((t.astype(np.float64) * b_terms).sum())
+    return Quadratic(mx.array(grams.sum(axis=0)), mx.array(b_terms.sum(axis=0)), mx.array(c), on_host=True)
 
 
-def wudi_descent(tvs: mx.array, iterations: int, learning_rate: float) -> tuple[mx.array, list[mx.array]]:
-    """The merged task vector of stacked 2-D task vectors (N, m, n), and the loss before each step."""
+def wudi_descent(
+    tvs: mx.array, iterations: int, learning_rate: float, on_host: bool | None = None
+) -> tuple[mx.array, list[mx.array]]:
+    """The merged task vector of stacked 2-D task vectors (N, m, n), and the loss before each step.
+    `on_host`: the products in numpy (None: where MLX's default device is the CPU)."""
+    if on_host is None:
+        on_host = mx.default_device() == mx.cpu
     tvs = tvs.astype(mx.float32)
     norms = mx.square(tvs).sum(axis=(1, 2))
     inverse_norms = mx.where(norms > 0, 1.0 / mx.where(norms > 0, norms, 1.0), 0.0)
     n_tasks, m, n = tvs.shape
+    mx.eval(tvs, inverse_norms)
     if n <= 2 * n_tasks * m:
-        form = quadratic(tvs, inverse_norms)
+        form = quadratic(tvs, inverse_norms, on_host)
         mx.eval(form.a, form.b, form.c)
     else:
 
@@ -93,7 +124,12 @@ def wudi(inputs: MergeInputs) -> mx.array:
     tvs = task_vectors(inputs)
     if not decomposed(inputs):
         return on_base(inputs, mean(tvs))
-    merged, _ = wudi_descent(mx.stack(tvs), inputs.shared["iter_num"], inputs.shared["learning_rate"])
+    stacked = mx.stack(tvs)
+    if mx.default_device() == mx.cpu:
+        with HOST_LINALG:  # one tensor's numpy products at a time, on all of OpenBLAS's threads
+            merged, _ = wudi_descent(stacked, inputs.shared["iter_num"], inputs.shared["learning_rate"])
+    else:
+        merged, _ = wudi_descent(stacked, inputs.shared["iter_num"], inputs.shared["learning_rate"])
     return on_base(inputs, merged)
 
 
