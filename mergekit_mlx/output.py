@@ -542,11 +542,13 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
     the plan), takes its contiguous run of the shards not finished yet (`distributed.deal_shards`),
     merges only their tensors (so reads only their inputs), writes them into the same
     `.NAME.partial` (the ranks share its filesystem: checked by a token rank 0 leaves there) and
-    records them in its own state file. Once every rank reported its shards, rank 0 writes the
-    index, config, tokenizer and card, verifies, and renames the directory into place; then every
-    rank returns. A rank's error is every rank's error (`distributed.agree`): a recipe or input
-    error removes `.NAME.partial`, as for one process; a rank lost (killed, crashed) keeps it, with
-    every shard finished so far, for `--resume` (with any number of processes)."""
+    records them, with the hashes of the input files they read, in its own state file; its
+    heartbeat there lets the others see it is alive (`distributed.Heartbeat`). Once every rank
+    reported its shards, rank 0 writes the index, config, tokenizer and card, verifies, and renames
+    the directory into place; then every rank returns. A rank's error is every rank's error
+    (`distributed.agree`): a recipe or input error removes `.NAME.partial`, as for one process; a
+    rank lost (killed, crashed, silent for the rank timeout) keeps it, with every shard finished so
+    far, for `--resume` (with any number of processes)."""
     fmt = writer_class(opts.out_format) if job.writer is None else None
     if fmt is None or not fmt.resumable:
         raise OutputError(
