@@ -10,7 +10,12 @@ Every exchange is an agreement (`agree`): each rank runs its step, then every ra
 rank's outcome. A step that failed on one rank raises on every rank: the failing rank's own error
 there, the same error class naming that rank elsewhere. A rank that is gone (killed, crashed)
 makes the exchange fail on the others (the ring backend reports the lost connection at once),
-which raises `RunInterrupted`: the run stops, and what it finished is kept for `--resume`.
+which raises `RunInterrupted`: the run stops, and what it finished is kept for `--resume`. Where
+the ranks share a folder (a merge's `.NAME.partial`), they wait for each other on heartbeats there
+before an exchange (`Heartbeat`): asleep rather than polling inside MLX's collective, and a rank
+that hangs without dying (or dies under a backend that does not notice, NCCL) stops the others
+after MERGEKIT_MLX_RANK_TIMEOUT seconds. A search's ranks share no folder and wait in MLX's
+collective.
 """
 
 from __future__ import annotations
