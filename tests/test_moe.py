@@ -224,6 +224,19 @@ def test_hidden_states_with_numpys_products_are_mlxs(llama):
     np.testing.assert_allclose(host, mlx, atol=1e-5)
 
 
+def test_a_bfloat16_base_keeps_its_weights_and_computes_states_in_float32(llama, tmp_path):
+    from mergekit_mlx.formats import open_model
+    from mergekit_mlx.moe.gates import prompt_states, states_model
+
+    path = save_model(tmp_path / "bf16", llama_config(), load_np(llama["base"]), dtype="bfloat16")
+    prompts = token_ids(path, PROMPTS["a"] + PROMPTS["c"])
+    model = states_model(open_model(path), host_products=False)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    kept = np.array(prompt_states(model, prompts))
+    model.set_dtype(mx.float32)  # the same weights widened up front
+    np.testing.assert_array_equal(kept, np.array(prompt_states(model, prompts)))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_numpys_products_read_the_weights_exactly(tmp_path, dtype):
     from mergekit_mlx.formats import open_model

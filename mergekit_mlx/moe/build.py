@@ -5,7 +5,8 @@ Nothing is read before the configuration, every input's headers and the output l
 checked. Expert tensors are read one at a time and written as read: bit for bit the source tensor
 (as its reader gives it; a GGUF or MLX-quantized expert dequantized), cast only when `dtype` asks
 for another dtype, changed only by the expert's own `noise_scale` (seeded) and `residual_scale`.
-Memory stays bounded by one output shard plus, for `hidden` gates, the base model in float32.
+Memory stays bounded by one output shard plus, for `hidden` gates, the base as loaded (on the CPU,
+its embeddings and one weight at a time, in float32; see gates.py).
 
 Which tensor comes from where (mergekit-moe's rule): attention, norms, embeddings and the head from
 the base; each layer's MLP of expert E from expert E's same layer; routers from the gates.
@@ -110,17 +111,13 @@ class MoEPlan:
         rope = a.rope_warning(self.out_config)
         if rope:
             lines.append(f"warning: {rope}")
-        if c.gate_mode.value == "hidden":
-            base_bytes = sum(4 * _elements(self.models[self.base], n) for n in self.models[self.base].tensor_names())
-            lines.append(f"hidden states: the base in float32 in memory ({human_bytes(base_bytes)})")
+        if c.gate_mode is GateMode.HIDDEN:
+            base = self.models[self.base]
+            held = human_bytes(sum(base.info(n).nbytes for n in base.tensor_names()))
+            lines.append(
+                f"hidden states: the base as loaded ({held}) on a GPU; on the CPU its embeddings and one weight at a time"
+            )
         return "\n".join(lines)
-
-
-def _elements(model: ModelSource, name: str) -> int:
-    n = 1
-    for s in model.info(name).shape:
-        n *= s
-    return n
 
 
 # ---------------- opening and checking the inputs ----------------

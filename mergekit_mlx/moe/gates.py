@@ -104,9 +104,10 @@ def cheap_embed_gate(embed: mx.array, positive: list[list[int]], negative: list[
 
 
 def states_model(base: ModelSource, host_products: bool | None = None) -> nn.Module:
-    """mlx-lm's model of the base, in float32, built from the base's tensors (any input format); its
-    matrix products run in numpy (HostProducts) with host_products, by default where MLX's default
-    device is the CPU."""
+    """mlx-lm's model of the base, built from the base's tensors (any input format) as they are stored:
+    states run through it in float32 (prompt_states), every bfloat16 or float16 weight widened exactly
+    as its product runs, so a GPU holds the base at its own size. Its matrix products run in numpy
+    (HostProducts) with host_products, by default where MLX's default device is the CPU."""
     from mlx_lm.utils import _get_classes
 
     config = mlx_lm_config(strip_quantization(base.config))
@@ -126,8 +127,7 @@ def states_model(base: ModelSource, host_products: bool | None = None) -> nn.Mod
     model.eval()
     if host_products if host_products is not None else mx.default_device() == mx.cpu:
         use_host_products(model.model, "model", HostProducts(base))
-    model.set_dtype(mx.float32)
-    return model
+    return model  # weights as stored: float32 activations promote every product to float32 (exact widening)
 
 
 class HostProducts:
@@ -218,7 +218,7 @@ def prompt_states(model: nn.Module, prompts: list[list[int]], pack_tokens: int =
         position = np.arange(len(ids))
         mask = mx.array((segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :]))
         last = mx.array(np.cumsum([len(p) for p in prompts[start:end]]) - 1)
-        h = inner.embed_tokens(mx.array(ids)[None])
+        h = inner.embed_tokens(mx.array(ids)[None]).astype(mx.float32)
         taken = []
         for i, layer in enumerate(inner.layers):
             taken.append(mx.take(h[0], last, axis=0))
