@@ -503,6 +503,9 @@ def build_moe(
     if out is not None:
         check_output_location(Path(out).expanduser(), plan.input_paths(), force=force, resume=resume)
     b = plan.models[plan.base]
+    if progress and cfg.gate_mode.reads_prompts:
+        prompts = sum(len(e.positive_prompts or []) + len(e.negative_prompts or []) for e in plan.gated)
+        print(f"moe: {cfg.gate_mode.value} gates from {prompts} prompts", file=sys.stderr, flush=True)
     gates = compute_gates(cfg.gate_mode, plan.gated, b, b.tokenizer_dir, plan.layers, plan.hidden, seed)
     rope = plan.architecture.rope_warning(plan.out_config)
     if rope:
