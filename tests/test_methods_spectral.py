@@ -58,7 +58,7 @@ def close(a, b, tol=2e-5):
 def inverse_sqrt(sym):
     """(sym)^(+1/2): the inverse square root on the range of a symmetric positive semi-definite matrix."""
     w, v = np.linalg.eigh(sym)
-    keep = w > w.max() * 1e-9
+    keep = w > w.max() * 1e-13  # singular values above 3e-7 of the largest: float64 Grams resolve them
     return (v[:, keep] / np.sqrt(w[keep])) @ v[:, keep].T
 
 
@@ -408,3 +408,15 @@ def test_decompose_set_per_tensor_with_a_filter_gives_those_tensors_the_mean(fam
         tvs = [m[name] - base for m in models[1:]]
         expected = base + (sum(tvs) / len(tvs) if ref is None else ref(tvs))
         close(merged[name], expected, tol=1e-4)
+
+
+def test_a_small_but_genuine_singular_direction_keeps_its_share_in_iso_c():
+    # singular values from 1 down to 2e-6 (17 float32 eps): a direction a rank cut of
+    # max(m, n) * eps would drop, though the float32 matrix determines it
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    v, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    s = np.concatenate([np.linspace(1.0, 0.1, 63), [2e-6]])
+    task = ((u * s) @ v.T).astype(np.float32)
+    base = np.zeros_like(task)
+    close(run("iso_c", [base, task]), iso_c_ref([task.astype(np.float64)]), tol=1e-5)

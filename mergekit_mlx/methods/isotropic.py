@@ -48,7 +48,7 @@ def iso_c_matrix(tvs: list[np.ndarray]) -> np.ndarray:
     if not finite(total):
         return np.full(total.shape, np.nan, np.float32)
     u, s, vh = thin_svd(total)
-    r = numerical_rank(s, total.shape)  # the mean counts every singular value, as the reference's
+    r = numerical_rank(s)  # the mean counts every singular value, as the reference's
     return (u[:, :r] * s.mean()) @ vh[:r] if s.size else total
 
 
