@@ -26,6 +26,7 @@ LAYERS = {
     "digest": 0,
     "mlx_lm_config": 0,  # imports nothing of the package; the GGUF writer reads RoPE through it
     "device": 1,
+    "distributed": 1,  # the processes of a run under mlx.launch and their exchanges (imports only errors)
     "recipe": 1,
     "kernels": 2,
     "methods": 3,
@@ -47,6 +48,7 @@ LAYERS = {
     "run": 10,
     "example": 11,
     "evolve": 11,  # merge search: merges in memory, scores with evaluate and lm-eval, writes through output
+    "moe": 11,  # mixture of experts from dense models: reads through formats/adapters, writes through output
     "cli": 12,
     "__init__": 13,
     "__main__": 13,
