@@ -127,5 +127,5 @@ def _merge(
         path = write_output(plan, out, opts, lambda write, wants: run_plan(plan, opts, write, wants, on_event), world)
         return MergeResult(plan, path=path)
     weights: dict[str, mx.array] = {}
-    run_plan(plan, opts, weights.__setitem__, lambda name: True, on_event)
+    run_plan(plan, opts, weights.__setitem__, lambda name: True, on_event, to_host=False)  # for mlx-lm on this device
     return MergeResult(plan, weights=weights)

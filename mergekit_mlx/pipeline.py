@@ -40,9 +40,12 @@ def run_plan(
     write: Callable[[str, mx.array], None],
     wants: Callable[[str], bool],
     on_event: OnEvent | None = None,
+    to_host: bool = True,
 ) -> None:
     """Merge every task and hand each output to `write`, in plan order; `on_event` (benchmarks)
-    hears how long each stage took for each task.
+    hears how long each stage took for each task. On a GPU, outputs move to host memory for `write`
+    to put on disk; with `to_host` false (a merge kept in memory, for mlx-lm on the same GPU) they
+    stay in device memory.
 
     Three stages overlap: reader threads load (evaluate) the inputs of the next tasks, worker
     threads merge them (each thread has its own MLX stream, so merges run side by side), and this
@@ -61,7 +64,7 @@ def run_plan(
         _keep_freed_buffers(opts.batch_bytes)
     kernels.first_use_checks(plan.method.gpu_kernels)  # before the merge threads start
     try:
-        with _Pipeline(plan, opts, todo, _worker_count(), on_event) as results:
+        with _Pipeline(plan, opts, todo, _worker_count(), on_event, to_host) as results:
             for task, out, ok, inputs in results:
                 if not ok.item():
                     _report_nonfinite(plan, task, opts, inputs)
@@ -136,9 +139,18 @@ class _Pipeline:
     Readers claim tasks (their bytes) in plan order, so the budget never waits on a later task.
     """
 
-    def __init__(self, plan: Plan, opts: MergeOptions, tasks: list[TensorTask], workers: int, on_event: OnEvent | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        opts: MergeOptions,
+        tasks: list[TensorTask],
+        workers: int,
+        on_event: OnEvent | None = None,
+        to_host: bool = True,
+    ):
         self.plan, self.opts, self.tasks, self.on_event = plan, opts, tasks, on_event
         self.on_cpu = mx.default_device().type != mx.DeviceType.gpu
+        self.to_host = to_host and not self.on_cpu
         # fixed up front: a task's output shape may change while it is merged (vocabulary plans)
         self.costs = {id(t): self.cost(t) for t in tasks}
         used = sorted({m for t in tasks for m, _ in t.inputs})
@@ -305,10 +317,11 @@ class _Pipeline:
                     self.on_event("merge", self.tasks[i], (time.perf_counter() - start) / len(batch))
             done = []
             for (i, tensors), (out, ok) in zip(arrays, merged):
-                if not self.on_cpu:
+                moved = None
+                if self.to_host:
                     memoryview(out)  # copies the output to host memory here, not in the writing thread
-                # and on an NVIDIA GPU its pages start moving to the host in bulk (waited for before writing)
-                moved = self.staging.to_host(out)
+                    # and on an NVIDIA GPU its pages start moving to the host in bulk (waited for before writing)
+                    moved = self.staging.to_host(out)
                 kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
                 done.append((i, out, ok, kept, moved))
             del arrays, merged, batch, read  # no input outlives its merge here (the budget let it go)
