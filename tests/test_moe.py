@@ -202,15 +202,41 @@ def test_hidden_gates_match_transformers_states(llama):
             np.testing.assert_allclose(got, unit64(want[layer]), atol=1e-5)
 
 
+def test_hidden_avg_gates_average_each_prompts_own_states_and_hidden_last_is_hidden(llama):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama["base"]), dtype=torch.float64)
+    experts = {"a": llama["a"], "b": llama["b"]}
+    avg = build_moe(moe_config(llama["base"], experts, gate_mode="hidden_avg"))
+    for e, key in enumerate(("a", "b")):
+        states = []
+        for ids in token_ids(llama["base"], PROMPTS[key]):
+            with torch.no_grad():
+                hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[:-1]
+            states.append(np.stack([h[0].numpy().mean(axis=0) for h in hs]))
+        want = np.mean(states, axis=0)
+        for layer in range(2):
+            got = np.array(avg.weights[f"model.layers.{layer}.block_sparse_moe.gate.weight"], dtype=np.float64)[e]
+            np.testing.assert_allclose(got, unit64(want[layer]), atol=1e-5)
+    last = build_moe(moe_config(llama["base"], experts, gate_mode="hidden_last"))
+    hidden = build_moe(moe_config(llama["base"], experts, gate_mode="hidden"))
+    name = "model.layers.1.block_sparse_moe.gate.weight"
+    assert np.array_equal(np.array(last.weights[name]), np.array(hidden.weights[name]))
+
+
 def test_hidden_gates_do_not_depend_on_how_prompts_are_batched(llama):
     from mergekit_mlx.formats import open_model
     from mergekit_mlx.moe.gates import prompt_states, states_model
 
     model = states_model(open_model(llama["base"]))
     prompts = token_ids(llama["base"], PROMPTS["a"] + PROMPTS["b"] + ["hello"])
-    together = np.array(prompt_states(model, prompts))
-    alone = np.stack([np.array(prompt_states(model, [p]))[0] for p in prompts])
-    np.testing.assert_allclose(together, alone, atol=1e-5)
+    for average in (False, True):
+        together = np.array(prompt_states(model, prompts, average=average))
+        alone = np.stack([np.array(prompt_states(model, [p], average=average))[0] for p in prompts])
+        in_pairs = np.array(prompt_states(model, prompts, pack_tokens=12, average=average))
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+        np.testing.assert_allclose(in_pairs, alone, atol=1e-5)
 
 
 def test_hidden_states_with_numpys_products_are_mlxs(llama):

@@ -38,7 +38,7 @@ from ..options import MergeOptions
 from ..output import OutputJob, check_output_location, write_model
 from ..plan import human_bytes, resolve_adapter_path, resolve_model_path, split_reference
 from .architectures import IGNORED_TENSORS, PROJECTIONS, MoEArchitecture, select_architecture
-from .config import CONFIG_FILE, Expert, GateMode, MoEConfig, load_moe_config
+from .config import CONFIG_FILE, Expert, MoEConfig, load_moe_config
 from .gates import compute_gates, degenerate_layers
 
 MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.")
@@ -111,7 +111,7 @@ class MoEPlan:
         rope = a.rope_warning(self.out_config)
         if rope:
             lines.append(f"warning: {rope}")
-        if c.gate_mode is GateMode.HIDDEN:
+        if c.gate_mode.runs_the_base:
             base = self.models[self.base]
             held = human_bytes(sum(base.info(n).nbytes for n in base.tensor_names()))
             lines.append(
@@ -237,7 +237,7 @@ def plan_moe(
     out_dtype = named(config.dtype) if config.dtype else _declared_dtype(b.config)
     embed_code = b.info("model.embed_tokens.weight").dtype if b.has("model.embed_tokens.weight") else "F32"
     # with no dtype named anywhere, the routers keep the dtype mergekit-moe computes them in
-    gate_dtype = out_dtype or (mx.bfloat16 if config.gate_mode is GateMode.HIDDEN else mx.float32)
+    gate_dtype = out_dtype or (mx.bfloat16 if config.gate_mode.runs_the_base else mx.float32)
 
     def tensor(name: str, shape, dtype_code: str) -> OutputTensor:
         source = weight_dtype(dtype_code) or mx.float32

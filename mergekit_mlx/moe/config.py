@@ -27,14 +27,20 @@ CONFIG_FILE = "mergekit_moe_config.yml"  # the configuration as given, kept in t
 class GateMode(str, Enum):
     """How the router weights are made (mergekit-moe's `gate_mode`)."""
 
-    HIDDEN = "hidden"  # the base's hidden states of the prompts, per layer
+    HIDDEN = "hidden"  # the base's hidden states at the prompts' last tokens, per layer
+    HIDDEN_LAST = "hidden_last"  # the same (mergekit-moe accepts both names)
+    HIDDEN_AVG = "hidden_avg"  # the base's hidden states averaged over each prompt's tokens, per layer
     CHEAP_EMBED = "cheap_embed"  # the prompts' token embeddings, the same for every layer
     RANDOM = "random"  # standard normal
     UNIFORM_RANDOM = "uniform_random"  # uniform in +-1/sqrt(hidden size), torch.nn.Linear's initialisation
 
     @property
     def reads_prompts(self) -> bool:
-        return self in (GateMode.HIDDEN, GateMode.CHEAP_EMBED)
+        return self is not GateMode.RANDOM and self is not GateMode.UNIFORM_RANDOM
+
+    @property
+    def runs_the_base(self) -> bool:
+        return self in (GateMode.HIDDEN, GateMode.HIDDEN_LAST, GateMode.HIDDEN_AVG)
 
 
 Prompt = Annotated[str, Field(min_length=1)]

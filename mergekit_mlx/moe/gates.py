@@ -11,6 +11,9 @@ The rules, per gate mode (for every expert; shared experts that have prompts get
   then divided by its L2 norm (at least 1e-8). The states are computed by mlx-lm's model of the base
   in float32 (mergekit-moe runs transformers in bfloat16) on MLX's default device, the GPU where
   there is one; on the CPU its matrix products run in numpy.
+- `hidden_last` is `hidden`; `hidden_avg` averages each prompt's states over its tokens instead of
+  taking the last (mergekit-moe averages over the padded batch, padding positions included, which
+  makes a prompt's gate depend on the other prompts' lengths; here only the prompt's own tokens count).
 - `cheap_embed`: the sum of the token embeddings (float32) of every token of every positive prompt,
   divided by its norm; minus the same unit vector of the negative prompts; divided by its norm
   again; the same vector for every layer.
@@ -200,9 +203,9 @@ def use_host_products(module: nn.Module, prefix: str, products: HostProducts) ->
                 use_host_products(c, path, products)
 
 
-def prompt_states(model: nn.Module, prompts: list[list[int]], pack_tokens: int = PACK_TOKENS) -> mx.array:
+def prompt_states(model: nn.Module, prompts: list[list[int]], pack_tokens: int = PACK_TOKENS, average: bool = False) -> mx.array:
     """(prompts, layers, hidden) float32: per prompt, the hidden state entering each decoder layer at
-    its last token. Prompts run packed end to end in sequences of up to `pack_tokens` tokens, each
+    its last token (with `average`, the mean over its tokens). Prompts run packed end to end in sequences of up to `pack_tokens` tokens, each
     attending only to itself (a block-diagonal causal mask): no padding is computed, and since RoPE
     depends only on relative positions a prompt's states are those it has alone."""
     inner = model.model
@@ -218,10 +221,16 @@ def prompt_states(model: nn.Module, prompts: list[list[int]], pack_tokens: int =
         position = np.arange(len(ids))
         mask = mx.array((segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :]))
         last = mx.array(np.cumsum([len(p) for p in prompts[start:end]]) - 1)
+        lengths = np.array([len(p) for p in prompts[start:end]])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         h = inner.embed_tokens(mx.array(ids)[None]).astype(mx.float32)
         taken = []
         for i, layer in enumerate(inner.layers):
-            taken.append(mx.take(h[0], last, axis=0))
+            if average:  # each prompt's tokens summed in float32 (numpy's segment sums), then divided
+                sums = np.add.reduceat(np.array(h[0].astype(mx.float32)), starts, axis=0)
+                taken.append(mx.array(sums / lengths[:, None].astype(np.float32)))
+            else:
+                taken.append(mx.take(h[0], last, axis=0))
             if i + 1 < len(inner.layers):  # the last layer's output is no gate's
                 h = layer(h, mask, None)
         states = mx.stack(taken, axis=1).astype(mx.float32)  # (prompts of the pack, layers, hidden)
@@ -273,7 +282,7 @@ def compute_gates(
     else:
         model = states_model(base)
         every = [ids for p, n in zip(positive, negative) for ids in p + n]
-        states = prompt_states(model, every)
+        states = prompt_states(model, every, average=mode is GateMode.HIDDEN_AVG)
         del model
         vectors, at = [], 0
         for p, n in zip(positive, negative):
