@@ -667,6 +667,16 @@ def test_an_existing_folder_is_not_replaced_even_with_force(llama, tmp_path):
     assert code == 2 and (out / "mine.txt").read_text() == "keep" and "mergekit-mlx" in err
 
 
+def test_an_earlier_moe_is_replaced_only_with_force(llama, tmp_path):
+    cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]}, gate_mode="random")
+    code, _, out = run_cli(tmp_path, cfg)
+    assert code == 0 and (out / MANIFEST).is_file()
+    code, err, _ = run_cli(tmp_path, cfg, "--random-seed", "1")
+    assert code == 2 and "--force" in err
+    code, _, _ = run_cli(tmp_path, cfg, "--random-seed", "1", "--force")
+    assert code == 0 and (out / MANIFEST).is_file()
+
+
 def test_dry_run_describes_and_writes_nothing(llama, tmp_path, capsys):
     path = tmp_path / "moe.yml"
     path.write_text(yaml.safe_dump(moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]})))
