@@ -10,7 +10,7 @@ here (false: the mean).
 Where the SVD runs: numpy's LAPACK (gesdd, OpenBLAS) in float32 on the host, whatever MLX's
 device. MLX's `linalg.svd` runs only on its CPU stream (it raises on a GPU stream), and MLX's Linux
 CPU wheel links the reference LAPACK, several times slower than OpenBLAS on the same cores
-(benchmarks/RESULTS.md 15). The references decompose in float32 too (torch.linalg.svd). The
+(benchmarks/RESULTS.md 17). The references decompose in float32 too (torch.linalg.svd). The
 orthogonal factor U Vh of a matrix's SVD is the nearest matrix with orthonormal columns (rows, when
 wide). Where the matrix is rank-deficient (two identical fine-tunes, low-rank task vectors) the
 reference's factor is not unique: LAPACK's choice of the null singular vectors adds directions

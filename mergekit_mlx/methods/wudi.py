@@ -24,7 +24,7 @@ every time on one device. It runs on MLX's default device: on a GPU, where its p
 NVIDIA GPU MLX multiplies float32 as TF32 unless MLX_ENABLE_TF32=0). On the CPU the products (A and
 B, and each step's t A with its gradient, as an `mx.custom_function` inside MLX's autodiff) are
 numpy's: MLX's Linux CPU wheel multiplies with the reference BLAS, about 40x slower than numpy's
-OpenBLAS on the same cores (benchmarks/RESULTS.md 15); a step is still a full-size product, so
+OpenBLAS on the same cores (benchmarks/RESULTS.md 17); a step is still a full-size product, so
 WUDI belongs on a GPU.
 """
 
