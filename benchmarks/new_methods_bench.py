@@ -19,9 +19,10 @@ precomputation plus N steps is measured; the table shows the iterations run).
     python benchmarks/new_methods_bench.py --family /tmp/family --single-matrices   # per matrix, in-process
 
 `--single-matrices` takes layer 0's task vectors of a few matrices (`--tensors`) and, in this process,
-times iso_c, iso_cts and tsv_m on each (float32, as a merge runs them) with their relative error
-against the same computation in float64, and WUDI's precomputation and seconds per Adam step on
-`--device`; with the tensors' counts in the model that gives the whole-model cost of each.
+times iso_c, iso_cts and tsv_m on each as a merge runs them, and again with LAPACK's float64 SVD in
+place of methods/subspace.py's (the reference), with the relative difference of the two results,
+and WUDI's precomputation and seconds per Adam step on `--device`; with the tensors' counts in the
+model that gives the whole-model cost of each.
 """
 
 from __future__ import annotations
@@ -106,39 +107,64 @@ def subset_description(args: argparse.Namespace, shape: Shape) -> str:
 
 
 def single_matrices(root: Path, names: list[str], device: str, wudi_steps: int) -> None:
-    """Per matrix: the subspace methods' float32 time and error against float64, WUDI's step time."""
+    """Per matrix: the subspace methods' time and error against LAPACK's float64 SVD, WUDI's step time."""
+    import contextlib
     import time
 
     import mlx.core as mx
     import numpy as np
 
-    from mergekit_mlx.methods.isotropic import iso_c_matrix, iso_cts_matrix
-    from mergekit_mlx.methods.tsv import tsv_matrix
+    from mergekit_mlx.methods import isotropic, subspace, tsv
     from mergekit_mlx.methods.wudi import wudi_descent
+
+    def lapack_svd(x):
+        """The reference: LAPACK's float64 SVD, numerically zero directions zeroed as thin_svd does."""
+        u, s, vh = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+        r = subspace.numerical_rank(s)
+        u[:, r:] = 0.0
+        s[r:] = 0.0
+        return u, s, vh
+
+    @contextlib.contextmanager
+    def reference_svd():
+        modules = (subspace, isotropic, tsv)
+        saved = [m.thin_svd for m in modules]
+        for m in modules:
+            m.thin_svd = lapack_svd
+        try:
+            yield
+        finally:
+            for m, f in zip(modules, saved):
+                m.thin_svd = f
 
     if device == "gpu":
         mx.set_default_device(mx.gpu)
     models = [mx.load(str(next((root / d).glob("*.safetensors")))) for d in ("base", "ft1", "ft2")]
     counts = json.loads((root / "family.json").read_text())
     methods = {
-        "iso_c": iso_c_matrix,
-        "iso_cts": lambda tvs: iso_cts_matrix(tvs, 0.8),
-        "tsv_m": tsv_matrix,
+        "iso_c": isotropic.iso_c_matrix,
+        "iso_cts": lambda tvs: isotropic.iso_cts_matrix(tvs, 0.8),
+        "tsv_m": tsv.tsv_matrix,
     }
-    print("| tensor | shape | method | float32 s | rel. error vs float64 |")
-    print("|---|---|---|---:|---:|")
+    print("| tensor | shape | method | s | with LAPACK's float64 SVD, s | relative difference |")
+    print("|---|---|---|---:|---:|---:|")
     for name in names:
         key = f"model.layers.0.{name}.weight" if "embed" not in name and "lm_head" not in name else f"{name}.weight"
         base = models[0][key].astype(mx.float32)
         tvs32 = [np.array(m[key].astype(mx.float32) - base) for m in models[1:]]
-        tvs64 = [t.astype(np.float64) for t in tvs32]
         for method, f in methods.items():
             start = time.perf_counter()
             got = f(tvs32)
             seconds = time.perf_counter() - start
-            want = f(tvs64)
+            with reference_svd():
+                start = time.perf_counter()
+                want = f(tvs32)
+                reference_seconds = time.perf_counter() - start
             error = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
-            print(f"| {key} | {tuple(base.shape)} | {method} | {seconds:.2f} | {error:.1e} |", flush=True)
+            print(
+                f"| {key} | {tuple(base.shape)} | {method} | {seconds:.2f} | {reference_seconds:.2f} | {error:.1e} |",
+                flush=True,
+            )
         stacked = mx.array(np.stack(tvs32))
         mx.eval(stacked)
         start = time.perf_counter()
@@ -167,7 +193,9 @@ def main() -> None:
     p.add_argument("--plain-embeddings", action="store_true", help="embeddings/head as mean task vectors in subspace methods")
     p.add_argument("--wudi-iter-num", type=int, help="WUDI's Adam steps (default: the method's 400)")
     p.add_argument("--mlx-arg", action="append", default=[], help="extra argument for mergekit-mlx run (repeatable)")
-    p.add_argument("--single-matrices", action="store_true", help="per-matrix timings and float64 errors, in-process")
+    p.add_argument(
+        "--single-matrices", action="store_true", help="per-matrix timings and errors against LAPACK float64, in-process"
+    )
     p.add_argument(
         "--tensors",
         default="self_attn.k_proj,self_attn.q_proj,mlp.gate_proj,mlp.down_proj",

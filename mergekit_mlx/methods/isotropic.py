@@ -16,7 +16,7 @@ or takes back the few needed for the task-specific rest to divide evenly among t
 (r - common rounded to a multiple of N, Python's round); where that rounding would ask for more
 directions than the matrix has (the reference then fails), each task vector takes one fewer. A
 tensor that is not 2-D, or has `decompose: false`, gets the mean of the task vectors (the
-references' exclude_keys). The SVDs run in numpy's LAPACK on the host (methods/subspace.py).
+references' exclude_keys). The SVDs run in numpy on the host, in float64 (methods/subspace.py).
 """
 
 from __future__ import annotations
@@ -115,11 +115,13 @@ METHODS = [
         iso_c,
         params=(SCALING, DECOMPOSE),
         base="required",
-        working_copies=6,  # the task vectors' sum, its host copy, U and Vh, the product
+        # in float32 sizes, for up to three models: host task vectors, their sum, its float64 copy, U
+        # and the product (float64: two each)
+        working_copies=10,
         doc=(
             "Iso-C (arXiv 2502.04959, FusionBench's reference): the SVD U S Vh of the sum of the task vectors, "
             "every singular value replaced by their mean; base + scaling_factor * mean(S) U Vh. Non-2-D tensors "
-            "(and decompose: false) take the mean of the task vectors. SVD: numpy LAPACK on the host."
+            "(and decompose: false) take the mean of the task vectors. SVD: numpy, float64, on the host."
         ),
     ),
     Method(
@@ -138,13 +140,15 @@ METHODS = [
             DECOMPOSE,
         ),
         base="required",
-        working_copies=10,  # host task vectors, the sum's SVD, one residual's SVD, the side-by-side factors
+        # in float32 sizes, for up to three models: host task vectors, the sum's SVD, one residual's,
+        # the side-by-side factors and their orthogonal factors (float64: two each)
+        working_copies=18,
         doc=(
             "Iso-CTS (arXiv 2502.04959, FusionBench's reference): the top common_space_fraction of the singular "
             "directions of the summed task vectors plus an equal share of each task vector's own top directions "
             "outside them, orthogonalised, every direction weighted by the mean singular value; "
             "base + scaling_factor * that. Non-2-D tensors (and decompose: false) take the mean of the task "
-            "vectors. SVD: numpy LAPACK on the host."
+            "vectors. SVD: numpy, float64, on the host."
         ),
     ),
 ]

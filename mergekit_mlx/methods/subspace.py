@@ -1,5 +1,5 @@
 """What the subspace merges (iso_c, iso_cts, tsv_m, wudi) share: task vectors, which tensors are
-decomposed, the exact thin SVD and the orthogonal (polar) factor of a matrix.
+decomposed, the thin SVD and the orthogonal (polar) factor of a matrix.
 
 Task vectors are `model - base` in float32 (`weight` times it where a method takes weights). The
 references (FusionBench) decompose every 2-D tensor not named in their `exclude_keys`, embeddings
@@ -7,17 +7,20 @@ and output heads included, and give every other tensor (norms, biases, 1-D and 3
 mean of the task vectors; the `decompose` parameter, set per tensor with a filter, is that list
 here (false: the mean).
 
-Where the SVD runs: numpy's LAPACK (gesdd, OpenBLAS) in float32 on the host, whatever MLX's
-device. MLX's `linalg.svd` runs only on its CPU stream (it raises on a GPU stream), and MLX's Linux
-CPU wheel links the reference LAPACK, several times slower than OpenBLAS on the same cores
-(benchmarks/RESULTS.md 17). The references decompose in float32 too (torch.linalg.svd). The
-orthogonal factor U Vh of a matrix's SVD is the nearest matrix with orthonormal columns (rows, when
-wide). Where the matrix is rank-deficient (two identical fine-tunes, low-rank task vectors) the
-reference's factor is not unique: LAPACK's choice of the null singular vectors adds directions
+Where the SVD runs: numpy on the host, whatever MLX's device, through the eigendecomposition of the
+smaller Gram matrix in float64 (x^T x = V S^2 V^T, U = x V / S): within 1e-10 of LAPACK's float64
+SVD on the 0.85B family's matrices and twice as fast as its float32 SVD (gesdd, what the
+references' torch.linalg.svd runs), whose own error is 4e-7 there (benchmarks/RESULTS.md 17).
+MLX's `linalg.svd` runs only on its CPU stream (it raises on a GPU stream), and MLX's Linux CPU
+wheel links the reference LAPACK, several times slower than numpy's OpenBLAS on the same cores.
+The orthogonal factor U Vh of a matrix's SVD is the nearest matrix with orthonormal columns (rows,
+when wide). Where the matrix is rank-deficient (two identical fine-tunes, low-rank task vectors)
+the reference's factor is not unique: LAPACK's choice of the null singular vectors adds directions
 that no task vector has, with weights as large as the rest. Here the directions whose singular
-value is numerically zero, at or below RANK_TOLERANCE * eps * the largest (the dtype's eps), are left
-out: the factor is the partial isometry on the matrix's numerical range, which is the reference's
-factor wherever that one is unique. Measured in float32: exactly dependent columns leave singular
+value is numerically zero, at or below RANK_TOLERANCE * float32 eps * the largest (the inputs are
+float32), are left out (their U columns and singular values are 0): the factor is the partial
+isometry on the matrix's numerical range, which is the reference's factor wherever that one is
+unique. Measured in float32: exactly dependent columns leave singular
 values of at most 0.16 eps * largest, a rank-32 sum of 2048 x 2048 products 0.07 eps, while the
 smallest singular value of a random 2048 x 2048 matrix is about 660 eps * largest (numpy's
 matrix_rank rule, max(m, n) * eps, would cut genuine directions of square matrices: 2048 * eps).
@@ -62,7 +65,8 @@ def mean(tvs: list[mx.array]) -> mx.array:
 def on_base(inputs: MergeInputs, merged: mx.array | np.ndarray, scale: float = 1.0) -> mx.array:
     """base + scale * merged task vector, in float32, rounded once to the base's dtype."""
     base = inputs.tensors[inputs.base]
-    merged = mx.array(merged) if isinstance(merged, np.ndarray) else merged
+    # float32 (MLX's float64 lives on the CPU only), rounded once to the base's dtype below
+    merged = mx.array(merged.astype(np.float32, copy=False)) if isinstance(merged, np.ndarray) else merged
     if scale != 1:
         merged = merged * scale
     return (float32(base) + merged).astype(base.dtype)
@@ -74,22 +78,32 @@ def host(x: mx.array) -> np.ndarray:
 
 
 def finite(*xs: np.ndarray) -> bool:
-    """LAPACK does not converge on NaN/Inf: such a tensor's merge is NaN, which the run reports."""
+    """No decomposition is defined with NaN/Inf: such a tensor's merge is NaN, which the run reports."""
     return all(bool(np.isfinite(x).all()) for x in xs)
 
 
 def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """U (m, r), S (r,) descending, Vh (r, n) with x = U diag(S) Vh, r = min(m, n): exact (LAPACK), in
-    float32 (float64 stays float64: benchmarks/new_methods_bench.py --accuracy compares the two)."""
-    x = x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
-    return np.linalg.svd(x, full_matrices=False)
+    """U (m, r), S (r,) descending, Vh (r, n) with x = U diag(S) Vh, r = min(m, n), in float64, from
+    the smaller Gram matrix's eigendecomposition; numerically zero directions have U columns of 0."""
+    x = x.astype(np.float64, copy=False)
+    if x.shape[0] < x.shape[1]:
+        v, s, uh = thin_svd(x.T)
+        return uh.T, s, v.T
+    w, v = np.linalg.eigh(x.T @ x)
+    w, v = w[::-1], np.ascontiguousarray(v[:, ::-1])
+    s = np.sqrt(np.maximum(w, 0.0))
+    r = numerical_rank(s)
+    u = np.zeros((x.shape[0], s.size))
+    u[:, :r] = (x @ v[:, :r]) / s[:r]
+    s[r:] = 0.0
+    return u, s, v.T
 
 
 def numerical_rank(s: np.ndarray) -> int:
-    """How many of the descending singular values `s` are above rounding noise."""
+    """How many of the descending singular values `s` are above the float32 inputs' rounding noise."""
     if s.size == 0:
         return 0
-    return int((s > s[0] * RANK_TOLERANCE * np.finfo(s.dtype).eps).sum())
+    return int((s > s[0] * RANK_TOLERANCE * np.finfo(np.float32).eps).sum())
 
 
 def orthogonal_factor(x: np.ndarray) -> np.ndarray:

@@ -14,8 +14,8 @@ default 1. A matrix with fewer than N directions (k = 0) keeps nothing: its merg
 as in the reference. A tensor that is not 2-D, or has `decompose: false`, gets the mean of the
 weighted task vectors. The reference puts the kept directions in full r-column matrices padded with
 zero columns; the orthogonal factor of the kept columns alone is the same on them (the zero columns
-meet zero singular values), so only those are factored. The SVDs run in numpy's LAPACK on the host
-(methods/subspace.py).
+meet zero singular values), so only those are factored. The SVDs run in numpy on the host, in
+float64 (methods/subspace.py).
 """
 
 from __future__ import annotations
@@ -69,12 +69,14 @@ METHODS = [
             DECOMPOSE,
         ),
         base="required",
-        working_copies=10,  # host task vectors, one SVD's factors, the kept factors side by side and their SVDs
+        # in float32 sizes, for up to three models: host task vectors, one SVD's factors, the kept
+        # factors side by side and their orthogonal factors (float64: two each)
+        working_copies=15,
         doc=(
             "TSV-M (arXiv 2412.00081, FusionBench's reference): each weighted task vector's top 1/N singular "
             "directions, the left and the right ones each replaced by their orthogonal factor, summed with "
             "their singular values; base + alpha * that. Non-2-D tensors (and decompose: false) take the mean "
-            "of the weighted task vectors. SVD: numpy LAPACK on the host."
+            "of the weighted task vectors. SVD: numpy, float64, on the host."
         ),
     ),
 ]
