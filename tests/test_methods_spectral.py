@@ -420,3 +420,18 @@ def test_a_small_but_genuine_singular_direction_keeps_its_share_in_iso_c():
     task = ((u * s) @ v.T).astype(np.float32)
     base = np.zeros_like(task)
     close(run("iso_c", [base, task]), iso_c_ref([task.astype(np.float64)]), tol=1e-5)
+
+
+@pytest.mark.parametrize("shape, rank", [((30, 12), 12), ((12, 30), 12), ((20, 20), 5), ((16, 16), 0)], ids=str)
+def test_thin_svd_reconstructs_with_orthonormal_factors_and_zeroes_null_directions(shape, rank):
+    from mergekit_mlx.methods.subspace import thin_svd
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(shape[0], rank)) @ rng.normal(size=(rank, shape[1]))).astype(np.float32)
+    u, s, vh = thin_svd(x)
+    assert u.shape == (shape[0], min(shape)) and vh.shape == (min(shape), shape[1])
+    np.testing.assert_allclose((u * s) @ vh, x, atol=1e-5 * max(1.0, float(np.abs(x).max())))
+    np.testing.assert_allclose(s, np.linalg.svd(x.astype(np.float64), compute_uv=False) * (np.arange(s.size) < rank), atol=1e-5)
+    np.testing.assert_allclose(u[:, :rank].T @ u[:, :rank], np.eye(rank), atol=1e-9)
+    np.testing.assert_allclose(vh[:rank] @ vh[:rank].T, np.eye(rank), atol=1e-9)
+    assert not u[:, rank:].any() and not s[rank:].any()

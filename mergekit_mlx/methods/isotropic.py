@@ -43,7 +43,7 @@ SCALING = Param("scaling_factor", float, "shared", default=1.0, valid=FINITE, wh
 
 
 def iso_c_matrix(tvs: list[np.ndarray]) -> np.ndarray:
-    """Iso-C's merged task vector of 2-D task vectors (float32 numpy)."""
+    """Iso-C's merged task vector of 2-D task vectors (float32 numpy in, float64 out)."""
     total = sum(tvs[1:], tvs[0])
     if not finite(total):
         return np.full(total.shape, np.nan, np.float32)
@@ -62,7 +62,7 @@ def common_dimensions(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
 
 
 def iso_cts_matrix(tvs: list[np.ndarray], fraction: float) -> np.ndarray:
-    """Iso-CTS's merged task vector of 2-D task vectors (float32 numpy)."""
+    """Iso-CTS's merged task vector of 2-D task vectors (float32 numpy in, float64 out)."""
     total = sum(tvs[1:], tvs[0])
     if not finite(total, *tvs):
         return np.full(total.shape, np.nan, np.float32)

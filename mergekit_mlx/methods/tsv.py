@@ -28,7 +28,7 @@ from .subspace import DECOMPOSE, HOST_LINALG, decomposed, finite, host, mean, on
 
 
 def tsv_matrix(tvs: list[np.ndarray]) -> np.ndarray:
-    """TSV-M's merged task vector of 2-D (weighted) task vectors (float32 numpy)."""
+    """TSV-M's merged task vector of 2-D (weighted) task vectors (float32 numpy in, float64 out)."""
     shape = tvs[0].shape
     if not finite(*tvs):
         return np.full(shape, np.nan, np.float32)
