@@ -85,18 +85,30 @@ def finite(*xs: np.ndarray) -> bool:
 def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """U (m, r), S (r,) descending, Vh (r, n) with x = U diag(S) Vh, r = min(m, n), in float64, from
     the smaller Gram matrix's eigendecomposition; numerically zero directions have U columns of 0."""
-    x = x.astype(np.float64, copy=False)
     if x.shape[0] < x.shape[1]:
         v, s, uh = thin_svd(x.T)
         return uh.T, s, v.T
-    w, v = np.linalg.eigh(x.T @ x)
+    gram = np.zeros((x.shape[1], x.shape[1]))
+    for rows in _row_blocks(x):  # float64 a block at a time: no float64 copy of a large x
+        gram += rows.T @ rows
+    w, v = np.linalg.eigh(gram)
     w, v = w[::-1], np.ascontiguousarray(v[:, ::-1])
     s = np.sqrt(np.maximum(w, 0.0))
     r = numerical_rank(s)
     u = np.zeros((x.shape[0], s.size))
-    u[:, :r] = (x @ v[:, :r]) / s[:r]
+    start = 0
+    for rows in _row_blocks(x):
+        u[start : start + rows.shape[0], :r] = (rows @ v[:, :r]) / s[:r]
+        start += rows.shape[0]
     s[r:] = 0.0
     return u, s, v.T
+
+
+def _row_blocks(x: np.ndarray, elements: int = 1 << 22):
+    """x's rows in float64, about `elements` values at a time."""
+    step = max(1, elements // max(1, x.shape[1]))
+    for i in range(0, x.shape[0], step):
+        yield x[i : i + step].astype(np.float64)
 
 
 def numerical_rank(s: np.ndarray) -> int:
