@@ -435,3 +435,24 @@ def test_thin_svd_reconstructs_with_orthonormal_factors_and_zeroes_null_directio
     np.testing.assert_allclose(u[:, :rank].T @ u[:, :rank], np.eye(rank), atol=1e-9)
     np.testing.assert_allclose(vh[:rank] @ vh[:rank].T, np.eye(rank), atol=1e-9)
     assert not u[:, rank:].any() and not s[rank:].any()
+
+
+@pytest.mark.parametrize("method, shared", ALL, ids=[m for m, _ in ALL])
+def test_float64_inputs_are_merged_in_float64(method, shared):
+    arrays = [a.astype(np.float64) for a in make(2, (14, 10), seed=11)]
+    base, tvs = deltas(arrays)
+    expected = {
+        "iso_c": lambda: iso_c_ref(tvs),
+        "iso_cts": lambda: iso_cts_ref(tvs, 0.8),
+        "tsv_m": lambda: tsv_ref(tvs),
+        "wudi": lambda: wudi_ref(tvs, 20, 1e-3)[0],
+    }[method]()
+    m = get_method(method)
+    filled = {p.name: p.default for p in m.params if p.scope == "shared"} | shared
+    per_input = [{}] + [{"weight": 1.0} for _ in tvs]
+    tensors = [mx.array(a, dtype=mx.float64) for a in arrays]
+    with mx.stream(mx.cpu):
+        out = m.merge(MergeInputs(tensors, 0, filled, per_input, name=NAME))
+        assert out.dtype == mx.float64
+        # mlx.optimizers.Adam keeps its learning rate and bias corrections in float32
+        np.testing.assert_allclose(np.array(out), base + expected, rtol=0, atol=1e-6 if method == "wudi" else 1e-9)

@@ -63,18 +63,20 @@ def mean(tvs: list[mx.array]) -> mx.array:
 
 
 def on_base(inputs: MergeInputs, merged: mx.array | np.ndarray, scale: float = 1.0) -> mx.array:
-    """base + scale * merged task vector, in float32, rounded once to the base's dtype."""
+    """base + scale * merged task vector, in float32 (float64 for a float64 base), rounded once to
+    the base's dtype."""
     base = inputs.tensors[inputs.base]
-    # float32 (MLX's float64 lives on the CPU only), rounded once to the base's dtype below
-    merged = mx.array(merged.astype(np.float32, copy=False)) if isinstance(merged, np.ndarray) else merged
+    if isinstance(merged, np.ndarray):  # float32 unless the base is float64 (MLX's float64 is CPU-only)
+        wide = base.dtype == mx.float64
+        merged = mx.array(merged, dtype=mx.float64 if wide else mx.float32)
     if scale != 1:
         merged = merged * scale
     return (float32(base) + merged).astype(base.dtype)
 
 
 def host(x: mx.array) -> np.ndarray:
-    """A float32 numpy copy of an MLX array (evaluates it)."""
-    return np.array(x.astype(mx.float32), dtype=np.float32, copy=True)
+    """A float32 numpy copy of an MLX array, float64 kept (evaluates it)."""
+    return np.array(float32(x), copy=True)
 
 
 def finite(*xs: np.ndarray) -> bool:

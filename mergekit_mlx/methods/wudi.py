@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from .base import MergeInputs, Method, Param, Range
+from .base import MergeInputs, Method, Param, Range, float32
 from .subspace import DECOMPOSE, HOST_LINALG, decomposed, mean, on_base, task_vectors
 
 
@@ -92,7 +92,7 @@ def wudi_descent(
     `on_host`: the products in numpy (None: where MLX's default device is the CPU)."""
     if on_host is None:
         on_host = mx.default_device() == mx.cpu
-    tvs = tvs.astype(mx.float32)
+    tvs = float32(tvs)
     norms = mx.square(tvs).sum(axis=(1, 2))
     inverse_norms = mx.where(norms > 0, 1.0 / mx.where(norms > 0, norms, 1.0), 0.0)
     n_tasks, m, n = tvs.shape
