@@ -9,8 +9,9 @@ here (false: the mean).
 
 Where the SVD runs: numpy on the host, whatever MLX's device, through the eigendecomposition of the
 smaller Gram matrix in float64 (x^T x = V S^2 V^T, U = x V / S): within 5e-9 of LAPACK's float64
-SVD on the 0.85B family's matrices and twice as fast as its float32 SVD (gesdd, what the
-references' torch.linalg.svd runs), whose own error is 4e-7 there (benchmarks/RESULTS.md 17).
+SVD on the 0.85B family's matrices and 2-3x as fast as its float32 SVD (gesdd, what the
+references' torch.linalg.svd runs), whose merges are 3e-7 to 2e-6 off float64 there
+(benchmarks/RESULTS.md 17).
 MLX's `linalg.svd` runs only on its CPU stream (it raises on a GPU stream), and MLX's Linux CPU
 wheel links the reference LAPACK, several times slower than numpy's OpenBLAS on the same cores.
 The orthogonal factor U Vh of a matrix's SVD is the nearest matrix with orthonormal columns (rows,
