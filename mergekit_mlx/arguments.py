@@ -54,7 +54,16 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out-format", default="hf", choices=OUT_FORMATS, help="output format (default hf safetensors)")
     p.add_argument("--group-size", type=int, help="quantization group size for mlx-* output formats")
+    add_shard_size_argument(p)
+    add_force_argument(p)
+
+
+def add_shard_size_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-shard-size", type=parse_size, default="5G", help="largest output shard (default 5G)")
+
+
+def add_force_argument(p: argparse.ArgumentParser) -> None:
+    """--force: every command that writes an output through the output lifecycle."""
     p.add_argument(
         "--force", action="store_true", help="replace an earlier output of mergekit-mlx (never a folder or file it did not write)"
     )

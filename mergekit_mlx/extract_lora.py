@@ -37,7 +37,7 @@ from .adapters.extract import (
 )
 from .adapters.svd import SvdMethod, SvdSettings
 from .adapters.write import AdapterFormat, AdapterWriter
-from .arguments import Parser, add_common_arguments
+from .arguments import Parser, add_common_arguments, add_force_argument
 from .device import use_device
 from .dtypes import WEIGHT_NAMES, named, torch_dtype_name
 from .errors import RecipeError
@@ -268,9 +268,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-undecomposable", action="store_true", help="leave out modules that are not matrices (norms)")
     p.add_argument("--dtype", choices=WEIGHT_NAMES, help="dtype of the written tensors (default: the fine-tune's)")
     p.add_argument("--dry-run", action="store_true", help="print what would be extracted and stop")
-    p.add_argument(
-        "--force", action="store_true", help="replace an earlier output of mergekit-mlx (never a folder it did not write)"
-    )
+    add_force_argument(p)
     add_common_arguments(p)
     return p
 

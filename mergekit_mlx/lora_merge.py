@@ -46,7 +46,7 @@ from .adapters.combine import (
     plan_combination,
 )
 from .adapters.write import AdapterFormat, AdapterSpec, AdapterWriter, lora_tensor_names
-from .arguments import Parser, add_common_arguments
+from .arguments import Parser, add_common_arguments, add_force_argument
 from .device import use_device
 from .errors import ModelError, RecipeError
 from .formats import open_model
@@ -282,9 +282,7 @@ def parser() -> argparse.ArgumentParser:
         help="peft (adapter_model.safetensors) or mlx (mlx-lm's adapters.safetensors); default: the recipe's out_format, else peft",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would be merged and stop")
-    p.add_argument(
-        "--force", action="store_true", help="replace an earlier output of mergekit-mlx (never a folder it did not write)"
-    )
+    add_force_argument(p)
     add_common_arguments(p)
     return p
 

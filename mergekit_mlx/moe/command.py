@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..arguments import Parser, add_common_arguments, parse_size
+from ..arguments import Parser, add_common_arguments, add_force_argument, add_shard_size_argument
 from ..device import use_device
 from ..errors import RecipeError
 from .build import ALL_SAME_FLAG, build_moe
@@ -29,11 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         ALL_SAME_FLAG, dest="allow_all_same", action="store_true", help="build it although every expert is the same model"
     )
-    p.add_argument("--out-shard-size", type=parse_size, default="5G", help="largest output shard (default 5G)")
+    add_shard_size_argument(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted build, keeping its finished shards")
-    p.add_argument(
-        "--force", action="store_true", help="replace an earlier output of mergekit-mlx (never a folder it did not write)"
-    )
+    add_force_argument(p)
     add_common_arguments(p)
     return p
 
