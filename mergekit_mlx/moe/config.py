@@ -10,16 +10,14 @@ gates, which never read them.
 
 from __future__ import annotations
 
-import difflib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from ..dtypes import FLOAT_NAMES
-from ..errors import RecipeError
-from ..recipe import FiniteFloat, ModelRef, format_location, parse_yaml, read_recipe_file, short_path
+from ..recipe import FiniteFloat, ModelRef, not_a_key, parse_yaml, read_recipe_file, short_path, validated
 
 CONFIG_FILE = "mergekit_moe_config.yml"  # the configuration as given, kept in the output (as mergekit-moe)
 
@@ -131,29 +129,15 @@ KEYS = {  # where -> the keys valid there, for did-you-mean
 
 def config_from_dict(data: Any, where: str = "config") -> MoEConfig:
     """A MoEConfig, or a RecipeError naming the YAML key of each problem (unknown keys included)."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a mergekit-moe configuration is a mapping with the keys base_model and experts")
-    try:
-        return MoEConfig.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors()[:8]:
-            loc = format_location(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = _unknown_key(err["loc"])
-            elif err["type"] == "enum":
-                msg = f"not a gate mode of mergekit-moe; valid: {', '.join(m.value for m in GateMode)}"
-            lines.append(f"  {loc}: {msg}")
-        raise RecipeError(f"{where}: invalid mergekit-moe configuration\n" + "\n".join(dict.fromkeys(lines))) from None
-
-
-def _unknown_key(loc: tuple) -> str:
-    key = str(loc[-1])
-    valid = KEYS["experts" if len(loc) > 1 else ""]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.7)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"not a key of mergekit-moe's configuration; {hint}(valid here: {', '.join(valid)})"
+    return validated(
+        MoEConfig,
+        data,
+        where,
+        what="mergekit-moe configuration",
+        not_mapping="a mergekit-moe configuration is a mapping with the keys base_model and experts",
+        unknown_key=lambda loc: not_a_key(loc[-1], KEYS["experts" if len(loc) > 1 else ""], "mergekit-moe's configuration"),
+        enum_message=f"not a gate mode of mergekit-moe; valid: {', '.join(m.value for m in GateMode)}",
+    )
 
 
 def load_moe_config(config: str | Path | dict | MoEConfig) -> tuple[MoEConfig, Path | None, str]:
