@@ -227,6 +227,25 @@ def test_recipe_of_hub_ids_merges_as_the_same_recipe_of_local_paths(published):
     assert_same(as_numpy(from_hub), as_numpy(from_disk))
 
 
+def test_a_mixture_of_experts_of_hub_ids_is_the_one_of_local_paths(published):
+    from mergekit_mlx.moe import build_moe
+
+    def moe(base: str, *experts: str) -> dict:
+        return {
+            "base_model": base,
+            "gate_mode": "random",  # seeded; no tokenizer needed
+            "experts_per_token": 2,
+            "experts": [{"source_model": e} for e in experts],
+        }
+
+    local = [str(p) for p in published.values()]
+    from_hub = build_moe(moe("org/base", "org/ft1", "org/ft2"), seed=3).weights
+    from_disk = build_moe(moe(*local), seed=3).weights
+    assert sorted(from_hub) == sorted(from_disk)
+    for name in from_hub:
+        assert np.array_equal(np.array(from_hub[name]), np.array(from_disk[name])), name
+
+
 def test_the_merge_equals_an_independent_average_of_the_published_weights(published):
     result = as_numpy(merge(linear("org/base", "org/ft1", "org/ft2")))
     inputs = [load_np(p) for p in published.values()]
