@@ -347,6 +347,20 @@ def _owner(partial: Path) -> str:
         return ""
 
 
+def _start_partial(partial: PartialOutput, tmp: Path, done: dict, state: dict) -> None:
+    """Empty the temporary output `tmp` of all but the kept shards `done` (an earlier run's files,
+    all ours) and record this run's state in it; a failure removes it and is the output's error."""
+    try:
+        for entry in os.scandir(tmp):
+            if entry.name not in done:
+                (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.unlink)(entry.path)
+        partial.state = {"tool": "mergekit-mlx", "pid": os.getpid(), "host": socket.gethostname(), **state, "shards": dict(done)}
+        partial.save_state()
+    except OSError as e:
+        partial.remove()
+        raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
+
+
 def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> tuple[dict[str, str], dict[str, str] | None, str]:
     """Shards of an interrupted run that may be kept, the inputs' hashes now, and why none are kept."""
     if not (partial.path / STATE_FILE).exists():
@@ -456,22 +470,7 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         done, digests, why = _kept_shards(partial, fingerprint, job.input_files)
         if why:
             print(f"mergekit-mlx: not resuming: {why}; merging everything again", file=sys.stderr)
-    try:
-        for entry in os.scandir(tmp):  # what is not kept goes: an earlier run's files, all ours
-            if entry.name not in done:
-                (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.unlink)(entry.path)
-        partial.state = {
-            "tool": "mergekit-mlx",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "fingerprint": fingerprint,
-            "inputs": digests,
-            "shards": dict(done),
-        }
-        partial.save_state()
-    except OSError as e:
-        partial.remove()
-        raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
+    _start_partial(partial, tmp, done, {"fingerprint": fingerprint, "inputs": digests})
     try:
         if job.writer is not None:
             writer = job.writer(tmp)
@@ -578,24 +577,8 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
         if why:
             print(f"mergekit-mlx: not resuming: {why}; merging everything again", file=sys.stderr)
         token = os.urandom(16).hex()
-        try:
-            for entry in os.scandir(tmp):  # an earlier run's files (other ranks' states and markers too)
-                if entry.name not in done:
-                    (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.unlink)(entry.path)
-            partial.state = {
-                "tool": "mergekit-mlx",
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "ranks": world.size,
-                "token": token,
-                "fingerprint": fingerprint,
-                "inputs": digests,
-                "shards": dict(done),
-            }
-            partial.save_state()
-        except OSError as e:
-            partial.remove()
-            raise OutputError(f"cannot write the temporary output {tmp}: {e.strerror or e}") from None
+        # an earlier run's files go (other ranks' states and markers too)
+        _start_partial(partial, tmp, done, {"ranks": world.size, "token": token, "fingerprint": fingerprint, "inputs": digests})
         return {"done": done, "proven": digests is not None, "token": token}
 
     def check_shared() -> None:
