@@ -27,15 +27,10 @@ import numpy as np
 from .base import FINITE, FRACTION, MergeInputs, Method, Param
 from .subspace import (
     DECOMPOSE,
-    HOST_LINALG,
-    decomposed,
     finite,
-    host,
-    mean,
     numerical_rank,
-    on_base,
     orthogonal_factor,
-    task_vectors,
+    subspace_merge,
     thin_svd,
 )
 
@@ -87,26 +82,13 @@ def iso_cts_matrix(tvs: list[np.ndarray], fraction: float) -> np.ndarray:
     return (left * np.concatenate(values).mean()) @ right
 
 
-def _merge(inputs: MergeInputs, matrix) -> mx.array:
-    if not inputs.non_base:
-        return inputs.tensors[inputs.base]
-    tvs = task_vectors(inputs)
-    scale = inputs.shared["scaling_factor"]
-    if not decomposed(inputs):
-        return on_base(inputs, mean(tvs), scale)
-    hosted = [host(t) for t in tvs]
-    with HOST_LINALG:
-        merged = matrix(hosted)
-    return on_base(inputs, merged, scale)
-
-
 def iso_c(inputs: MergeInputs) -> mx.array:
-    return _merge(inputs, iso_c_matrix)
+    return subspace_merge(inputs, iso_c_matrix, "scaling_factor")
 
 
 def iso_cts(inputs: MergeInputs) -> mx.array:
     fraction = inputs.shared["common_space_fraction"]
-    return _merge(inputs, lambda tvs: iso_cts_matrix(tvs, fraction))
+    return subspace_merge(inputs, lambda tvs: iso_cts_matrix(tvs, fraction), "scaling_factor")
 
 
 METHODS = [

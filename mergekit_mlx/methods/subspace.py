@@ -30,6 +30,7 @@ matrix_rank rule, max(m, n) * eps, would cut genuine directions of square matric
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -73,6 +74,23 @@ def on_base(inputs: MergeInputs, merged: mx.array | np.ndarray, scale: float = 1
     if scale != 1:
         merged = merged * scale
     return (float32(base) + merged).astype(base.dtype)
+
+
+def subspace_merge(
+    inputs: MergeInputs, matrix: Callable[[list[np.ndarray]], np.ndarray], scale_key: str, weighted: bool = False
+) -> mx.array:
+    """base + `scale_key` * matrix(task vectors), the decomposition on the host one tensor at a time;
+    the base alone without task models, the mean task vector for a tensor not decomposed."""
+    if not inputs.non_base:
+        return inputs.tensors[inputs.base]
+    tvs = task_vectors(inputs, weighted=weighted)
+    scale = inputs.shared[scale_key]
+    if not decomposed(inputs):
+        return on_base(inputs, mean(tvs), scale)
+    hosted = [host(t) for t in tvs]
+    with HOST_LINALG:
+        merged = matrix(hosted)
+    return on_base(inputs, merged, scale)
 
 
 def host(x: mx.array) -> np.ndarray:

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .base import FINITE, MergeInputs, Method, Param
-from .subspace import DECOMPOSE, HOST_LINALG, decomposed, finite, host, mean, on_base, orthogonal_factor, task_vectors, thin_svd
+from .subspace import DECOMPOSE, finite, orthogonal_factor, subspace_merge, thin_svd
 
 
 def tsv_matrix(tvs: list[np.ndarray]) -> np.ndarray:
@@ -47,16 +47,7 @@ def tsv_matrix(tvs: list[np.ndarray]) -> np.ndarray:
 
 
 def tsv_m(inputs: MergeInputs) -> mx.array:
-    if not inputs.non_base:
-        return inputs.tensors[inputs.base]
-    tvs = task_vectors(inputs, weighted=True)
-    alpha = inputs.shared["alpha"]
-    if not decomposed(inputs):
-        return on_base(inputs, mean(tvs), alpha)
-    hosted = [host(t) for t in tvs]
-    with HOST_LINALG:
-        merged = tsv_matrix(hosted)
-    return on_base(inputs, merged, alpha)
+    return subspace_merge(inputs, tsv_matrix, "alpha", weighted=True)
 
 
 METHODS = [
