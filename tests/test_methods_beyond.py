@@ -9,6 +9,7 @@ makes them.
 import mlx.core as mx
 import numpy as np
 import pytest
+from method_runs import NAME, make, run
 from test_metal_syntax import emulated_cuda, needs_clang  # noqa: F401 - the emulated CUDA kernels, as a fixture
 from tiny import load_np, make_family
 
@@ -17,34 +18,7 @@ from mergekit_mlx.errors import RecipeError
 from mergekit_mlx.methods import MergeInputs, get_method
 from mergekit_mlx.methods.arcee_fusion import row_kl
 
-NAME = "model.layers.0.mlp.up_proj.weight"
 SHAPES = [(12, 20), (37,), (3, 4, 5)]  # a matrix, a norm-like vector, a 3-D tensor
-
-
-def make(n=3, seed=0, scale=0.1, shape=(12, 20)):
-    """A base and n-1 fine-tunes (base + small noise), float32."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0, 1, shape).astype(np.float32)
-    return [base] + [(base + rng.normal(0, scale, shape)).astype(np.float32) for _ in range(n - 1)]
-
-
-def run(method, arrays, shared=None, per_input=None, base=0):
-    """The method on these arrays, parameters defaulted as the planner would; float64 out."""
-    m = get_method(method)
-    shared = dict(shared or {})
-    per_input = [dict(d) for d in (per_input or [{} for _ in arrays])]
-    for p in m.params:
-        if p.scope == "shared":
-            shared.setdefault(p.name, p.default)
-            continue
-        for i, d in enumerate(per_input):
-            if not (p.scope == "non_base" and i == base):
-                d.setdefault(p.name, p.default)
-    tensors = [mx.array(a) for a in arrays]
-    inputs = MergeInputs(tensors, base, shared, per_input, name=NAME, seed=0, input_ids=list(range(len(arrays))))
-    out = m.merge(inputs)
-    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
-    return np.array(out).astype(np.float64)
 
 
 def models(**columns):

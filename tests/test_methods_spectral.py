@@ -6,41 +6,22 @@ float64 (not from an SVD, as the code does), over A's range: where A is rank-def
 fine-tunes) the factor is the partial isometry on its range, which is what the code promises.
 """
 
+import method_runs
 import mlx.core as mx
 import numpy as np
 import pytest
+from method_runs import NAME, run
 
 from mergekit_mlx.methods import MergeInputs, get_method
 from mergekit_mlx.methods.isotropic import common_dimensions
 from mergekit_mlx.methods.wudi import interference_loss, quadratic, wudi_descent
 
 SHAPES = [(24, 24), (40, 12), (12, 40), (30,)]
-NAME = "model.layers.0.mlp.up_proj.weight"
 
 
 def make(n_tasks, shape, seed=0, scale=0.1):
     """A base and n_tasks fine-tunes (base + noise), float32."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0, 1, shape).astype(np.float32)
-    return [base] + [(base + rng.normal(0, scale, shape)).astype(np.float32) for _ in range(n_tasks)]
-
-
-def run(method, arrays, shared=None, per_input=None, dtype=None):
-    m = get_method(method)
-    shared = dict(shared or {})
-    per_input = [dict(d) for d in (per_input or [{} for _ in arrays])]
-    for p in m.params:  # defaults, as the planner fills them
-        if p.scope == "shared":
-            shared.setdefault(p.name, p.default)
-        else:
-            for d in per_input[1:]:
-                d.setdefault(p.name, p.default)
-    tensors = [mx.array(a) for a in arrays]
-    if dtype is not None:
-        tensors = [t.astype(dtype) for t in tensors]
-    out = m.merge(MergeInputs(tensors, 0, shared, per_input, name=NAME, input_ids=list(range(len(arrays)))))
-    assert out.shape == tensors[0].shape and out.dtype == tensors[0].dtype
-    return np.array(out.astype(mx.float32)).astype(np.float64)
+    return method_runs.make(n_tasks + 1, seed, scale, shape)
 
 
 def deltas(arrays):
