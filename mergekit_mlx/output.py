@@ -475,16 +475,7 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         if job.writer is not None:
             writer = job.writer(tmp)
         else:
-            writer = make_writer(
-                opts.out_format,
-                tmp,
-                job.tensors,
-                job.config,
-                max_shard_bytes=opts.out_shard_size,
-                tokenizer_dir=job.tokenizer_dir,
-                skip_shards=set(done) if resumable else None,
-                group_size=opts.group_size,
-            )
+            writer = _writer(job, tmp, opts, skip=set(done) if resumable else None)
         wants = getattr(writer, "wants", lambda name: True)
         # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
         written = getattr(writer, "written", None) if resumable else None
@@ -713,7 +704,9 @@ def _as_write_failure(step: Callable[[], object], out: Path, job: OutputJob) -> 
     return run
 
 
-def _writer(job: OutputJob, directory: Path, opts: MergeOptions, skip: set[str]) -> Writer:
+def _writer(job: OutputJob, directory: Path, opts: MergeOptions, skip: set[str] | None) -> Writer:
+    """The writer of the output format `opts` names, skipping the shards `skip` (None: a format that
+    does not resume shard by shard)."""
     return make_writer(
         opts.out_format,
         directory,
