@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_evolve import example_config
 
 from mergekit_mlx import cli, distributed
 from mergekit_mlx.distributed import World, deal_shards
@@ -377,16 +378,7 @@ def test_an_output_of_one_file_is_refused_on_several_ranks(tmp_path):
 
 # ---------------- searches ----------------
 
-SEARCH = {
-    "genome": {
-        "models": [str(MODELS / "add"), str(MODELS / "reverse")],
-        "merge_method": "ties",
-        "base_model": str(MODELS / "base"),
-        "layer_granularity": 1,
-    },
-    "tasks": [{"name": "example:add", "weight": 0.5}, {"name": "example:reverse", "weight": 0.5}],
-    "limit": 4,
-}
+SEARCH = example_config(limit=4)  # the example search of test_evolve, 4 prompts a skill
 
 
 FLAGS = ["--max-fevals", "6", "--popsize", "4", "--seed", "3"]  # a generation and a cut one
