@@ -100,6 +100,8 @@ def child(args: argparse.Namespace) -> None:
         group.check = timed
 
     def on_event(what: str, task, seconds: float) -> None:
+        if what not in counts:  # ("host": a GPU output's copy to host memory)
+            return
         counts[what] += 1
         mark({"read": "first inputs read", "merge": "first tensor merged", "write": "first tensor written"}[what])
         if what == "write":

@@ -477,25 +477,13 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         else:
             writer = _writer(job, tmp, opts, skip=set(done) if resumable else None)
         wants = getattr(writer, "wants", lambda name: True)
-        # shard files finished so far; safetensors-based outputs resume shard by shard, GGUF does not
-        written = getattr(writer, "written", None) if resumable else None
-        checksums = getattr(writer, "checksums", {})  # computed while writing, when the writer can
         shards = len(getattr(writer, "files", ())) if resumable else 0
         if digests is None and shards > 1:
             # (one shard is finished only at the end: nothing a resume could keep, nothing to prove;
             # shards finished before the hashes are recorded are not kept by a resume)
             prove_inputs(list(job.input_files), lambda hashes: partial.save_state(inputs=hashes))
-
-        def write(name: str, array: mx.array) -> None:
-            before = len(written) if written is not None else 0
-            writer.add(name, array)
-            if written is not None and len(written) != before:
-                for f in written:
-                    if f not in done:
-                        done[f] = checksums.get(f) or file_digest(tmp / f)
-                partial.save_state(shards=dict(done))
-
-        produce(write, wants)
+        # safetensors-based outputs resume shard by shard, GGUF does not
+        produce(_ShardWrites(writer, tmp, done, partial.save_state if resumable else None), wants)
         writer.finish()
         if job.side_files is not None and not single_file:
             job.side_files(tmp)
@@ -604,18 +592,8 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
         if not shared["proven"] and len(layout.files) > 1:  # (a resume's inputs were hashed by rank 0)
             prove_inputs(_files_to_prove(job, writer, rank0), lambda hashes: partial.save_state(inputs=hashes))
         watch = distributed.FailureWatch(tmp, world)
-
-        def write(name: str, array: mx.array) -> None:
-            watch.check()  # another rank failed: stop now rather than after this rank's shards
-            before = len(writer.written)
-            writer.add(name, array)
-            if len(writer.written) != before:
-                for f in writer.written:
-                    if f not in recorded:
-                        recorded[f] = writer.checksums.get(f) or file_digest(tmp / f)
-                partial.save_state(shards=dict(recorded))
-
-        produce(write, writer.wants)
+        # another rank failed: this one stops at its next tensor rather than after its shards
+        produce(_ShardWrites(writer, tmp, recorded, partial.save_state, before=watch.check), writer.wants)
         if rank0:
             writer.finish()  # its shards, the index and the config
         else:
@@ -675,6 +653,44 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
             heartbeat.close()
         partial.close()
     return out
+
+
+class _ShardWrites:
+    """The `write(name, array)` a producer calls: the tensor to the writer, and each shard the
+    writer finishes recorded (name -> digest, into `done`) with `save_state(shards=...)`, for a
+    resume. It may be called from several threads for tensors of different lanes, when the writer
+    writes shards side by side: `lanes`, `lane` and `position` are the writer's (pipeline.run_plan)."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        directory: Path,
+        done: dict[str, str],
+        save_state: Callable[..., None] | None,
+        before: Callable[[], None] | None = None,
+    ):
+        self.writer, self.directory, self.done, self.save_state, self.before = writer, directory, done, save_state, before
+        self.lanes = getattr(writer, "lanes", 1)
+        self.lock = threading.Lock()
+
+    def lane(self, name: str) -> int:
+        return self.writer.lane(name)
+
+    def position(self, name: str):
+        return self.writer.position(name)
+
+    def __call__(self, name: str, array: mx.array) -> None:
+        if self.before is not None:
+            self.before()
+        self.writer.add(name, array)
+        if self.save_state is None:
+            return
+        with self.lock:
+            new = [f for f in self.writer.written if f not in self.done]
+            for f in new:
+                self.done[f] = self.writer.checksums.get(f) or file_digest(self.directory / f)
+            if new:
+                self.save_state(shards=dict(self.done))
 
 
 def _files_to_prove(job: OutputJob, writer: Writer, rank0: bool) -> list[str]:

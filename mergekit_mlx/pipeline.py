@@ -30,7 +30,8 @@ from .options import MergeOptions
 from .plan import Plan, TensorTask
 
 # on_event(name, task, seconds): "read" when a task's inputs (from one reader) are loaded, "merge"
-# when its merge is evaluated (a batch's time shared out), "write" when its output is written
+# when its merge is evaluated (a batch's time shared out), "host" when a GPU output is on its way
+# to host memory (the copy started there; a batch's time shared out), "write" when it is written
 OnEvent = Callable[[str, TensorTask, float], None]
 
 
@@ -62,19 +63,31 @@ def run_plan(
     _reuse_freed_memory()
     if mx.default_device().type != mx.DeviceType.gpu:
         _keep_freed_buffers(opts.batch_bytes)
+    # a writer that writes several shards side by side: the tasks in its order, a thread per lane
+    lanes = getattr(write, "lanes", 1) if to_host else 1
+    if lanes > 1:
+        todo.sort(key=lambda t: write.position(t.out.name))
     kernels.first_use_checks(plan.method.gpu_kernels)  # before the merge threads start
+    bar_lock = threading.Lock()
+
+    def finish(task: TensorTask, out: mx.array, ok: mx.array, inputs: list[mx.array] | None) -> None:
+        """Check a merged output and write it; its bytes leave the budget."""
+        if not ok.item():
+            _report_nonfinite(plan, task, opts, inputs)
+        start = time.perf_counter()
+        write(task.out.name, out)
+        if on_event is not None:
+            on_event("write", task, time.perf_counter() - start)
+        results.done(task)
+        if bar is not None:
+            with bar_lock:
+                bar.update(task.out.nbytes)
+
     try:
         with _Pipeline(plan, opts, todo, _worker_count(), on_event, to_host) as results:
-            for task, out, ok, inputs in results:
-                if not ok.item():
-                    _report_nonfinite(plan, task, opts, inputs)
-                start = time.perf_counter()
-                write(task.out.name, out)
-                if on_event is not None:
-                    on_event("write", task, time.perf_counter() - start)
-                results.done(task)
-                if bar is not None:
-                    bar.update(task.out.nbytes)
+            with _WriteLanes(lanes, getattr(write, "lane", None), finish, results) as writing:
+                for item in results:
+                    writing.put(*item)
     finally:
         if bar is not None:
             bar.close()
@@ -316,6 +329,7 @@ class _Pipeline:
                 for i, _ in batch:
                     self.on_event("merge", self.tasks[i], (time.perf_counter() - start) / len(batch))
             done = []
+            start = time.perf_counter()
             for (i, tensors), (out, ok) in zip(arrays, merged):
                 moved = None
                 if self.to_host:
@@ -324,6 +338,9 @@ class _Pipeline:
                     moved = self.staging.to_host(out)
                 kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
                 done.append((i, out, ok, kept, moved))
+            if self.on_event is not None and self.to_host:
+                for i, _ in batch:
+                    self.on_event("host", self.tasks[i], (time.perf_counter() - start) / len(batch))
             del arrays, merged, batch, read  # no input outlives its merge here (the budget let it go)
             with self.cond:
                 for i, out, ok, kept, moved in done:
@@ -353,6 +370,69 @@ class _Pipeline:
         with self.cond:
             self.in_flight -= self.costs[id(task)] - self.released.pop(id(task), 0)
             self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """Stop the pipeline for an error outside it (a write): iterating raises it."""
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            self.stopped = True
+            self.cond.notify_all()
+
+
+class _WriteLanes:
+    """The writing end of run_plan: `finish` gets every merged output, in the pipeline's order.
+    With one lane on the calling thread; with several (a writer that writes shards side by side),
+    each lane on a pipeline thread of its own, which gets its outputs (`lane_of`) in that order.
+    A lane's error stops the pipeline, and the caller raises it."""
+
+    def __init__(self, lanes: int, lane_of: Callable[[str], int] | None, finish: Callable[..., None], pipeline: _Pipeline):
+        self.lane_of, self.finish, self.pipeline = lane_of, finish, pipeline
+        self.queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(lanes)] if lanes > 1 else []
+        self.cond = threading.Condition()
+        self.running = 0
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> _WriteLanes:
+        if self.queues:
+            _start_threads(len(self.pipeline.jobs) + len(self.queues))  # besides the pipeline's own threads
+            self.running = len(self.queues)
+            for q in self.queues:
+                _JOBS.put(lambda q=q: self._lane(q))
+        return self
+
+    def put(self, task: TensorTask, *rest) -> None:
+        if self.queues:
+            self.queues[self.lane_of(task.out.name)].put((task, *rest))
+        else:
+            self.finish(task, *rest)
+
+    def _lane(self, q: queue.SimpleQueue) -> None:
+        try:
+            while (item := q.get()) is not None:
+                if self.error is None:  # after an error the rest is dropped
+                    try:
+                        self.finish(*item)
+                    except BaseException as e:
+                        self.error = e
+                        self.pipeline.fail(e)
+                del item
+        finally:
+            with self.cond:
+                self.running -= 1
+                self.cond.notify_all()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Wait for the lanes to write what they were given (or, after an error, to drop it)."""
+        if error is not None and self.error is None:
+            self.error = error
+        for q in self.queues:
+            q.put(None)
+        with self.cond:
+            while self.running:
+                self.cond.wait()
+        if error is None and self.error is not None:
+            raise self.error
 
 
 def _file_of(model, name: str) -> Path:

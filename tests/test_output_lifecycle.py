@@ -439,6 +439,55 @@ def test_a_full_disk_is_a_clean_error_and_leaves_nothing(larger_family, tmp_path
 
 
 @pytest.mark.slow
+def test_a_full_disk_while_shards_are_written_side_by_side_is_a_clean_error(larger_family, tmp_path, capsys, monkeypatch):
+    """Several shards written at once by threads of their own (as on a host with cores to spare):
+    the first lane to find the disk full stops the others, and nothing is left behind."""
+    from mergekit_mlx.formats import safetensors as writer
+
+    monkeypatch.setattr(writer, "_DIRECT", False)
+    monkeypatch.setattr(writer, "_WRITE_LANES", 3)
+    recipe = recipe_file(tmp_path, larger_family)
+    need = sum(v.size * 4 for v in tiny.load_np(larger_family[0]).values())
+    with mounted("tmpfs", tmp_path / "disk", 32 * 1024) as disk:
+        _fill(disk, need // 2)  # the up-front check is told the space is there; half of it is
+        before = snapshot(disk)
+        monkeypatch.setattr("mergekit_mlx.output._check_free_space", lambda out, job, opts: None)
+        rc, err = run(capsys, "run", recipe, disk / "out", "--out-shard-size", "2M")
+        assert_error(rc, err, "cannot write .*out", "no space left on the device", "partial output was removed")
+        assert snapshot(disk) == before, "a failed write left something behind"
+
+
+def test_an_interrupted_merge_written_side_by_side_resumes_to_the_same_bytes(larger_family, tmp_path, capsys, monkeypatch):
+    """Shards written side by side finish window by window: an interruption keeps the finished
+    windows' shards, and --resume writes the rest, byte for byte the uninterrupted output."""
+    from mergekit_mlx.formats import safetensors as writer
+    from mergekit_mlx.formats.safetensors import SafetensorsWriter
+
+    monkeypatch.setattr(writer, "_DIRECT", False)
+    monkeypatch.setattr(writer, "_WRITE_LANES", 3)
+    recipe = recipe_file(tmp_path, larger_family)
+    shards = ["--out-shard-size", "2M", "--batch-size", "2M"]
+    assert run(capsys, "run", recipe, tmp_path / "reference", *shards)[0] == 0
+    real = SafetensorsWriter._write
+
+    def interrupted(self, i, arrays):  # Ctrl-C once the first window's three shards are finished
+        if len(self.written) >= 3:
+            raise KeyboardInterrupt
+        real(self, i, arrays)
+
+    monkeypatch.setattr(SafetensorsWriter, "_write", interrupted)
+    out = tmp_path / "out"
+    rc, err = run(capsys, "run", recipe, out, *shards)
+    assert rc == 130 and "--resume" in err
+    state = json.loads((partial_of(out) / STATE_FILE).read_text())
+    assert len(state["shards"]) == 3
+    monkeypatch.setattr(SafetensorsWriter, "_write", real)
+    rc, err = run(capsys, "run", recipe, out, "--resume", *shards)
+    assert rc == 0, err
+    assert snapshot(out) == {k.replace("reference", "out", 1): v for k, v in snapshot(tmp_path / "reference").items()}
+
+
+@pytest.mark.slow
 def test_a_full_disk_during_convert_is_a_clean_error(larger_family, tmp_path, capsys):
     with mounted("tmpfs", tmp_path / "disk", 3 * 1024) as disk:  # the q8 model needs about 5 MB
         before = snapshot(disk)

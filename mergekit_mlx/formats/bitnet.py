@@ -120,6 +120,7 @@ class BitNetWriter(SafetensorsWriter):
     out_formats = ("bitnet",)
     known_size = False  # the ternary layers are chosen by mlx-lm's model class, not by the plan
     verifiable = False
+    side_by_side = False  # `add` quantizes with MLX: one thread
 
     def __init__(
         self,

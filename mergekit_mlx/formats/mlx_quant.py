@@ -234,6 +234,7 @@ class QuantizedWriter(SafetensorsWriter):
     out_formats = tuple(QUANT_FORMATS)
     known_size = False  # the quantized layers are chosen by mlx-lm's model class, not by the plan
     verifiable = False
+    side_by_side = False  # `add` quantizes with MLX: one thread
 
     def __init__(
         self,

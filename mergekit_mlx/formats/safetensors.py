@@ -313,6 +313,9 @@ class SafetensorsWriter(Writer):
     copies_tokenizer = True
     known_size = True
     verifiable = True
+    # shards may be written side by side (`lanes`); not by the quantizing writers, whose `add` runs
+    # MLX computations (a second thread of GPU work crashed MLX's CUDA backend: pipeline.py)
+    side_by_side = True
 
     def __init__(
         self,
@@ -333,6 +336,32 @@ class SafetensorsWriter(Writer):
         self.skip = options.skip_shards
         self.written: list[str] = []
         self.checksums: dict[str, str] = {}
+        self.lock = threading.Lock()  # the bookkeeping above, when shards are written side by side
+        # The shards to write, taken `lanes` at a time: a producer that writes side by side hands
+        # each lane (`lane`) its tensors from its own thread, in the order of `position`. One file
+        # takes one page-cache write at a time (the filesystem's lock of the file), so the shards
+        # of a window are what lets writes run in parallel.
+        todo = [i for i, f in enumerate(self.files) if f not in self.skip]
+        self.lanes = max(1, min(_WRITE_LANES if self.side_by_side else 1, len(todo)))
+        self.window = {i: divmod(k, self.lanes) for k, i in enumerate(todo)}  # shard -> (window, lane)
+        self.depth: dict[str, float] = {}  # name -> where its bytes start in its shard, as a fraction of the shard
+        for shard in self.shards:
+            total, start = max(1, sum(t.nbytes for t in shard)), 0
+            for t in shard:
+                self.depth[t.name] = start / total
+                start += t.nbytes
+
+    def lane(self, name: str) -> int:
+        """The lane that writes this tensor's shard (0 .. lanes - 1)."""
+        return self.window.get(self.shard_of[name], (0, 0))[1]
+
+    def position(self, name: str) -> tuple[int, float, int]:
+        """Sort key of the writing order when shards are written side by side: window by window,
+        and within a window the shards' tensors interleaved by how deep into its shard each lies,
+        so the shards of a window fill together and are finished about together. A shard's own
+        tensors keep their plan order, so its file is the same as when written alone."""
+        i = self.shard_of[name]
+        return (self.window.get(i, (-1, 0))[0], self.depth[name], i)
 
     def wants(self, name: str) -> bool:
         """False for tensors whose shard is already on disk (a resumed merge need not compute them)."""
@@ -342,30 +371,38 @@ class SafetensorsWriter(Writer):
         i = self.shard_of[name]
         if self.files[i] in self.skip:
             return
-        arrived = self.pending.setdefault(i, set())
-        arrived.add(name)
+        with self.lock:
+            arrived = self.pending.setdefault(i, set())
+            arrived.add(name)
+            complete = len(arrived) == len(self.shards[i])
         self._write(i, {name: array})
-        if len(arrived) == len(self.shards[i]) and i != len(self.shards) - 1:
+        if complete and i != len(self.shards) - 1:
             self._close(i)
 
     def _write(self, i: int, arrays: dict[str, mx.array]) -> None:
-        """Append tensors to shard i's file (opened on its first tensor)."""
+        """Append tensors to shard i's file (opened on its first tensor). A shard's tensors come
+        from one thread at a time, so its file needs no lock."""
         f = self.open.get(i)
         if f is None:
-            f = self.open[i] = _ShardFile(
-                self.out_dir / ("incomplete-" + self.files[i]), self.shards[i], checksum=i != len(self.shards) - 1
-            )
+            path = self.out_dir / ("incomplete-" + self.files[i])
+            # a file written by a lane of its own is not cut into slices for the write threads
+            f = _ShardFile(path, self.shards[i], checksum=i != len(self.shards) - 1, sliced=self.lanes == 1)
+            with self.lock:
+                self.open[i] = f
         for name, array in arrays.items():
             f.append(name, array)
 
     def _close(self, i: int) -> None:
-        f = self.open.pop(i, None) or _ShardFile(self.out_dir / ("incomplete-" + self.files[i]), self.shards[i])
-        self.pending.pop(i, None)
+        with self.lock:
+            f = self.open.pop(i, None)
+            self.pending.pop(i, None)
+        f = f or _ShardFile(self.out_dir / ("incomplete-" + self.files[i]), self.shards[i])
         digest = f.close()
         f.path.rename(self.out_dir / self.files[i])  # a shard's final name means it is complete
-        if digest is not None:
-            self.checksums[self.files[i]] = digest
-        self.written.append(self.files[i])
+        with self.lock:
+            if digest is not None:
+                self.checksums[self.files[i]] = digest
+            self.written.append(self.files[i])
 
     def finish(self) -> None:
         self.close_shards()
@@ -408,8 +445,9 @@ class _ShardFile:
 
     METADATA = {"format": "pt"}
 
-    def __init__(self, path: Path, planned: list[OutputTensor], checksum: bool = False):
+    def __init__(self, path: Path, planned: list[OutputTensor], checksum: bool = False, sliced: bool = True):
         self.path = path
+        self.sliced = sliced  # big tensors written in slices by the write threads (`_write_all`)
         self.planned = planned
         self.entries: dict[str, dict] = {}
         self.size = 0  # data bytes written
@@ -438,8 +476,10 @@ class _ShardFile:
             self.hash.update(data)
         if self.direct is not None:
             self.direct.write(data)
-        else:
+        elif self.sliced:
             _write_all(self.file, data)
+        else:
+            self.file.write(data)
         self.entries[name] = {
             "dtype": dtypes.safetensors_code(array.dtype),
             "shape": list(array.shape),
@@ -492,6 +532,10 @@ def _write_pool() -> ThreadPoolExecutor:
 # spare (ten times O_DIRECT's on a 2-core CPU: benchmarks/RESULTS.md, section 8), so shard data goes
 # around it there; hosts with cores to spare keep the page cache and the parallel writes above.
 _DIRECT = sys.platform.startswith("linux") and hasattr(os, "O_DIRECT") and _WRITE_THREADS < 2
+# shards written side by side, each by a thread of its own, where writes go through the page cache:
+# the page cache takes one file's writes one at a time however many threads write it
+# (benchmarks/RESULTS.md, section 19)
+_WRITE_LANES = 1 if _DIRECT else _WRITE_THREADS
 _BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
 _STAGE = 16 << 20  # bytes gathered before one direct write
 
