@@ -47,7 +47,7 @@ STAGES = ("read", "merge", "host", "write", "hash", "prove")
 def child(args: argparse.Namespace) -> None:
     t0 = args.t0
     marks: dict[str, float] = {"python up": _STARTED - t0}
-    events: list[tuple[str, str, float, float, int, str]] = []  # stage, tensor, end, seconds, bytes, thread
+    events: list[tuple[str, str, float, float, int, int]] = []  # stage, tensor, end, seconds, bytes, thread id
     lock = threading.Lock()
 
     def mark(name: str) -> None:
@@ -91,7 +91,7 @@ def child(args: argparse.Namespace) -> None:
             start = time.time()
             self.h.update(data)
             with lock:
-                events.append(("hash", "", time.time() - t0, time.time() - start, len(data), threading.current_thread().name))
+                events.append(("hash", "", time.time() - t0, time.time() - start, len(data), threading.get_native_id()))
 
         def hexdigest(self) -> str:
             return self.h.hexdigest()
@@ -103,7 +103,9 @@ def child(args: argparse.Namespace) -> None:
         start = time.time()
         digest = real_file_digest(path)
         with lock:
-            events.append(("prove", str(path), time.time() - t0, time.time() - start, Path(path).stat().st_size, "prove"))
+            events.append(
+                ("prove", str(path), time.time() - t0, time.time() - start, Path(path).stat().st_size, threading.get_native_id())
+            )
         return digest
 
     output.file_digest = timed_file_digest
@@ -115,7 +117,7 @@ def child(args: argparse.Namespace) -> None:
         with lock:
             if what == "read":
                 readers[task.out.name] = readers.get(task.out.name, 0) + 1
-            events.append((what, task.out.name, now, seconds, nbytes, threading.current_thread().name))
+            events.append((what, task.out.name, now, seconds, nbytes, threading.get_native_id()))
             if what == "read":
                 tasks[task.out.name] = task.in_bytes
 
@@ -126,7 +128,37 @@ def child(args: argparse.Namespace) -> None:
     # a task's input bytes, shared among the reader events that loaded them
     events = [(s, n, end, sec, tasks[n] // readers[n] if s == "read" else b, th) for s, n, end, sec, b, th in events]
     lanes = getattr(safetensors, "_WRITE_LANES", 1)
-    Path(args.events).write_text(json.dumps({"marks": marks, "events": events, "lanes": lanes}))
+    main_id = threading.get_native_id()
+    info = {"marks": marks, "events": events, "lanes": lanes, "cpu": cpu_by_role(events, main_id)}
+    Path(args.events).write_text(json.dumps(info))
+
+
+def cpu_by_role(events: list, main_id: int) -> dict[str, float]:
+    """CPU seconds of this process's threads so far, by what each did: the stages of the events
+    seen on it (a pipeline thread runs one job in a merge), the main thread, or its own name."""
+    roles: dict[int, set[str]] = {}
+    for stage, *_, thread in events:
+        roles.setdefault(thread, set()).add(stage)
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        tid = int(task.name)
+        if tid == main_id:
+            role = "main thread (imports, plan, checks; writing with one lane)"
+        elif tid in roles:
+            role = "+".join(sorted(roles[tid]))
+        else:
+            role = "other: " + stat[stat.index("(") + 1 : stat.rindex(")")]
+            if seconds >= 0.05:  # a busy thread that reported no event (MLX's own threads): one row each
+                role += f" (thread {tid})"
+        out[role] = out.get(role, 0.0) + seconds
+    return out
 
 
 # ----------------------------------------------------------------------------- the parent: runs and tables
@@ -271,6 +303,11 @@ def main() -> None:
     for name, info in best.items():
         print(f"\n### {name} (the code's lanes: {info['lanes']}), {info['wall']:.2f} s\n")
         print("\n".join(stage_rows(info)))
+        print("\n| threads (what they did) | CPU s |\n|---|---:|")
+        for role, seconds in sorted(info["cpu"].items(), key=lambda kv: -kv[1]):
+            if seconds >= 0.01:
+                print(f"| {role} | {seconds:.2f} |")
+        print(f"| all | {sum(info['cpu'].values()):.2f} |")
         print()
         print("\n".join(chart(info, args.slice)))
     print("\n### steps, fastest run of each setting\n")
