@@ -12,12 +12,16 @@ prints, per run:
 - per stage: its first start and last end, the seconds its threads were busy, bytes and GB/s;
 - a chart of GB read, merged, moved to the host and written in each slice of the run.
 
-`--lanes 1,3` runs the merge with the shards written one after another (1) and with up to N
-shards written side by side (`formats/safetensors.py`, `_WRITE_LANES`); their outputs are compared
-(the same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages
-(an earlier run's output) to disk before each run, untimed.
+`--settings` compares ways of running the same merge, each a comma-separated list of KEY=VALUE,
+settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N shards side by side
+(`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
+`lanes_move=0` has the GPU merge thread move outputs to host memory even with several lanes,
+`per_eval=N` evaluates up to N tasks together on a GPU, and `prove=0` (a diagnosis, not an option of
+the tool) skips hashing the inputs for `--resume`. The outputs of all settings are compared (the
+same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages (an
+earlier run's output) to disk before each run, untimed.
 
-    python3 benchmarks/merge_timeline.py --family /dev/shm/fam7b --device gpu --lanes 1,3 --repeat 2
+    python3 benchmarks/merge_timeline.py --family /dev/shm/fam7b --device gpu --settings "lanes=1;" --repeat 2
     python benchmarks/merge_timeline.py --family /tmp/family --device cpu --method ties
 """
 
@@ -38,7 +42,7 @@ from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STAGES = ("read", "merge", "host", "write", "hash", "prove")
+STAGES = ("read", "merge", "merge: staged inputs", "merge: evaluate", "merge: release inputs", "host", "write", "hash", "prove")
 
 
 # ----------------------------------------------------------------------------- the child: one merge
@@ -56,13 +60,21 @@ def child(args: argparse.Namespace) -> None:
     import importlib
 
     import mergekit_mlx
-    from mergekit_mlx import output
+    from mergekit_mlx import output, pipeline
     from mergekit_mlx.formats import safetensors
+    from mergekit_mlx.kernels import staging
 
     merge_module = importlib.import_module("mergekit_mlx.merge")
     mark("mergekit_mlx imported")
-    if args.lanes is not None:
-        safetensors._WRITE_LANES = args.lanes
+    setting = dict(kv.split("=", 1) for kv in args.setting.split(",") if kv)
+    if "lanes" in setting:
+        safetensors._WRITE_LANES = int(setting["lanes"])
+    if "lanes_move" in setting:
+        pipeline.HOST_MOVES_IN_LANES = setting["lanes_move"] == "1"
+    if "per_eval" in setting:
+        pipeline.GPU_TASKS_PER_EVAL = int(setting["per_eval"])
+    if setting.get("prove") == "0":  # a diagnosis: the merge without hashing its inputs for --resume
+        output.prove_inputs = lambda files, record: None
 
     def wrap(owner, name: str, before: str | None, after: str):
         real = getattr(owner, name)
@@ -97,6 +109,21 @@ def child(args: argparse.Namespace) -> None:
             return self.h.hexdigest()
 
     safetensors.new_digest = TimedDigest
+
+    def timed_part(stage: str, fn):  # a part of the merge thread's work, as an event of its own
+        def run(*a, **kw):
+            start = time.time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    events.append((stage, "", time.time() - t0, time.time() - start, 0, threading.get_native_id()))
+
+        return run
+
+    mergekit_mlx.kernels.evaluate_together = timed_part("merge: evaluate", mergekit_mlx.kernels.evaluate_together)
+    staging.Staging.arrays = staticmethod(timed_part("merge: staged inputs", staging.Staging.arrays))
+    staging.Staging.release = timed_part("merge: release inputs", staging.Staging.release)
     real_file_digest = output.file_digest
 
     def timed_file_digest(path):  # the input files hashed for the resume proof (a thread of its own)
@@ -123,6 +150,10 @@ def child(args: argparse.Namespace) -> None:
 
     tasks: dict[str, int] = {}
     opts = mergekit_mlx.MergeOptions(device=args.device, copy_tokenizer=False, progress=False, random_seed=0, force=True)
+    if "batch" in setting:
+        from mergekit_mlx.arguments import parse_size
+
+        opts.batch_bytes = parse_size(setting["batch"])
     mergekit_mlx.merge(Path(args.recipe), Path(args.out), opts, on_event=on_event)
     mark("merge returned")
     # a task's input bytes, shared among the reader events that loaded them
@@ -164,19 +195,20 @@ def cpu_by_role(events: list, main_id: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the parent: runs and tables
 
 
-def run_once(recipe: Path, out: Path, device: str, lanes: int | None, events: Path, sync: bool) -> dict:
+def run_once(recipe: Path, out: Path, device: str, setting: str, events: Path, sync: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if sync:
         os.sync()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(recipe), str(out), "--device", device]
-    cmd += ["--events", str(events)] + ([] if lanes is None else ["--lanes", str(lanes)])
+    cmd += ["--events", str(events), "--setting", setting]
     t0 = time.time()
     done = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if done.returncode != 0:
-        raise SystemExit(f"the merge failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        print(f"  the merge failed (exit {done.returncode}):\n{done.stderr[-3000:]}", flush=True)
+        return {}
     info = json.loads(events.read_text())
     info["marks"]["process exited"] = wall
     info["wall"] = wall
@@ -262,15 +294,15 @@ def main() -> None:
     p.add_argument("--family", type=Path, help="a family directory (base/, ft1/, ft2/: benchmarks/make_family.py)")
     p.add_argument("--method", default="ties", help="a method of bench.py's recipes (default ties)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
-    p.add_argument("--lanes", default=None, help="comma-separated shard lanes to compare, e.g. 1,3 (default: the code's)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per lanes setting; the fastest is shown (default 1)")
+    p.add_argument("--settings", default="", help="settings to compare, ';'-separated (see above; default: the code's)")
+    p.add_argument("--setting", default="", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each setting; the fastest is shown (default 1)")
     p.add_argument("--slice", type=float, default=0.25, help="seconds per row of the chart (default 0.25)")
     p.add_argument("--work", type=Path, default=Path("/tmp/merge-timeline"), help="outputs and records (default %(default)s)")
     p.add_argument("--sync", action="store_true", help="flush dirty pages to disk before each run (untimed)")
     args = p.parse_args()
     if args.child:
         args.recipe, args.out = args.child
-        args.lanes = None if args.lanes is None else int(args.lanes)
         child(args)
         return
     if args.family is None:
@@ -284,24 +316,27 @@ def main() -> None:
     recipe.write_text(bench.recipe(args.method, base, [ft1, ft2]))
     inputs = [f for d in bench.inputs_of(args.method, base, [ft1, ft2]) for f in d.glob("*.safetensors")]
     print(f"machine: {bench.machine_description(args.device)}; family {args.family}; {args.method}", flush=True)
-    settings = [None] if args.lanes is None else [int(x) for x in args.lanes.split(",")]
+    settings = args.settings.split(";")
     best: dict[str, dict] = {}
     digests: dict[str, dict[str, str]] = {}
-    for lanes in settings:
-        name = "lanes default" if lanes is None else f"lanes {lanes}"
-        out = args.work / f"out-{lanes}"
+    for k, setting in enumerate(settings):
+        name = setting or "as it is"
+        out = args.work / f"out-{k}"
         for _ in range(args.repeat):
             bench.read_into_cache(inputs)
-            info = run_once(recipe, out, args.device, lanes, args.work / "events.json", args.sync)
+            info = run_once(recipe, out, args.device, setting, args.work / "events.json", args.sync)
+            if not info:
+                break
             print(f"  {name}: {info['wall']:.2f} s", flush=True)
             if name not in best or info["wall"] < best[name]["wall"]:
                 best[name] = info
         from mergekit_mlx.digest import file_digest
 
-        digests[name] = {f.name: file_digest(f) for f in sorted(out.glob("*.safetensors"))}
+        if name in best:
+            digests[name] = {f.name: file_digest(f) for f in sorted(out.glob("*.safetensors"))}
         shutil.rmtree(out, ignore_errors=True)
     for name, info in best.items():
-        print(f"\n### {name} (the code's lanes: {info['lanes']}), {info['wall']:.2f} s\n")
+        print(f"\n### {name} (shard lanes at most {info['lanes']}), {info['wall']:.2f} s\n")
         print("\n".join(stage_rows(info)))
         print("\n| threads (what they did) | CPU s |\n|---|---:|")
         for role, seconds in sorted(info["cpu"].items(), key=lambda kv: -kv[1]):
