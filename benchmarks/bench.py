@@ -280,6 +280,9 @@ def main() -> None:
             for i in range(int(args.warmup) + args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 read_into_cache(inputs)  # the page cache here is reclaimed proactively: refill it per run
+                # every run starts with no dirty pages: an earlier output still being written back
+                # (the other tool's, kept for --compare) would throttle this run's writes
+                os.sync()
                 wall, rss, cpu, code = run_child(cmd, log)
                 if code != 0:
                     r.note = f"failed (exit {code}), see {log}"
