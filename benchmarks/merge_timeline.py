@@ -15,7 +15,6 @@ prints, per run:
 `--settings` compares ways of running the same merge, each a comma-separated list of KEY=VALUE,
 settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N shards side by side
 (`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
-`lanes_move=0` has the GPU merge thread move outputs to host memory even with several lanes,
 `per_eval=N` evaluates up to N tasks together on a GPU, and `prove=0` (a diagnosis, not an option of
 the tool) skips hashing the inputs for `--resume`. The outputs of all settings are compared (the
 same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages (an
@@ -69,8 +68,6 @@ def child(args: argparse.Namespace) -> None:
     setting = dict(kv.split("=", 1) for kv in args.setting.split(",") if kv)
     if "lanes" in setting:
         safetensors._WRITE_LANES = int(setting["lanes"])
-    if "lanes_move" in setting:
-        pipeline.HOST_MOVES_IN_LANES = setting["lanes_move"] == "1"
     if "per_eval" in setting:
         pipeline.GPU_TASKS_PER_EVAL = int(setting["per_eval"])
     if setting.get("prove") == "0":  # a diagnosis: the merge without hashing its inputs for --resume

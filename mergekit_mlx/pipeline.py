@@ -74,11 +74,6 @@ def run_plan(
         """Check a merged output and write it; its bytes leave the budget."""
         if not ok.item():
             _report_nonfinite(plan, task, opts, inputs)
-        if results.lanes_move:
-            start = time.perf_counter()
-            results.move_to_host(out)
-            if on_event is not None:
-                on_event("host", task, time.perf_counter() - start)
         start = time.perf_counter()
         write(task.out.name, out)
         if on_event is not None:
@@ -89,10 +84,7 @@ def run_plan(
                 bar.update(task.out.nbytes)
 
     try:
-        # with several lanes, each moves its own outputs to host memory, not the one GPU merge thread
-        with _Pipeline(
-            plan, opts, todo, _worker_count(), on_event, to_host, lanes_move=lanes > 1 and HOST_MOVES_IN_LANES
-        ) as results:
+        with _Pipeline(plan, opts, todo, _worker_count(), on_event, to_host) as results:
             with _WriteLanes(lanes, getattr(write, "lane", None), finish, results) as writing:
                 for item in results:
                     writing.put(*item)
@@ -114,10 +106,6 @@ def _worker_count() -> int:
 
 
 MAX_READERS = 8
-# A GPU output's move to host memory (the bulk copy's set-up and wait) is done by the writing lane
-# that writes it when there are several lanes, so the one GPU merge thread only merges (it was
-# busy all along moving outputs besides merging a 7B-shape merge: benchmarks/RESULTS.md, section 19)
-HOST_MOVES_IN_LANES = True
 GPU_TASKS_PER_EVAL = 8  # loaded tasks a GPU merge thread evaluates together, at most
 CPU_TASKS_PER_EVAL = 1  # the CPU's merge threads share the tasks out instead
 
@@ -172,13 +160,10 @@ class _Pipeline:
         workers: int,
         on_event: OnEvent | None = None,
         to_host: bool = True,
-        lanes_move: bool = False,
     ):
         self.plan, self.opts, self.tasks, self.on_event = plan, opts, tasks, on_event
         self.on_cpu = mx.default_device().type != mx.DeviceType.gpu
         self.to_host = to_host and not self.on_cpu
-        # the writing lanes move each output to host memory (`move_to_host`), not the merge thread
-        self.lanes_move = self.to_host and lanes_move
         # fixed up front: a task's output shape may change while it is merged (vocabulary plans)
         self.costs = {id(t): self.cost(t) for t in tasks}
         used = sorted({m for t in tasks for m, _ in t.inputs})
@@ -347,13 +332,13 @@ class _Pipeline:
             start = time.perf_counter()
             for (i, tensors), (out, ok) in zip(arrays, merged):
                 moved = None
-                if self.to_host and not self.lanes_move:
+                if self.to_host:
                     memoryview(out)  # copies the output to host memory here, not in the writing thread
                     # and on an NVIDIA GPU its pages start moving to the host in bulk (waited for before writing)
                     moved = self.staging.to_host(out)
                 kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
                 done.append((i, out, ok, kept, moved))
-            if self.on_event is not None and self.to_host and not self.lanes_move:
+            if self.on_event is not None and self.to_host:
                 for i, _ in batch:
                     self.on_event("host", self.tasks[i], (time.perf_counter() - start) / len(batch))
             del arrays, merged, batch, read  # no input outlives its merge here (the budget let it go)
@@ -385,11 +370,6 @@ class _Pipeline:
         with self.cond:
             self.in_flight -= self.costs[id(task)] - self.released.pop(id(task), 0)
             self.cond.notify_all()
-
-    def move_to_host(self, out: mx.array) -> None:
-        """Bring a merged output to host memory (in bulk on an NVIDIA GPU) and wait until it is there."""
-        memoryview(out)
-        self.staging.wait(self.staging.to_host(out))
 
     def fail(self, error: BaseException) -> None:
         """Stop the pipeline for an error outside it (a write): iterating raises it."""
