@@ -318,7 +318,12 @@ class _Pipeline:
                 arrays = [(i, self.staging.arrays(tensors)) for i, tensors in batch]
                 # the staged inputs' copies are evaluated too (also those a merge does not read)
                 merged = kernels.evaluate_together(
-                    [lambda i=i, ts=ts: merge_task(self.plan, self.tasks[i], self.opts, vocab, list(ts)) for i, ts in arrays],
+                    [
+                        lambda i=i, ts=ts, ok=self._inputs_finite(self.tasks[i], ts): merge_task(
+                            self.plan, self.tasks[i], self.opts, vocab, list(ts), ok
+                        )
+                        for i, ts in arrays
+                    ],
                     also=[x for _, ts in arrays for x in ts],
                 )
             except BaseException:
@@ -350,6 +355,15 @@ class _Pipeline:
                         self.released[id(task)] = self.costs[id(task)] - task.out.nbytes
                         self.in_flight -= self.released[id(task)]
                 self.cond.notify_all()
+
+    def _inputs_finite(self, task: TensorTask, tensors: list[mx.array]) -> bool | None:
+        """On the CPU, whether a task's inputs (read, evaluated) hold no NaN/Inf, where the method
+        may drop elements: one native pass over each (`kernels.finite_cpu`) instead of the merge
+        graph's two maxima. None (the graph checks): on a GPU, where the method keeps every
+        element, for a vocabulary task (its inputs are aligned first), or without the native loop."""
+        if not self.on_cpu or self.plan.method.propagates_nonfinite or task.vocab:
+            return None
+        return kernels.host_all_finite(tensors)
 
     def __iter__(self):
         for i, task in enumerate(self.tasks):
@@ -474,11 +488,17 @@ def _keep_freed_buffers(limit: int) -> None:
 
 
 def merge_task(
-    plan: Plan, task: TensorTask, opts: MergeOptions, vocab=None, tensors: list[mx.array] | None = None
+    plan: Plan,
+    task: TensorTask,
+    opts: MergeOptions,
+    vocab=None,
+    tensors: list[mx.array] | None = None,
+    inputs_finite: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """The lazy graph of one output tensor, and of a flag: no NaN/Inf in it (nor in inputs it may drop).
 
-    `tensors` are the task's inputs when the caller has loaded them already."""
+    `tensors` are the task's inputs when the caller has loaded them already; `inputs_finite`,
+    whether they hold no NaN/Inf when the caller has checked that already (None: checked here)."""
     if tensors is None:
         tensors = [plan.models[m].load(n) for m, n in task.inputs]
     ids = [m for m, _ in task.inputs]
@@ -503,8 +523,10 @@ def merge_task(
         task.out = type(task.out)(task.out.name, tuple(out.shape), task.out.dtype)
     out = out.astype(task.out.dtype) if out.dtype != task.out.dtype else out
     # a method that drops elements (top-k, random masks) could hide a NaN input: check its inputs too
-    watched = [out] if plan.method.propagates_nonfinite else [out, *tensors]
+    watched = [out] if plan.method.propagates_nonfinite or inputs_finite is not None else [out, *tensors]
     flags = [all_finite(x) for x in watched if mx.issubdtype(x.dtype, mx.floating)]
+    if inputs_finite is not None and not plan.method.propagates_nonfinite:
+        flags.append(mx.array(inputs_finite))
     ok = mx.all(mx.stack(flags)) if flags else mx.array(True)
     return out, ok
 

@@ -106,3 +106,48 @@ def test_switched_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("MERGEKIT_MLX_NO_NATIVE", "1")
     assert cpu_native.library("task_merge", DEFINES, 2) is None
     assert not os.path.exists(fresh / "cache" / "cpu")
+
+
+# ---------------- NaN/Inf in one native pass (kernels/nonfinite.cpp) ----------------
+
+SPECIAL = {  # float dtype -> bit patterns of +Inf, a +NaN, -Inf, a -NaN, the largest finite, -0
+    mx.bfloat16: (np.uint16, [0x7F80, 0x7FC1, 0xFF80, 0xFFFF, 0x7F7F, 0x8000]),
+    mx.float16: (np.uint16, [0x7C00, 0x7E01, 0xFC00, 0xFFFF, 0x7BFF, 0x8000]),
+    mx.float32: (np.uint32, [0x7F800000, 0x7FC00001, 0xFF800000, 0xFFFFFFFF, 0x7F7FFFFF, 0x80000000]),
+}
+
+
+def finite_bits(dtype, size: int, rng) -> np.ndarray:
+    """The bit patterns of `size` finite values of `dtype`, of both signs and many exponents."""
+    x = rng.standard_normal(size).astype(np.float32) * np.float32(2.0) ** rng.integers(-10, 10, size).astype(np.float32)
+    if dtype == mx.bfloat16:
+        return (x.view(np.uint32) >> 16).astype(np.uint16)  # truncated: still finite
+    return x.astype(np.float16).view(np.uint16) if dtype == mx.float16 else x.view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", list(SPECIAL), ids=str)
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 1000, 65_537])
+def test_the_native_finiteness_check_agrees_with_numpy_at_every_position(fresh, dtype, size):
+    from mergekit_mlx.kernels import finite_cpu
+
+    rng = np.random.default_rng(size)
+    assert finite_cpu.all_finite([mx.array(finite_bits(dtype, size, rng)).view(dtype)]) is True
+    for where in sorted({0, size // 2, size - 1}):
+        for bad in SPECIAL[dtype][1]:
+            bits = finite_bits(dtype, size, rng)
+            bits[where] = bad
+            x = mx.array(bits).view(dtype)
+            expected = bool(np.all(np.isfinite(np.array(x.astype(mx.float32)))))
+            assert finite_cpu.all_finite([x]) == expected, (size, where, hex(bad))
+    assert cpu_native.library("nonfinite", finite_cpu._defines(dtype), 1) is not None  # the native loop ran
+
+
+def test_the_native_finiteness_check_declines_what_it_does_not_read(fresh, monkeypatch):
+    """float64 (and integers) are left to the MLX graph; so is everything without the native loop."""
+    from mergekit_mlx.kernels import finite_cpu
+
+    with mx.stream(mx.cpu):
+        assert finite_cpu.all_finite([mx.array(np.ones(4)).astype(mx.float64)]) is None
+    assert finite_cpu.all_finite([mx.zeros((0,), dtype=mx.float32), mx.ones((3,))]) is True
+    monkeypatch.setenv("MERGEKIT_MLX_NO_NATIVE", "1")
+    assert finite_cpu.all_finite([mx.ones((3,))]) is None

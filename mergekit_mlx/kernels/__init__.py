@@ -21,7 +21,7 @@ Documented rules (every backend follows them):
 Modules: random (the generator), topk / selection / selection_cpu / selection_gpu (exact top-k),
 task_plan / task_merge / task_merge_cpu / task_merge_gpu (the fused merge), weighted_sums (linear's
 and slerp's sums of weighted tensors), sums (accurate sums), slerp (slerp's sums on the CPU),
-bitlinear (BitNet's layer), staging (what the pipeline asks),
+bitlinear (BitNet's layer), staging (what the pipeline asks), finite_cpu (NaN/Inf on the CPU),
 gpu (launch and first-use checks), checks, cpu_native, cuda_compile, cuda_memory, gpu_reads,
 host (the CPU loops' plumbing), sources.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import bitlinear, gpu, gpu_reads, random, selection, task_merge, weighted_sums
+from .finite_cpu import all_finite as host_all_finite
 from .gpu import use_kernels
 from .random import random_mask, random_uniform, stream_id
 from .selection import magnitude_threshold, topk_mask
@@ -50,6 +51,7 @@ __all__ = [
     "backend",
     "evaluate_together",
     "first_use_checks",
+    "host_all_finite",
     "fused_elementwise",
     "fused_task_merge",
     "kernel_status",

@@ -41,6 +41,7 @@ _SIGNATURES = {
     "task_merge": ("mk_task_merge", [_P, _P, _P, _P, _P, _U64, _U64]),
     "l1_lanes": ("mk_l1_lanes", [_P, _P, _P, _P, _P, _U64, _U64, _U64]),
     "select_count": ("mk_select_count", [_P, _P, _P, _U64, _U64, _U64, _P, _U64, _P, _P]),
+    "nonfinite": ("mk_nonfinite", [_P, _U64, _P]),
 }
 _lock = threading.Lock()
 
