@@ -320,7 +320,7 @@ class _Pipeline:
                 merged = kernels.evaluate_together(
                     [
                         lambda i=i, ts=ts, ok=self._inputs_finite(self.tasks[i], ts): merge_task(
-                            self.plan, self.tasks[i], self.opts, vocab, list(ts), ok
+                            self.plan, self.tasks[i], self.opts, vocab, list(ts), ok, check_output=not self.on_cpu
                         )
                         for i, ts in arrays
                     ],
@@ -336,6 +336,8 @@ class _Pipeline:
             done = []
             start = time.perf_counter()
             for (i, tensors), (out, ok) in zip(arrays, merged):
+                if self.on_cpu:  # the output, evaluated, is checked here (merge_task left it out)
+                    ok = mx.array(bool(ok.item()) and _host_finite(out))
                 moved = None
                 if self.to_host:
                     memoryview(out)  # copies the output to host memory here, not in the writing thread
@@ -449,6 +451,14 @@ class _WriteLanes:
             raise self.error
 
 
+def _host_finite(x: mx.array) -> bool:
+    """Whether an evaluated array holds no NaN/Inf: one native pass on the CPU, else the graph's check."""
+    if not mx.issubdtype(x.dtype, mx.floating):
+        return True
+    native = kernels.host_all_finite([x])
+    return bool(all_finite(x).item()) if native is None else native
+
+
 def _file_of(model, name: str) -> Path:
     info = model.info(name)
     return info.file if getattr(info, "file", None) else model.path
@@ -494,11 +504,13 @@ def merge_task(
     vocab=None,
     tensors: list[mx.array] | None = None,
     inputs_finite: bool | None = None,
+    check_output: bool = True,
 ) -> tuple[mx.array, mx.array]:
     """The lazy graph of one output tensor, and of a flag: no NaN/Inf in it (nor in inputs it may drop).
 
     `tensors` are the task's inputs when the caller has loaded them already; `inputs_finite`,
-    whether they hold no NaN/Inf when the caller has checked that already (None: checked here)."""
+    whether they hold no NaN/Inf when the caller has checked that already (None: checked here);
+    without `check_output` the flag leaves the output out (the caller checks it once evaluated)."""
     if tensors is None:
         tensors = [plan.models[m].load(n) for m, n in task.inputs]
     ids = [m for m, _ in task.inputs]
@@ -523,7 +535,9 @@ def merge_task(
         task.out = type(task.out)(task.out.name, tuple(out.shape), task.out.dtype)
     out = out.astype(task.out.dtype) if out.dtype != task.out.dtype else out
     # a method that drops elements (top-k, random masks) could hide a NaN input: check its inputs too
-    watched = [out] if plan.method.propagates_nonfinite or inputs_finite is not None else [out, *tensors]
+    watched = [out] if check_output else []
+    if not plan.method.propagates_nonfinite and inputs_finite is None:
+        watched += tensors
     flags = [all_finite(x) for x in watched if mx.issubdtype(x.dtype, mx.floating)]
     if inputs_finite is not None and not plan.method.propagates_nonfinite:
         flags.append(mx.array(inputs_finite))

@@ -646,8 +646,8 @@ def test_a_merge_producing_nan_from_finite_inputs_is_stopped_even_with_allow_non
     executor = importlib.import_module("mergekit_mlx.pipeline")
     real = executor.merge_task
 
-    def faulty(plan, task, opts, vocab=None, tensors=None, inputs_finite=None):  # a method bug: NaN out of finite inputs
-        out, ok = real(plan, task, opts, vocab, tensors, inputs_finite)
+    def faulty(plan, task, opts, vocab=None, tensors=None, *rest, **kw):  # a method bug: NaN out of finite inputs
+        out, ok = real(plan, task, opts, vocab, tensors, *rest, **kw)
         if task.out.name == BAD_TENSOR:
             out = out * mx.array(float("nan"))
             ok = mx.all(mx.isfinite(out))
