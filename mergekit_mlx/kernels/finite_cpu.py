@@ -1,10 +1,11 @@
 """Whether evaluated tensors hold a NaN or an Inf, on the CPU in one native pass over each.
 
-The pipeline checks the inputs of a method that may drop elements (a dropped NaN would otherwise
-go unreported). As an MLX graph that is two integer maxima per tensor (`pipeline.all_finite`),
-about a tenth of a CPU TIES merge's time (benchmarks/RESULTS.md, section 19); the native loop
-(kernels/nonfinite.cpp) reads each tensor once. Where it is not built (no compiler,
-MERGEKIT_MLX_NO_NATIVE=1, a failed first-use check) the caller keeps the MLX graph.
+On the CPU the pipeline checks every output once it is evaluated, and the inputs of a method that
+may drop elements (a dropped NaN would otherwise go unreported). As an MLX graph that is two
+integer maxima per tensor (`pipeline.all_finite`, what a GPU runs), about a tenth of a CPU TIES
+merge's time (benchmarks/RESULTS.md, section 19); the native loop (kernels/nonfinite.cpp) reads
+each tensor once. Where it is not built (no compiler, MERGEKIT_MLX_NO_NATIVE=1, a failed first-use
+check) the caller keeps the MLX graph.
 """
 
 from __future__ import annotations
