@@ -149,5 +149,7 @@ def test_the_native_finiteness_check_declines_what_it_does_not_read(fresh, monke
     with mx.stream(mx.cpu):
         assert finite_cpu.all_finite([mx.array(np.ones(4)).astype(mx.float64)]) is None
     assert finite_cpu.all_finite([mx.zeros((0,), dtype=mx.float32), mx.ones((3,))]) is True
+    with K.use_kernels(False):  # --no-kernels: the plain MLX graph checks
+        assert finite_cpu.all_finite([mx.ones((3,))]) is None
     monkeypatch.setenv("MERGEKIT_MLX_NO_NATIVE", "1")
     assert finite_cpu.all_finite([mx.ones((3,))]) is None

@@ -5,7 +5,7 @@ may drop elements (a dropped NaN would otherwise go unreported). As an MLX graph
 integer maxima per tensor (`pipeline.all_finite`, what a GPU runs), about a tenth of a CPU TIES
 merge's time (benchmarks/RESULTS.md, section 19); the native loop (kernels/nonfinite.cpp) reads
 each tensor once. Where it is not built (no compiler, MERGEKIT_MLX_NO_NATIVE=1, a failed first-use
-check) the caller keeps the MLX graph.
+check) or kernels are off (`--no-kernels`) the caller keeps the MLX graph.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from . import cpu_native
+from . import cpu_native, gpu
 
 # float dtype -> (its unsigned integer: numpy, MLX, C), the bits but the sign, +Inf
 _BITS = {
@@ -32,9 +32,9 @@ def _defines(dtype: mx.Dtype) -> tuple[tuple[str, str], ...]:
 
 def all_finite(arrays: Sequence[mx.array]) -> bool | None:
     """True when no array holds a NaN or an Inf, False when one does; None when the native loop
-    cannot tell (a dtype it does not read, or not built): the caller checks another way. The
-    arrays are evaluated here (inputs the pipeline has read already are)."""
-    if not all(a.dtype in _BITS for a in arrays):
+    cannot tell (a dtype it does not read, not built, kernels off): the caller checks another way.
+    The arrays are evaluated here (inputs the pipeline has read already are)."""
+    if not gpu.enabled() or not all(a.dtype in _BITS for a in arrays):
         return None
     out = np.zeros(1, dtype=np.uint64)
     for a in arrays:
