@@ -444,22 +444,28 @@ def write_model(job: OutputJob, out: Path, opts: MergeOptions, produce: Produce,
     if world is not None and not world.alone:
         return _write_across_ranks(job, out, opts, produce, world)
     out = _absolute(out)
-    check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
     fingerprint = _fingerprint(job, opts)
     fmt = writer_class(opts.out_format) if job.writer is None else None
     single_file = fmt is not None and fmt.single_file and out.suffix.lower() == Path(fmt.file_name).suffix
     resumable = fmt is not None and fmt.resumable
-    if fmt is not None:
+    partial = _claim_output(out, job, opts, check_space=fmt is not None)
+    try:
+        return _fill_and_commit(job, out, opts, produce, partial, fingerprint, single_file, resumable)
+    finally:
+        partial.close()
+
+
+def _claim_output(out: Path, job: OutputJob, opts: MergeOptions, check_space: bool) -> PartialOutput:
+    """Before anything is written: the output's place checked (and its free space, for a format
+    whose size is known up front), its parent folders made, and its `.NAME.partial` taken, locked."""
+    check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
+    if check_space:
         _check_free_space(out, job, opts)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from None
-    partial = open_partial(out)
-    try:
-        return _fill_and_commit(job, out, opts, produce, partial, fingerprint, single_file, resumable)
-    finally:
-        partial.close()
+    return open_partial(out)
 
 
 def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprint, single_file, resumable) -> Path:
@@ -545,13 +551,7 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
         nonlocal partial
         if not rank0:
             return {}
-        check_output_location(out, job.inputs, force=opts.force, resume=opts.resume)
-        _check_free_space(out, job, opts)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from None
-        partial = open_partial(out)
+        partial = _claim_output(out, job, opts, check_space=True)
         done, digests, why = _kept_shards(partial, fingerprint, job.input_files) if opts.resume else ({}, None, "")
         if why:
             print(f"mergekit-mlx: not resuming: {why}; merging everything again", file=sys.stderr)
