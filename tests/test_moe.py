@@ -319,6 +319,16 @@ def dense_logits(path: Path, ids: list[int]) -> np.ndarray:
     return np.array(model(mx.array([ids])), dtype=np.float64)
 
 
+def assert_mlx_lm_and_transformers_agree(path: Path) -> None:
+    """The model at `path` gives the same logits in mlx-lm and in transformers."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    ids = token_ids(path, ["merge the good model"])[0]
+    theirs = AutoModelForCausalLM.from_pretrained(str(path))(torch.tensor([ids])).logits.detach().double().numpy()
+    np.testing.assert_allclose(dense_logits(path, ids), theirs, atol=1e-4)
+
+
 def test_identical_experts_give_the_dense_models_logits(llama):
     cfg = moe_config(llama["a"], {"a": llama["a"], "b": llama["a"], "c": llama["a"]})
     model, tokenizer = build_moe(cfg, allow_all_same=True).to_mlx_lm()
@@ -328,9 +338,8 @@ def test_identical_experts_give_the_dense_models_logits(llama):
 
 
 def test_the_output_generates_in_mlx_lm_and_transformers_agrees(llama, tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from mlx_lm import generate
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "moe"
     build_moe(moe_config(llama["base"], {"a": llama["a"], "b": llama["b"], "c": llama["c"]}), out)
@@ -338,19 +347,13 @@ def test_the_output_generates_in_mlx_lm_and_transformers_agrees(llama, tmp_path)
 
     model, tokenizer = mlx_lm_config.load(out)
     assert isinstance(generate(model, tokenizer, "hello world", max_tokens=3), str)
-    ids = token_ids(out, ["merge the good model"])[0]
-    ours = np.array(model(mx.array([ids])), dtype=np.float64)
-    theirs = AutoModelForCausalLM.from_pretrained(str(out))(torch.tensor([ids])).logits.detach().double().numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert_mlx_lm_and_transformers_agree(out)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_qwen_outputs_load_in_mlx_lm_and_transformers_alike(arch, tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import arch_models
-    from transformers import AutoModelForCausalLM
-
-    from mergekit_mlx import mlx_lm_config
 
     fam = arch_models.build_family(arch, tmp_path / "family")
     cfg = {
@@ -372,19 +375,11 @@ def test_qwen_outputs_load_in_mlx_lm_and_transformers_alike(arch, tmp_path):
     assert got["model.layers.3.mlp.experts.1.up_proj.weight"].tobytes() == src["model.layers.3.mlp.up_proj.weight"].tobytes()
     if arch == "qwen2":
         assert got["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 32)
-    model, _ = mlx_lm_config.load(out)
-    ids = token_ids(out, ["merge the good model"])[0]
-    ours = np.array(model(mx.array([ids])), dtype=np.float64)
-    theirs = AutoModelForCausalLM.from_pretrained(str(out))(torch.tensor([ids])).logits.detach().double().numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert_mlx_lm_and_transformers_agree(out)
 
 
 def test_a_llama_base_makes_a_qwen2_moe_with_zero_attention_biases(llama, tmp_path):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    from mergekit_mlx import mlx_lm_config
-
+    pytest.importorskip("torch")
     cfg = moe_config(llama["base"], {"a": llama["a"], "b": llama["b"]}, architecture="qwen")
     cfg["shared_experts"] = [{"source_model": str(llama["c"]), "positive_prompts": PROMPTS["c"]}]
     out = tmp_path / "moe"
@@ -393,11 +388,7 @@ def test_a_llama_base_makes_a_qwen2_moe_with_zero_attention_biases(llama, tmp_pa
     assert not got["model.layers.1.self_attn.k_proj.bias"].any() and got["model.layers.1.self_attn.k_proj.bias"].shape == (16,)
     c = load_file(str(llama["c"] / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
     assert got["model.layers.1.mlp.shared_expert.down_proj.weight"].tobytes() == c.tobytes()
-    model, _ = mlx_lm_config.load(out)
-    ids = token_ids(out, ["merge the good model"])[0]
-    ours = np.array(model(mx.array([ids])), dtype=np.float64)
-    theirs = AutoModelForCausalLM.from_pretrained(str(out))(torch.tensor([ids])).logits.detach().double().numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert_mlx_lm_and_transformers_agree(out)
 
 
 def test_tokenizer_source_and_chat_template_shape_the_written_tokenizer(llama, tmp_path):
