@@ -134,6 +134,7 @@ def child(args: argparse.Namespace) -> None:
 
     output.file_digest = timed_file_digest
     readers: dict[str, int] = {}  # tensor -> read events so far (a task's inputs may come from several readers)
+    tasks: dict[str, int] = {}  # tensor -> its input bytes
 
     def on_event(what: str, task, seconds: float) -> None:
         now = time.time() - t0
@@ -145,7 +146,6 @@ def child(args: argparse.Namespace) -> None:
             if what == "read":
                 tasks[task.out.name] = task.in_bytes
 
-    tasks: dict[str, int] = {}
     opts = mergekit_mlx.MergeOptions(device=args.device, copy_tokenizer=False, progress=False, random_seed=0, force=True)
     if "batch" in setting:
         from mergekit_mlx.arguments import parse_size

@@ -539,7 +539,7 @@ def merge_task(
     if not plan.method.propagates_nonfinite and inputs_finite is None:
         watched += tensors
     flags = [all_finite(x) for x in watched if mx.issubdtype(x.dtype, mx.floating)]
-    if inputs_finite is not None and not plan.method.propagates_nonfinite:
+    if inputs_finite is not None:
         flags.append(mx.array(inputs_finite))
     ok = mx.all(mx.stack(flags)) if flags else mx.array(True)
     return out, ok
