@@ -36,6 +36,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -295,7 +296,9 @@ def main() -> None:
     p.add_argument("--setting", default="", help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help="runs of each setting; the fastest is shown (default 1)")
     p.add_argument("--slice", type=float, default=0.25, help="seconds per row of the chart (default 0.25)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/merge-timeline"), help="outputs and records (default %(default)s)")
+    p.add_argument(
+        "--work", type=Path, default=Path("/tmp"), help="outputs and records go in a new folder inside (default %(default)s)"
+    )
     p.add_argument("--sync", action="store_true", help="flush dirty pages to disk before each run (untimed)")
     args = p.parse_args()
     if args.child:
@@ -304,11 +307,20 @@ def main() -> None:
         return
     if args.family is None:
         p.error("--family is needed")
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.work = Path(tempfile.mkdtemp(prefix="merge-timeline-", dir=args.work))  # ours alone, removed at the end
+    try:
+        compare(args)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run every setting (`--settings`) `--repeat` times in `args.work` and print the tables."""
     sys.path.insert(0, str(HERE))
     import bench
 
     base, ft1, ft2 = (args.family / n for n in ("base", "ft1", "ft2"))
-    args.work.mkdir(parents=True, exist_ok=True)
     recipe = args.work / f"{args.method}.yml"
     recipe.write_text(bench.recipe(args.method, base, [ft1, ft2]))
     inputs = [f for d in bench.inputs_of(args.method, base, [ft1, ft2]) for f in d.glob("*.safetensors")]
@@ -345,7 +357,8 @@ def main() -> None:
     print("\n### steps, fastest run of each setting\n")
     print("\n".join(step_rows(best)))
     same = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
-    print(f"\noutputs {'identical' if same else 'DIFFERENT'} across settings ({len(next(iter(digests.values())))} shards)")
+    if digests:
+        print(f"\noutputs {'identical' if same else 'DIFFERENT'} across settings ({len(next(iter(digests.values())))} shards)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How fast this machine's page cache takes a model's worth of writes: one file or several at once.
 
 A merge's output is written through the page cache on a host with cores to spare. This writes
-`--gb` GB as the shard writer does (each file preallocated, 64 MiB writes from host memory, no
+`--gb` GB, in a new folder inside `--dir`, as the shard writer does (each file preallocated, 64 MiB writes from host memory, no
 fsync) in three ways: one file by one thread; one file by several threads, each its own slice
 (`pwrite` at its offsets); and the same bytes spread over several files, a thread each. Files are
 removed after each way (their dirty pages dropped, never written back), and `sync` runs between
@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,10 +40,10 @@ def write_span(path: Path, offset: int, nbytes: int, data: memoryview, flags: in
         os.close(fd)
 
 
-def one_way(directory: Path, total: int, files: int, threads_per_file: int, data: memoryview) -> float:
-    """Seconds to write `total` bytes as `files` files, each by `threads_per_file` threads."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+def one_way(parent: Path, total: int, files: int, threads_per_file: int, data: memoryview) -> float:
+    """Seconds to write `total` bytes as `files` files, each by `threads_per_file` threads, in a new
+    folder inside `parent` (removed after: nothing else in `parent` is touched)."""
+    directory = Path(tempfile.mkdtemp(prefix="page-cache-writes-", dir=parent))
     os.sync()
     per_file = total // files
     jobs = []
@@ -68,10 +69,13 @@ def one_way(directory: Path, total: int, files: int, threads_per_file: int, data
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=Path("/tmp/page-cache-writes"), help="a folder on the disk to measure")
+    p.add_argument(
+        "--dir", type=Path, default=Path("/tmp"), help="a folder on the disk to measure (the files go in a new folder inside)"
+    )
     p.add_argument("--gb", type=float, default=4.0, help="GB written by each way (default 4)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each way; the fastest counts (default 2)")
     args = p.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
     total = int(args.gb * 1e9) // CHUNK * CHUNK
     data = memoryview(np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8))
     ways = [(1, 1), (1, 4), (2, 1), (3, 1), (4, 1), (8, 1)]
