@@ -3,13 +3,10 @@ machine without a GPU can check it: the byte spans it reads, the copy kernel's i
 (compiled for the CPU), and the pipeline's hand-over of staged inputs (a stand-in reader that
 stages into host memory). benchmarks/gpu_check.sh runs the real thing on a GPU."""
 
-import ctypes
-import mmap
 import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -232,126 +229,3 @@ def test_a_failed_merge_hands_back_its_staged_inputs(family, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="the merge failed"):
         merge(recipe, tmp_path / "out")
     assert reader.staged and sorted(reader.released) == sorted(reader.staged)
-
-
-_PINNED: list = []
-
-
-class HostDriver:
-    """Stands in for the CUDA driver with host memory: "device" memory is a host buffer, copies are
-    memmove at once, and page locking records what is locked (each range page-aligned, none twice)."""
-
-    def __init__(self, refuse_register: bool = False):
-        self.refuse_register = refuse_register
-        self.buffers: dict[int, ctypes.Array] = {}
-        self.locked: dict[int, int] = {}  # address -> bytes
-        self.registered = 0  # ranges ever locked
-
-    def _buffer(self, size: int) -> int:
-        buf = ctypes.create_string_buffer(size)
-        self.buffers[ctypes.addressof(buf)] = buf
-        return ctypes.addressof(buf)
-
-    alloc = _buffer
-
-    def pinned(self, size: int) -> int:  # kept per thread for the process, as the real ones are
-        buf = ctypes.create_string_buffer(size)
-        _PINNED.append(buf)
-        return ctypes.addressof(buf)
-
-    def free(self, ptr: int) -> None:
-        del self.buffers[ptr]
-
-    def keep_pool(self, size: int) -> None:
-        pass
-
-    def copy_in(self, dst: int, src: int, size: int) -> None:
-        ctypes.memmove(dst, src, size)
-
-    def sync(self) -> None:
-        pass
-
-    def register(self, ptr: int, size: int) -> None:
-        if self.refuse_register:
-            raise OSError("cuMemHostRegister failed with CUDA error 801")
-        page = mmap.PAGESIZE
-        assert ptr % page == 0 and size % page == 0 and size > 0
-        assert all(ptr + size <= a or a + n <= ptr for a, n in self.locked.items()), "pages locked twice"
-        self.locked[ptr] = size
-        self.registered += 1
-
-    def unregister(self, ptr: int) -> None:
-        del self.locked[ptr]
-
-
-def _mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="counts mappings in /proc/self/maps (Linux)")
-@pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 5000, 3 * 4096 + 17])
-@pytest.mark.parametrize("nbytes", [1, 100, 4096, 8191, 3 * 4096 + 5, 300_001])
-def test_mapped_reads_copy_every_byte_of_the_span_and_unlock_every_page(tmp_path, offset, nbytes):
-    """The mapped way: whole pages inside the span come from the file's mapped pages, locked piece
-    by piece, the partial pages at either end through the buffers; every byte arrives, every page
-    is unlocked and every mapping gone afterwards."""
-    data = np.random.default_rng(nbytes + offset).integers(0, 256, size=offset + nbytes + 999, dtype=np.uint8)
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(data.tobytes())
-    drv = HostDriver()
-    reader = gpu_reads.Reader(drv, 0, mapped=True)
-    reader.mapped_min, reader.piece = 0, 2 * mmap.PAGESIZE
-    dst = drv.alloc(nbytes)
-    before = _mappings()
-    reader.fill(path, offset, nbytes, dst)
-    assert ctypes.string_at(dst, nbytes) == data[offset : offset + nbytes].tobytes()
-    assert drv.locked == {} and _mappings() == before
-    whole_pages = ((offset + nbytes) // 4096 - -(-offset // 4096)) * 4096
-    assert drv.registered == (-(-whole_pages // (2 * 4096)) if whole_pages >= 4096 else 0)
-    assert reader.mapped
-
-
-def test_pages_the_driver_refuses_are_read_through_the_buffers_from_then_on(tmp_path):
-    data = np.arange(5 * 4096 + 77, dtype=np.uint32).astype(np.uint8)
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(data.tobytes())
-    drv = HostDriver(refuse_register=True)
-    reader = gpu_reads.Reader(drv, 0, mapped=True)
-    reader.mapped_min = 0
-    before = _mappings()
-    for offset in (3, 10):
-        dst = drv.alloc(4 * 4096)
-        reader.fill(path, offset, 4 * 4096, dst)
-        assert ctypes.string_at(dst, 4 * 4096) == data[offset : offset + 4 * 4096].tobytes()
-        assert not reader.mapped  # refused once: not tried again
-    assert drv.locked == {} and _mappings() == before
-
-
-def test_a_file_shorter_than_its_header_says_is_named_not_mapped_past_its_end(tmp_path):
-    """The CPU never touches a mapped page, and a span past the file's end is not mapped at all: the
-    buffered read names the file."""
-    from mergekit_mlx.errors import ModelError
-
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(bytes(10 * 4096))
-    drv = HostDriver()
-    reader = gpu_reads.Reader(drv, 0, mapped=True)
-    reader.mapped_min = 0
-    dst = drv.alloc(12 * 4096)
-    with pytest.raises(ModelError, match="model.safetensors: the file ends before its header says"):
-        reader.fill(path, 100, 12 * 4096, dst)
-    assert drv.registered == 0 and drv.locked == {}
-
-
-def test_small_tensors_and_readers_without_the_mapped_way_use_the_buffers(tmp_path):
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(bytes(range(256)) * 1024)
-    for mapped, mapped_min in ((True, 1 << 20), (False, 0)):
-        drv = HostDriver()
-        reader = gpu_reads.Reader(drv, 0, mapped=mapped)
-        reader.mapped_min = mapped_min
-        dst = drv.alloc(100_000)
-        reader.fill(path, 1, 100_000, dst)
-        assert ctypes.string_at(dst, 100_000) == (bytes(range(256)) * 1024)[1:100_001]
-        assert drv.registered == 0

@@ -23,8 +23,6 @@ _CU_STREAM_NON_BLOCKING = 1
 _CU_MEM_LOCATION_TYPE_DEVICE = 1
 _CU_MEM_LOCATION_TYPE_HOST = 2
 _CU_DEVICE_CPU = -1
-_CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED = 113
-_CU_MEMHOSTREGISTER_READ_ONLY = 0x08
 
 
 class _Location(ctypes.Structure):
@@ -71,23 +69,6 @@ class _Driver:
         p = ctypes.c_void_p()
         self.check(self.lib.cuMemHostAlloc(ctypes.byref(p), ctypes.c_size_t(size), ctypes.c_uint(0)), "cuMemHostAlloc")
         return p.value
-
-    def can_register_read_only(self) -> bool:
-        """Whether the device takes host pages the process may only read (a file mapped PROT_READ)."""
-        got = ctypes.c_int()
-        rc = self.lib.cuDeviceGetAttribute(ctypes.byref(got), _CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED, self.device)
-        return rc == 0 and got.value == 1 and hasattr(self.lib, "cuMemHostRegister_v2")
-
-    def register(self, ptr: int, size: int) -> None:
-        """Page-lock host pages the device will only read (the copy engine then reads them directly)."""
-        self.stream()  # the context current in this thread
-        rc = self.lib.cuMemHostRegister_v2(
-            ctypes.c_void_p(ptr), ctypes.c_size_t(size), ctypes.c_uint(_CU_MEMHOSTREGISTER_READ_ONLY)
-        )
-        self.check(rc, "cuMemHostRegister")
-
-    def unregister(self, ptr: int) -> None:
-        self.check(self.lib.cuMemHostUnregister(ctypes.c_void_p(ptr)), "cuMemHostUnregister")
 
     def alloc(self, size: int) -> int:
         """Device memory from the device's stream-ordered pool, on this thread's stream."""
