@@ -15,7 +15,8 @@ prints, per run:
 `--settings` compares ways of running the same merge, each a comma-separated list of KEY=VALUE,
 settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N shards side by side
 (`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
-`per_eval=N` evaluates up to N tasks together on a GPU, and `prove=0` (a diagnosis, not an option of
+`per_eval=N` evaluates up to N tasks together on a GPU, `cache=N` limits MLX's cache of freed buffers to N
+bytes, and `prove=0` (a diagnosis, not an option of
 the tool) skips hashing the inputs for `--resume`. The outputs of all settings are compared (the
 same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages (an
 earlier run's output) to disk before each run, untimed.
@@ -69,10 +70,12 @@ def child(args: argparse.Namespace) -> None:
     setting = dict(kv.split("=", 1) for kv in args.setting.split(",") if kv)
     if "lanes" in setting:
         safetensors._WRITE_LANES = int(setting["lanes"])
-    if "lanes_move" in setting:  # write lanes move GPU outputs to host memory (kernels off the merge thread)
-        pipeline.HOST_MOVES_IN_LANES = setting["lanes_move"] == "1"
     if "per_eval" in setting:
         pipeline.GPU_TASKS_PER_EVAL = int(setting["per_eval"])
+    if "cache" in setting:  # MLX's cache of freed buffers, in bytes (0: none is kept for reuse)
+        import mlx.core as mx
+
+        mx.set_cache_limit(int(setting["cache"]))
     if setting.get("prove") == "0":  # a diagnosis: the merge without hashing its inputs for --resume
         output.prove_inputs = lambda files, record: None
 
