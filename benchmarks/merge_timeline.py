@@ -16,7 +16,7 @@ prints, per run:
 settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N shards side by side
 (`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
 `per_eval=N` evaluates up to N tasks together on a GPU, `cache=N` limits MLX's cache of freed buffers to N
-bytes, and `prove=0` (a diagnosis, not an option of
+bytes, `chunk=1M` reads inputs into GPU memory in pieces of that size (`kernels/gpu_reads.py`), and `prove=0` (a diagnosis, not an option of
 the tool) skips hashing the inputs for `--resume`. The outputs of all settings are compared (the
 same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages (an
 earlier run's output) to disk before each run, untimed.
@@ -72,6 +72,11 @@ def child(args: argparse.Namespace) -> None:
         safetensors._WRITE_LANES = int(setting["lanes"])
     if "per_eval" in setting:
         pipeline.GPU_TASKS_PER_EVAL = int(setting["per_eval"])
+    if "chunk" in setting:  # bytes per pread and copy when reading into GPU memory (kernels/gpu_reads.py)
+        from mergekit_mlx.arguments import parse_size
+        from mergekit_mlx.kernels import gpu_reads
+
+        gpu_reads.CHUNK = parse_size(setting["chunk"])
     if "cache" in setting:  # MLX's cache of freed buffers, in bytes (0: none is kept for reuse)
         import mlx.core as mx
 
