@@ -15,9 +15,10 @@ prints, per run:
 `--settings` compares ways of running the same merge, each a comma-separated list of KEY=VALUE,
 settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N shards side by side
 (`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
-`per_eval=N` evaluates up to N tasks together on a GPU, `cache=N` limits MLX's cache of freed buffers to N
-bytes, `chunk=1M` reads inputs into GPU memory in pieces of that size (`kernels/gpu_reads.py`), and `prove=0` (a diagnosis, not an option of
-the tool) skips hashing the inputs for `--resume`. The outputs of all settings are compared (the
+`per_eval=N` evaluates up to N tasks together on a GPU, `cache=N` limits MLX's cache of freed
+buffers to N bytes, `chunk=1M` reads inputs into GPU memory in pieces of that size
+(`kernels/gpu_reads.py`), and `prove=0` (a diagnosis, not an option of the tool) skips hashing the
+inputs for `--resume`. The outputs of all settings are compared (the
 same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages (an
 earlier run's output) to disk before each run, untimed.
 
