@@ -105,6 +105,35 @@ def read_into_cache(paths: list[Path]) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
+def interpreter_of(script: str) -> str:
+    """The Python a console script runs under (its #! line), else this one."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode(errors="replace").strip()
+    except OSError:
+        return sys.executable
+    python = first[2:].split()[0] if first.startswith("#!") and len(first) > 2 else ""
+    return python if python and Path(python).exists() else sys.executable
+
+
+def compile_bytecode(pythons: list[str]) -> float:
+    """Compile the bytecode of every package these interpreters import from, and of mergekit_mlx,
+    as `pip install` leaves an installed package; returns the seconds it took. Without it, a
+    machine that sets PYTHONDONTWRITEBYTECODE=1 and installs with --no-compile has every run
+    compile each module it imports (0.8-0.9 s of a GPU merge, benchmarks/RESULTS.md 21)."""
+    start = time.perf_counter()
+    where = "import sysconfig as s; print(*{s.get_path('purelib'), s.get_path('platlib')}, sep=chr(10))"
+    ours = "import importlib.util as u; print(*u.find_spec('mergekit_mlx').submodule_search_locations, sep=chr(10))"
+    for python in dict.fromkeys(pythons):
+        dirs = subprocess.run([python, "-c", where], capture_output=True, text=True).stdout.split("\n")
+        if python == sys.executable:
+            dirs += subprocess.run([python, "-c", ours], capture_output=True, text=True).stdout.split("\n")
+        dirs = [d for d in dict.fromkeys(dirs) if d and Path(d).is_dir()]
+        # a failure to compile some file (an example in a package's tests) leaves it as it was
+        subprocess.run([python, "-m", "compileall", "-q", "-j", "0", *dirs], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def machine_description(device: str) -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = f"{os.cpu_count()}-core {platform.machine()} CPU, {mem:.0f} GiB"
@@ -233,6 +262,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per tool and method; the fastest counts")
     p.add_argument("--warmup", action="store_true", help="one untimed run of each tool and method first")
     p.add_argument("--compare", action="store_true", help="compare the two tools' outputs (a few tensors)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave the tools' bytecode as it is (by default it is compiled first, as pip install does)",
+    )
     p.add_argument("--mlx-arg", action="append", default=[], help="extra argument for mergekit-mlx run (repeatable)")
     add_shape_arguments(p)
     args = p.parse_args()
@@ -261,6 +295,11 @@ def main() -> None:
     read_gbs = read_into_cache([f for d in (base, *fts) for f in d.glob("*.safetensors")])
     print(f"machine: {machine_description(args.device)}", flush=True)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; page-cache read {read_gbs:.1f} GB/s", flush=True)
+    if args.no_compile:
+        print(f"bytecode left as it is (sys.flags.dont_write_bytecode={sys.flags.dont_write_bytecode})", flush=True)
+    else:
+        pythons = [sys.executable] + ([interpreter_of(mergekit)] if mergekit else [])
+        print(f"bytecode of both tools' packages compiled in {compile_bytecode(pythons):.1f} s", flush=True)
 
     runs: list[Run] = []
     sizes: dict[str, tuple[int, int]] = {}
