@@ -5,8 +5,7 @@ Each run is a whole process (`merge_timeline.py --child`) that merges through `m
 plan made, first-use checks done, shards closed, merge returned) and every pipeline event: each
 task's inputs read (per reader), merged, on their way to host memory (GPU), written (per writing
 thread), with its bytes; and the time spent hashing shards for the resume state (a thread of its
-own), and the input files hashed for the resume proof (a thread of its own, "prove"). The parent
-prints, per run:
+own). The parent prints, per run:
 
 - the steps, in seconds since the process was started;
 - per stage: its first start and last end, the seconds its threads were busy, bytes and GB/s;
@@ -17,10 +16,9 @@ settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N sh
 (`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
 `per_eval=N` evaluates up to N tasks together on a GPU, `cache=N` limits MLX's cache of freed
 buffers to N bytes, `chunk=1M` reads inputs into GPU memory in pieces of that size
-(`kernels/gpu_reads.py`), and `prove=0` (a diagnosis, not an option of the tool) skips hashing the
-inputs for `--resume`. The outputs of all settings are compared (the
-same bytes). Inputs are read into the page cache before the runs; `--sync` flushes dirty pages (an
-earlier run's output) to disk before each run, untimed.
+(`kernels/gpu_reads.py`). The outputs of all settings are compared (the same bytes). Inputs are
+read into the page cache before the runs; `--sync` flushes dirty pages (an earlier run's output) to
+disk before each run, untimed.
 
     python3 benchmarks/merge_timeline.py --family /dev/shm/fam7b --device gpu --settings "lanes=1;" --repeat 2
     python benchmarks/merge_timeline.py --family /tmp/family --device cpu --method ties
@@ -44,7 +42,7 @@ from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STAGES = ("read", "merge", "merge: staged inputs", "merge: evaluate", "merge: release inputs", "host", "write", "hash", "prove")
+STAGES = ("read", "merge", "merge: staged inputs", "merge: evaluate", "merge: release inputs", "host", "write", "hash")
 
 
 # ----------------------------------------------------------------------------- the child: one merge
@@ -82,8 +80,6 @@ def child(args: argparse.Namespace) -> None:
         import mlx.core as mx
 
         mx.set_cache_limit(int(setting["cache"]))
-    if setting.get("prove") == "0":  # a diagnosis: the merge without hashing its inputs for --resume
-        output.prove_inputs = lambda files, record: None
 
     def wrap(owner, name: str, before: str | None, after: str):
         real = getattr(owner, name)
@@ -133,18 +129,6 @@ def child(args: argparse.Namespace) -> None:
     mergekit_mlx.kernels.evaluate_together = timed_part("merge: evaluate", mergekit_mlx.kernels.evaluate_together)
     staging.Staging.arrays = staticmethod(timed_part("merge: staged inputs", staging.Staging.arrays))
     staging.Staging.release = timed_part("merge: release inputs", staging.Staging.release)
-    real_file_digest = output.file_digest
-
-    def timed_file_digest(path):  # the input files hashed for the resume proof (a thread of its own)
-        start = time.time()
-        digest = real_file_digest(path)
-        with lock:
-            events.append(
-                ("prove", str(path), time.time() - t0, time.time() - start, Path(path).stat().st_size, threading.get_native_id())
-            )
-        return digest
-
-    output.file_digest = timed_file_digest
     readers: dict[str, int] = {}  # tensor -> read events so far (a task's inputs may come from several readers)
     tasks: dict[str, int] = {}  # tensor -> its input bytes
 

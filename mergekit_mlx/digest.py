@@ -1,15 +1,27 @@
-"""The content digest that tells files apart for `--resume`: shards written, inputs read.
+"""What tells files apart for `--resume`: the shards written by content, the inputs read by identity.
 
-XXH3-128: not cryptographic, chosen for speed (benchmarks/RESULTS.md). It tells a re-downloaded or
-edited file from the one recorded, which is what a resume must prove; whoever can edit the inputs
-on purpose could change the merge anyway.
+A shard's digest is XXH3-128 of its bytes: not cryptographic, chosen for speed (benchmarks/RESULTS.md);
+it tells a shard cut short by a power loss from the one recorded. An input's identity is its size,
+modification and change times and inode, taken in one stat when the merge starts: an input edited,
+replaced or re-downloaded since has another change time or inode (neither can be set back by a user,
+unlike the modification time). Taking it costs one stat, where hashing every input slowed each merge
+and made a resume read every input again first (benchmarks/RESULTS.md 21). Whoever can edit the
+inputs on purpose could change the merge anyway.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import xxhash
+
+
+def file_identity(path: str | Path) -> str:
+    """The identity of the file a path names (links followed): size, modification and change times
+    (ns), inode. OSError when it cannot be read."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def new_digest():

@@ -19,8 +19,9 @@ every rank reported its shards (`_write_across_ranks`).
 What a failed run leaves behind: a validation error leaves nothing; an error while merging or
 writing (non-finite values, a full disk) removes `.NAME.partial`, since rerunning the same command
 could not use it; only an interruption (Ctrl-C, a kill, a power loss) leaves it, for `--resume`.
-A resume keeps finished shards only when the recipe and options are the same and every input file
-has the same bytes as when those shards were written (content hashes, not size and time).
+A resume keeps finished shards only when the recipe and options are the same, every input file is
+the one the interrupted run read (its identity: size, modification and change times, inode; see
+digest.py) and every kept shard has the bytes recorded when it was finished (its content hash).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import mlx.core as mx
 
 from . import distributed
 from .chat_template import apply_chat_template
-from .digest import file_digest
+from .digest import file_digest, file_identity
 from .distributed import World
 from .dtypes import safetensors_code
 from .errors import MergeKitError, OutputError, RunInterrupted, warn_once
@@ -55,7 +56,7 @@ from .options import MergeOptions
 from .plan import Plan, human_bytes
 
 MANIFEST = ".mergekit-mlx-output.json"  # in every output directory: the files this tool wrote there
-STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input hashes, shards
+STATE_FILE = ".mergekit-mlx-state.json"  # in `.NAME.partial`: owner, fingerprint, input identities, shards
 RANK_STATE = ".mergekit-mlx-state.rank{rank}.json"  # beside it, in a distributed merge: what rank N > 0 finished
 GGUF_MARKER = b"mergekit_mlx.output"  # a GGUF metadata key this tool writes into every GGUF it makes
 GGUF_MARKER_SPAN = 1 << 16  # bytes of a GGUF file searched for the marker (it is written among the first keys)
@@ -213,18 +214,19 @@ def _is_our_partial(partial: Path) -> bool:
 
 
 def prove_inputs(files: Sequence[str], record: Callable[[dict[str, str]], None]) -> None:
-    """Hash every input file (`hash_files`) on a thread of its own while the merge runs and hand the
-    digests to `record`, so that a later `--resume` can prove its inputs are the same bytes."""
+    """Hand the input files' identities (`identify_files`) to `record` before the merge reads them,
+    so that a later `--resume` can prove its inputs are the files this run read."""
+    try:
+        record(identify_files(files))
+    except OSError:
+        # an unreadable input fails the merge itself, with a better message; a state that cannot be
+        # written leaves the interrupted run unprovable, so a resume starts over
+        pass
 
-    def run() -> None:
-        try:
-            record(hash_files(files))
-        except OSError:
-            # an unreadable input fails the merge itself, with a better message; a state that cannot
-            # be written leaves the interrupted run unprovable, so a resume starts over
-            pass
 
-    threading.Thread(target=run, name="mergekit-mlx-input-hash", daemon=True).start()
+def identify_files(files: Sequence[str]) -> dict[str, str]:
+    """file -> its identity (`digest.file_identity`)."""
+    return {f: file_identity(f) for f in files}
 
 
 def hash_files(files: Sequence[str]) -> dict[str, str]:
@@ -247,14 +249,14 @@ class PartialOutput:
     def save_state(self, **changes) -> None:
         with self.lock:
             if not self.filling:
-                return  # a late update (the input hashes) after the output was finished or removed
+                return  # a late update (a shard's record) after the output was finished or removed
             self.state.update(changes)
             tmp = self.path / (self.state_name + ".tmp")
             tmp.write_text(json.dumps(self.state))
             os.replace(tmp, self.path / self.state_name)  # a kill mid-write leaves the previous state, never a torn one
 
     def finished(self) -> None:
-        """No state is written from now on (the hashing thread may still be running)."""
+        """No state is written from now on."""
         with self.lock:
             self.filling = False
 
@@ -362,7 +364,7 @@ def _start_partial(partial: PartialOutput, tmp: Path, done: dict, state: dict) -
 
 
 def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> tuple[dict[str, str], dict[str, str] | None, str]:
-    """Shards of an interrupted run that may be kept, the inputs' hashes now, and why none are kept."""
+    """Shards of an interrupted run that may be kept, the inputs' identities now, and why none are kept."""
     if not (partial.path / STATE_FILE).exists():
         return {}, None, ""  # no interrupted run: nothing to resume, nothing to say
     try:
@@ -370,7 +372,7 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
         shards, inputs = state["shards"], state.get("inputs")
         if state.get("fingerprint") != fingerprint:
             return {}, None, "the recipe or the options differ from the interrupted run's"
-        # a distributed merge's other ranks recorded their shards, and hashed their inputs, beside it
+        # a distributed merge's other ranks recorded their shards, and identified their inputs, beside it
         rank_shards, rank_inputs = _rank_records(partial.path, fingerprint)
         shards = {**rank_shards, **shards}
         inputs = {**rank_inputs, **inputs} if isinstance(inputs, dict) else (rank_inputs or None)
@@ -379,9 +381,9 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, None, "its state file is missing or cut short"
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
-        return {}, None, "the interrupted run had not finished hashing its inputs"
+        return {}, None, "the interrupted run did not record its inputs"
     try:
-        now = hash_files(files)
+        now = identify_files(files)
     except OSError:
         return {}, None, "an input cannot be read"
     changed = [f for f in files if now[f] != inputs[f]]
@@ -401,7 +403,7 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
 
 def _rank_records(directory: Path, fingerprint: str) -> tuple[dict[str, str], dict[str, str]]:
     """The shards that the other ranks of an interrupted distributed merge recorded, and the input
-    files they hashed (their states of the same fingerprint)."""
+    files they identified (their states of the same fingerprint)."""
     shards: dict[str, str] = {}
     inputs: dict[str, str] = {}
     for path in sorted(directory.glob(RANK_STATE.format(rank="*"))):
@@ -433,8 +435,8 @@ class OutputJob:
     # a writer outside the --out-format table (an adapter's), made for the temporary directory: its
     # output is a directory, never resumed, its size not checked up front
     writer: Callable[[Path], Writer] | None = None
-    # the input files an output tensor is read from: a rank of a distributed merge hashes only those
-    # of its own tensors (None: rank 0 hashes every input file)
+    # the input files an output tensor is read from: a rank of a distributed merge identifies only
+    # those of its own tensors (None: rank 0 identifies every input file)
     files_of: Callable[[str], Sequence[str]] | None = None
 
 
@@ -485,9 +487,8 @@ def _fill_and_commit(job, out, opts, produce, partial: PartialOutput, fingerprin
         wants = getattr(writer, "wants", lambda name: True)
         shards = len(getattr(writer, "files", ())) if resumable else 0
         if digests is None and shards > 1:
-            # (one shard is finished only at the end: nothing a resume could keep, nothing to prove;
-            # shards finished before the hashes are recorded are not kept by a resume)
-            prove_inputs(list(job.input_files), lambda hashes: partial.save_state(inputs=hashes))
+            # (one shard is finished only at the end: nothing a resume could keep, nothing to prove)
+            prove_inputs(list(job.input_files), lambda ids: partial.save_state(inputs=ids))
         # safetensors-based outputs resume shard by shard, GGUF does not
         produce(_ShardWrites(writer, tmp, done, partial.save_state if resumable else None), wants)
         writer.finish()
@@ -526,7 +527,7 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
     the plan), takes its contiguous run of the shards not finished yet (`distributed.deal_shards`),
     merges only their tensors (so reads only their inputs), writes them into the same
     `.NAME.partial` (the ranks share its filesystem: checked by a token rank 0 leaves there) and
-    records them, with the hashes of the input files they read, in its own state file; its
+    records them, with the identities of the input files they read, in its own state file; its
     heartbeat there lets the others see it is alive (`distributed.Heartbeat`). Once every rank
     reported its shards, rank 0 writes the index, config, tokenizer and card, verifies, and renames
     the directory into place; then every rank returns. A rank's error is every rank's error
@@ -589,8 +590,8 @@ def _write_across_ranks(job: OutputJob, out: Path, opts: MergeOptions, produce: 
                 "shards": {},
             }
             partial.save_state()
-        if not shared["proven"] and len(layout.files) > 1:  # (a resume's inputs were hashed by rank 0)
-            prove_inputs(_files_to_prove(job, writer, rank0), lambda hashes: partial.save_state(inputs=hashes))
+        if not shared["proven"] and len(layout.files) > 1:  # (a resume's inputs were identified by rank 0)
+            prove_inputs(_files_to_prove(job, writer, rank0), lambda ids: partial.save_state(inputs=ids))
         watch = distributed.FailureWatch(tmp, world)
         # another rank failed: this one stops at its next tensor rather than after its shards
         produce(_ShardWrites(writer, tmp, recorded, partial.save_state, before=watch.check), writer.wants)
@@ -694,7 +695,7 @@ class _ShardWrites:
 
 
 def _files_to_prove(job: OutputJob, writer: Writer, rank0: bool) -> list[str]:
-    """The input files a rank hashes for the resume proof: those its own tensors are read from (it
+    """The input files a rank identifies for the resume proof: those its own tensors are read from (it
     reads them anyway); rank 0 also those no output tensor reads. Together: every input file."""
     if job.files_of is None:
         return list(job.input_files) if rank0 else []

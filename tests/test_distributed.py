@@ -203,17 +203,17 @@ import json, os, signal, sys, time
 from mergekit_mlx.formats import safetensors
 close = safetensors.SafetensorsWriter._close
 
-def hashed(directory):  # this rank has recorded the hashes of its inputs (the resume proof)
+def proven(directory):  # this rank has recorded the identities of its inputs (the resume proof)
     try:
         return bool(json.loads((directory / ".mergekit-mlx-state.rank1.json").read_text()).get("inputs"))
     except (OSError, ValueError):
         return False
 
-def close_then_die(self, i):  # rank 1 is killed once it has finished a shard and hashed its inputs
+def close_then_die(self, i):  # rank 1 is killed once it has finished a shard and recorded its inputs
     close(self, i)
     if os.environ["MLX_RANK"] == "1":
         deadline = time.monotonic() + 10
-        while not hashed(self.out_dir) and time.monotonic() < deadline:
+        while not proven(self.out_dir) and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -281,7 +281,7 @@ def test_each_rank_proves_only_the_input_files_its_shards_read(tmp_path):
     ]
     every = {str(f) for m in sharded for f in m.glob("*.safetensors")}
     assert proven[0] | proven[1] == every
-    assert proven[1] < every  # rank 1 read (and hashed) only the files of its layers
+    assert proven[1] < every  # rank 1 read (and identified) only the files of its layers
 
     assert cli.main(argv + ["--resume"]) == 0
     assert cli.main(["run", str(recipe), str(tmp_path / "one"), "--out-shard-size", "40K", "--no-progress"]) == 0

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +27,11 @@ import pytest
 import tiny
 import yaml
 
-from mergekit_mlx import merge
+from mergekit_mlx import merge, output
 from mergekit_mlx.cli import main as cli_main
+from mergekit_mlx.digest import file_identity
 from mergekit_mlx.errors import MergeKitError, OutputError
+from mergekit_mlx.options import MergeOptions
 from mergekit_mlx.output import MANIFEST, STATE_FILE, open_partial
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,6 +325,59 @@ def test_the_lock_is_released_when_a_run_fails(family, tmp_path, capsys):
 # ---------------- resume proves its inputs ----------------
 
 
+def test_an_input_keeps_its_identity_while_it_is_only_read(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 4096)
+    before = file_identity(f)
+    assert f.read_bytes() == b"x" * 4096
+    (tmp_path / "link.safetensors").symlink_to(f)
+    assert file_identity(f) == before == file_identity(tmp_path / "link.safetensors")  # a link names its target
+
+
+def test_an_input_rewritten_with_its_old_times_has_another_identity(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 4096)
+    st = f.stat()
+    before = file_identity(f)
+    time.sleep(0.02)  # past the filesystem's clock tick
+    f.write_bytes(b"y" * 4096)  # other bytes, the same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old modification time
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert file_identity(f) != before  # its change time moved, and no user can set that back
+
+
+def test_an_input_replaced_by_a_copy_with_its_old_times_has_another_identity(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 4096)
+    before = file_identity(f)
+    copy = tmp_path / "download.tmp"
+    shutil.copy2(f, copy)  # the same bytes and times, as a re-download that keeps the times would be
+    os.replace(copy, f)
+    assert f.read_bytes() == b"x" * 4096
+    assert file_identity(f) != before  # another file (inode): a resume merges everything again
+
+
+def test_a_merge_records_its_inputs_identities_before_it_reads_them(tmp_path, monkeypatch):
+    """The proof costs one stat per input file, taken when the temporary output starts: no input is
+    read twice, in the merge or in a resume."""
+    models = tiny.make_family(tmp_path / "family", layers=2, hidden=64, inter=128, vocab=256)
+    recipe = recipe_file(tmp_path, models)
+    states = []
+    real_save = output.PartialOutput.save_state
+
+    def save_state(self, **changes):
+        states.append(dict(changes))
+        real_save(self, **changes)
+
+    monkeypatch.setattr(output.PartialOutput, "save_state", save_state)
+    opts = MergeOptions(out_shard_size=40_000, progress=False, copy_tokenizer=False)
+    merge(recipe, tmp_path / "out", opts)
+    first = next(s for s in states if s)  # (the state starts empty)
+    assert "inputs" in first and "shards" not in first  # first, before any shard is finished
+    inputs = sorted(str(f) for m in models for f in Path(m).glob("*.safetensors"))
+    assert first["inputs"] == {f: file_identity(f) for f in inputs}
+
+
 @pytest.fixture(scope="module")
 def larger_family(tmp_path_factory) -> list[Path]:
     """About 18 MB a model: a merge into 1 MB shards takes long enough to be killed halfway."""
@@ -329,7 +385,7 @@ def larger_family(tmp_path_factory) -> list[Path]:
 
 
 def _killed_halfway(recipe: Path, out: Path, shards: list[str]) -> dict:
-    """Start a merge, SIGKILL it once its state records finished shards and the inputs' hashes."""
+    """Start a merge, SIGKILL it once its state records finished shards and the inputs' identities."""
     state = partial_of(out) / STATE_FILE
     proc = subprocess.Popen(
         [sys.executable, "-m", "mergekit_mlx", "run", str(recipe), str(out), "--no-progress", *shards],

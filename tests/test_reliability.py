@@ -864,7 +864,7 @@ def test_sigkill_mid_merge_then_resume_gives_the_same_bytes(larger_family, tmp_p
     while proc.poll() is None and time.monotonic() < deadline:
         try:
             state_now = json.loads(state.read_text())  # replaced atomically: always whole
-            # a shard is kept by a resume once the inputs' hashes are recorded too
+            # a shard is kept by a resume once the inputs' identities are recorded too
             recorded = state_now["shards"] if state_now.get("inputs") else {}
         except (OSError, ValueError, KeyError):
             recorded = {}
