@@ -382,6 +382,8 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
         return {}, None, "its state file is missing or cut short"
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
         return {}, None, "the interrupted run did not record its inputs"
+    if not all(isinstance(v, str) and v.count(":") == 3 for v in inputs.values()):
+        return {}, None, "the interrupted run recorded its inputs' content hashes (an earlier mergekit-mlx), not their identities"
     try:
         now = identify_files(files)
     except OSError:

@@ -357,6 +357,23 @@ def test_an_input_replaced_by_a_copy_with_its_old_times_has_another_identity(tmp
     assert file_identity(f) != before  # another file (inode): a resume merges everything again
 
 
+def test_a_resume_of_a_run_that_recorded_content_hashes_merges_everything_again(tmp_path):
+    """An earlier version recorded the inputs' XXH3-128 hashes: nothing to compare an identity with."""
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 4096)
+    partial = open_partial(tmp_path / "out")
+    try:
+        shard = partial.path / "model-00001-of-00002.safetensors"
+        shard.write_bytes(b"s" * 64)
+        state = {"fingerprint": "fp", "shards": {shard.name: "0" * 32}, "inputs": {str(f): "ab" * 16}}
+        (partial.path / STATE_FILE).write_text(json.dumps(state))
+        kept, now, why = output._kept_shards(partial, "fp", [str(f)])
+    finally:
+        partial.close()
+    assert kept == {} and now is None
+    assert "content hashes (an earlier mergekit-mlx)" in why
+
+
 def test_a_merge_records_its_inputs_identities_before_it_reads_them(tmp_path, monkeypatch):
     """The proof costs one stat per input file, taken when the temporary output starts: no input is
     read twice, in the merge or in a resume."""
