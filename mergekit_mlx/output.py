@@ -381,7 +381,8 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, None, "its state file is missing or cut short"
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
-        return {}, None, "the interrupted run did not record its inputs"
+        # (another set of input files changes the fingerprint: here some rank had not recorded its own)
+        return {}, None, "the interrupted run had not recorded all its inputs"
     if not all(isinstance(v, str) and v.count(":") == 3 for v in inputs.values()):
         return {}, None, "the interrupted run recorded its inputs' content hashes (an earlier mergekit-mlx), not their identities"
     try:
