@@ -5,9 +5,9 @@ it tells a shard cut short by a power loss from the one recorded. An input's ide
 modification and change times and inode, taken in one stat when the merge starts: an input edited,
 replaced or re-downloaded since has another change time or inode (neither can be set back by a user,
 unlike the modification time; one only touched or chmod-ed counts as changed too, and a resume then
-merges everything again, which is safe). Taking it costs one stat, where hashing every input slowed each merge
-and made a resume read every input again first (benchmarks/RESULTS.md 21). Whoever can edit the
-inputs on purpose could change the merge anyway.
+merges everything again, which is safe). Taking it costs one stat, where hashing every input slowed
+each merge and made a resume read every input again first (benchmarks/RESULTS.md 21). Whoever can
+edit the inputs on purpose could change the merge anyway.
 """
 
 from __future__ import annotations
