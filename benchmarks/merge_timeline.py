@@ -2,9 +2,9 @@
 
 Each run is a whole process (`merge_timeline.py --child`) that merges through `mergekit_mlx.merge`
 (what `mergekit-mlx run` calls) and records when it got where (Python up, mergekit_mlx imported,
-plan made, first-use checks done, shards closed, merge returned) and every pipeline event: each
-task's inputs read (per reader), merged, on their way to host memory (GPU), written (per writing
-thread), with its bytes; and the time spent hashing shards for the resume state (a thread of its
+plan made, first-use checks done, shards closed, side files written, verified, manifest written,
+committed, merge returned) and every pipeline event: each task's inputs read (per reader), merged,
+on their way to host memory (GPU), written (per writing thread), with its bytes; and the time spent hashing shards for the resume state (a thread of its
 own). The parent prints, per run:
 
 - the steps, in seconds since the process was started;
@@ -96,6 +96,8 @@ def child(args: argparse.Namespace) -> None:
     wrap(merge_module, "make_plan", None, "plan made")
     wrap(mergekit_mlx.kernels, "first_use_checks", None, "checks done")
     wrap(safetensors.SafetensorsWriter, "finish", "shards closing", "shards closed")
+    wrap(output, "verify_output", "side files written", "verified")
+    wrap(output, "_write_manifest", "manifest writing", "manifest written")
     wrap(output, "_commit_dir", "committing", "committed")
 
     real_digest = safetensors.new_digest
@@ -262,6 +264,10 @@ def step_rows(runs: dict[str, dict]) -> list[str]:
         "checks done",
         "shards closing",
         "shards closed",
+        "side files written",
+        "verified",
+        "manifest writing",
+        "manifest written",
         "committing",
         "committed",
         "merge returned",
