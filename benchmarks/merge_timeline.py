@@ -4,8 +4,8 @@ Each run is a whole process (`merge_timeline.py --child`) that merges through `m
 (what `mergekit-mlx run` calls) and records when it got where (Python up, mergekit_mlx imported,
 plan made, first-use checks done, shards closed, side files written, verified, manifest written,
 committed, merge returned) and every pipeline event: each task's inputs read (per reader), merged,
-on their way to host memory (GPU), written (per writing thread), with its bytes; and the time spent hashing shards for the resume state (a thread of its
-own). The parent prints, per run:
+on their way to host memory (GPU), written (per writing thread), with its bytes; and the time spent
+hashing shards for the resume state (a thread of its own). The parent prints, per run:
 
 - the steps, in seconds since the process was started;
 - per stage: its first start and last end, the seconds its threads were busy, bytes and GB/s;

@@ -25,6 +25,12 @@ def file_identity(path: str | Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
+def is_identity(recorded: object) -> bool:
+    """Whether a value read from a resume state is a `file_identity` (earlier versions recorded
+    the inputs' content digests, 32 hex digits)."""
+    return isinstance(recorded, str) and recorded.count(":") == 3
+
+
 def new_digest():
     """A fresh hash object (update/hexdigest) of the resume digest."""
     return xxhash.xxh3_128()

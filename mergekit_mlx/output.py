@@ -45,7 +45,7 @@ import mlx.core as mx
 
 from . import distributed
 from .chat_template import apply_chat_template
-from .digest import file_digest, file_identity
+from .digest import file_digest, file_identity, is_identity
 from .distributed import World
 from .dtypes import safetensors_code
 from .errors import MergeKitError, OutputError, RunInterrupted, warn_once
@@ -383,7 +383,7 @@ def _kept_shards(partial: PartialOutput, fingerprint: str, files: list[str]) -> 
     if not isinstance(inputs, dict) or sorted(inputs) != sorted(files):
         # (another set of input files changes the fingerprint: here some rank had not recorded its own)
         return {}, None, "the interrupted run had not recorded all its inputs"
-    if not all(isinstance(v, str) and v.count(":") == 3 for v in inputs.values()):
+    if not all(is_identity(v) for v in inputs.values()):
         return {}, None, "the interrupted run recorded its inputs' content hashes (an earlier mergekit-mlx), not their identities"
     try:
         now = identify_files(files)
