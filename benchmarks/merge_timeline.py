@@ -2,10 +2,11 @@
 
 Each run is a whole process (`merge_timeline.py --child`) that merges through `mergekit_mlx.merge`
 (what `mergekit-mlx run` calls) and records when it got where (Python up, mergekit_mlx imported,
-plan made, first-use checks done, shards closed, side files written, verified, manifest written,
-committed, merge returned) and every pipeline event: each task's inputs read (per reader), merged,
-on their way to host memory (GPU), written (per writing thread), with its bytes; and the time spent
-hashing shards for the resume state (a thread of its own). The parent prints, per run:
+plan made, first-use checks done, shards closed, side files written, verified, state file removed,
+manifest written, committed, merge returned) and every pipeline event: each task's inputs read (per reader), merged,
+handed to the writer (GPU: found in device memory, or on their way to host memory), written (per
+writing thread; on a GPU this includes copying them from device memory), with its bytes; and the
+time spent hashing shards for the resume state. The parent prints, per run:
 
 - the steps, in seconds since the process was started;
 - per stage: its first start and last end, the seconds its threads were busy, bytes and GB/s;
@@ -16,7 +17,8 @@ settings separated by ';' ("" is the code as it is): `lanes=N` writes up to N sh
 (`formats/safetensors.py`, 1: one after another), `batch=4G` is the budget of bytes in flight,
 `per_eval=N` evaluates up to N tasks together on a GPU, `cache=N` limits MLX's cache of freed
 buffers to N bytes, `chunk=1M` reads inputs into GPU memory in pieces of that size
-(`kernels/gpu_reads.py`). The outputs of all settings are compared (the same bytes). Inputs are
+(`kernels/gpu_reads.py`), `writes=mlx` moves outputs to host memory through MLX's host view instead
+of the writers copying them from device memory (`kernels/gpu_writes.py`). The outputs of all settings are compared (the same bytes). Inputs are
 read into the page cache before the runs; `--sync` flushes dirty pages (an earlier run's output) to
 disk before each run, untimed.
 
@@ -76,6 +78,10 @@ def child(args: argparse.Namespace) -> None:
         from mergekit_mlx.kernels import gpu_reads
 
         gpu_reads.CHUNK = parse_size(setting["chunk"])
+    if setting.get("writes") == "mlx":  # outputs to host memory through MLX's host view (kernels/gpu_writes.py)
+        from mergekit_mlx.kernels import gpu_writes
+
+        os.environ[gpu_writes.ENV_OFF] = "1"
     if "cache" in setting:  # MLX's cache of freed buffers, in bytes (0: none is kept for reuse)
         import mlx.core as mx
 
@@ -99,6 +105,22 @@ def child(args: argparse.Namespace) -> None:
     wrap(output, "verify_output", "side files written", "verified")
     wrap(output, "_write_manifest", "manifest writing", "manifest written")
     wrap(output, "_commit_dir", "committing", "committed")
+    wrap(output.PartialOutput, "finished", "state closing", "state closed")
+
+    class TimedOs:  # the output module's `os`, its unlinks timed (the state file's, before the manifest)
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def unlink(path, *a, **kw):
+            state = Path(path).name == output.STATE_FILE
+            if state:
+                mark("state file removing")
+            os.unlink(path, *a, **kw)
+            if state:
+                mark("state file removed")
+
+    output.os = TimedOs()
 
     real_digest = safetensors.new_digest
 
@@ -266,6 +288,10 @@ def step_rows(runs: dict[str, dict]) -> list[str]:
         "shards closed",
         "side files written",
         "verified",
+        "state closing",
+        "state closed",
+        "state file removing",
+        "state file removed",
         "manifest writing",
         "manifest written",
         "committing",

@@ -663,7 +663,8 @@ class _ShardWrites:
     """The `write(name, array)` a producer calls: the tensor to the writer, and each shard the
     writer finishes recorded (name -> digest, into `done`) with `save_state(shards=...)`, for a
     resume. It may be called from several threads for tensors of different lanes, when the writer
-    writes shards side by side: `lanes`, `lane` and `position` are the writer's (pipeline.run_plan)."""
+    writes shards side by side: `lanes`, `lane`, `position` and `takes_device_tensors` are the
+    writer's (pipeline.run_plan)."""
 
     def __init__(
         self,
@@ -675,6 +676,7 @@ class _ShardWrites:
     ):
         self.writer, self.directory, self.done, self.save_state, self.before = writer, directory, done, save_state, before
         self.lanes = getattr(writer, "lanes", 1)
+        self.takes_device_tensors = getattr(writer, "takes_device_tensors", False)
         self.lock = threading.Lock()
 
     def lane(self, name: str) -> int:

@@ -45,8 +45,9 @@ def run_plan(
 ) -> None:
     """Merge every task and hand each output to `write`, in plan order; `on_event` (benchmarks)
     hears how long each stage took for each task. On a GPU, outputs move to host memory for `write`
-    to put on disk; with `to_host` false (a merge kept in memory, for mlx-lm on the same GPU) they
-    stay in device memory.
+    to put on disk, or, when `write.takes_device_tensors`, go to it as `kernels.DeviceTensor`s that
+    it copies from device memory itself; with `to_host` false (a merge kept in memory, for mlx-lm on
+    the same GPU) they stay in device memory.
 
     Three stages overlap: reader threads load (evaluate) the inputs of the next tasks, worker
     threads merge them (each thread has its own MLX stream, so merges run side by side), and this
@@ -84,7 +85,9 @@ def run_plan(
                 bar.update(task.out.nbytes)
 
     try:
-        with _Pipeline(plan, opts, todo, _worker_count(), on_event, to_host) as results:
+        # a writer that copies outputs from device memory itself gets them there (`kernels.Staging`)
+        writer_copies = to_host and getattr(write, "takes_device_tensors", False)
+        with _Pipeline(plan, opts, todo, _worker_count(), on_event, to_host, writer_copies) as results:
             with _WriteLanes(lanes, getattr(write, "lane", None), finish, results) as writing:
                 for item in results:
                     writing.put(*item)
@@ -160,6 +163,7 @@ class _Pipeline:
         workers: int,
         on_event: OnEvent | None = None,
         to_host: bool = True,
+        writer_copies: bool = False,
     ):
         self.plan, self.opts, self.tasks, self.on_event = plan, opts, tasks, on_event
         self.on_cpu = mx.default_device().type != mx.DeviceType.gpu
@@ -174,7 +178,7 @@ class _Pipeline:
         per = _readers_per_group(plan, used, readers, self.on_cpu)
         self.jobs = [lambda g=g, r=r: self._read(g, r, per) for g in groups for r in range(per)]
         # on an NVIDIA GPU inputs go straight to device memory, past MLX's load, or are prefetched there
-        self.staging = kernels.Staging(opts.batch_bytes, on_gpu=not self.on_cpu)
+        self.staging = kernels.Staging(opts.batch_bytes, on_gpu=not self.on_cpu, writer_copies=writer_copies and self.to_host)
         self.jobs += [self._work] * workers
         self.cond = threading.Condition()
         self.in_flight = 0  # bytes: inputs of claimed tasks until merged, outputs until written
@@ -184,8 +188,9 @@ class _Pipeline:
         self.loaded: dict[int, list[mx.array]] = {}  # task index -> all inputs, evaluated
         self.unread = len(tasks)  # tasks not yet in self.loaded
         # task index -> (output, finite flag, inputs when the flag is false, for the report)
-        # (and an event to wait for before writing it, while its pages move to host memory)
-        self.results: dict[int, tuple[mx.array, mx.array, list[mx.array] | None, int | None]] = {}
+        # (and an event to wait for before writing it, while its pages move to host memory); the
+        # output is a kernels.DeviceTensor for a writer that copies it from device memory itself
+        self.results: dict[int, tuple[mx.array | kernels.DeviceTensor, mx.array, list[mx.array] | None, int | None]] = {}
         self.error: BaseException | None = None
         self.stopped = False
         self.running = 0  # threads still in _read or _work
@@ -335,20 +340,18 @@ class _Pipeline:
                     self.on_event("merge", self.tasks[i], (time.perf_counter() - start) / len(batch))
             done = []
             start = time.perf_counter()
-            for (i, tensors), (out, ok) in zip(arrays, merged):
+            outs = [out for out, _ in merged]
+            # on a GPU, outputs as the writer takes them (each with an event to wait for before writing)
+            handed = self.staging.to_writer(outs) if self.to_host else [(out, None) for out in outs]
+            for (i, tensors), (out, ok), (out_for_writer, moved) in zip(arrays, merged, handed):
                 if self.on_cpu:  # the output, evaluated, is checked here (merge_task left it out)
                     ok = mx.array(bool(ok.item()) and _host_finite(out))
-                moved = None
-                if self.to_host:
-                    memoryview(out)  # copies the output to host memory here, not in the writing thread
-                    # and on an NVIDIA GPU its pages start moving to the host in bulk (waited for before writing)
-                    moved = self.staging.to_host(out)
                 kept = None if ok.item() else tensors  # the inputs, for the NaN/Inf report
-                done.append((i, out, ok, kept, moved))
+                done.append((i, out_for_writer, ok, kept, moved))
             if self.on_event is not None and self.to_host:
                 for i, _ in batch:
                     self.on_event("host", self.tasks[i], (time.perf_counter() - start) / len(batch))
-            del arrays, merged, batch, read  # no input outlives its merge here (the budget let it go)
+            del arrays, merged, batch, read, outs, handed  # no input outlives its merge here (the budget let it go)
             with self.cond:
                 for i, out, ok, kept, moved in done:
                     task = self.tasks[i]

@@ -260,7 +260,10 @@ def _compile(tmp_path, shim_name, shim, unit, include_dir_file=None):
 
 
 # CUDA-only sources, with why there is no Metal twin (checked in the test file named)
-CUDA_ONLY = {"device_copy": "stages file bytes in discrete GPU memory; tests/test_gpu_reads.py"}
+CUDA_ONLY = {
+    "device_copy": "stages file bytes in discrete GPU memory; tests/test_gpu_reads.py",
+    "device_address": "finds outputs in discrete GPU memory for the writer; tests/test_gpu_writes.py",
+}
 
 
 def test_every_source_has_a_check_and_both_backends():
@@ -1049,6 +1052,14 @@ def test_the_shipped_cubins_hold_what_a_first_ties_or_linear_merge_launches(arch
         shipped = set(z.namelist())
     for spec in launches:
         assert cuda_compile.prebuilt_member(gpu.cuda_translation_unit(spec), arch) in shipped, spec.name
+    # and the kernels of every GPU merge's reads and writes
+    from mergekit_mlx.kernels import gpu_reads, gpu_writes
+
+    for kernel, instance in [
+        (gpu_reads.COPY, ((mx.uint64,), (mx.uint8,), ())),
+        (gpu_writes.ADDRESS, ((mx.uint8,), (mx.uint64,), ())),
+    ]:
+        assert cuda_compile.prebuilt_member(kernel.source(*instance)[1], arch) in shipped, kernel.tag
 
 
 def test_prebuild_compiles_every_recorded_source_for_each_arch_into_the_same_bytes(tmp_path):
@@ -1073,6 +1084,24 @@ def test_prebuild_compiles_every_recorded_source_for_each_arch_into_the_same_byt
         for text in found:
             assert z.read(cuda_compile.prebuilt_member(text, "sm_90a")) == b"\x7fELFsm_90a:" + text.encode()
     assert not list((tmp_path / "one").glob(".tmp-*"))
+
+
+def test_prebuild_add_keeps_the_archives_members_and_adds_the_new_sources(tmp_path):
+    import zipfile
+
+    from mergekit_mlx.kernels import cuda_compile, prebuild
+
+    nv = RecordingNvrtc()
+    prebuild.build_archive(nv, ["kernel a", "kernel b"], "sm_90a", tmp_path, threads=1)
+    assert prebuild.build_archive(nv, ["kernel c"], "sm_90a", tmp_path, threads=1, add=True)[0] == 3
+    assert nv.compiled[-1] == ("sm_90a", "kernel c")  # only the new source is compiled again
+    with zipfile.ZipFile(tmp_path / "cuda-sm_90a.zip") as z:
+        assert sorted(z.namelist()) == sorted(
+            cuda_compile.prebuilt_member(t, "sm_90a") for t in ("kernel a", "kernel b", "kernel c")
+        )
+    prebuild.build_archive(nv, ["kernel c"], "sm_90a", tmp_path, threads=1)  # without add: only what is given
+    with zipfile.ZipFile(tmp_path / "cuda-sm_90a.zip") as z:
+        assert z.namelist() == [cuda_compile.prebuilt_member("kernel c", "sm_90a")]
 
 
 def test_prebuild_without_nvrtc_exits_2_naming_what_is_missing(tmp_path, monkeypatch, capsys):

@@ -153,6 +153,9 @@ class Writer:
     copies_tokenizer = False  # a directory the input's tokenizer files are copied into, beside the weights
     known_size = False  # writes exactly the planned tensors' bytes, so free space can be checked up front
     verifiable = False  # a safetensors directory holding exactly the planned tensors, read back before commit
+    # `add` also takes a DeviceTensor: an output still in GPU memory, which it copies to host memory
+    # piece by piece while writing (kernels/gpu_writes.py); the others get MLX arrays only
+    takes_device_tensors = False
 
     def wants(self, name: str) -> bool:
         """False for a tensor the output already holds (a resumed run need not compute it)."""

@@ -121,6 +121,7 @@ class BitNetWriter(SafetensorsWriter):
     known_size = False  # the ternary layers are chosen by mlx-lm's model class, not by the plan
     verifiable = False
     side_by_side = False  # `add` quantizes with MLX: one thread
+    takes_device_tensors = False  # it quantizes MLX arrays
 
     def __init__(
         self,

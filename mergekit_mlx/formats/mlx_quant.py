@@ -235,6 +235,7 @@ class QuantizedWriter(SafetensorsWriter):
     known_size = False  # the quantized layers are chosen by mlx-lm's model class, not by the plan
     verifiable = False
     side_by_side = False  # `add` quantizes with MLX: one thread
+    takes_device_tensors = False  # it quantizes MLX arrays
 
     def __init__(
         self,

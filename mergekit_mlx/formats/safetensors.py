@@ -316,6 +316,7 @@ class SafetensorsWriter(Writer):
     # shards may be written side by side (`lanes`); not by the quantizing writers, whose `add` runs
     # MLX computations (a second thread of GPU work crashed MLX's CUDA backend: pipeline.py)
     side_by_side = True
+    takes_device_tensors = True  # `_ShardFile.append` copies them to host memory piece by piece
 
     def __init__(
         self,
@@ -464,7 +465,16 @@ class _ShardFile:
             self.hash = _BackgroundHash()
             self.hash.update(_header_bytes(head, self.reserved))
 
-    def append(self, name: str, array: mx.array) -> None:
+    def append(self, name: str, array) -> None:
+        """Append a tensor's bytes: an MLX array, or a DeviceTensor (kernels/gpu_writes.py) still in
+        GPU memory, whose bytes come to host memory piece by piece."""
+        if not isinstance(array, mx.array):
+            for piece in array.pieces():  # each piece's buffer is filled again after this step
+                if self.hash is not None:
+                    self.hash.update_now(piece)
+                self._write_bytes(piece)
+            self._entry(name, array.dtype, array.shape, array.nbytes)
+            return
         mx.eval(array)
         view = memoryview(array)
         if not view.c_contiguous:  # a transposed or broadcast view: write it in row-major order
@@ -474,18 +484,24 @@ class _ShardFile:
         data = view.cast("B") if array.nbytes else b""
         if self.hash is not None:
             self.hash.update(data)
+        self._write_bytes(data)
+        self._entry(name, array.dtype, array.shape, array.nbytes)
+
+    def _write_bytes(self, data) -> None:
         if self.direct is not None:
             self.direct.write(data)
         elif self.sliced:
             _write_all(self.file, data)
         else:
             self.file.write(data)
+
+    def _entry(self, name: str, dtype: mx.Dtype, shape, nbytes: int) -> None:
         self.entries[name] = {
-            "dtype": dtypes.safetensors_code(array.dtype),
-            "shape": list(array.shape),
-            "data_offsets": [self.size, self.size + array.nbytes],
+            "dtype": dtypes.safetensors_code(dtype),
+            "shape": list(shape),
+            "data_offsets": [self.size, self.size + nbytes],
         }
-        self.size += array.nbytes
+        self.size += nbytes
 
     def close(self) -> str | None:
         """Write the final header; returns the file's digest when it was asked for."""
@@ -629,6 +645,7 @@ class _BackgroundHash:
 
     def __init__(self, limit: int = 1 << 30):
         self.h = new_digest()
+        self.queued = False  # data was handed to the thread (update) since update_now last waited
         self.q: queue.Queue[object | None] = queue.Queue()
         self.room = threading.Semaphore(max(1, limit >> 20))  # in MiB
         self.t = threading.Thread(
@@ -644,6 +661,9 @@ class _BackgroundHash:
             if item is None:
                 return
             data, mib = item
+            if isinstance(data, threading.Event):  # update_now waits for what was queued before it
+                data.set()
+                continue
             h.update(data)
             for _ in range(mib):
                 room.release()
@@ -652,7 +672,17 @@ class _BackgroundHash:
         mib = min(max(1, len(data) >> 20), 1024)
         for _ in range(mib):
             self.room.acquire()
+        self.queued = True
         self.q.put((data, mib))
+
+    def update_now(self, data) -> None:
+        """Hash data in the caller's thread, after whatever waits (its buffer is reused next)."""
+        if self.queued:
+            drained = threading.Event()
+            self.q.put((drained, 0))
+            drained.wait()
+            self.queued = False
+        self.h.update(data)
 
     def hexdigest(self) -> str:
         self.q.put(None)

@@ -23,16 +23,17 @@ task_plan / task_merge / task_merge_cpu / task_merge_gpu (the fused merge), weig
 and slerp's sums of weighted tensors), sums (accurate sums), slerp (slerp's sums on the CPU),
 bitlinear (BitNet's layer), staging (what the pipeline asks), finite_cpu (NaN/Inf on the CPU),
 gpu (launch and first-use checks), checks, cpu_native, cuda_compile, cuda_memory, gpu_reads,
-host (the CPU loops' plumbing), sources.
+gpu_writes, host (the CPU loops' plumbing), sources.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bitlinear, gpu, gpu_reads, random, selection, task_merge, weighted_sums
+from . import bitlinear, gpu, gpu_reads, gpu_writes, random, selection, task_merge, weighted_sums
 from .finite_cpu import all_finite as host_all_finite
 from .gpu import use_kernels
+from .gpu_writes import DeviceTensor
 from .random import random_mask, random_uniform, stream_id
 from .selection import magnitude_threshold, topk_mask
 from .slerp import host_sums as slerp_sums
@@ -45,6 +46,7 @@ from .weighted_sums import fused_elementwise, weighted_sum
 
 __all__ = [
     "Consensus",
+    "DeviceTensor",
     "Sparsify",
     "Staging",
     "accurate_sum",
@@ -89,6 +91,7 @@ def first_use_checks(groups: Sequence[str]) -> None:
     by side first. Call it while no other thread uses MLX: a check computes its CPU reference
     under `mx.stream(mx.cpu)`, and MLX's default device is one for the whole process."""
     gpu_reads.prepare()
+    gpu_writes.prepare()
     name = gpu.backend()
     if name is not None:
         gpu.check_groups(name, [GPU_GROUPS[what] for what in groups])

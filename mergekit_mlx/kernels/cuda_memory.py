@@ -29,7 +29,9 @@ class _Location(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
 
-class _Driver:
+class Driver:
+    """The CUDA driver library through ctypes: streams per thread, page-locked and pool memory, copies."""
+
     def __init__(self) -> None:
         self.lib = ctypes.CDLL("libcuda.so.1")
         self.local = threading.local()
@@ -86,6 +88,13 @@ class _Driver:
             "cuMemcpyHtoDAsync",
         )
 
+    def copy_out(self, dst: int, src: int, size: int) -> None:
+        """Queue a copy of device bytes to host memory (pinned) on this thread's stream."""
+        self.check(
+            self.lib.cuMemcpyDtoHAsync_v2(ctypes.c_void_p(dst), ctypes.c_uint64(src), ctypes.c_size_t(size), self.stream()),
+            "cuMemcpyDtoHAsync",
+        )
+
     def sync(self) -> None:
         """Wait for everything queued on this thread's stream."""
         self.check(self.lib.cuStreamSynchronize(self.stream()), "cuStreamSynchronize")
@@ -137,22 +146,22 @@ class _Driver:
         )
 
 
-_driver: _Driver | None = None
+_driver: Driver | None = None
 _failed = False
 _lock = threading.Lock()
 
 
-def driver() -> _Driver | None:
+def driver() -> Driver | None:
     """The CUDA driver, or None where there is none (no NVIDIA GPU, no libcuda)."""
     return _get()
 
 
-def _get() -> _Driver | None:
+def _get() -> Driver | None:
     global _driver, _failed
     with _lock:
         if _driver is None and not _failed:
             try:
-                _driver = _Driver()
+                _driver = Driver()
             except (OSError, AttributeError):
                 _failed = True
         return _driver

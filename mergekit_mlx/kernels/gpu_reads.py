@@ -49,7 +49,7 @@ _ON_DEVICE = {
 }
 
 # CUDA-only kernel (kernels/device_copy.cu): the staged bytes into an MLX array
-_COPY = cuda_compile.CachedKernel("mk_device_copy", ["src"], ["out"], *kernel_source("device_copy", "cuda"))
+COPY = cuda_compile.CachedKernel("mk_device_copy", ["src"], ["out"], *kernel_source("device_copy", "cuda"))
 _TG = 256
 _MAX_THREADS = 1 << 20
 
@@ -70,7 +70,7 @@ class Staged:
             return mx.zeros(self.shape, self.dtype)
         threads = max(_TG, min(_MAX_THREADS, -(-(self.nbytes >> 4) // (4 * _TG)) * _TG))
         src = mx.array(np.array([self.ptr, self.nbytes], dtype=np.uint64))
-        out = _COPY(
+        out = COPY(
             inputs=[src], output_shapes=[(self.nbytes,)], output_dtypes=[mx.uint8], grid=(threads, 1, 1), threadgroup=(_TG, 1, 1)
         )[0]
         return mx.view(out, self.dtype).reshape(self.shape)
@@ -164,7 +164,7 @@ def prepare() -> None:
     """Start compiling the copy kernel in the background, where reads will go through it (it is
     needed at the pipeline's start: its self-test, then every tensor)."""
     if not os.environ.get(ENV_OFF) and cuda_memory.enabled() and cuda_compile.available():
-        _COPY.prepare((mx.uint64,), (mx.uint8,), ())
+        COPY.prepare((mx.uint64,), (mx.uint8,), ())
 
 
 def reader(keep_bytes: int) -> Reader | None:

@@ -8,6 +8,8 @@ are rebuilt whole and written through a temporary file renamed into place; membe
 dated the same every time, so the same sources and NVRTC give the same bytes.
 
     python -m mergekit_mlx.kernels.prebuild --sources ~/.cache/mergekit-mlx/cuda --arch sm_90a --arch sm_80
+
+`--add` keeps the members the archives hold already and adds those of the sources given.
 """
 
 from __future__ import annotations
@@ -38,16 +40,22 @@ def read_sources(folders: list[Path]) -> list[str]:
     return sorted(found)
 
 
-def build_archive(nv: Nvrtc, sources: list[str], arch: str, out_dir: Path, threads: int) -> tuple[int, int]:
-    """Compile `sources` for `arch` into out_dir/cuda-<arch>.zip: (members written, bytes)."""
+def build_archive(nv: Nvrtc, sources: list[str], arch: str, out_dir: Path, threads: int, add: bool = False) -> tuple[int, int]:
+    """Compile `sources` for `arch` into out_dir/cuda-<arch>.zip: (members written, bytes). With
+    `add`, the archive's members whose sources are not given are kept (a new kernel joins the
+    shipped ones without the merges that recorded them being run again)."""
+    target = out_dir / f"cuda-{arch}.zip"
+    kept: dict[str, bytes] = {}
+    if add and target.is_file():
+        with zipfile.ZipFile(target) as z:
+            kept = {name: z.read(name) for name in z.namelist()}
 
     def one(source: str) -> tuple[str, bytes]:
         return prebuilt_member(source, arch), nv.compile(source, arch)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        members = sorted(pool.map(one, sources))
+        members = sorted({**kept, **dict(pool.map(one, sources))}.items())
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"cuda-{arch}.zip"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
@@ -66,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", action="append", help=f"NVRTC target (repeatable; default {' '.join(DEFAULT_ARCHS)})")
     p.add_argument("--out", type=Path, default=None, help="folder of the archives (default: the package's kernels/prebuilt)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--add", action="store_true", help="keep the archives' other members (add the sources' cubins to them)")
     args = p.parse_args(argv)
     try:
         nv = find_nvrtc()
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for arch in args.arch or DEFAULT_ARCHS:
         try:
-            count, size = build_archive(nv, sources, arch, out, max(1, args.threads))
+            count, size = build_archive(nv, sources, arch, out, max(1, args.threads), add=args.add)
         except CompileError as e:  # an architecture this NVRTC does not know: the others still build
             print(f"{arch}: not built: {str(e).splitlines()[0]}", file=sys.stderr)
             status = 1

@@ -2,9 +2,10 @@
 and the merge of several tensors evaluated together.
 
 On an NVIDIA GPU, plain safetensors go straight into device memory (`gpu_reads`), other inputs are
-prefetched to the device as soon as they are read, and outputs start moving to host memory before
-they are written (`cuda_memory`); a GPU TIES merge's check that its selections were final is read
-back once for a whole batch. Everywhere else these are plain MLX loads and evaluations.
+prefetched to the device as soon as they are read, and outputs go to a writer that copies them
+from device memory itself (`gpu_writes`) or start moving to host memory before they are written
+(`cuda_memory`); a GPU TIES merge's check that its selections were final is read back once for a
+whole batch. Everywhere else these are plain MLX loads and evaluations.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
-from . import cuda_memory, gpu_reads, task_merge_gpu
+from . import cuda_memory, gpu_reads, gpu_writes, task_merge_gpu
 from .gpu_reads import Staged
+from .gpu_writes import DeviceTensor
 
 Input = mx.array | Staged  # a read input: an evaluated MLX array, or bytes staged in device memory
 
@@ -22,9 +24,12 @@ Input = mx.array | Staged  # a read input: an evaluated MLX array, or bytes stag
 class Staging:
     """One merge run's inputs between the readers and the merge threads."""
 
-    def __init__(self, batch_bytes: int, on_gpu: bool):
+    def __init__(self, batch_bytes: int, on_gpu: bool, writer_copies: bool = False):
+        """`writer_copies`: the writer takes outputs still in device memory (`DeviceTensor`s) and
+        copies them to host memory itself."""
         self.prefetch = on_gpu and cuda_memory.enabled()
         self.direct = gpu_reads.reader(batch_bytes)
+        self.device_outputs = writer_copies and on_gpu and gpu_writes.enabled()
 
     def read(self, model, name: str) -> Input:
         """The tensor `name` of `model` (a format's reader): staged in device memory, or MLX's lazy load."""
@@ -52,11 +57,18 @@ class Staging:
                 mx.synchronize()
             self.direct.release(staged)
 
-    def to_host(self, out: mx.array) -> int | None:
-        """On an NVIDIA GPU, start moving an evaluated output's pages to host memory; an event for `wait`."""
-        if not self.prefetch:
-            return None
-        return cuda_memory.to_host([out])
+    def to_writer(self, outs: Sequence[mx.array]) -> list[tuple[mx.array | DeviceTensor, int | None]]:
+        """Evaluated outputs as the writer gets them, each with an event to `wait` for before it is
+        written (or None): on an NVIDIA GPU, DeviceTensors for a writer that copies them itself, else
+        the arrays, whose bytes MLX copies to host memory here (not in the writing thread) and whose
+        pages then start moving there in bulk."""
+        if self.device_outputs:
+            return [(t, None) for t in gpu_writes.device_tensors(outs)]
+        handed = []
+        for out in outs:
+            memoryview(out)
+            handed.append((out, cuda_memory.to_host([out]) if self.prefetch else None))
+        return handed
 
     @staticmethod
     def wait(event: int | None) -> None:
