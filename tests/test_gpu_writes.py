@@ -27,23 +27,34 @@ CLANG = shutil.which("clang++") or shutil.which("clang")
 
 class HostDeviceTensor:
     """Stands in for gpu_writes.DeviceTensor: an array's bytes handed out in pieces of `piece`
-    bytes through one buffer that the next piece overwrites, as the two page-locked buffers are
-    filled again while the writer works."""
+    bytes through two buffers, the next piece filling the buffer of the one before the current
+    (as the copy engine fills the page-locked buffers), after `before_refill`; a refilled buffer is
+    first overwritten with garbage, so a writer that still read an earlier piece would notice."""
 
     def __init__(self, array: mx.array, piece: int):
         self.array, self.piece = array, piece
         self.dtype, self.shape, self.nbytes = array.dtype, tuple(array.shape), array.nbytes
         self.handed = 0
 
-    def pieces(self):
+    def pieces(self, before_refill=None):
         data = bytes(memoryview(mx.contiguous(self.array)).cast("B")) if self.nbytes else b""
-        buf = bytearray(self.piece)
-        for start in range(0, len(data), self.piece):
-            chunk = data[start : start + self.piece]
-            buf[: len(chunk)] = chunk
+        starts = list(range(0, len(data), self.piece))
+        bufs = [bytearray(self.piece), bytearray(self.piece)]
+
+        def fill(j):
+            bufs[j % 2][:] = b"\xa5" * self.piece
+            chunk = data[starts[j] : starts[j] + self.piece]
+            bufs[j % 2][: len(chunk)] = chunk
+
+        if starts:
+            fill(0)
+        for j, start in enumerate(starts):
+            if j + 1 < len(starts):
+                if j > 0 and before_refill is not None:
+                    before_refill()
+                fill(j + 1)
             self.handed += 1
-            yield memoryview(buf)[: len(chunk)]
-            buf[:] = b"\xa5" * len(buf)  # a writer that kept the piece would now write garbage
+            yield memoryview(bufs[j % 2])[: min(self.piece, len(data) - start)]
 
 
 def _tensors(rng):

@@ -469,9 +469,10 @@ class _ShardFile:
         """Append a tensor's bytes: an MLX array, or a DeviceTensor (kernels/gpu_writes.py) still in
         GPU memory, whose bytes come to host memory piece by piece."""
         if not isinstance(array, mx.array):
-            for piece in array.pieces():  # each piece's buffer is filled again after this step
+            # a piece's buffer is filled again once the hash has read it (on the hash's thread)
+            for piece in array.pieces(self.hash.drain if self.hash is not None else None):
                 if self.hash is not None:
-                    self.hash.update_now(piece)
+                    self.hash.update(piece)
                 self._write_bytes(piece)
             self._entry(name, array.dtype, array.shape, array.nbytes)
             return
@@ -645,7 +646,6 @@ class _BackgroundHash:
 
     def __init__(self, limit: int = 1 << 30):
         self.h = new_digest()
-        self.queued = False  # data was handed to the thread (update) since update_now last waited
         self.q: queue.Queue[object | None] = queue.Queue()
         self.room = threading.Semaphore(max(1, limit >> 20))  # in MiB
         self.t = threading.Thread(
@@ -661,7 +661,7 @@ class _BackgroundHash:
             if item is None:
                 return
             data, mib = item
-            if isinstance(data, threading.Event):  # update_now waits for what was queued before it
+            if isinstance(data, threading.Event):  # drain waits for what was queued before it
                 data.set()
                 continue
             h.update(data)
@@ -672,17 +672,13 @@ class _BackgroundHash:
         mib = min(max(1, len(data) >> 20), 1024)
         for _ in range(mib):
             self.room.acquire()
-        self.queued = True
         self.q.put((data, mib))
 
-    def update_now(self, data) -> None:
-        """Hash data in the caller's thread, after whatever waits (its buffer is reused next)."""
-        if self.queued:
-            drained = threading.Event()
-            self.q.put((drained, 0))
-            drained.wait()
-            self.queued = False
-        self.h.update(data)
+    def drain(self) -> None:
+        """Wait until everything handed to `update` so far is hashed (its buffers may be reused)."""
+        drained = threading.Event()
+        self.q.put((drained, 0))
+        drained.wait()
 
     def hexdigest(self) -> str:
         self.q.put(None)

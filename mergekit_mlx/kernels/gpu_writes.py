@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -55,9 +55,11 @@ class DeviceTensor:
     def nbytes(self) -> int:
         return self.array.nbytes
 
-    def pieces(self) -> Iterator[memoryview]:
-        """The bytes, in order, in pieces of at most CHUNK: each piece is valid until the next is
-        asked for (its page-locked buffer is filled again), and the next is being copied meanwhile.
+    def pieces(self, before_refill: Callable[[], None] | None = None) -> Iterator[memoryview]:
+        """The bytes, in order, in pieces of at most CHUNK, the next one being copied while the
+        caller handles one. A piece stays valid until the next is asked for, and after that until
+        `before_refill` returns: it is called before a buffer that held an earlier piece is filled
+        again (whoever still reads earlier pieces, a hash on a thread of its own, finishes first).
         Call it in the thread that writes; no copy is in flight once the iteration ends."""
         n = self.array.nbytes
         if n == 0:
@@ -68,8 +70,10 @@ class DeviceTensor:
             done, j = 0, 0
             while done < n:
                 size = min(CHUNK, n - done)
-                drv.sync()  # piece j is in bufs[j % 2]; the buffer of piece j - 1 is free again
+                drv.sync()  # piece j is in bufs[j % 2]; piece j - 1's buffer is filled next
                 if done + size < n:
+                    if j > 0 and before_refill is not None:
+                        before_refill()
                     drv.copy_out(bufs[(j + 1) % 2], self.ptr + done + size, min(CHUNK, n - done - size))
                 yield memoryview((ctypes.c_ubyte * size).from_address(bufs[j % 2]))
                 done, j = done + size, j + 1
