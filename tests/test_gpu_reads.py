@@ -3,8 +3,6 @@ machine without a GPU can check it: the byte spans it reads, the copy kernel's i
 (compiled for the CPU), and the pipeline's hand-over of staged inputs (a stand-in reader that
 stages into host memory). benchmarks/gpu_check.sh runs the real thing on a GPU."""
 
-import shutil
-import subprocess
 import sys
 import threading
 
@@ -12,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import tiny
+from cuda_emulation import needs_clang, run_on_cpu
 
 from mergekit_mlx import merge
 from mergekit_mlx.dtypes import mlx_dtype
@@ -19,8 +18,6 @@ from mergekit_mlx.formats import open_model
 from mergekit_mlx.kernels import cuda_compile as cuda_jit
 from mergekit_mlx.kernels import gpu_reads
 from mergekit_mlx.kernels.sources import kernel_source
-
-CLANG = shutil.which("clang++") or shutil.which("clang")
 
 
 def test_file_span_points_at_each_tensors_bytes(tmp_path):
@@ -83,23 +80,13 @@ int main() {
 """
 
 
-@pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
+@needs_clang
 def test_the_copy_kernel_copies_every_byte(tmp_path):
     """The translation unit cuda_jit compiles, built for the CPU with blocks and threads run one by
     one: every size (whole 16-byte words, a tail, both) is copied exactly."""
     header, body = kernel_source("device_copy", "cuda")
     unit = cuda_jit.wrap_source("mk_copy", header, body, [("src", mx.uint64)], [("out", mx.uint8)], [])
-    for h in ("cuda_fp16.h", "cuda_bf16.h"):
-        (tmp_path / h).write_text("#pragma once\n")
-    src = tmp_path / "copy.cpp"
-    src.write_text(EMU + unit + "#define KERNEL mk_copy\n" + EMU_MAIN)
-    exe = tmp_path / "copy"
-    res = subprocess.run(
-        [CLANG, "-x", "c++", "-std=c++17", "-O1", "-I", str(tmp_path), str(src), "-o", str(exe)], capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
+    run_on_cpu(tmp_path, unit, "mk_copy", EMU, EMU_MAIN)
 
 
 class HostStaged(gpu_reads.Staged):

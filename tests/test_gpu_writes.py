@@ -6,13 +6,12 @@ its input lies. On an NVIDIA GPU (benchmarks/gpu_check.sh runs -m gpu) a whole m
 both ways and compared."""
 
 import os
-import shutil
-import subprocess
 import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from cuda_emulation import needs_clang, run_on_cpu
 
 from mergekit_mlx import MergeOptions, merge
 from mergekit_mlx.digest import new_digest
@@ -21,8 +20,6 @@ from mergekit_mlx.formats.safetensors import SafetensorsWriter
 from mergekit_mlx.kernels import cuda_compile as cuda_jit
 from mergekit_mlx.kernels import gpu_writes
 from mergekit_mlx.kernels.sources import kernel_source
-
-CLANG = shutil.which("clang++") or shutil.which("clang")
 
 
 class HostDeviceTensor:
@@ -181,22 +178,12 @@ int main() {
 """
 
 
-@pytest.mark.skipif(CLANG is None, reason="clang not found (Debian/Ubuntu: apt-get install clang)")
+@needs_clang
 def test_the_address_kernel_writes_where_its_input_starts(tmp_path):
     """The translation unit cuda_jit compiles, built for the CPU: the one thread writes the input's address."""
     header, body = kernel_source("device_address", "cuda")
     unit = cuda_jit.wrap_source("mk_address", header, body, [("x", mx.uint8)], [("address", mx.uint64)], [])
-    for h in ("cuda_fp16.h", "cuda_bf16.h"):
-        (tmp_path / h).write_text("#pragma once\n")
-    src = tmp_path / "address.cpp"
-    src.write_text(EMU + unit + "#define KERNEL mk_address\n" + EMU_MAIN)
-    exe = tmp_path / "address"
-    res = subprocess.run(
-        [CLANG, "-x", "c++", "-std=c++17", "-O1", "-I", str(tmp_path), str(src), "-o", str(exe)], capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
+    run_on_cpu(tmp_path, unit, "mk_address", EMU, EMU_MAIN)
 
 
 def test_outputs_stay_mlx_arrays_off_an_nvidia_gpu():
