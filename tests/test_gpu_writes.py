@@ -5,7 +5,9 @@ writes the same file with the same checksum; the address kernel (compiled for th
 its input lies. On an NVIDIA GPU (benchmarks/gpu_check.sh runs -m gpu) a whole merge is written
 both ways and compared."""
 
+import errno
 import os
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -32,6 +34,7 @@ class HostDeviceTensor:
         self.array, self.piece = array, piece
         self.dtype, self.shape, self.nbytes = array.dtype, tuple(array.shape), array.nbytes
         self.handed = 0
+        self.ended = False
 
     def pieces(self, before_refill=None):
         data = bytes(memoryview(mx.contiguous(self.array)).cast("B")) if self.nbytes else b""
@@ -43,15 +46,18 @@ class HostDeviceTensor:
             chunk = data[starts[j] : starts[j] + self.piece]
             bufs[j % 2][: len(chunk)] = chunk
 
-        if starts:
-            fill(0)
-        for j, start in enumerate(starts):
-            if j + 1 < len(starts):
-                if j > 0 and before_refill is not None:
-                    before_refill()
-                fill(j + 1)
-            self.handed += 1
-            yield memoryview(bufs[j % 2])[: min(self.piece, len(data) - start)]
+        try:
+            if starts:
+                fill(0)
+            for j, start in enumerate(starts):
+                if j + 1 < len(starts):
+                    if j > 0 and before_refill is not None:
+                        before_refill()
+                    fill(j + 1)
+                self.handed += 1
+                yield memoryview(bufs[j % 2])[: min(self.piece, len(data) - start)]
+        finally:
+            self.ended = True  # the real one waits here for the copy still in flight
 
 
 def _tensors(rng):
@@ -93,6 +99,31 @@ def test_the_writer_takes_an_output_piece_by_piece_and_writes_the_same_file(tmp_
         assert (tmp_path / "pieces" / f.name).read_bytes() == f.read_bytes(), f.name
     assert pieces.checksums == plain.checksums
     assert [t.handed for t in handed] == [-(-t.nbytes // piece) for t in handed]  # every piece was asked for
+
+
+def test_a_full_disk_mid_output_stops_the_copies_of_that_output(tmp_path):
+    """A write that fails part-way (a real full tmpfs) raises, and the output's pieces end there: the
+    copy still in flight is waited for before its buffers and the output's memory can go."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        # 24 MB: more than the 16 MB a writer around the page cache gathers before it writes (2 cores)
+        big = mx.array(np.random.default_rng(3).normal(size=(2048, 3072)).astype(np.float32))
+        handed = HostDeviceTensor(big, 1 << 20)
+        out = disk / "out"
+        out.mkdir()
+        planned = [OutputTensor("model.embed_tokens.weight", tuple(big.shape), big.dtype)]
+        writer = SafetensorsWriter(out, planned, {}, options=WriteOptions(1 << 30))
+        with pytest.raises(OSError) as failed:
+            writer.add("model.embed_tokens.weight", handed)
+            writer.finish()
+        assert failed.value.errno == errno.ENOSPC
+        assert handed.ended and 0 < handed.handed < big.nbytes >> 20
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_pieces_and_arrays_mix_in_one_shard_in_order(tmp_path):
