@@ -260,3 +260,25 @@ def test_a_merge_written_from_device_memory_is_the_merge_written_through_mlx(fam
     assert names == sorted(os.listdir(tmp_path / "direct")) and any(n.endswith(".safetensors") for n in names)
     for n in names:
         assert (tmp_path / "direct" / n).read_bytes() == (tmp_path / "mlx" / n).read_bytes(), n
+
+
+def test_each_thread_keeps_its_own_two_page_locked_buffers_per_size():
+    """Reads and writes on a thread share its buffers of a size (one copy at a time per thread);
+    another thread, or another size, gets buffers of its own, each allocated once."""
+    import threading
+
+    from mergekit_mlx.kernels.cuda_memory import Driver
+
+    drv = object.__new__(Driver)  # no CUDA driver here: the bookkeeping alone, with a counting allocator
+    drv.local = threading.local()
+    allocated = []
+    drv.pinned = lambda size: allocated.append(size) or len(allocated)
+    first = drv.thread_buffers(4 << 20)
+    assert drv.thread_buffers(4 << 20) == first and len(set(first)) == 2
+    other_size = drv.thread_buffers(1 << 20)
+    elsewhere = []
+    t = threading.Thread(target=lambda: elsewhere.append(drv.thread_buffers(4 << 20)))
+    t.start()
+    t.join()
+    assert len({*first, *other_size, *elsewhere[0]}) == 6
+    assert sorted(allocated) == sorted([4 << 20] * 4 + [1 << 20] * 2)

@@ -72,6 +72,14 @@ class Driver:
         self.check(self.lib.cuMemHostAlloc(ctypes.byref(p), ctypes.c_size_t(size), ctypes.c_uint(0)), "cuMemHostAlloc")
         return p.value
 
+    def thread_buffers(self, size: int) -> tuple[int, int]:
+        """This thread's two page-locked buffers of `size` bytes, for copies that alternate between
+        them (a thread's reads or its writes, one at a time); slow to get, so kept for the process."""
+        kept = self.local.__dict__.setdefault("buffers", {})
+        if size not in kept:
+            kept[size] = (self.pinned(size), self.pinned(size))
+        return kept[size]
+
     def alloc(self, size: int) -> int:
         """Device memory from the device's stream-ordered pool, on this thread's stream."""
         p = ctypes.c_uint64()

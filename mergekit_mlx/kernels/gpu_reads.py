@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +83,6 @@ class Reader:
         self.drv = drv
         drv.keep_pool(keep_bytes)
 
-    def _buffers(self) -> tuple[int, int]:
-        bufs = getattr(_THREAD_BUFFERS, "bufs", None)
-        if bufs is None:  # page-locked memory is slow to get: kept per thread for the process
-            bufs = _THREAD_BUFFERS.bufs = (self.drv.pinned(CHUNK), self.drv.pinned(CHUNK))
-        return bufs
-
     def stage(self, model, name: str) -> Staged | None:
         """The tensor in device memory, or None when MLX's own load should read it."""
         span = getattr(model, "file_span", None)
@@ -103,7 +96,7 @@ class Reader:
         if nbytes == 0:
             return Staged(0, 0, info.shape, dtype)
         drv = self.drv
-        bufs = self._buffers()
+        bufs = drv.thread_buffers(CHUNK)
         ptr = drv.alloc(nbytes)
         try:
             self._fill(path, offset, nbytes, ptr, bufs)
@@ -156,7 +149,6 @@ class Reader:
                 self.drv.free(s.ptr)
 
 
-_THREAD_BUFFERS = threading.local()
 _verdict: FirstUse[str] = FirstUse(lambda what: "reading straight into GPU memory", "MLX's load")
 
 
@@ -189,7 +181,7 @@ def _self_test(drv) -> bool:
         r = Reader(drv, 0)
         staged = Staged(drv.alloc(data.nbytes), data.nbytes, (data.nbytes,), mx.uint8)
         try:  # the device memory goes back also when a step fails
-            r._fill(path, 7, data.nbytes, staged.ptr, r._buffers())
+            r._fill(path, 7, data.nbytes, staged.ptr, drv.thread_buffers(CHUNK))
             got = staged.array()
             mx.eval(got)
             return bool(np.array_equal(np.array(got), data))

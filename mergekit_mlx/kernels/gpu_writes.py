@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -64,7 +63,8 @@ class DeviceTensor:
         n = self.array.nbytes
         if n == 0:
             return
-        drv, bufs = self.drv, _buffers(self.drv)
+        drv = self.drv
+        bufs = drv.thread_buffers(CHUNK)
         try:
             drv.copy_out(bufs[0], self.ptr, min(CHUNK, n))
             done, j = 0, 0
@@ -98,14 +98,6 @@ def _address(a: mx.array) -> mx.array:
     return ADDRESS(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.uint64], grid=(1, 1, 1), threadgroup=(1, 1, 1))[0]
 
 
-def _buffers(drv: cuda_memory.Driver) -> tuple[int, int]:
-    bufs = getattr(_THREAD_BUFFERS, "bufs", None)
-    if bufs is None:  # page-locked memory is slow to get: kept per thread for the process
-        bufs = _THREAD_BUFFERS.bufs = (drv.pinned(CHUNK), drv.pinned(CHUNK))
-    return bufs
-
-
-_THREAD_BUFFERS = threading.local()
 _verdict: FirstUse[str] = FirstUse(lambda what: "copying outputs straight from GPU memory", "MLX's host view")
 
 
