@@ -86,7 +86,7 @@ def run_plan(
 
     try:
         # a writer that copies outputs from device memory itself gets them there (`kernels.Staging`)
-        writer_copies = to_host and getattr(write, "takes_device_tensors", False)
+        writer_copies = getattr(write, "takes_device_tensors", False)
         with _Pipeline(plan, opts, todo, _worker_count(), on_event, to_host, writer_copies) as results:
             with _WriteLanes(lanes, getattr(write, "lane", None), finish, results) as writing:
                 for item in results:

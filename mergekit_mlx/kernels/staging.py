@@ -25,11 +25,11 @@ class Staging:
     """One merge run's inputs between the readers and the merge threads."""
 
     def __init__(self, batch_bytes: int, on_gpu: bool, writer_copies: bool = False):
-        """`writer_copies`: the writer takes outputs still in device memory (`DeviceTensor`s) and
-        copies them to host memory itself."""
+        """`writer_copies`: outputs go to host memory for a writer that takes them still in device
+        memory (`DeviceTensor`s) and copies them itself."""
         self.prefetch = on_gpu and cuda_memory.enabled()
         self.direct = gpu_reads.reader(batch_bytes)
-        self.device_outputs = writer_copies and on_gpu and gpu_writes.enabled()
+        self.device_outputs = writer_copies and gpu_writes.enabled()  # an NVIDIA GPU, checked
 
     def read(self, model, name: str) -> Input:
         """The tensor `name` of `model` (a format's reader): staged in device memory, or MLX's lazy load."""
