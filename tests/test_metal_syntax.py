@@ -1104,6 +1104,21 @@ def test_prebuild_add_keeps_the_archives_members_and_adds_the_new_sources(tmp_pa
         assert z.namelist() == [cuda_compile.prebuilt_member("kernel c", "sm_90a")]
 
 
+def test_prebuild_add_to_a_file_that_is_no_archive_exits_2_and_leaves_it(tmp_path, monkeypatch, capsys):
+    from mergekit_mlx.kernels import prebuild
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.cu").write_text("kernel a")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cuda-sm_90a.zip").write_bytes(b"not a zip")
+    monkeypatch.setattr(prebuild, "find_nvrtc", lambda: RecordingNvrtc())
+    argv = ["--sources", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--arch", "sm_90a", "--add"]
+    assert prebuild.main(argv) == 2
+    assert "cuda-sm_90a.zip" in capsys.readouterr().err
+    assert (tmp_path / "out" / "cuda-sm_90a.zip").read_bytes() == b"not a zip"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cuda-sm_90a.zip"]
+
+
 def test_prebuild_without_nvrtc_exits_2_naming_what_is_missing(tmp_path, monkeypatch, capsys):
     from mergekit_mlx.kernels import cuda_compile, prebuild
 

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch}: not built: {str(e).splitlines()[0]}", file=sys.stderr)
             status = 1
             continue
+        except zipfile.BadZipFile as e:  # --add, and the archive there is not one: it is left as it is
+            print(f"prebuild: {out / f'cuda-{arch}.zip'}: not a zip archive ({e}); not changed", file=sys.stderr)
+            return 2
         print(f"{arch}: {count} cubins, {size / 1e6:.2f} MB (NVRTC {nv.version})")
     return status
 
